@@ -1,0 +1,197 @@
+"""Running an inner optimizer for K steps, differentiably or not.
+
+This is the one implementation of "unrolling" in metaopt: the unrolled and
+first-order estimators, MAML and friends all call :func:`unroll`. It is a pure
+function of tensors, so it runs under ``torch.func.vmap`` over a meta-batch (pass
+``check_finite=False`` there: a data-dependent check cannot run under vmap).
+
+Inner gradients stay connected to the outer autograd graph (θ₀ and φ), which is
+what second-order meta-gradients need (see :func:`inner_gradient`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor
+
+from metaopt.optim.base import GradientTransformation, State, apply_updates
+from metaopt.params import NonFiniteError, Params
+
+__all__ = ["InnerTrace", "inner_gradient", "unroll"]
+
+#: ``loss_fn(theta, step) -> scalar``: the inner objective at inner step ``step``.
+StepLoss = Callable[[Params, int], Tensor]
+
+
+@dataclass
+class InnerTrace:
+    """Where an inner run ended.
+
+    ``theta`` and ``opt_state`` carry the autograd graph when the run was
+    differentiable; ``losses`` are the detached inner losses, one per step.
+    """
+
+    theta: Params
+    opt_state: State
+    losses: list[Tensor] = field(default_factory=list)
+
+
+def _under_functorch() -> bool:
+    """True inside a torch.func transform (vmap, grad, …)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def inner_gradient(loss_fn: StepLoss, theta: Params, step: int, *,
+                   stop_gradient: bool = False) -> tuple[Params, Tensor]:
+    """∇θ of the inner loss at ``theta`` and the loss itself.
+
+    The gradient stays connected to the outer autograd graph (through θ and
+    anything ``loss_fn`` closes over) when grad mode is on, which second-order
+    meta-gradients need. With ``stop_gradient`` it is treated as a constant — the
+    first-order (FOMAML-style) approximation. Inside ``torch.func`` transforms
+    (``vmap`` over a meta-batch) ``torch.func.grad_and_value`` is used; elsewhere
+    ``torch.autograd.grad``, which also works under ``torch.utils.checkpoint``.
+    """
+    if _under_functorch():
+        grads, loss = torch.func.grad_and_value(lambda th: loss_fn(th, step))(dict(theta))
+        if stop_gradient:
+            grads = {k: g.detach() for k, g in grads.items()}
+        return grads, loss
+    create_graph = torch.is_grad_enabled() and not stop_gradient
+    with torch.enable_grad():
+        th = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in theta.items()}
+        loss = loss_fn(th, step)
+        keys = list(th)
+        gs = torch.autograd.grad(loss, [th[k] for k in keys], create_graph=create_graph,
+                                 allow_unused=True)
+    grads = {k: torch.zeros_like(th[k]) if g is None else g for k, g in zip(keys, gs)}
+    if not torch.is_grad_enabled():
+        loss = loss.detach()
+    return grads, loss
+
+
+def _step(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
+          opt_state: State, step: int, stop_gradient: bool
+          ) -> tuple[Params, State, Tensor]:
+    grads, loss = inner_gradient(loss_fn, theta, step, stop_gradient=stop_gradient)
+    updates, opt_state = optimizer.update(grads, opt_state, theta)
+    return apply_updates(theta, updates), opt_state, loss
+
+
+def _flatten_state(tree: Any, prefix: str = "") -> tuple[list[str], list[Tensor]]:
+    keys, values = [], []
+    if isinstance(tree, Mapping):
+        for k in tree:
+            ks, vs = _flatten_state(tree[k], f"{prefix}{k}/")
+            keys += ks
+            values += vs
+    elif isinstance(tree, Tensor):
+        keys.append(prefix.rstrip("/"))
+        values.append(tree)
+    elif tree is not None and not isinstance(tree, (bool, int, float, str)):
+        raise TypeError(f"optimizer state leaf '{prefix.rstrip('/')}' is a "
+                        f"{type(tree).__name__}; states must be dicts of tensors")
+    return keys, values
+
+
+def _unflatten_state(like: Any, values: list[Tensor]) -> Any:
+    it = iter(values)
+
+    def build(t: Any) -> Any:
+        if isinstance(t, Mapping):
+            return {k: build(v) for k, v in t.items()}
+        if isinstance(t, Tensor):
+            return next(it)
+        return t
+
+    return build(like)
+
+
+def _check_step(loss: Tensor, theta: Params, step: int) -> None:
+    if not bool(torch.isfinite(loss)):
+        raise NonFiniteError(f"inner loss is {float(loss)} at inner step {step}")
+    if not theta:
+        return
+    total = torch.stack([v.detach().sum() for v in theta.values()]).sum()
+    if not bool(torch.isfinite(total)):
+        for k, v in theta.items():
+            if not bool(torch.isfinite(v).all()):
+                kind = "NaN" if bool(torch.isnan(v).any()) else "inf"
+                raise NonFiniteError(
+                    f"{kind} in inner parameter '{k}' after inner step {step}")
+
+
+def unroll(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
+           steps: int, *, opt_state: State | None = None, start: int = 0,
+           stop_gradient: bool = False, checkpoint_segment: int | None = None,
+           check_finite: bool = True) -> InnerTrace:
+    """Run ``steps`` optimizer steps on ``loss_fn`` from ``theta``.
+
+    Args:
+        loss_fn: inner objective ``loss_fn(theta, step)``.
+        optimizer: a differentiable :class:`GradientTransformation`.
+        theta: initial inner parameters (may be part of an outer graph).
+        steps: number of steps to take.
+        opt_state: optimizer state to continue from (default: ``optimizer.init``).
+        start: index of the first step (passed to ``loss_fn``; for minibatch schedules).
+        stop_gradient: treat inner gradients as constants (first-order approximation).
+        checkpoint_segment: recompute every segment of this many steps during the
+            backward pass instead of storing it, so memory grows with
+            ``steps / segment + segment`` instead of ``steps``.
+        check_finite: raise :class:`NonFiniteError` naming the step and tensor if
+            a NaN/inf appears (turn off under ``vmap``).
+
+    Whether the result is differentiable follows autograd's usual rules: run it under
+    ``torch.no_grad()`` for a plain (non-differentiable) inner solve.
+    """
+    theta = dict(theta)
+    if opt_state is None:
+        opt_state = optimizer.init(theta)
+    losses: list[Tensor] = []
+    use_checkpoint = (checkpoint_segment is not None and checkpoint_segment > 0
+                      and torch.is_grad_enabled())
+    if not use_checkpoint:
+        for k in range(start, start + steps):
+            theta, opt_state, loss = _step(loss_fn, optimizer, theta, opt_state, k,
+                                           stop_gradient)
+            losses.append(loss.detach())
+            if check_finite:
+                _check_step(loss, theta, k)
+        return InnerTrace(theta, opt_state, losses)
+
+    theta_keys = list(theta)
+    k = start
+    end = start + steps
+    while k < end:
+        n = min(checkpoint_segment, end - k)
+        state_keys, state_values = _flatten_state(opt_state)
+        template = opt_state
+
+        def segment(first: int, count: int, *tensors: Tensor,
+                    template: Any = template) -> tuple[Tensor, ...]:
+            th = dict(zip(theta_keys, tensors[:len(theta_keys)]))
+            st = _unflatten_state(template, list(tensors[len(theta_keys):]))
+            seg_losses = []
+            for i in range(first, first + count):
+                th, st, loss = _step(loss_fn, optimizer, th, st, i, stop_gradient)
+                seg_losses.append(loss)
+            _, st_values = _flatten_state(st)
+            return (*th.values(), *st_values, torch.stack(seg_losses))
+
+        out = torch.utils.checkpoint.checkpoint(
+            segment, k, n, *theta.values(), *state_values, use_reentrant=False)
+        theta = dict(zip(theta_keys, out[:len(theta_keys)]))
+        n_state = len(state_keys)
+        opt_state = _unflatten_state(template, list(out[len(theta_keys):len(theta_keys) + n_state]))
+        seg_losses = out[-1].detach()
+        for i in range(n):
+            losses.append(seg_losses[i])
+            if check_finite:
+                _check_step(seg_losses[i], theta if i == n - 1 else {}, k + i)
+        k += n
+    return InnerTrace(theta, opt_state, losses)
