@@ -1,0 +1,716 @@
+"""VeLO: the per-tensor-LSTM hypernetwork learned optimizer (``HyperV2``).
+
+VeLO (Metz et al., 2022, "VeLO: Training Versatile Learned Optimizers by Scaling Up")
+is learned_optimization's ``research/general_lopt/hyper_v2.py::HyperV2``. One step:
+
+1. the loss goes into a buffer of 10 running means; 9 *loss features* compare them;
+2. every parameter tensor is summarised into 30 numbers (time left, loss features,
+   log-variance of its momentum, log-mean of its second moment, its rank);
+3. a small "mix" layer lets the tensors see each other (a max over tensors), then an
+   LSTM — one row per tensor, its state carried across steps — emits 256 *controls*
+   and a step multiplier ``lr_mult`` per tensor;
+4. the controls mix 256 stored copies of a tiny per-parameter MLP into one MLP per
+   tensor; that MLP reads 30 per-element features (gradient, parameter, momenta,
+   second moments, Adafactor statistics) and outputs a direction and a magnitude;
+5. ``p_new = p - lr_mult * direction * exp(0.001 * magnitude) * 0.001 * rms(p)``.
+
+Compatibility flags of the released checkpoints are reproduced, bugs included:
+
+* ``use_bugged_next_lstm_state=True`` never carries the LSTM state forward (every step
+  starts again from the stored initial state) — the older "no_config" checkpoints;
+* ``use_bugged_loss_features=True`` sizes the loss buffer for a 10-step run whatever
+  the real horizon — the reference's class default;
+* ``var_rms`` subtracts the mean of the *momentum* (3 decays) from the second moment,
+  and the first "mix" layer is computed and thrown away (its weights stay in the
+  checkpoint). Both are part of every trained VeLO and are always on.
+
+The released VeLO uses ``lstm_hidden_size=512, param_inits=256,
+use_bugged_loss_features=False`` — the defaults here. ``from_release`` instead starts
+from the *reference's* defaults and applies the checkpoint's gin bindings, so a
+release folder always means what it meant to learned_optimization.
+
+Meta-parameters are stored in PyTorch layout: ``nn.Linear`` weights are ``(out, in)``
+(Haiku stores ``(in, out)``) and the LSTM is an ``nn.LSTMCell`` (gate order i, f, g, o;
+Haiku's order is i, g, f, o and it adds 1 to the forget gate, folded into the bias).
+
+Vectorisation: the per-tensor LSTM runs once per step over all tensors as one batch;
+per-element features that are constant along a factored axis (the Adafactor row/column
+statistics, 12 of the 30 channels) are pushed through the first MLP layer on the
+*reduced* arrays and broadcast afterwards; the per-channel normalisation is folded into
+the first-layer weights. Nothing loops over elements in Python; the only Python loop is
+over parameter tensors (each has its own mixed MLP).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaopt.lopt.base import LearnedOptimizer, LOptState, register_architecture
+from metaopt.params import Params, StructureError
+
+__all__ = [
+    "RELEASE_DEFAULTS",
+    "VeLO",
+    "factored_dims",
+    "loss_buffer_features",
+    "loss_buffer_init",
+    "loss_buffer_update",
+]
+
+#: Number of input channels of the per-parameter MLP, per input group (Haiku's
+#: ``w0__0 .. w0__13``): g, clip(g), p, m, rms, m*rsqrt(rms), rsqrt(rms), fac_g,
+#: g*rsqrt(rms), row, col, rsqrt(row), rsqrt(col), m*row_factor*col_factor.
+_GROUP_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
+_GROUP_START = tuple(int(s) for s in np.cumsum((0, *_GROUP_WIDTHS))[:-1])
+_N_FF_IN = sum(_GROUP_WIDTHS)  # 30
+#: Channels that vary per element (everything except the Adafactor row/col groups).
+_FULL_CHANNELS = [c for gi in (0, 1, 2, 3, 4, 5, 6, 7, 8, 13)
+                  for c in range(_GROUP_START[gi], _GROUP_START[gi] + _GROUP_WIDTHS[gi])]
+_ROW_CHANNELS = list(range(_GROUP_START[9], _GROUP_START[9] + 3)) + list(
+    range(_GROUP_START[11], _GROUP_START[11] + 3))
+_COL_CHANNELS = list(range(_GROUP_START[10], _GROUP_START[10] + 3)) + list(
+    range(_GROUP_START[12], _GROUP_START[12] + 3))
+_N_RNN_IN = 30
+_FRACTION_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
+_N_LOSS_DECAYS = 10
+
+#: ``HyperV2``'s own constructor defaults (what a gin file that binds nothing means).
+RELEASE_DEFAULTS: dict[str, Any] = {
+    "lstm_hidden_size": 128,
+    "ff_hidden_size": 4,
+    "ff_hidden_layers": 2,
+    "initial_momentum_decays": (0.9, 0.99, 0.999),
+    "initial_rms_decays": (0.999,),
+    "initial_adafactor_decays": (0.9, 0.99, 0.999),
+    "param_inits": 64,
+    "mix_layers": True,
+    "exp_mult": 0.001,
+    "step_mult": 0.001,
+    "param_scale_mult": True,
+    "use_bugged_next_lstm_state": False,
+    "use_bugged_loss_features": True,
+    "rnn_state_decay": 0.0,
+}
+#: HyperV2 arguments whose non-default values this port does not implement.
+_UNSUPPORTED = {
+    "validation_mode": False, "with_validation_feature_dim": False,
+    "with_g": True, "with_m": True, "with_m_feat": True, "with_rms": True,
+    "with_rms_feat": True, "with_rms_norm_g": True, "with_rsqrt_rms": True, "with_p": True,
+    "with_fac_norm_g": True, "with_fac_rms": True, "with_fac_rsqrt": True,
+    "with_grad_clip_feat": True, "with_fac_mom_mult": True, "with_rms_only_norm_g": True,
+    "adafactor_accumulator": True, "precondition_output": False, "constant_loss": False,
+    "clip_param_scale_amount": None,
+}
+#: Arguments that only change logging or nothing at all in the reference.
+_IGNORED = {"summarize_each_layer", "summarize_all_control", "reparam_decay"}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def factored_dims(shape: Sequence[int]) -> tuple[int, int] | None:
+    """Adafactor's ``(d1, d0)``: the second-largest and largest axis, or None below rank 2.
+
+    Uses NumPy's default ``argsort`` exactly as the reference does, so ties resolve the
+    same way (``(3, 3, 2, 4)`` → ``(1, 3)``).
+    """
+    if len(shape) < 2:
+        return None
+    order = np.argsort(np.asarray(shape))
+    return int(order[-2]), int(order[-1])
+
+
+def _safe_rsqrt(x: Tensor) -> Tensor:
+    return torch.rsqrt(torch.clamp(x, min=1e-9))
+
+
+def _clip_log_abs(v: Tensor, scale: float = 10.0) -> Tensor:
+    return torch.clamp(torch.log(1e-8 + torch.abs(v * scale)), -5.0, 5.0) * 0.5
+
+
+def _tensor_rank(shape: Sequence[int]) -> int:
+    """VeLO's rank feature: the number of axes longer than 1."""
+    return int(sum(1 for s in shape if s > 1))
+
+
+# ------------------------------------------------------------------------- loss buffer
+
+
+def loss_buffer_init(num_steps: int, device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """Ten running means of the loss with half-lives log-spaced from 10 to ``num_steps``."""
+    exponents = torch.linspace(1.0, float(np.log10(np.float32(num_steps))), _N_LOSS_DECAYS,
+                               dtype=torch.float32)
+    halflife = torch.pow(torch.tensor(10.0, dtype=torch.float32), exponents)
+    decays = torch.exp(-1.0 / halflife)
+    return {
+        "means": torch.zeros(_N_LOSS_DECAYS, dtype=torch.float32, device=device),
+        "running_min": torch.full((_N_LOSS_DECAYS,), 999999999999.0, dtype=torch.float32,
+                                  device=device),
+        "decays": decays.to(device),
+        "iteration": torch.zeros((), dtype=torch.int32, device=device),
+    }
+
+
+def loss_buffer_update(buf: Mapping[str, Tensor], loss: Tensor) -> dict[str, Tensor]:
+    """Feed one loss: cap it at twice the largest running mean, then update means and min."""
+    decays, means, it = buf["decays"], buf["means"], buf["iteration"]
+    loss = loss.to(torch.float32).reshape(())
+    bias = 1.0 - decays ** (it + 1).to(torch.float32)
+    approx_max = torch.where(it == 0, loss, torch.max(means / bias))
+    loss = torch.minimum(torch.abs(approx_max) * 2.0, loss)
+    new_means = means * decays + loss * (1.0 - decays)
+    running_min = torch.minimum(buf["running_min"], new_means / bias)
+    return {"means": new_means, "running_min": running_min, "decays": decays,
+            "iteration": it + 1}
+
+
+def loss_buffer_features(buf: Mapping[str, Tensor]) -> Tensor:
+    """Nine features in [-1, 1]: where each running mean sits between the minimum and the
+    next-slower mean; all zero for the first two steps."""
+    decays, it = buf["decays"], buf["iteration"]
+    cor_mean = buf["means"] / (1.0 - decays ** it.to(torch.float32))
+    running_min = buf["running_min"][:-1]
+    den = torch.clamp(cor_mean[1:] - running_min, min=1e-8)
+    feat = torch.clamp((cor_mean[:-1] - running_min) / den - 1.0, -1.0, 1.0)
+    return torch.where(it <= 2, feat * 0.0, feat)
+
+
+# ------------------------------------------------------------------------ the optimizer
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    """Static facts about one task tensor (computed from its shape)."""
+
+    shape: tuple[int, ...]
+    shape1d: tuple[int, ...]  # scalars are treated as shape (1,)
+    factored: tuple[int, int] | None
+    rank: int
+
+
+@register_architecture
+class VeLO(LearnedOptimizer):
+    """VeLO (``HyperV2``) with pure ``init``/``update`` over parameter dicts.
+
+    Args:
+        lstm_hidden_size: width of the per-tensor LSTM (512 for the released VeLO).
+        param_inits: number of stored per-parameter MLPs mixed by the controls (256).
+        ff_hidden_size, ff_hidden_layers: per-parameter MLP shape (4, 2).
+        initial_momentum_decays, initial_rms_decays, initial_adafactor_decays: the
+            fixed accumulator decays (3, 1 and 3 of them).
+        mix_layers: the cross-tensor max-pooled input layer.
+        exp_mult, step_mult: output scalings of the magnitude and of the step.
+        param_scale_mult: multiply the step by ``rms(p)`` of the tensor.
+        use_bugged_next_lstm_state, use_bugged_loss_features: compatibility flags.
+        rnn_state_decay: shrink the carried LSTM state by ``1 - rnn_state_decay``.
+    """
+
+    architecture = "velo"
+    needs_loss = True
+
+    def __init__(
+        self,
+        lstm_hidden_size: int = 512,
+        param_inits: int = 256,
+        ff_hidden_size: int = 4,
+        ff_hidden_layers: int = 2,
+        initial_momentum_decays: Sequence[float] = (0.9, 0.99, 0.999),
+        initial_rms_decays: Sequence[float] = (0.999,),
+        initial_adafactor_decays: Sequence[float] = (0.9, 0.99, 0.999),
+        mix_layers: bool = True,
+        exp_mult: float = 0.001,
+        step_mult: float = 0.001,
+        param_scale_mult: bool = True,
+        use_bugged_next_lstm_state: bool = False,
+        use_bugged_loss_features: bool = False,
+        rnn_state_decay: float = 0.0,
+        *,
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__()
+        if len(initial_momentum_decays) != 3 or len(initial_adafactor_decays) != 3 \
+                or len(initial_rms_decays) != 1:
+            raise ValueError("VeLO's input layout needs 3 momentum, 1 rms and 3 adafactor decays")
+        self.lstm_hidden_size = int(lstm_hidden_size)
+        self.param_inits = int(param_inits)
+        self.ff_hidden_size = int(ff_hidden_size)
+        self.ff_hidden_layers = int(ff_hidden_layers)
+        self.initial_momentum_decays = tuple(float(d) for d in initial_momentum_decays)
+        self.initial_rms_decays = tuple(float(d) for d in initial_rms_decays)
+        self.initial_adafactor_decays = tuple(float(d) for d in initial_adafactor_decays)
+        self.mix_layers = bool(mix_layers)
+        self.exp_mult = float(exp_mult)
+        self.step_mult = float(step_mult)
+        self.param_scale_mult = bool(param_scale_mult)
+        self.use_bugged_next_lstm_state = bool(use_bugged_next_lstm_state)
+        self.use_bugged_loss_features = bool(use_bugged_loss_features)
+        self.rnn_state_decay = float(rnn_state_decay)
+
+        h, k, w = self.lstm_hidden_size, self.param_inits, self.ff_hidden_size
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        # Per-tensor network. `mix_dead` mirrors the reference's discarded layer.
+        self.mix_dead = nn.Linear(_N_RNN_IN, h)
+        self.mix_pool = nn.Linear(_N_RNN_IN, h)
+        self.mix_in = nn.Linear(_N_RNN_IN, h)
+        self.lstm = nn.LSTMCell(h, h)
+        self.rnn_to_controls = nn.Linear(h, k)
+        self.step_size = nn.Linear(h, 1)
+        self.lstm_init_hidden = nn.Parameter(torch.zeros(1, h))
+        self.lstm_init_cell = nn.Parameter(torch.zeros(1, h))
+        # The stack of `param_inits` per-parameter MLPs, weights (in, out) per copy.
+        sizes = [_N_FF_IN] + [w] * self.ff_hidden_layers + [3]
+        self.ff_weights = nn.ParameterList()
+        self.ff_biases = nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            wt = torch.empty(k, fan_in, fan_out)
+            nn.init.trunc_normal_(wt, std=1.0 / math.sqrt(fan_in), a=-2.0 / math.sqrt(fan_in),
+                                  b=2.0 / math.sqrt(fan_in), generator=gen)
+            self.ff_weights.append(nn.Parameter(wt))
+            self.ff_biases.append(nn.Parameter(torch.zeros(k, fan_out)))
+        with torch.no_grad():  # the reference initialises rnn_to_controls at zero
+            self.rnn_to_controls.weight.zero_()
+
+    # ------------------------------------------------------------------ construction
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "lstm_hidden_size": self.lstm_hidden_size,
+            "param_inits": self.param_inits,
+            "ff_hidden_size": self.ff_hidden_size,
+            "ff_hidden_layers": self.ff_hidden_layers,
+            "initial_momentum_decays": list(self.initial_momentum_decays),
+            "initial_rms_decays": list(self.initial_rms_decays),
+            "initial_adafactor_decays": list(self.initial_adafactor_decays),
+            "mix_layers": self.mix_layers,
+            "exp_mult": self.exp_mult,
+            "step_mult": self.step_mult,
+            "param_scale_mult": self.param_scale_mult,
+            "use_bugged_next_lstm_state": self.use_bugged_next_lstm_state,
+            "use_bugged_loss_features": self.use_bugged_loss_features,
+            "rnn_state_decay": self.rnn_state_decay,
+        }
+
+    @classmethod
+    def release_config(cls, gin_bindings: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Constructor arguments meant by a release's gin bindings.
+
+        Keys may be bare (``lstm_hidden_size``) or scoped (``HyperV2.lstm_hidden_size``);
+        bindings for other configurables are ignored. Unbound arguments take HyperV2's
+        own defaults (so an unbound ``use_bugged_loss_features`` means True).
+        """
+        cfg = dict(RELEASE_DEFAULTS)
+        for key, value in (gin_bindings or {}).items():
+            name = key
+            if "." in key:
+                scope, name = key.rsplit(".", 1)
+                if scope.split("/")[-1] not in ("HyperV2", "MuHyperV2"):
+                    continue
+            if name in cfg:
+                cfg[name] = tuple(value) if isinstance(value, list) else value
+            elif name in _UNSUPPORTED:
+                if value != _UNSUPPORTED[name]:
+                    raise NotImplementedError(
+                        f"HyperV2.{name}={value!r} is not supported by this port "
+                        f"(only the default {_UNSUPPORTED[name]!r})")
+            elif name not in _IGNORED:
+                raise ValueError(f"unknown HyperV2 binding '{key}'")
+        return cfg
+
+    @classmethod
+    def from_release(cls, params_tree: Mapping[str, Any],
+                     gin_bindings: Mapping[str, Any] | None = None) -> VeLO:
+        """Build from a learned_optimization release: its theta pytree and gin bindings.
+
+        ``params_tree`` is the decoded ``params`` map of the msgpack (nested dicts of
+        arrays; the whole checkpoint container, or a flat ``"a/b/c"``-keyed dict are
+        accepted too). Every leaf is checked: missing, unexpected or mis-shaped keys are
+        listed in one :class:`~metaopt.params.StructureError`.
+        """
+        lopt = cls(**cls.release_config(gin_bindings), seed=None)
+        lopt.load_release_params(params_tree)
+        return lopt
+
+    def release_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Expected ``/``-joined leaf paths and shapes of this configuration's theta."""
+        h, k, w = self.lstm_hidden_size, self.param_inits, self.ff_hidden_size
+        shapes: dict[str, tuple[int, ...]] = {}
+        for gi, width in enumerate(_GROUP_WIDTHS):
+            shapes[f"ff_mod_stack/~/w0__{gi}"] = (k, width, w)
+        sizes = [w] * self.ff_hidden_layers + [3]
+        for li, fan_out in enumerate(sizes):
+            shapes[f"ff_mod_stack/~/b{li}"] = (k, fan_out)
+            if li > 0:
+                shapes[f"ff_mod_stack/~/w{li}"] = (k, sizes[li - 1], fan_out)
+        shapes["lstm_init_state/hidden"] = (1, h)
+        shapes["lstm_init_state/cell"] = (1, h)
+        for name in ("linear", "linear_1", "linear_2"):
+            shapes[f"rnn_params/{name}/w"] = (_N_RNN_IN, h)
+            shapes[f"rnn_params/{name}/b"] = (h,)
+        shapes["rnn_params/rnn/linear/w"] = (2 * h, 4 * h)
+        shapes["rnn_params/rnn/linear/b"] = (4 * h,)
+        shapes["rnn_params/rnn_to_controls/w"] = (h, k)
+        shapes["rnn_params/rnn_to_controls/b"] = (k,)
+        shapes["rnn_params/step_size/w"] = (h, 1)
+        shapes["rnn_params/step_size/b"] = (1,)
+        return shapes
+
+    @torch.no_grad()
+    def load_release_params(self, params_tree: Mapping[str, Any]) -> None:
+        """Copy a release theta (Haiku layout) into this module (PyTorch layout)."""
+        flat = flatten_release_tree(params_tree)
+        expected = self.release_shapes()
+        missing = sorted(expected.keys() - flat.keys())
+        unexpected = sorted(flat.keys() - expected.keys())
+        misshaped = [f"{key}: expected {expected[key]}, got {tuple(np.shape(flat[key]))}"
+                     for key in sorted(expected.keys() & flat.keys())
+                     if tuple(np.shape(flat[key])) != expected[key]]
+        if missing or unexpected or misshaped:
+            raise StructureError(
+                "VeLO release theta does not match the configuration "
+                f"(lstm_hidden_size={self.lstm_hidden_size}, param_inits={self.param_inits}): "
+                f"missing keys {missing}; unexpected keys {unexpected}; "
+                f"mis-shaped keys {misshaped}")
+
+        def t(key: str) -> Tensor:
+            return torch.from_numpy(np.array(flat[key], dtype=np.float32, copy=True))
+
+        h = self.lstm_hidden_size
+        for name, layer in (("linear", self.mix_dead), ("linear_1", self.mix_pool),
+                            ("linear_2", self.mix_in), ("rnn_to_controls", self.rnn_to_controls),
+                            ("step_size", self.step_size)):
+            layer.weight.copy_(t(f"rnn_params/{name}/w").T)
+            layer.bias.copy_(t(f"rnn_params/{name}/b"))
+        # Haiku LSTM: z = [x, h] @ W + b, gate blocks (i, g, f, o), forget gate + 1.
+        w, b = t("rnn_params/rnn/linear/w"), t("rnn_params/rnn/linear/b")
+        i, g, f, o = (slice(j * h, (j + 1) * h) for j in range(4))
+        reorder = lambda m: torch.cat([m[..., i], m[..., f], m[..., g], m[..., o]], -1)  # noqa: E731
+        w, b = reorder(w), reorder(b)
+        self.lstm.weight_ih.copy_(w[:h].T)
+        self.lstm.weight_hh.copy_(w[h:].T)
+        self.lstm.bias_ih.copy_(b)
+        forget_one = torch.zeros(4 * h)
+        forget_one[h:2 * h] = 1.0
+        self.lstm.bias_hh.copy_(forget_one)
+        self.lstm_init_hidden.copy_(t("lstm_init_state/hidden"))
+        self.lstm_init_cell.copy_(t("lstm_init_state/cell"))
+        self.ff_weights[0].copy_(torch.cat(
+            [t(f"ff_mod_stack/~/w0__{gi}") for gi in range(len(_GROUP_WIDTHS))], dim=1))
+        for li in range(1, len(self.ff_weights)):
+            self.ff_weights[li].copy_(t(f"ff_mod_stack/~/w{li}"))
+        for li in range(len(self.ff_biases)):
+            self.ff_biases[li].copy_(t(f"ff_mod_stack/~/b{li}"))
+
+    def release_params(self) -> dict[str, np.ndarray]:
+        """Inverse of :meth:`load_release_params`: theta as ``/``-keyed Haiku arrays."""
+        h = self.lstm_hidden_size
+        out: dict[str, np.ndarray] = {}
+        with torch.no_grad():
+            for name, layer in (("linear", self.mix_dead), ("linear_1", self.mix_pool),
+                                ("linear_2", self.mix_in),
+                                ("rnn_to_controls", self.rnn_to_controls),
+                                ("step_size", self.step_size)):
+                out[f"rnn_params/{name}/w"] = layer.weight.T.numpy().copy()
+                out[f"rnn_params/{name}/b"] = layer.bias.numpy().copy()
+            w = torch.cat([self.lstm.weight_ih.T, self.lstm.weight_hh.T], 0)
+            b = self.lstm.bias_ih + self.lstm.bias_hh
+            b[h:2 * h] -= 1.0
+            i, f, g, o = (slice(j * h, (j + 1) * h) for j in range(4))
+            out["rnn_params/rnn/linear/w"] = torch.cat(
+                [w[:, i], w[:, g], w[:, f], w[:, o]], 1).numpy()
+            out["rnn_params/rnn/linear/b"] = torch.cat([b[i], b[g], b[f], b[o]]).numpy()
+            out["lstm_init_state/hidden"] = self.lstm_init_hidden.numpy().copy()
+            out["lstm_init_state/cell"] = self.lstm_init_cell.numpy().copy()
+            for gi, start in enumerate(_GROUP_START):
+                out[f"ff_mod_stack/~/w0__{gi}"] = self.ff_weights[0][
+                    :, start:start + _GROUP_WIDTHS[gi]].numpy().copy()
+            for li in range(1, len(self.ff_weights)):
+                out[f"ff_mod_stack/~/w{li}"] = self.ff_weights[li].numpy().copy()
+            for li in range(len(self.ff_biases)):
+                out[f"ff_mod_stack/~/b{li}"] = self.ff_biases[li].numpy().copy()
+        return out
+
+    # ------------------------------------------------------------------ functional core
+
+    @staticmethod
+    def _info(shape: Sequence[int]) -> _TensorInfo:
+        shape = tuple(int(s) for s in shape)
+        shape1d = shape if len(shape) else (1,)
+        return _TensorInfo(shape, shape1d, factored_dims(shape1d), _tensor_rank(shape))
+
+    def init(self, params: Params, num_steps: int) -> LOptState:
+        """Zero accumulators, the loss buffer for ``num_steps`` and the initial LSTM state.
+
+        ``state["mom"][k]`` is ``shape + (3,)``, ``state["rms"][k]`` is ``shape + (1,)``;
+        Adafactor statistics follow the reference (``v_row``/``v_col`` for rank >= 2,
+        ``v_diag`` otherwise; the unused ones have shape ``(0, 3)``).
+        """
+        if num_steps is None or int(num_steps) < 1:
+            raise ValueError("VeLO needs the run length: init(params, num_steps>=1)")
+        mom, rms, v_row, v_col, v_diag = {}, {}, {}, {}, {}
+        for key, p in params.items():
+            dev, info = p.device, self._info(p.shape)
+            f32 = {"dtype": torch.float32, "device": dev}
+            mom[key] = torch.zeros(*info.shape, 3, **f32)
+            rms[key] = torch.zeros(*info.shape, 1, **f32)
+            empty = torch.zeros(0, 3, **f32)
+            if info.factored is not None:
+                d1, d0 = info.factored
+                v_row[key] = torch.zeros(*(s for a, s in enumerate(info.shape) if a != d0), 3,
+                                         **f32)
+                v_col[key] = torch.zeros(*(s for a, s in enumerate(info.shape) if a != d1), 3,
+                                         **f32)
+                v_diag[key] = empty
+            else:
+                v_row[key], v_col[key] = empty, empty.clone()
+                v_diag[key] = torch.zeros(*info.shape, 3, **f32)
+        device = next(iter(params.values())).device if params else None
+        n = len(params)
+        buffer_steps = 10 if self.use_bugged_loss_features else int(num_steps)
+        return {
+            "mom": mom, "rms": rms, "v_row": v_row, "v_col": v_col, "v_diag": v_diag,
+            "lstm_hidden": self.lstm_init_hidden.detach().to(device).repeat(n, 1)
+            if n else torch.zeros(0, self.lstm_hidden_size),
+            "lstm_cell": self.lstm_init_cell.detach().to(device).repeat(n, 1)
+            if n else torch.zeros(0, self.lstm_hidden_size),
+            "loss_buffer": loss_buffer_init(buffer_steps, device),
+            "iteration": torch.zeros((), dtype=torch.int32, device=device),
+            "num_steps": torch.tensor(int(num_steps), dtype=torch.int32, device=device),
+        }
+
+    def _decays(self, which: tuple[float, ...], device: torch.device) -> Tensor:
+        return torch.tensor(which, dtype=torch.float32, device=device)
+
+    def lstm_inputs(self, params: Params, state: LOptState,
+                    loss_features: Tensor) -> Tensor:
+        """The (n_tensors, 30) RNN input, from the *old* parameters and accumulators."""
+        device = state["iteration"].device
+        fraction = state["iteration"].to(torch.float32) / state["num_steps"].to(torch.float32)
+        scales = torch.tensor(_FRACTION_TIMESCALES, dtype=torch.float32, device=device)
+        fraction_left = torch.tanh((fraction - scales) * 10.0)
+        rows = []
+        for key, p in params.items():
+            info = self._info(p.shape)
+            p32 = p.to(torch.float32)
+            norm_mult = torch.rsqrt(torch.clamp(torch.mean(p32 * p32), min=1e-9))
+            m = state["mom"][key].reshape(-1, 3) * norm_mult
+            r = state["rms"][key].reshape(-1, 1) * norm_mult
+            mean_m = m.mean(0)
+            var_m = torch.mean(torch.square(m - mean_m), 0)
+            mean_rms = r.mean(0)
+            var_rms = torch.mean(torch.square(r - mean_m), 0)
+            rank = F.one_hot(torch.tensor(min(info.rank, 5)), 6)[:5].to(torch.float32)
+            rows.append(torch.cat([
+                _clip_log_abs(mean_rms), rank.to(device), _clip_log_abs(var_m),
+                _clip_log_abs(var_rms)]))
+        per_tensor = torch.stack(rows)
+        shared = torch.cat([fraction_left, loss_features]).expand(len(rows), -1)
+        return torch.cat([shared, per_tensor], dim=1)
+
+    def rnn(self, x: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-tensor network: ``(controls, lr_mult, next_hidden, next_cell)``."""
+        if self.mix_layers:
+            # The reference computes relu(linear(x)) here and overwrites it (dead weights).
+            pooled = torch.relu(self.mix_pool(x)).amax(dim=0, keepdim=True)
+            x = self.mix_in(x) + pooled
+        h, c = self.lstm(x, (hidden, cell))
+        return self.rnn_to_controls(h), self.step_size(h).squeeze(-1), h, c
+
+    def _mixed_mlps(self, controls: Tensor) -> list[list[Tensor]]:
+        """Per tensor, the MLP ``100 * mean_k(copy_k * controls_k)``: [[W0, b0, W1, ...]]."""
+        blocks = [t for pair in zip(self.ff_weights, self.ff_biases) for t in pair]
+        flat = torch.cat([t.reshape(self.param_inits, -1) for t in blocks], dim=1)
+        mixed = (controls @ flat) * (100.0 / self.param_inits)
+        out = []
+        for row in mixed:
+            parts, i = [], 0
+            for t in blocks:
+                n = t[0].numel()
+                parts.append(row[i:i + n].reshape(t.shape[1:]))
+                i += n
+            out.append(parts)
+        return out
+
+    def update(self, grads: Params, state: LOptState, params: Params,
+               loss: Tensor | float | None = None) -> tuple[Params, LOptState]:
+        new_params, new_state, _ = self._step(grads, state, params, loss)
+        return new_params, new_state
+
+    def update_with_internals(self, grads: Params, state: LOptState, params: Params,
+                              loss: Tensor | float | None = None
+                              ) -> tuple[Params, LOptState, dict[str, Tensor]]:
+        """:meth:`update` plus the internals (LSTM input, controls, lr_mult, loss features)."""
+        return self._step(grads, state, params, loss)
+
+    def _update_scales(self, state: LOptState, keys: list[str]) -> list[Tensor | float]:
+        """Extra per-tensor step multiplier (1 for VeLO; μP scales for μLO)."""
+        return [1.0] * len(keys)
+
+    def _step(self, grads: Params, state: LOptState, params: Params,
+              loss: Tensor | float | None) -> tuple[Params, LOptState, dict[str, Tensor]]:
+        if loss is None:
+            raise ValueError("VeLO needs the training loss: call update(..., loss=loss) "
+                             "(or opt.step(loss=loss) / opt.step(closure))")
+        keys = list(params.keys())
+        if keys != list(grads.keys()):
+            raise StructureError(f"grads keys {list(grads)} differ from params keys {keys}")
+        device = state["iteration"].device
+        loss_t = torch.as_tensor(loss, dtype=torch.float32, device=device).detach() \
+            if not isinstance(loss, Tensor) else loss.to(torch.float32)
+        next_buffer = loss_buffer_update(state["loss_buffer"], loss_t)
+        loss_features = loss_buffer_features(next_buffer)
+        grads = {k: torch.clamp(g.to(torch.float32), -1000.0, 1000.0) for k, g in grads.items()}
+
+        # Per-tensor LSTM over all tensors at once.
+        x = self.lstm_inputs(params, state, loss_features)
+        controls, lr_mult, h, c = self.rnn(x, state["lstm_hidden"], state["lstm_cell"])
+        if self.use_bugged_next_lstm_state:
+            h, c = state["lstm_hidden"], state["lstm_cell"]
+        if self.rnn_state_decay > 0.0:
+            h, c = h * (1.0 - self.rnn_state_decay), c * (1.0 - self.rnn_state_decay)
+        mlps = self._mixed_mlps(controls)
+        scales = self._update_scales(state, keys)
+
+        mom_d = self._decays(self.initial_momentum_decays, device)
+        rms_d = torch.clamp(self._decays(self.initial_rms_decays, device), 0.0, 1.0)
+        fac_d = torch.clamp(self._decays(self.initial_adafactor_decays, device), 0.0, 1.0)
+        new_params: Params = {}
+        mom, rms, v_row, v_col, v_diag = {}, {}, {}, {}, {}
+        for j, key in enumerate(keys):
+            p, g = params[key], grads[key]
+            info = self._info(p.shape)
+            m_new = mom_d * state["mom"][key] + (1.0 - mom_d) * g.unsqueeze(-1)
+            r_new = rms_d * state["rms"][key] + (1.0 - rms_d) * (g * g).unsqueeze(-1)
+            mom[key], rms[key] = m_new, r_new
+            step, vr, vc, vd = self._tensor_step(
+                info, p.to(torch.float32).reshape(info.shape1d), g.reshape(info.shape1d),
+                m_new.reshape(*info.shape1d, 3), r_new.reshape(*info.shape1d, 1),
+                state["v_row"][key], state["v_col"][key],
+                state["v_diag"][key].reshape(*info.shape1d, 3)
+                if info.factored is None else state["v_diag"][key],
+                fac_d, mlps[j])
+            v_row[key], v_col[key] = vr, vc
+            v_diag[key] = vd.reshape(*info.shape, 3) if info.factored is None else vd
+            step = lr_mult[j] * step
+            if not (isinstance(scales[j], float) and scales[j] == 1.0):
+                step = step * scales[j]
+            new_params[key] = (p - step.reshape(info.shape).to(p.dtype))
+        new_state = {
+            "mom": mom, "rms": rms, "v_row": v_row, "v_col": v_col, "v_diag": v_diag,
+            "lstm_hidden": h, "lstm_cell": c, "loss_buffer": next_buffer,
+            "iteration": state["iteration"] + 1, "num_steps": state["num_steps"],
+        }
+        for extra in state.keys() - new_state.keys():
+            new_state[extra] = state[extra]
+        internals = {"lstm_input": x, "controls": controls, "lr_mult": lr_mult,
+                     "loss_features": loss_features, "next_lstm_hidden": h,
+                     "next_lstm_cell": c}
+        return new_params, new_state, internals
+
+    def _tensor_step(self, info: _TensorInfo, p: Tensor, g: Tensor, m: Tensor, rms: Tensor,
+                     v_row: Tensor, v_col: Tensor, v_diag: Tensor, fac_d: Tensor,
+                     mlp: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Adafactor statistics and the mixed MLP for one tensor: (step without lr_mult, ...).
+
+        The step is ``direction * rms(p) * exp(exp_mult * magnitude) * step_mult``.
+        """
+        g2 = (g * g + 1e-30).unsqueeze(-1)
+        rsqrt = torch.rsqrt(rms + 1e-6)
+        w0, b0 = mlp[0], mlp[1]
+        if info.factored is not None:
+            d1, d0 = info.factored
+            v_row = fac_d * v_row + (1.0 - fac_d) * g2.mean(dim=d0)
+            v_col = fac_d * v_col + (1.0 - fac_d) * g2.mean(dim=d1)
+            reduced_d1 = d1 - 1 if d1 > d0 else d1
+            row_col_mean = v_row.mean(dim=reduced_d1, keepdim=True)
+            row_factor = _safe_rsqrt(v_row / (row_col_mean + 1e-9)).unsqueeze(d0)
+            col_factor = _safe_rsqrt(v_col).unsqueeze(d1)
+            fac_g = g.unsqueeze(-1) * row_factor * col_factor
+            fac_mom = m * row_factor * col_factor
+            full = [g.unsqueeze(-1), torch.clamp(g, -0.1, 0.1).unsqueeze(-1), p.unsqueeze(-1),
+                    m, rms, m * rsqrt, rsqrt, fac_g, g.unsqueeze(-1) * rsqrt, fac_mom]
+            x = torch.cat(full, dim=-1).reshape(-1, len(_FULL_CHANNELS))
+            w_full = w0[_FULL_CHANNELS]
+            # Row/column statistics are constant along d0/d1: push them through the first
+            # layer on the reduced arrays (their mean square over the tensor is the same).
+            row_in = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
+            col_in = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
+            row_h = self._normalised_matmul(row_in, w0[_ROW_CHANNELS])
+            col_h = self._normalised_matmul(col_in, w0[_COL_CHANNELS])
+            h = self._normalised_matmul(x, w_full).reshape(*info.shape1d, -1)
+            h = h + row_h.unsqueeze(d0) + col_h.unsqueeze(d1)
+            h = h.reshape(-1, h.shape[-1])
+            v_out = (v_row, v_col, v_diag)
+        else:
+            v_diag = fac_d * v_diag + (1.0 - fac_d) * g2
+            fac_g = g.unsqueeze(-1) * _safe_rsqrt(v_diag + 1e-9)
+            fac_mom = m * torch.pow(v_diag, -0.5)
+            rsq_v = torch.rsqrt(v_diag + 1e-8)
+            full = [g.unsqueeze(-1), torch.clamp(g, -0.1, 0.1).unsqueeze(-1), p.unsqueeze(-1),
+                    m, rms, m * rsqrt, rsqrt, fac_g, g.unsqueeze(-1) * rsqrt,
+                    v_diag, rsq_v, fac_mom]
+            x = torch.cat(full, dim=-1).reshape(-1, len(_FULL_CHANNELS) + 6)
+            # Groups 9/10 (and 11/12) are the same input: sum their weights.
+            w_v = w0[_ROW_CHANNELS] + w0[_COL_CHANNELS]
+            w_full = torch.cat([w0[_FULL_CHANNELS[:-3]], w_v, w0[_FULL_CHANNELS[-3:]]], 0)
+            h = self._normalised_matmul(x, w_full)
+            v_out = (v_row, v_col, v_diag)
+        h = torch.relu(h + b0)
+        n_layers = len(mlp) // 2
+        for li in range(1, n_layers):
+            w, b = mlp[2 * li], mlp[2 * li + 1]
+            if li == n_layers - 1:
+                h = torch.addmm(b[:2], h, w[:, :2])
+            else:
+                h = torch.relu(torch.addmm(b, h, w))
+        direction, magnitude = h[:, 0], h[:, 1]
+        step = direction * torch.exp(magnitude * self.exp_mult)
+        if self.param_scale_mult:
+            step = step * torch.sqrt(torch.mean(p * p) + 1e-9)
+        step = step * self.step_mult
+        return step, *v_out
+
+    @staticmethod
+    def _normalised_matmul(x: Tensor, w: Tensor) -> Tensor:
+        """``(x * rsqrt(1e-5 + mean(x², all but last axis))) @ w``, scale folded into ``w``."""
+        x2 = x.reshape(-1, x.shape[-1])
+        scale = torch.rsqrt(1e-5 + torch.mean(x2 * x2, dim=0))
+        return (x2 @ (scale.unsqueeze(1) * w)).reshape(*x.shape[:-1], w.shape[1])
+
+
+# ------------------------------------------------------------------ release tree helpers
+
+
+def flatten_release_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Flatten a decoded release pytree to ``"a/b/c"`` keys.
+
+    Accepts the checkpoint container (``{"params": ..., "gen_id": ..., "step": ...}``),
+    the ``params`` map itself, or an already flat dict. Haiku ``LSTMState`` leaves in
+    the pre-2022 flax layout (``{"name", "fields", "values"}``) are turned into
+    ``{"hidden", "cell"}``.
+    """
+    if "params" in tree and isinstance(tree["params"], Mapping) and "rnn_params" not in tree:
+        tree = tree["params"]
+    flat: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping):
+            if {"fields", "values"} <= set(node.keys()):
+                values = node["values"]
+                if isinstance(values, Mapping):
+                    values = [values[k] for k in sorted(values, key=lambda s: int(s))]
+                node = dict(zip(node["fields"], values))
+            for k, v in node.items():
+                visit(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            flat[prefix] = node
+
+    visit(tree, "")
+    return flat
