@@ -1,0 +1,194 @@
+"""The ``metaopt`` command: train, resume, eval, plot and list experiments.
+
+::
+
+    metaopt train configs/ridge_hyper.yaml settings.estimator=first_order --run-dir runs/a
+    metaopt resume runs/a                 # continue after Ctrl-C / SIGTERM / a crash
+    metaopt eval runs/a --split test      # evaluate the newest checkpoint
+    metaopt plot runs/a runs/b --out cmp.png
+    metaopt list                          # experiments, tasks, estimators, pretrained lopts
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+#: Packages whose import fills the registries ``metaopt list`` shows (optional ones
+#: may be missing or broken while under development; they are skipped with a note).
+REGISTERING_MODULES = ("metaopt.bilevel", "metaopt.algorithms", "metaopt.lopt",
+                       "metaopt.runner.experiments", "tasks")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``metaopt`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from metaopt.runner.checkpoint import CheckpointError
+    from metaopt.runner.config import ConfigError
+    from metaopt.runner.rundir import RunDirError
+
+    try:
+        return args.func(args, ["metaopt", *argv])
+    except (ConfigError, CheckpointError, RunDirError) as e:
+        print(f"metaopt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metaopt: aborted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metaopt", description="metaopt experiment runner")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="start a run from a YAML config")
+    t.add_argument("config", help="YAML run config (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides with YAML values, e.g. settings.inner_steps=20")
+    t.add_argument("--run-dir", help="run directory (default: runs/<experiment>-<time>)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("resume", help="continue a run from its newest checkpoint")
+    r.add_argument("run_dir")
+    r.add_argument("--checkpoint", help="a specific checkpoint directory to resume from")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_cmd_resume)
+
+    e = sub.add_parser("eval", help="evaluate a run's newest (or given) checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--split", default=None, help="split (default: the experiment's first)")
+    e.add_argument("--checkpoint", help="a specific checkpoint directory")
+    e.set_defaults(func=_cmd_eval)
+
+    pl = sub.add_parser("plot", help="PNG learning curves of one run or several overlaid")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--out", help="PNG path (default: RUN_DIR/plots/metrics.png for one "
+                                  "run, ./metaopt-compare.png for several)")
+    pl.add_argument("--names", nargs="+", help="legend labels, one per run")
+    pl.set_defaults(func=_cmd_plot)
+
+    ls = sub.add_parser("list", help="registered experiments, tasks, estimators, lopts")
+    ls.set_defaults(func=_cmd_list)
+    return p
+
+
+def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from metaopt.runner.config import load_run_config
+    from metaopt.runner.rundir import create_run_dir, default_run_dir
+
+    cfg = load_run_config(args.config, args.overrides)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    cfg.run_dir = str(run_dir)
+    create_run_dir(run_dir, cfg, argv)
+    print(f"run directory: {run_dir}", flush=True)
+    return _run(cfg, run_dir, None, progress=not args.no_progress)
+
+
+def _cmd_resume(args: argparse.Namespace, argv: list[str]) -> int:
+    from metaopt.runner.checkpoint import latest_checkpoint
+    from metaopt.runner.rundir import CHECKPOINTS, load_run_dir_config, record_resume
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_dir_config(run_dir)
+    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir / CHECKPOINTS)
+    if ckpt is None:
+        print(f"{run_dir}: no checkpoint yet; starting from step 0", flush=True)
+    record_resume(run_dir, cfg.device, argv)
+    return _run(cfg, run_dir, ckpt, progress=not args.no_progress)
+
+
+def _run(cfg, run_dir: Path, ckpt: Path | None, *, progress: bool) -> int:
+    from metaopt.runner.loop import train
+
+    result = train(cfg, run_dir, resume=ckpt, progress=progress)
+    if result.status == "interrupted":
+        print(f"interrupted at step {result.step}/{cfg.steps}; checkpoint {result.checkpoint}\n"
+              f"continue with: metaopt resume {run_dir}", flush=True)
+        return 128 + (result.signum or 0)
+    final = {**{f"train_{k}": v for k, v in result.train_metrics.items()},
+             **{f"eval_{k}": v for k, v in result.eval_metrics.items()}}
+    print(f"finished {result.step}/{cfg.steps} steps: " + json.dumps(final), flush=True)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
+    from metaopt.runner.checkpoint import CheckpointError, latest_checkpoint
+    from metaopt.runner.loop import build_experiment, load_into
+    from metaopt.runner.metrics import to_float_metrics
+    from metaopt.runner.rundir import CHECKPOINTS, load_run_dir_config
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_dir_config(run_dir)
+    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir / CHECKPOINTS)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint to evaluate")
+    experiment = build_experiment(cfg)
+    step = load_into(experiment, cfg, ckpt).step
+    split = args.split or experiment.splits[0]
+    if split not in experiment.splits:
+        print(f"metaopt: error: experiment '{cfg.experiment}' has splits "
+              f"{list(experiment.splits)}, not '{split}'", file=sys.stderr)
+        return 2
+    metrics = to_float_metrics(experiment.evaluate(split), f"{cfg.experiment}.evaluate")
+    record = {"step": step, "split": split, "checkpoint": str(ckpt), **metrics}
+    with open(run_dir / "eval.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace, argv: list[str]) -> int:
+    from metaopt.runner.plots import plot_runs
+    from metaopt.runner.rundir import PLOTS
+
+    if args.out:
+        out = Path(args.out)
+    elif len(args.run_dirs) == 1:
+        out = Path(args.run_dirs[0]) / PLOTS / "metrics.png"
+    else:
+        out = Path("metaopt-compare.png")
+    try:
+        path = plot_runs(args.run_dirs, out, names=args.names)
+    except ValueError as e:
+        print(f"metaopt: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
+    from metaopt.registry import ESTIMATORS, EXPERIMENTS, PRETRAINED_LOPTS, TASKS
+
+    notes = []
+    for module in REGISTERING_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # an optional or in-progress package must not break `list`
+            notes.append(f"  (skipped {module}: {type(e).__name__}: {e})")
+    for title, reg in (("experiments", EXPERIMENTS), ("tasks", TASKS),
+                       ("estimators", ESTIMATORS), ("pretrained learned optimizers",
+                                                    PRETRAINED_LOPTS)):
+        print(f"{title}:")
+        if not len(reg):
+            print("  (none registered)")
+        for name in reg.names():
+            doc = reg.describe(name)
+            print(f"  {name:<24} {doc}".rstrip())
+    for note in notes:
+        print(note, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

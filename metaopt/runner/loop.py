@@ -1,0 +1,230 @@
+"""The meta-training loop every experiment runs in.
+
+Per outer step, top to bottom::
+
+    metrics = experiment.meta_step(step)             # the algorithm's work
+    write metrics.jsonl (+ TensorBoard)              # split "train"
+    every eval_every steps and at the end: experiment.evaluate(first split)
+    update the progress bar (ETA, live metrics)
+    every checkpoint_every steps, at the end, or after SIGINT/SIGTERM: checkpoint
+
+A checkpoint taken after step k holds the experiment's state, every RNG state and the
+loop's clock, so resuming from it replays steps k+1… exactly as an uninterrupted run
+would (see :func:`train`'s ``resume`` argument).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from tqdm.auto import tqdm
+
+from metaopt.runner.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_state_matches,
+    list_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
+)
+from metaopt.runner.config import RunConfig, to_dict
+from metaopt.runner.experiment import Experiment, get_experiment
+from metaopt.runner.metrics import MetricsWriter, to_float_metrics
+from metaopt.runner.rng import capture_rng_state, restore_rng_state, seed_everything
+from metaopt.runner.rundir import CHECKPOINTS, write_status
+from metaopt.runner.signals import StopRequest
+
+__all__ = [
+    "TrainResult",
+    "build_experiment",
+    "checkpoint_state",
+    "load_into",
+    "resolve_dtype",
+    "train",
+]
+
+#: Config keys that must agree between a checkpoint and the run resuming it.
+IDENTITY_KEYS = ("experiment", "settings", "seed", "dtype")
+
+
+@dataclass
+class TrainResult:
+    """How a call to :func:`train` ended."""
+
+    step: int
+    status: str  # "finished" or "interrupted"
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    signum: int | None = None
+    checkpoint: Path | None = None
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``"float32"`` → ``torch.float32`` (only floating dtypes are allowed)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must name a floating torch dtype, got {name!r}")
+    return dtype
+
+
+def build_experiment(cfg: RunConfig) -> Experiment:
+    """Seed every RNG with ``cfg.seed`` and build the configured experiment."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"config asks for device '{cfg.device}' but CUDA is not available")
+    seed_everything(cfg.seed)
+    cls = get_experiment(cfg.experiment)
+    return cls(cfg.settings, device=device, dtype=resolve_dtype(cfg.dtype), seed=cfg.seed)
+
+
+def checkpoint_state(experiment: Experiment, clock_s: float) -> dict[str, Any]:
+    """The full state tree a checkpoint stores: experiment, RNGs, loop clock."""
+    return {"experiment": experiment.state_dict(),
+            "rng": capture_rng_state(experiment.generators()),
+            "loop": {"time_s": clock_s}}
+
+
+def load_into(experiment: Experiment, cfg: RunConfig,
+              checkpoint_path: str | Path) -> Checkpoint:
+    """Verify a checkpoint against ``cfg`` and ``experiment``, load it, return it.
+
+    Raises :class:`CheckpointError` on corruption, a different experiment or config,
+    or state whose keys, shapes or dtypes differ from the freshly built experiment's.
+    """
+    ckpt = read_checkpoint(checkpoint_path)
+    mine = to_dict(cfg)
+    diffs = [k for k in IDENTITY_KEYS if ckpt.config.get(k) != mine.get(k)]
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {ckpt.config.get(k)!r} vs run {mine.get(k)!r}"
+                           for k in diffs)
+        raise CheckpointError(f"checkpoint {ckpt.path} belongs to a different run ({detail})")
+    template = experiment.state_dict()
+    what = f"checkpoint {ckpt.path} does not match experiment '{cfg.experiment}'"
+    for key in ("experiment", "rng", "loop"):
+        if key not in ckpt.state:
+            raise CheckpointError(f"{what}: no '{key}' section")
+    check_state_matches(ckpt.state["experiment"], template, what=what)
+    experiment.load_state_dict(_to_devices_of(ckpt.state["experiment"], template))
+    try:
+        restore_rng_state(ckpt.state["rng"], experiment.generators())
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{what}: RNG state: {e}") from None
+    return ckpt
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: str | Path | None = None,
+          progress: bool = True, out: TextIO | None = None) -> TrainResult:
+    """Run (or continue) meta-training of ``cfg`` in ``run_dir``.
+
+    Args:
+        cfg: the validated run config.
+        run_dir: an existing run directory (see :mod:`metaopt.runner.rundir`).
+        resume: a checkpoint directory to continue from (``None``: start fresh).
+        progress: allow the progress bar (it also needs ``cfg.log.progress`` and a
+            terminal on stderr).
+        out: where summary lines go (default stdout).
+
+    On SIGINT/SIGTERM the current step finishes, a checkpoint is written and the
+    result has ``status="interrupted"``.
+    """
+    out = out or sys.stdout
+    run_dir = Path(run_dir)
+    experiment = build_experiment(cfg)
+    start, clock = 0, 0.0
+    if resume is not None:
+        ckpt = load_into(experiment, cfg, resume)
+        start, clock = ckpt.step, float(ckpt.state["loop"]["time_s"])
+    split = experiment.splits[0] if experiment.splits else None
+    show_bar = progress and cfg.log.progress and sys.stderr.isatty()
+    result = TrainResult(step=start, status="finished")
+    write_status(run_dir, "running", start, cfg.steps)
+
+    with MetricsWriter(run_dir, resume_step=start if resume is not None else None,
+                       tensorboard=cfg.log.tensorboard) as writer, StopRequest() as stop:
+        bar = tqdm(total=cfg.steps, initial=start, disable=not show_bar, unit="step",
+                   dynamic_ncols=True, desc=cfg.name or cfg.experiment, file=sys.stderr)
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                t0 = time.perf_counter()
+                train_metrics = to_float_metrics(experiment.meta_step(step),
+                                                 f"{cfg.experiment}.meta_step")
+                clock += time.perf_counter() - t0
+                writer.write(step, "train", train_metrics, clock)
+                result.train_metrics = train_metrics
+                evaluated = split is not None and (
+                    step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0))
+                if evaluated:
+                    t0 = time.perf_counter()
+                    result.eval_metrics = to_float_metrics(experiment.evaluate(split),
+                                                           f"{cfg.experiment}.evaluate")
+                    clock += time.perf_counter() - t0
+                    writer.write(step, split, result.eval_metrics, clock)
+                result.step = step
+                bar.update(1)
+                if show_bar:
+                    bar.set_postfix(_postfix(train_metrics, result.eval_metrics, split),
+                                    refresh=False)
+                elif evaluated or (cfg.log.print_every and step % cfg.log.print_every == 0):
+                    print(_summary_line(step, cfg.steps, train_metrics,
+                                        result.eval_metrics if evaluated else {}, split,
+                                        clock), file=out, flush=True)
+                due = step == cfg.steps or (cfg.checkpoint_every
+                                            and step % cfg.checkpoint_every == 0)
+                if due or stop.requested:
+                    result.checkpoint = _save(experiment, cfg, run_dir, step, clock)
+                if stop.requested:
+                    result.status, result.signum = "interrupted", stop.signum
+                    break
+        finally:
+            bar.close()
+    write_status(run_dir, result.status, result.step, cfg.steps)
+    return result
+
+
+def _save(experiment: Experiment, cfg: RunConfig, run_dir: Path, step: int,
+          clock: float) -> Path:
+    ckpt_dir = run_dir / CHECKPOINTS
+    path = write_checkpoint(ckpt_dir, step=step, experiment=cfg.experiment,
+                            config=to_dict(cfg), state=checkpoint_state(experiment, clock))
+    if cfg.keep_checkpoints:
+        import shutil
+
+        for _, old in list_checkpoints(ckpt_dir)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _to_devices_of(loaded: Any, template: Any) -> Any:
+    """Move each loaded tensor to the device of its counterpart in ``template``."""
+    if isinstance(template, torch.Tensor):
+        return loaded.to(template.device)
+    if isinstance(template, Mapping):
+        return {k: _to_devices_of(loaded[k], template[k]) for k in template}
+    if isinstance(template, (list, tuple)):
+        return type(template)(_to_devices_of(a, b) for a, b in zip(loaded, template))
+    return loaded
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _postfix(train_m: Mapping[str, float], eval_m: Mapping[str, float],
+             split: str | None) -> dict[str, str]:
+    shown = {k: _fmt(v) for k, v in list(train_m.items())[:3]}
+    shown.update({f"{split}_{k}": _fmt(v) for k, v in list(eval_m.items())[:2]})
+    return shown
+
+
+def _summary_line(step: int, steps: int, train_m: Mapping[str, float],
+                  eval_m: Mapping[str, float], split: str | None, clock: float) -> str:
+    parts = [f"step {step}/{steps}", f"{clock:.1f}s"]
+    parts += [f"{k}={_fmt(v)}" for k, v in train_m.items()]
+    parts += [f"{split}_{k}={_fmt(v)}" for k, v in eval_m.items()]
+    return "  ".join(parts)

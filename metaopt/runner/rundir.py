@@ -1,0 +1,165 @@
+"""The run directory: what a run writes where, and the environment it ran in.
+
+::
+
+    runs/ridge_hyper-20250101-120000/
+      config.yaml          resolved config (all defaults filled in); `metaopt resume` reads it
+      env.json             python/torch/numpy versions, git commit, device, host, command
+                           line (first launch; later resumes appended under "resumes")
+      status.json          {"state": "running"|"interrupted"|"finished", "step", "steps"}
+      metrics.jsonl        one record per (step, split): {"step", "split", "time_s", …}
+      eval.jsonl           results of `metaopt eval`
+      checkpoints/step_00000100/{tensors.safetensors, state.json, MANIFEST.json}
+      tensorboard/         TensorBoard event files (when tensorboard is installed)
+      plots/metrics.png    written by `metaopt plot`
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metaopt.runner.checkpoint import atomic_write_text
+from metaopt.runner.config import RunConfig, load_run_config, to_yaml
+
+__all__ = [
+    "CHECKPOINTS",
+    "CONFIG_FILE",
+    "ENV_FILE",
+    "PLOTS",
+    "STATUS_FILE",
+    "RunDirError",
+    "create_run_dir",
+    "default_run_dir",
+    "environment_info",
+    "load_run_dir_config",
+    "read_status",
+    "record_resume",
+    "write_status",
+]
+
+CONFIG_FILE = "config.yaml"
+ENV_FILE = "env.json"
+STATUS_FILE = "status.json"
+CHECKPOINTS = "checkpoints"
+PLOTS = "plots"
+
+
+class RunDirError(RuntimeError):
+    """A run directory is missing, incomplete, or already used by another run."""
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    """``runs/<experiment>-<YYYYmmdd-HHMMSS>`` (with a suffix if it exists)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{cfg.experiment}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def create_run_dir(run_dir: str | Path, cfg: RunConfig, argv: Sequence[str]) -> Path:
+    """Create a fresh run directory with its config copy, env.json and status."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).exists():
+        raise RunDirError(f"{run_dir} already holds a run; continue it with "
+                          f"`metaopt resume {run_dir}` or choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+    (run_dir / PLOTS).mkdir(exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, to_yaml(cfg))
+    atomic_write_text(run_dir / ENV_FILE,
+                      json.dumps(environment_info(cfg.device, argv), indent=1) + "\n")
+    write_status(run_dir, "created", 0, cfg.steps)
+    return run_dir
+
+
+def load_run_dir_config(run_dir: str | Path) -> RunConfig:
+    """The validated config of an existing run directory."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    return load_run_config(path)
+
+
+def record_resume(run_dir: str | Path, device: str, argv: Sequence[str]) -> None:
+    """Append this session's environment to env.json's ``resumes`` list."""
+    path = Path(run_dir) / ENV_FILE
+    try:
+        env = json.loads(path.read_text())
+    except (OSError, ValueError):
+        env = {}
+    env.setdefault("resumes", []).append(environment_info(device, argv))
+    atomic_write_text(path, json.dumps(env, indent=1) + "\n")
+
+
+def write_status(run_dir: str | Path, state: str, step: int, steps: int) -> None:
+    """Record where the run stands (``created``, ``running``, ``interrupted``, ``finished``)."""
+    atomic_write_text(Path(run_dir) / STATUS_FILE,
+                      json.dumps({"state": state, "step": step, "steps": steps}) + "\n")
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    """The run's status record (``{}`` when absent or unreadable)."""
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def environment_info(device: str, argv: Sequence[str]) -> dict[str, Any]:
+    """Versions, git commit, device, host and command line, for reproducibility."""
+    import metaopt
+
+    info: dict[str, Any] = {
+        "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": list(argv),
+        "cwd": os.getcwd(),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "metaopt": metaopt.__version__,
+        "device": device,
+        "device_name": _device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "git": _git_info(Path(metaopt.__file__).resolve().parent),
+    }
+    return info
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def _git_info(where: Path) -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True,
+                                 timeout=5, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status)}
