@@ -8,7 +8,17 @@ Describe the problem once (:class:`BilevelProblem`), then pick an estimator::
     hg.grad, hg.theta, hg.diagnostics
 """
 
+from metaopt.bilevel.check import (
+    HypergradCheck,
+    HypergradCheckError,
+    finite_difference_hypergradient,
+    hypergradcheck,
+)
+from metaopt.bilevel.f2sa import F2SA, F2SAState
 from metaopt.bilevel.first_order import FirstOrder
+from metaopt.bilevel.implicit import Implicit, custom_fixed_point, custom_root
+from metaopt.bilevel.linear_solve import LinearSolveWarning, SolveInfo
+from metaopt.bilevel.outer import OuterResult, hypergradient_descent
 from metaopt.bilevel.problem import BilevelProblem, Estimator, Hypergradient
 from metaopt.bilevel.unroll import InnerTrace, inner_gradient, unroll
 from metaopt.bilevel.unrolled import Unrolled
@@ -16,14 +26,29 @@ from metaopt.registry import ESTIMATORS
 
 ESTIMATORS.register("unrolled", Unrolled, replace=True)
 ESTIMATORS.register("first_order", FirstOrder, replace=True)
+ESTIMATORS.register("implicit", Implicit, replace=True)
+ESTIMATORS.register("f2sa", F2SA, replace=True)
 
 __all__ = [
+    "F2SA",
     "BilevelProblem",
     "Estimator",
+    "F2SAState",
     "FirstOrder",
+    "HypergradCheck",
+    "HypergradCheckError",
     "Hypergradient",
+    "Implicit",
     "InnerTrace",
+    "LinearSolveWarning",
+    "OuterResult",
+    "SolveInfo",
     "Unrolled",
+    "custom_fixed_point",
+    "custom_root",
+    "finite_difference_hypergradient",
+    "hypergradcheck",
+    "hypergradient_descent",
     "inner_gradient",
     "unroll",
 ]
