@@ -50,6 +50,11 @@ class LearnedOptimizer(nn.Module):
         """One optimizer step: the new task parameters and the new state."""
         raise NotImplementedError
 
+    def optimizer(self, params, num_steps, **kw):
+        """A ``torch.optim.Optimizer`` running this learned optimizer on ``params``."""
+        from metaopt.lopt.torch_optimizer import LearnedOptimizerShell
+        return LearnedOptimizerShell(params, self, num_steps=num_steps, **kw)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - not a layer
         raise TypeError(f"{type(self).__name__} is used through init()/update(), not called")
 

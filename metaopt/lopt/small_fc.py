@@ -1,0 +1,248 @@
+"""small_fc_lopt: a per-parameter MLP over Adafactor-style features (AdafacMLPLOpt).
+
+Port of learned_optimization's ``AdafacMLPLOpt``. For every element of every task
+tensor, a tiny MLP (39 → 4 → 4 → 2, relu) reads
+
+* 28 normalised features: ``g, p, m(3), rms(1), m·rsqrt(rms+1e-6)(3), rsqrt(rms+1e-6)(1),
+  fac_g(3)`` followed by the factored second-moment group (5 × 3, see :meth:`_features`),
+  each channel scaled by ``rsqrt(1e-5 + mean(x²))`` over the tensor;
+* 11 un-normalised step embeddings ``tanh(iteration / c - 1)``;
+
+and proposes ``step = direction · exp(0.001 · magnitude) · 0.001``; ``p ← p − step``.
+The accumulator decays are meta-learned: ``decay = 1 − (1 − base) · exp(10 · offset)``.
+The loss is not used.
+
+Meta-parameters keep the reference's layout: first-layer weight ``w0`` is (in, out),
+applied as ``x @ w0 + b0`` (the transpose of ``nn.Linear.weight``). Implementation note:
+the per-channel normalisation is folded into the first-layer weights (``(x·s) @ W =
+x @ (s·W)``), so the normalised feature matrix is never materialised.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metaopt.lopt import features as F
+from metaopt.lopt.base import LearnedOptimizer, LOptState, register_architecture
+from metaopt.params import Params
+
+__all__ = ["SmallFCLOpt"]
+
+_ACCUMULATORS = ("m", "rms", "v_row", "v_col", "v_diag")
+
+
+@register_architecture
+class SmallFCLOpt(LearnedOptimizer):
+    """Per-parameter MLP learned optimizer with meta-learned accumulator decays.
+
+    Args:
+        exp_mult, step_mult: scale of ``magnitude`` in the exponent and of the step.
+        hidden_size, hidden_layers: MLP shape (reference defaults 4 and 2).
+        initial_momentum_decays, initial_rms_decays, initial_adafactor_decays: the
+            base decays the meta-learned offsets are relative to.
+    """
+
+    architecture = "small_fc_lopt"
+    needs_loss = False
+    release_names = ("AdafacMLPLOpt",)
+
+    def __init__(self, exp_mult: float = 0.001, step_mult: float = 0.001,
+                 hidden_size: int = 4, hidden_layers: int = 2,
+                 initial_momentum_decays: Sequence[float] = (0.9, 0.99, 0.999),
+                 initial_rms_decays: Sequence[float] = (0.999,),
+                 initial_adafactor_decays: Sequence[float] = (0.9, 0.99, 0.999)) -> None:
+        super().__init__()
+        n_mom, n_rms, n_fac = (len(initial_momentum_decays), len(initial_rms_decays),
+                               len(initial_adafactor_decays))
+        if n_mom != n_fac and 1 not in (n_mom, n_fac):
+            raise ValueError("momentum and adafactor decays must broadcast (same count or 1)")
+        self.exp_mult = float(exp_mult)
+        self.step_mult = float(step_mult)
+        self.hidden_size = int(hidden_size)
+        self.hidden_layers = int(hidden_layers)
+        self.initial_momentum_decays = tuple(float(d) for d in initial_momentum_decays)
+        self.initial_rms_decays = tuple(float(d) for d in initial_rms_decays)
+        self.initial_adafactor_decays = tuple(float(d) for d in initial_adafactor_decays)
+        self.momentum_decays = nn.Parameter(torch.zeros(n_mom))
+        self.rms_decays = nn.Parameter(torch.zeros(n_rms))
+        self.adafactor_decays = nn.Parameter(torch.zeros(n_fac))
+        self.n_features = self.feature_count(n_mom, n_rms, n_fac)
+        sizes = [self.n_features + len(F.TIME_SCALES)]
+        sizes += [self.hidden_size] * self.hidden_layers + [2]
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+            w = torch.empty(fan_in, fan_out)
+            std = 1.0 / math.sqrt(fan_in)
+            nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)  # haiku TruncatedNormal
+            self.register_parameter(f"w{i}", nn.Parameter(w))
+            self.register_parameter(f"b{i}", nn.Parameter(torch.zeros(fan_out)))
+        self.n_layers = len(sizes) - 1
+
+    # ------------------------------------------------------------------ description
+    @staticmethod
+    def feature_count(n_mom: int, n_rms: int, n_fac: int) -> int:
+        """Number of normalised input channels (28 for decays (3, 1, 3))."""
+        n_mult = max(n_mom, n_fac)
+        return 2 + n_mom + n_rms + max(n_mom, n_rms) + n_rms + n_fac + 4 * n_fac + n_mult
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-able)."""
+        return {"exp_mult": self.exp_mult, "step_mult": self.step_mult,
+                "hidden_size": self.hidden_size, "hidden_layers": self.hidden_layers,
+                "initial_momentum_decays": list(self.initial_momentum_decays),
+                "initial_rms_decays": list(self.initial_rms_decays),
+                "initial_adafactor_decays": list(self.initial_adafactor_decays)}
+
+    # ------------------------------------------------------------------ release import
+    _GIN_ARGS = ("exp_mult", "step_mult", "hidden_size", "hidden_layers",
+                 "initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
+
+    @classmethod
+    def from_release(cls, tree: Mapping[str, Any], bindings: Mapping[str, Any]) -> SmallFCLOpt:
+        """Build from a learned_optimization ``AdafacMLPLOpt`` theta tree + gin bindings."""
+        from metaopt.lopt.release import check_tree
+
+        kwargs = {}
+        for key, value in bindings.items():
+            if key in cls._GIN_ARGS:
+                kwargs[key] = value
+            elif key == "concat_weights" or key == "split_weights":
+                continue  # same function and same stored weights either way
+            elif key == "make_separate_weights" and not value:
+                continue
+            else:
+                raise NotImplementedError(f"AdafacMLPLOpt.{key} = {value!r} is not supported")
+        lopt = cls(**kwargs)
+        expected: dict[tuple[str, ...], tuple[int, ...]] = {
+            ("momentum_decays",): (len(lopt.initial_momentum_decays),),
+            ("rms_decays",): (len(lopt.initial_rms_decays),),
+            ("adafactor_decays",): (len(lopt.initial_adafactor_decays),),
+        }
+        for i in range(lopt.n_layers):
+            expected[("nn", "~", f"w{i}")] = tuple(getattr(lopt, f"w{i}").shape)
+            expected[("nn", "~", f"b{i}")] = tuple(getattr(lopt, f"b{i}").shape)
+        leaves = check_tree(tree, expected, what="AdafacMLPLOpt (small_fc_lopt) params")
+        with torch.no_grad():
+            for path, value in leaves.items():
+                target = getattr(lopt, path[-1])
+                target.copy_(torch.from_numpy(value.astype("float32", copy=True)))
+        return lopt
+
+    # ------------------------------------------------------------------ functional core
+    def decays(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Meta-learned (momentum, rms, adafactor) decays."""
+        return (F.decays_from_offsets(self.initial_momentum_decays, self.momentum_decays),
+                F.decays_from_offsets(self.initial_rms_decays, self.rms_decays),
+                F.decays_from_offsets(self.initial_adafactor_decays, self.adafactor_decays))
+
+    def init(self, params: Params, num_steps: int) -> LOptState:
+        """Zero accumulators (in each parameter's dtype/device) and iteration 0.
+
+        State: ``{"iteration": int32 0-d tensor, "num_steps": int, "m": {name: ...},
+        "rms": {...}, "v_row": {...}, "v_col": {...}, "v_diag": {...}}`` with the decay
+        index last, matching learned_optimization's accumulator layout.
+        """
+        n = (len(self.initial_momentum_decays), len(self.initial_rms_decays),
+             len(self.initial_adafactor_decays))
+        state: LOptState = {k: {} for k in _ACCUMULATORS}
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        for name, p in params.items():
+            for key, value in F.init_accumulators(p.detach(), *n).items():
+                state[key][name] = value
+        state["iteration"] = torch.zeros((), dtype=torch.int32, device=device)
+        state["num_steps"] = int(num_steps)
+        return state
+
+    def update(self, grads: Params, state: LOptState, params: Params,
+               loss: Tensor | None = None) -> tuple[Params, LOptState]:
+        """One step for every tensor; pure (returns new params and a new state)."""
+        del loss  # small_fc_lopt does not look at the loss
+        iteration = state["iteration"]
+        new_state: LOptState = {k: {} for k in _ACCUMULATORS}
+        new_params: Params = {}
+        cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
+        for name, p in params.items():
+            g = grads[name]
+            key = (_compute_dtype(p.dtype), p.device)
+            if key not in cache:
+                cache[key] = self._prepare(iteration, *key)
+            acc = {k: state[k][name] for k in _ACCUMULATORS}
+            new_p, new_acc = self._update_tensor(p, g, acc, *cache[key])
+            new_params[name] = new_p
+            for k, v in new_acc.items():
+                new_state[k][name] = v
+        new_state["iteration"] = iteration + 1
+        new_state["num_steps"] = state["num_steps"]
+        return new_params, new_state
+
+    def _prepare(self, iteration: Tensor, dtype: torch.dtype, device: torch.device) -> tuple:
+        """Decays, MLP weights and the (constant per step) time-feature bias of layer 0."""
+        decays = tuple(d.to(dtype=dtype, device=device) for d in self.decays())
+        weights = [getattr(self, f"w{i}").to(dtype=dtype, device=device)
+                   for i in range(self.n_layers)]
+        biases = [getattr(self, f"b{i}").to(dtype=dtype, device=device)
+                  for i in range(self.n_layers)]
+        time = F.tanh_time_embedding(iteration.to(device), dtype=torch.float32).to(dtype)
+        w0_feat, w0_time = weights[0][: self.n_features], weights[0][self.n_features:]
+        bias0 = time @ w0_time + biases[0]
+        return decays, w0_feat, bias0, weights[1:], biases[1:]
+
+    def _features(self, p: Tensor, g: Tensor, m: Tensor, rms: Tensor, fac_g: Tensor,
+                  v_row: Tensor, v_col: Tensor, v_diag: Tensor) -> Tensor:
+        """The 28 raw (un-normalised) input channels as an (N, C) matrix."""
+        shape = p.shape
+        rsqrt = torch.rsqrt(rms + 1e-6)
+        groups = [g.unsqueeze(-1), p.unsqueeze(-1), m, rms, m * rsqrt, rsqrt, fac_g]
+        dims = F.factored_dims(shape)
+        if dims is not None:
+            d1, d0 = dims
+            row = F.expand_row(v_row, d0, shape[d0])
+            col = F.expand_col(v_col, d1, shape[d1])
+            groups += [row, col, torch.rsqrt(row + 1e-8), torch.rsqrt(col + 1e-8),
+                       F.factored_momentum(m, v_row, v_col, d1, d0)]
+        else:
+            r = torch.rsqrt(v_diag + 1e-8)
+            groups += [v_diag, v_diag, r, r, m * (v_diag + 1e-6) ** -0.5]
+        n = p.numel()
+        return torch.cat([x.expand(*shape, x.shape[-1]).reshape(n, -1) for x in groups], dim=-1)
+
+    def _update_tensor(self, p: Tensor, g: Tensor, acc: dict[str, Tensor], decays: tuple,
+                       w0_feat: Tensor, bias0: Tensor, weights: list[Tensor],
+                       biases: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        out_dtype, shape = p.dtype, p.shape
+        dtype = w0_feat.dtype
+        p_c, g_c = p.to(dtype).reshape(shape or (1,)), g.to(dtype).reshape(shape or (1,))
+        acc_c = {k: v.to(dtype) for k, v in acc.items()}
+        if not shape:  # 0-d tensors are treated as (1,), as the reference does
+            acc_c = {k: (v.reshape(1, -1) if k in ("m", "rms", "v_diag") else v)
+                     for k, v in acc_c.items()}
+        mom_d, rms_d, fac_d = decays
+        m = F.update_momentum(acc_c["m"], g_c, mom_d)
+        rms = F.update_rms(acc_c["rms"], g_c, rms_d)
+        v_row, v_col, v_diag, fac_g = F.update_factored(
+            acc_c["v_row"], acc_c["v_col"], acc_c["v_diag"], g_c, fac_d)
+
+        x = self._features(p_c, g_c, m, rms, fac_g, v_row, v_col, v_diag)
+        scale = F.channel_rsqrt_norm(x)
+        h = torch.addmm(bias0, x, scale.unsqueeze(-1) * w0_feat)
+        for w, b in zip(weights, biases):
+            h = torch.addmm(b, torch.relu(h), w)
+        direction, magnitude = h[:, 0], h[:, 1]
+        step = direction * torch.exp(magnitude * self.exp_mult) * self.step_mult
+        new_p = (p_c - step.reshape(p_c.shape)).reshape(shape).to(out_dtype)
+
+        new_acc = {"m": m, "rms": rms, "v_row": v_row, "v_col": v_col, "v_diag": v_diag}
+        if not shape:
+            new_acc = {k: (v.reshape(acc[k].shape) if k in ("m", "rms", "v_diag") else v)
+                       for k, v in new_acc.items()}
+        return new_p, {k: v.to(out_dtype) for k, v in new_acc.items()}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16 (and float32) parameters, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
