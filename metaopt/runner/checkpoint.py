@@ -190,8 +190,9 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 def check_state_matches(loaded: Any, expected: Any, *, what: str, where: str = "") -> None:
     """Raise :class:`CheckpointError` unless ``loaded`` has ``expected``'s structure.
 
-    Dict keys must be equal, list lengths equal, tensors equal in shape and dtype,
-    and JSON leaves of the same kind. Values are not compared.
+    Dict keys must be equal, tensors equal in shape and dtype, JSON leaves of the
+    same kind, and lists equal in length — except lists holding no tensors at all,
+    which may grow during training. Values are not compared.
     """
     label = where or "<root>"
     if isinstance(expected, Tensor):
@@ -218,6 +219,9 @@ def check_state_matches(loaded: Any, expected: Any, *, what: str, where: str = "
                                 where=f"{where}/{k}" if where else str(k))
         return
     if isinstance(expected, (list, tuple)):
+        if isinstance(loaded, (list, tuple)) and len(loaded) != len(expected) \
+                and not _has_tensor(expected) and not _has_tensor(loaded):
+            return  # a JSON list that grows during training (a history, a queue of ids)
         if not isinstance(loaded, (list, tuple)) or len(loaded) != len(expected):
             raise CheckpointError(f"{what}: '{label}' should be a list of {len(expected)}, "
                                   f"checkpoint has {_describe(loaded)}")
@@ -293,6 +297,16 @@ def _read_json(file: Path, ckpt: Path) -> Any:
                               "(incomplete checkpoint)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt}: {file.name} is unreadable: {e}") from None
+
+
+def _has_tensor(node: Any) -> bool:
+    if isinstance(node, Tensor):
+        return True
+    if isinstance(node, Mapping):
+        return any(_has_tensor(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_has_tensor(v) for v in node)
+    return False
 
 
 def _json_kind(v: Any) -> str:

@@ -164,6 +164,13 @@ def register_experiment(name: str, *, config: type[ExperimentConfig],
 
 def get_experiment(name: str) -> type[Experiment]:
     """The experiment class registered as ``name`` (imports the built-in ones first)."""
-    import metaopt.runner.experiments  # noqa: F401  (registers built-in experiments)
+    from metaopt.runner.experiments import IMPORT_ERRORS  # registers built-in experiments
 
-    return EXPERIMENTS.get(name)
+    try:
+        return EXPERIMENTS.get(name)
+    except KeyError as e:
+        if IMPORT_ERRORS:
+            failed = "; ".join(f"{m}: {err}" for m, err in sorted(IMPORT_ERRORS.items()))
+            raise KeyError(f"{e.args[0]} (experiment modules that failed to import: "
+                           f"{failed})") from None
+        raise

@@ -206,8 +206,8 @@ def _to_devices_of(loaded: Any, template: Any) -> Any:
         return loaded.to(template.device)
     if isinstance(template, Mapping):
         return {k: _to_devices_of(loaded[k], template[k]) for k in template}
-    if isinstance(template, (list, tuple)):
-        return type(template)(_to_devices_of(a, b) for a, b in zip(loaded, template))
+    if isinstance(template, (list, tuple)) and len(template) == len(loaded):
+        return [_to_devices_of(a, b) for a, b in zip(loaded, template)]
     return loaded
 
 
