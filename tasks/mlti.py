@@ -75,6 +75,8 @@ def interpolate_tasks(batch: TaskBatch, partner: Tensor, lam: Tensor, *,
         sets += [_mix(x, x_other, lam), _mix(y, y_other, lam)]
     info = dict(batch.info)
     info.update(mlti_partner=partner, mlti_lambda=lam)
+    if pairing is not None:
+        info.update(mlti_pairing_support=pairing[0], mlti_pairing_query=pairing[1])
     return TaskBatch(*sets, num_classes=batch.num_classes, classes=batch.classes, info=info)
 
 
@@ -84,7 +86,8 @@ class MLTI:
 
     ``alpha``: Beta(α, α) concentration; ``p``: probability that a task is replaced by an
     interpolated one (tasks not replaced keep ``λ = 1``); ``label_sharing``: see module
-    docstring. ``info`` of the result records ``mlti_partner`` and ``mlti_lambda``.
+    docstring. ``info`` of the result records ``mlti_partner`` and ``mlti_lambda`` (and,
+    with ``label_sharing``, ``mlti_pairing_support``/``mlti_pairing_query``).
     """
 
     alpha: float = 0.5
