@@ -43,6 +43,7 @@ over parameter tensors (each has its own mixed MLP).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt.lopt.base import LearnedOptimizer, LOptState, register_architecture
+from metaopt.lopt.release import ReleaseFormatError
 from metaopt.params import Params, StructureError
 
 __all__ = [
@@ -215,6 +217,8 @@ class VeLO(LearnedOptimizer):
 
     architecture = "velo"
     needs_loss = True
+    #: Gin class names of learned_optimization releases this class imports.
+    release_names = ("HyperV2",)
 
     def __init__(
         self,
@@ -269,7 +273,7 @@ class VeLO(LearnedOptimizer):
         sizes = [_N_FF_IN] + [w] * self.ff_hidden_layers + [3]
         self.ff_weights = nn.ParameterList()
         self.ff_biases = nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             wt = torch.empty(k, fan_in, fan_out)
             nn.init.trunc_normal_(wt, std=1.0 / math.sqrt(fan_in), a=-2.0 / math.sqrt(fan_in),
                                   b=2.0 / math.sqrt(fan_in), generator=gen)
@@ -332,7 +336,7 @@ class VeLO(LearnedOptimizer):
         ``params_tree`` is the decoded ``params`` map of the msgpack (nested dicts of
         arrays; the whole checkpoint container, or a flat ``"a/b/c"``-keyed dict are
         accepted too). Every leaf is checked: missing, unexpected or mis-shaped keys are
-        listed in one :class:`~metaopt.params.StructureError`.
+        listed in one :class:`~metaopt.lopt.release.ReleaseFormatError`.
         """
         lopt = cls(**cls.release_config(gin_bindings), seed=None)
         lopt.load_release_params(params_tree)
@@ -373,7 +377,7 @@ class VeLO(LearnedOptimizer):
                      for key in sorted(expected.keys() & flat.keys())
                      if tuple(np.shape(flat[key])) != expected[key]]
         if missing or unexpected or misshaped:
-            raise StructureError(
+            raise ReleaseFormatError(
                 "VeLO release theta does not match the configuration "
                 f"(lstm_hidden_size={self.lstm_hidden_size}, param_inits={self.param_inits}): "
                 f"missing keys {missing}; unexpected keys {unexpected}; "
@@ -420,8 +424,9 @@ class VeLO(LearnedOptimizer):
                 out[f"rnn_params/{name}/w"] = layer.weight.T.numpy().copy()
                 out[f"rnn_params/{name}/b"] = layer.bias.numpy().copy()
             w = torch.cat([self.lstm.weight_ih.T, self.lstm.weight_hh.T], 0)
-            b = self.lstm.bias_ih + self.lstm.bias_hh
-            b[h:2 * h] -= 1.0
+            forget_one = torch.zeros(4 * h)
+            forget_one[h:2 * h] = 1.0
+            b = self.lstm.bias_ih + (self.lstm.bias_hh - forget_one)  # exact when bias_hh=+1
             i, f, g, o = (slice(j * h, (j + 1) * h) for j in range(4))
             out["rnn_params/rnn/linear/w"] = torch.cat(
                 [w[:, i], w[:, g], w[:, f], w[:, o]], 1).numpy()
@@ -450,7 +455,9 @@ class VeLO(LearnedOptimizer):
 
         ``state["mom"][k]`` is ``shape + (3,)``, ``state["rms"][k]`` is ``shape + (1,)``;
         Adafactor statistics follow the reference (``v_row``/``v_col`` for rank >= 2,
-        ``v_diag`` otherwise; the unused ones have shape ``(0, 3)``).
+        ``v_diag`` otherwise; the unused ones have shape ``(0, 3)``). The LSTM state is
+        kept per tensor too (``state["lstm_hidden"][k]`` of shape ``(hidden,)``), so any
+        subset or order of tensors can be stepped.
         """
         if num_steps is None or int(num_steps) < 1:
             raise ValueError("VeLO needs the run length: init(params, num_steps>=1)")
@@ -472,14 +479,13 @@ class VeLO(LearnedOptimizer):
                 v_row[key], v_col[key] = empty, empty.clone()
                 v_diag[key] = torch.zeros(*info.shape, 3, **f32)
         device = next(iter(params.values())).device if params else None
-        n = len(params)
+        init_h = self.lstm_init_hidden.detach().to(device)[0]
+        init_c = self.lstm_init_cell.detach().to(device)[0]
         buffer_steps = 10 if self.use_bugged_loss_features else int(num_steps)
         return {
             "mom": mom, "rms": rms, "v_row": v_row, "v_col": v_col, "v_diag": v_diag,
-            "lstm_hidden": self.lstm_init_hidden.detach().to(device).repeat(n, 1)
-            if n else torch.zeros(0, self.lstm_hidden_size),
-            "lstm_cell": self.lstm_init_cell.detach().to(device).repeat(n, 1)
-            if n else torch.zeros(0, self.lstm_hidden_size),
+            "lstm_hidden": {k: init_h.clone() for k in params},
+            "lstm_cell": {k: init_c.clone() for k in params},
             "loss_buffer": loss_buffer_init(buffer_steps, device),
             "iteration": torch.zeros((), dtype=torch.int32, device=device),
             "num_steps": torch.tensor(int(num_steps), dtype=torch.int32, device=device),
@@ -570,9 +576,14 @@ class VeLO(LearnedOptimizer):
 
         # Per-tensor LSTM over all tensors at once.
         x = self.lstm_inputs(params, state, loss_features)
-        controls, lr_mult, h, c = self.rnn(x, state["lstm_hidden"], state["lstm_cell"])
+        h_prev = torch.stack([state["lstm_hidden"][k] for k in keys])
+        c_prev = torch.stack([state["lstm_cell"][k] for k in keys])
+        controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev)
+        internals = {"lstm_input": x, "controls": controls, "lr_mult": lr_mult,
+                     "loss_features": loss_features, "next_lstm_hidden": h,
+                     "next_lstm_cell": c}
         if self.use_bugged_next_lstm_state:
-            h, c = state["lstm_hidden"], state["lstm_cell"]
+            h, c = h_prev, c_prev
         if self.rnn_state_decay > 0.0:
             h, c = h * (1.0 - self.rnn_state_decay), c * (1.0 - self.rnn_state_decay)
         mlps = self._mixed_mlps(controls)
@@ -604,14 +615,12 @@ class VeLO(LearnedOptimizer):
             new_params[key] = (p - step.reshape(info.shape).to(p.dtype))
         new_state = {
             "mom": mom, "rms": rms, "v_row": v_row, "v_col": v_col, "v_diag": v_diag,
-            "lstm_hidden": h, "lstm_cell": c, "loss_buffer": next_buffer,
+            "lstm_hidden": dict(zip(keys, h.unbind(0))),
+            "lstm_cell": dict(zip(keys, c.unbind(0))), "loss_buffer": next_buffer,
             "iteration": state["iteration"] + 1, "num_steps": state["num_steps"],
         }
         for extra in state.keys() - new_state.keys():
             new_state[extra] = state[extra]
-        internals = {"lstm_input": x, "controls": controls, "lr_mult": lr_mult,
-                     "loss_features": loss_features, "next_lstm_hidden": h,
-                     "next_lstm_cell": c}
         return new_params, new_state, internals
 
     def _tensor_step(self, info: _TensorInfo, p: Tensor, g: Tensor, m: Tensor, rms: Tensor,

@@ -1,0 +1,391 @@
+"""VeLO parity against the JAX reference's golden data, plus contract checks.
+
+Golden data (see ``tests/data/golden/README.md`` or ``/work/shared/golden``): a perturbed
+theta in the release format, 30 recorded steps with their gradients and losses, the full
+optimizer state after every step and VeLO's internals (LSTM input, controls, lr_mult).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metaopt.lopt.base import ARCHITECTURES
+from metaopt.lopt.release import ReleaseFormatError, flatten_tree, read_release_params
+from metaopt.lopt.velo import (
+    VeLO,
+    factored_dims,
+    loss_buffer_features,
+    loss_buffer_init,
+    loss_buffer_update,
+)
+
+_CANDIDATES = [Path(__file__).resolve().parents[1] / "data" / "golden",
+               Path("/work/shared/golden")]
+GOLDEN = next((p for p in _CANDIDATES if (p / "velo_trajectory.npz").exists()), None)
+pytestmark = pytest.mark.skipif(GOLDEN is None, reason="VeLO golden data not found")
+
+GIN = {"HyperV2.lstm_hidden_size": 512, "HyperV2.param_inits": 256,
+       "HyperV2.use_bugged_loss_features": False}
+TOL = 1e-5  # max |Δθ| / (1 + |θ|), float32
+
+
+@pytest.fixture(scope="module")
+def golden():
+    """(theta as ``/``-joined leaves read from the msgpack, trajectory, states)."""
+    tree = read_release_params(GOLDEN / "velo_theta.msgpack")
+    theta = {"/".join(path): leaf for path, leaf in flatten_tree(tree).items()}
+    traj = np.load(GOLDEN / "velo_trajectory.npz")
+    states = np.load(GOLDEN / "velo_opt_state.npz")
+    return theta, {k: traj[k] for k in traj.files}, {k: states[k] for k in states.files}
+
+
+@pytest.fixture(scope="module")
+def velo(golden):
+    theta, _, _ = golden
+    return VeLO.from_release(theta, GIN)
+
+
+def _keys(traj):
+    return [str(k) for k in traj["tensor_order"]]
+
+
+def _t(a):
+    return torch.from_numpy(np.array(a))
+
+
+def _state_at(states, keys, t):
+    """The recorded reference state after ``t`` updates, in this port's layout."""
+    return {
+        "mom": {k: _t(states[f"mom_rolling/m/{k}"][t]) for k in keys},
+        "rms": {k: _t(states[f"rms_rolling/rms/{k}"][t]) for k in keys},
+        "v_row": {k: _t(states[f"fac_rolling/v_row/{k}"][t]) for k in keys},
+        "v_col": {k: _t(states[f"fac_rolling/v_col/{k}"][t]) for k in keys},
+        "v_diag": {k: _t(states[f"fac_rolling/v_diag/{k}"][t]) for k in keys},
+        "lstm_hidden": dict(zip(keys, _t(states["lstm_hidden_state/hidden"][t]).unbind(0))),
+        "lstm_cell": dict(zip(keys, _t(states["lstm_hidden_state/cell"][t]).unbind(0))),
+        "loss_buffer": {n: _t(states[f"loss_buffer/{n}"][t])
+                        for n in ("means", "running_min", "decays", "iteration")},
+        "iteration": _t(states["iteration"][t]),
+        "num_steps": _t(states["num_steps"][t]),
+    }, {k: _t(states[f"params/{k}"][t]) for k in keys}
+
+
+def _rel_err(ours, ref):
+    return float(np.max(np.abs(ours - ref) / (1.0 + np.abs(ref))))
+
+
+# ------------------------------------------------------------------------ (1) import
+
+
+def test_msgpack_leaves_equal_reference_arrays(golden):
+    """Every leaf read from the release msgpack equals the reference's own arrays."""
+    theta, _, _ = golden
+    npz = GOLDEN / "velo_theta.npz"
+    if not npz.exists():
+        npz = Path("/work/shared/golden/velo_theta.npz")
+    if not npz.exists():
+        pytest.skip("velo_theta.npz (the npz copy of theta) not available")
+    ref = np.load(npz)
+    assert sorted(ref.files) == sorted(theta)
+    for key in ref.files:
+        assert theta[key].dtype == ref[key].dtype and np.array_equal(theta[key], ref[key]), key
+
+
+def test_every_leaf_round_trips_exactly(golden, velo):
+    theta, _, _ = golden
+    back = velo.release_params()
+    assert sorted(back) == sorted(theta)
+    for key, ref in theta.items():
+        # Bitwise: the import only transposes and permutes blocks (the forget gate's +1
+        # lives in a separate bias vector, so it never rounds the stored bias).
+        assert back[key].shape == ref.shape, key
+        assert np.array_equal(back[key], ref), f"leaf {key} changed on import"
+
+
+def test_import_layout_conventions(golden, velo):
+    """Haiku (in, out) weights and LSTM gate order i, g, f, o map to PyTorch's layout."""
+    theta, _, _ = golden
+    h = 512
+    w = theta["rnn_params/rnn/linear/w"]
+    b = theta["rnn_params/rnn/linear/b"]
+    # torch LSTMCell rows are gates (i, f, g, o); haiku columns are (i, g, f, o).
+    assert np.array_equal(velo.lstm.weight_ih[h:2 * h].detach().numpy(), w[:h, 2 * h:3 * h].T)
+    assert np.array_equal(velo.lstm.weight_hh[2 * h:3 * h].detach().numpy(), w[h:, h:2 * h].T)
+    assert np.array_equal(velo.lstm.bias_ih[:h].detach().numpy(), b[:h])
+    assert np.all(velo.lstm.bias_hh[h:2 * h].detach().numpy() == 1.0)
+    assert np.array_equal(velo.mix_in.weight.detach().numpy(), theta["rnn_params/linear_2/w"].T)
+    # w0 groups are concatenated in numeric (not lexicographic) order: w0__2 is channel 2.
+    assert np.array_equal(velo.ff_weights[0][:, 2:3].detach().numpy(),
+                          theta["ff_mod_stack/~/w0__2"])
+    assert np.array_equal(velo.ff_weights[0][:, 27:30].detach().numpy(),
+                          theta["ff_mod_stack/~/w0__13"])
+
+
+def test_release_errors_list_bad_keys(golden):
+    theta, _, _ = golden
+    bad = dict(theta)
+    del bad["rnn_params/step_size/w"]
+    bad["rnn_params/extra/w"] = np.zeros(3, np.float32)
+    bad["ff_mod_stack/~/b0"] = np.zeros((256, 5), np.float32)
+    with pytest.raises(ReleaseFormatError) as err:
+        VeLO.from_release(bad, GIN)
+    msg = str(err.value)
+    assert "rnn_params/step_size/w" in msg and "rnn_params/extra/w" in msg
+    assert "ff_mod_stack/~/b0" in msg
+    # Without the gin bindings HyperV2's defaults (hidden 128, 64 inits) apply: mismatch.
+    with pytest.raises(ReleaseFormatError, match="lstm_hidden_size=128"):
+        VeLO.from_release(theta, {})
+
+
+def test_release_config_defaults_and_nested_tree(golden):
+    theta, _, _ = golden
+    assert VeLO.release_config({})["use_bugged_loss_features"] is True
+    assert VeLO.release_config(GIN)["use_bugged_loss_features"] is False
+    with pytest.raises(NotImplementedError):
+        VeLO.release_config({"HyperV2.precondition_output": True})
+    # Nested maps as the msgpack decodes them, with the old flax LSTMState layout.
+    nested: dict = {}
+    for key, value in theta.items():
+        parts = key.replace("rnn/linear", "rnn\0linear").split("/")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part.replace("\0", "/"), {})
+        node[parts[-1]] = value
+    init = nested["lstm_init_state"]
+    nested["lstm_init_state"] = {"name": "LSTMState", "fields": ["hidden", "cell"],
+                                 "values": {"0": init["hidden"], "1": init["cell"]}}
+    lopt = VeLO.from_release({"params": nested, "gen_id": "x", "step": 0}, GIN)
+    assert torch.equal(lopt.lstm_init_cell.detach(), torch.from_numpy(theta[
+        "lstm_init_state/cell"]))
+
+
+def test_registered():
+    assert ARCHITECTURES["velo"] is VeLO
+
+
+# ------------------------------------------------------------- (2) teacher-forced steps
+
+
+def test_teacher_forced_steps_match_reference(golden, velo):
+    _, traj, states = golden
+    keys = _keys(traj)
+    worst = {}
+    for t in range(int(traj["num_steps"])):
+        state, params = _state_at(states, keys, t)
+        grads = {k: _t(traj[f"grads/{k}"][t]) for k in keys}
+        with torch.no_grad():
+            new_p, new_s, internals = velo.update_with_internals(
+                grads, state, params, loss=_t(traj["losses"][t]))
+        ref_state, ref_params = _state_at(states, keys, t + 1)
+        diag = {n: traj[f"velo_diag/{n}"][t] for n in (
+            "lstm_input", "controls", "lr_mult", "next_lstm_hidden", "next_lstm_cell",
+            "loss_features")}
+        for name, ref in diag.items():
+            err = float(np.max(np.abs(internals[name].numpy() - ref)))
+            worst[name] = max(worst.get(name, 0.0), err)
+        for k in keys:
+            step_ref = states[f"params/{k}"][t + 1] - states[f"params/{k}"][t]
+            step = new_p[k].numpy() - states[f"params/{k}"][t]
+            # The step itself to 1e-3 of its size, up to one float32 ulp of θ (the steps
+            # are ~1e-5 of θ, i.e. a few hundred ulps); θ itself to TOL.
+            ulp = np.spacing(np.abs(states[f"params/{k}"][t + 1])).max()
+            assert np.max(np.abs(step - step_ref)) <= 1e-3 * np.max(np.abs(step_ref)) + ulp, \
+                (t, k)
+            assert _rel_err(new_p[k].numpy(), ref_params[k].numpy()) <= TOL
+            for group in ("mom", "rms", "v_row", "v_col", "v_diag"):
+                np.testing.assert_allclose(new_s[group][k].numpy(),
+                                           ref_state[group][k].numpy(), rtol=1e-5, atol=1e-12)
+        for k in keys:
+            np.testing.assert_allclose(new_s["lstm_hidden"][k].numpy(),
+                                       ref_state["lstm_hidden"][k].numpy(), atol=1e-4)
+        for n in ("means", "running_min"):
+            np.testing.assert_allclose(new_s["loss_buffer"][n].numpy(),
+                                       ref_state["loss_buffer"][n].numpy(), rtol=1e-6)
+        assert int(new_s["iteration"]) == int(ref_state["iteration"])
+    # Internals: float32 noise only. Loss features amplify last-bit differences of the
+    # buffer (README §3.2), hence their looser bound.
+    assert worst["lstm_input"] <= 1e-3 and worst["loss_features"] <= 1e-3, worst
+    for name in ("controls", "lr_mult", "next_lstm_hidden", "next_lstm_cell"):
+        assert worst[name] <= 1e-4, worst
+
+
+def test_init_matches_reference_state(golden, velo):
+    _, traj, states = golden
+    keys = _keys(traj)
+    params = {k: _t(traj[f"init/{k}"]) for k in keys}
+    state = velo.init(params, int(traj["num_steps"]))
+    ref, _ = _state_at(states, keys, 0)
+    for group in ("mom", "rms", "v_row", "v_col", "v_diag"):
+        for k in keys:
+            assert state[group][k].shape == ref[group][k].shape, (group, k)
+    for k in keys:
+        assert torch.equal(state["lstm_hidden"][k], ref["lstm_hidden"][k])
+    # decays: the reference's logspace/exp may differ from torch's in the last bit.
+    np.testing.assert_allclose(state["loss_buffer"]["decays"], ref["loss_buffer"]["decays"],
+                               rtol=1e-7)
+
+
+# -------------------------------------------------------------- (3) open-loop replay
+
+
+def _replay(lopt, traj, keys, n=None):
+    params = {k: _t(traj[f"init/{k}"]) for k in keys}
+    state = lopt.init(params, int(traj["num_steps"]))
+    out = []
+    for t in range(n or int(traj["num_steps"])):
+        grads = {k: _t(traj[f"grads/{k}"][t]) for k in keys}
+        with torch.no_grad():
+            params, state = lopt.update(grads, state, params, loss=_t(traj["losses"][t]))
+        out.append({k: v.clone() for k, v in params.items()})
+    return out, state
+
+
+def test_open_loop_replay_functional(golden, velo):
+    _, traj, _ = golden
+    keys = _keys(traj)
+    steps, _ = _replay(velo, traj, keys)
+    for t, params in enumerate(steps):
+        for k in keys:
+            assert _rel_err(params[k].numpy(), traj[f"traj/{k}"][t + 1]) <= TOL, (t, k)
+    # Stricter: the total movement agrees to 1e-3 of itself.
+    for k in keys:
+        move_ref = traj[f"traj/{k}"][-1] - traj[f"traj/{k}"][0]
+        move = steps[-1][k].numpy() - traj[f"traj/{k}"][0]
+        assert np.max(np.abs(move - move_ref)) <= 1e-3 * np.max(np.abs(move_ref)), k
+
+
+def _movement_error(lopt, traj, keys):
+    steps, state = _replay(lopt, traj, keys)
+    num = sum(float(np.sum((steps[-1][k].numpy() - traj[f"traj/{k}"][-1]) ** 2)) for k in keys)
+    den = sum(float(np.sum((traj[f"traj/{k}"][-1] - traj[f"traj/{k}"][0]) ** 2)) for k in keys)
+    return (num / den) ** 0.5, state
+
+
+def test_compatibility_flags_change_the_trajectory(golden):
+    """Both bug flags are implemented and the golden data tells them apart (README §1)."""
+    theta, traj, _ = golden
+    keys = _keys(traj)
+    bugged_lstm = VeLO.from_release(theta, {**GIN, "HyperV2.use_bugged_next_lstm_state": True})
+    err, state = _movement_error(bugged_lstm, traj, keys)
+    assert err > 0.3, err  # reference: ~104 % of the movement
+    init_h = bugged_lstm.lstm_init_hidden.detach()[0]
+    for k in keys:  # never carried forward
+        assert torch.equal(state["lstm_hidden"][k], init_h)
+    bugged_loss = VeLO.from_release(theta, {**GIN, "HyperV2.use_bugged_loss_features": True})
+    err, state = _movement_error(bugged_loss, traj, keys)
+    assert 0.03 < err < 0.5, err  # reference: ~12 %
+    np.testing.assert_allclose(state["loss_buffer"]["decays"][-1], np.exp(-1 / 10), rtol=1e-6)
+
+
+def _golden_release_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "velo_release"
+    folder.mkdir()
+    shutil.copy(GOLDEN / "velo_theta.msgpack", folder / "params")
+    shutil.copy(GOLDEN / "velo_config.gin", folder / "config.gin")
+    return folder
+
+
+_HAVE_CHECKPOINT = importlib.util.find_spec("metaopt.lopt.checkpoint") is not None
+_HAVE_SHELL = importlib.util.find_spec("metaopt.lopt.torch_optimizer") is not None
+
+
+@pytest.mark.skipif(not _HAVE_CHECKPOINT, reason="metaopt.lopt.checkpoint not available yet")
+def test_open_loop_replay_through_public_path(golden, tmp_path):
+    """``load_checkpoint(release_folder).optimizer(...)`` reproduces all 30 steps."""
+    from metaopt.lopt import load_checkpoint
+
+    theta, traj, _ = golden
+    keys = _keys(traj)
+    lopt = load_checkpoint(_golden_release_folder(tmp_path))
+    assert isinstance(lopt, VeLO)
+    assert lopt.use_bugged_loss_features is False and lopt.lstm_hidden_size == 512
+    back = lopt.release_params()
+    for key, ref in theta.items():  # the msgpack reader also gives every leaf exactly
+        assert np.array_equal(back[key], ref), key
+    tensors = [torch.nn.Parameter(_t(traj[f"init/{k}"])) for k in keys]  # sorted-key order
+    opt = lopt.optimizer(tensors, num_steps=int(traj["num_steps"]))
+    for t in range(int(traj["num_steps"])):
+        for k, p in zip(keys, tensors):
+            p.grad = _t(traj[f"grads/{k}"][t])
+        opt.step(loss=_t(traj["losses"][t]))
+        for k, p in zip(keys, tensors):
+            assert _rel_err(p.detach().numpy(), traj[f"traj/{k}"][t + 1]) <= TOL, (t, k)
+
+
+@pytest.mark.skipif(not _HAVE_SHELL, reason="metaopt.lopt.torch_optimizer not available yet")
+def test_shell_without_loss_is_a_clear_error():
+    lopt = VeLO(lstm_hidden_size=8, param_inits=4)
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    opt = lopt.optimizer([p], num_steps=10)
+    p.grad = torch.ones(3, 2)
+    with pytest.raises((ValueError, RuntimeError, TypeError), match=r"(?i)loss"):
+        opt.step()
+    opt.step(loss=torch.tensor(1.0))  # and with a loss it works
+    assert not torch.equal(p.detach(), torch.ones(3, 2))
+
+
+def test_functional_update_without_loss_is_a_clear_error():
+    lopt = VeLO(lstm_hidden_size=8, param_inits=4)
+    params = {"w": torch.ones(3, 2)}
+    state = lopt.init(params, 10)
+    with pytest.raises(ValueError, match="loss"):
+        lopt.update({"w": torch.ones(3, 2)}, state, params)
+
+
+# ---------------------------------------------------------------------- unit checks
+
+
+def test_factored_dims_conventions():
+    assert factored_dims((8, 4)) == (1, 0)
+    assert factored_dims((3, 3, 2, 4)) == (1, 3)
+    assert factored_dims((5, 5)) == (0, 1)
+    assert factored_dims((7,)) is None and factored_dims(()) is None
+
+
+def test_loss_features_zero_for_two_steps_then_bounded():
+    buf = loss_buffer_init(100)
+    for i, loss in enumerate([5.0, 4.0, 3.5, 3.0, 10.0, 2.0]):
+        buf = loss_buffer_update(buf, torch.tensor(loss))
+        feats = loss_buffer_features(buf)
+        assert feats.shape == (9,)
+        if i < 2:
+            assert torch.all(feats == 0)
+        assert torch.all(feats.abs() <= 1)
+    assert torch.any(feats != 0)
+
+
+def test_meta_gradient_flows_through_update():
+    """update is differentiable in the meta-parameters (for truncated BPTT)."""
+    torch.manual_seed(0)
+    lopt = VeLO(lstm_hidden_size=8, param_inits=4)
+    with torch.no_grad():
+        lopt.rnn_to_controls.weight.normal_()
+    params = {"b": torch.randn(5), "w": torch.randn(4, 3), "s": torch.randn(())}
+    state = lopt.init(params, 10)
+    for _ in range(2):
+        grads = {k: 2 * v for k, v in params.items()}
+        loss = sum((v ** 2).sum() for v in params.values())
+        params, state = lopt.update(grads, state, params, loss=loss.detach())
+    out = sum((v ** 2).sum() for v in params.values())
+    out.backward()
+    assert lopt.step_size.weight.grad is not None
+    assert float(lopt.step_size.weight.grad.abs().sum()) > 0
+    assert float(lopt.ff_weights[0].grad.abs().sum()) > 0
+    assert params["s"].shape == ()
+
+
+def test_scalar_and_mixed_dtype_tensors_keep_shape_and_dtype():
+    lopt = VeLO(lstm_hidden_size=8, param_inits=4)
+    params = {"s": torch.tensor(1.5), "h": torch.ones(4, dtype=torch.float64),
+              "w": torch.ones(2, 3, 4)}
+    state = lopt.init(params, 5)
+    grads = {k: torch.full_like(v, 0.1) for k, v in params.items()}
+    new_p, _ = lopt.update(grads, state, params, loss=1.0)
+    for k, v in params.items():
+        assert new_p[k].shape == v.shape and new_p[k].dtype == v.dtype
