@@ -93,11 +93,11 @@ def test_task_batch_rejects_mismatched_shapes():
     x, y = torch.zeros(2, 5, 3), torch.zeros(2, 5, 1)
     with pytest.raises(ValueError, match="support_x has 5 examples per task but support_y"):
         TaskBatch(x, torch.zeros(2, 4, 1), x, y)
-    with pytest.raises(ValueError, match="support_x features .* differ from query_x"):
+    with pytest.raises(ValueError, match=r"support_x features .* differ from query_x"):
         TaskBatch(x, y, torch.zeros(2, 5, 4), y)
     with pytest.raises(ValueError, match="task axis"):
         TaskBatch(x, y, torch.zeros(3, 5, 3), torch.zeros(3, 5, 1))
-    with pytest.raises(ValueError, match="query_y has labels outside 0..2"):
+    with pytest.raises(ValueError, match=r"query_y has labels outside 0\.\.2"):
         TaskBatch(x, torch.zeros(2, 5, dtype=torch.long), x,
                   torch.full((2, 5), 3, dtype=torch.long), num_classes=3)
 
