@@ -373,8 +373,11 @@ class _ValueParser:
 
     def value(self) -> Any:
         kind, text = self.take()
-        if kind == "str":
-            return ast.literal_eval(text)
+        if kind == "str":  # adjacent literals concatenate, as in Python
+            value = ast.literal_eval(text)
+            while self.peek()[0] == "str":
+                value = value + ast.literal_eval(self.take()[1])
+            return value
         if kind == "num":
             return ast.literal_eval(text) if text not in ("inf", "nan") else float(text)
         if kind == "name":
