@@ -1,0 +1,40 @@
+"""The MAML family on any unmodified ``nn.Module``.
+
+Every algorithm has the same face::
+
+    from metaopt.algorithms import MAML
+    maml = MAML(model, inner_lr=0.4, inner_steps=1, first_order=False)  # any nn.Module
+    loss = maml.meta_loss(support_x, support_y, query_x, query_y, loss_fn)
+    loss.backward()                      # meta-gradients land in model's .grad
+    adapted = maml.adapt(x, y, loss_fn)  # adapted parameters (a name → tensor dict)
+    logits = maml.predict(adapted, x_test)
+
+* ``support_x, support_y, query_x, query_y`` carry a leading task axis:
+  ``(tasks, examples, ...)``. ``loss_fn(predictions, targets)`` returns a scalar
+  (``F.cross_entropy``, ``F.mse_loss``, …).
+* ``meta_loss`` returns the mean query loss over tasks. The meta-gradient is
+  computed inside ``meta_loss`` task by task (so only one task's graph is alive at
+  a time) and ``backward()`` on the returned scalar deposits it into ``.grad``;
+  it does not support differentiating twice. Under ``torch.no_grad()`` it only
+  evaluates (inner steps still take gradients). ``last_task_losses`` holds the
+  per-task query losses.
+* ``adapt(x, y, loss_fn, steps=None)`` takes one task without the task axis and
+  returns detached adapted parameters (``differentiable=True`` keeps the graph).
+* The algorithm objects are ``nn.Module`` s wrapping the model: give
+  ``algo.parameters()`` to the outer optimizer (that includes Meta-SGD's learned
+  learning rates).
+* ``strategy="auto" | "loop" | "vmap"``: how the meta-batch runs. ``auto`` times
+  both on the first meta-batch of each shape and keeps the faster; a model vmap
+  cannot handle falls back to the loop with a warning.
+* BatchNorm: in training mode every support/query set is normalised with its own
+  batch statistics and running statistics are never updated by the algorithms;
+  in eval mode running statistics are used (read-only). See ``_model``.
+
+Algorithms: :class:`MAML`, :class:`FOMAML` (= ``MAML(first_order=True)``),
+:class:`ANIL`, :class:`MetaSGD`, :class:`Reptile`, :class:`iMAML`.
+"""
+
+from metaopt.algorithms.base import LossFn, MetaLearner
+from metaopt.algorithms.maml import FOMAML, MAML
+
+__all__ = ["FOMAML", "MAML", "LossFn", "MetaLearner"]

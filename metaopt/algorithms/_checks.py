@@ -1,0 +1,102 @@
+"""Input checks for meta-batches: clear errors that name the offending tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_labels", "check_meta_batch", "check_task"]
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _require_tensor(t: object, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_meta_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor | None,
+                     query_y: Tensor | None) -> int:
+    """Validate ``(tasks, examples, ...)`` tensors; return the number of tasks.
+
+    Every tensor needs a leading task axis and an example axis; x and y of one set
+    agree on both; support and query agree on the number of tasks and on the
+    per-example feature shape of x.
+    """
+    named = [("support_x", support_x), ("support_y", support_y)]
+    if query_x is not None or query_y is not None:
+        named += [("query_x", query_x), ("query_y", query_y)]
+    for name, t in named:
+        _require_tensor(t, name)
+        if t.dim() < 2:
+            raise ValueError(
+                f"{name} has shape {_shape(t)}: expected a leading task axis "
+                f"(tasks, examples, ...); for a single task use x.unsqueeze(0)")
+    tasks = support_x.shape[0]
+    for name, t in named:
+        if t.shape[0] != tasks:
+            raise ValueError(f"{name} has {t.shape[0]} tasks (shape {_shape(t)}) but "
+                             f"support_x has {tasks} (shape {_shape(support_x)})")
+    if tasks == 0:
+        raise ValueError("support_x has no tasks (task axis of size 0)")
+    pairs = [("support", support_x, support_y)]
+    if query_x is not None:
+        pairs.append(("query", query_x, query_y))
+    for which, x, y in pairs:
+        if x.shape[1] != y.shape[1]:
+            raise ValueError(f"{which}_x has {x.shape[1]} examples per task (shape "
+                             f"{_shape(x)}) but {which}_y has {y.shape[1]} (shape {_shape(y)})")
+        if x.shape[1] == 0:
+            raise ValueError(f"{which}_x has no examples (shape {_shape(x)})")
+        if not x.is_floating_point():
+            raise TypeError(f"{which}_x has dtype {x.dtype}; inputs must be floating point")
+    if query_x is not None and support_x.shape[2:] != query_x.shape[2:]:
+        raise ValueError(f"support_x examples have shape {_shape(support_x)[2:]} but query_x "
+                         f"examples have shape {_shape(query_x)[2:]}")
+    if query_y is not None and support_y.shape[2:] != query_y.shape[2:]:
+        raise ValueError(f"support_y targets have shape {_shape(support_y)[2:]} but query_y "
+                         f"targets have shape {_shape(query_y)[2:]}")
+    return tasks
+
+
+def check_task(x: Tensor, y: Tensor, names: tuple[str, str] = ("x", "y")) -> None:
+    """Validate one task's ``(examples, ...)`` inputs and targets."""
+    _require_tensor(x, names[0])
+    _require_tensor(y, names[1])
+    if x.dim() < 1 or y.dim() < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{names[0]} has shape {_shape(x)} and {names[1]} has shape "
+                         f"{_shape(y)}: they must agree on the leading (examples) axis")
+    if x.shape[0] == 0:
+        raise ValueError(f"{names[0]} has no examples (shape {_shape(x)})")
+
+
+def check_labels(forward: Callable[[Tensor], Tensor], example: Tensor,
+                 labels: list[tuple[str, Tensor]], cache: dict) -> None:
+    """Integer labels must lie in ``[0, classes)`` for the model's output width.
+
+    The width is found once per input shape with one forward pass on a single
+    example (cached), so mistakes like 5-way labels on a 4-output head or labels
+    that were never remapped to ``0..N-1`` fail here with the tensor named instead
+    of deep inside ``cross_entropy`` (or not at all).
+    """
+    int_labels = [(n, y) for n, y in labels if not y.is_floating_point() and not y.is_complex()]
+    if not int_labels:
+        return
+    key = (tuple(example.shape), example.dtype, example.device)
+    if key not in cache:
+        with torch.no_grad():
+            out = forward(example)
+        cache[key] = out.shape[-1] if out.dim() >= 1 else None
+    classes = cache[key]
+    for name, y in int_labels:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0:
+            raise ValueError(f"{name} contains label {lo}; class labels must be >= 0")
+        if classes is not None and hi >= classes:
+            raise ValueError(f"{name} contains label {hi} but the model outputs {classes} "
+                             f"classes (labels must be in [0, {classes - 1}])")
