@@ -110,6 +110,8 @@ _UNSUPPORTED = {
     "with_grad_clip_feat": True, "with_fac_mom_mult": True, "with_rms_only_norm_g": True,
     "adafactor_accumulator": True, "precondition_output": False, "constant_loss": False,
     "clip_param_scale_amount": None,
+    # MuHyperV2 (μLO) extras.
+    "interp_mult": 100.0, "identity_lstm_controls": False, "identity_lr_mult": False,
 }
 #: Arguments that only change logging or nothing at all in the reference.
 _IGNORED = {"summarize_each_layer", "summarize_all_control", "reparam_decay"}

@@ -35,6 +35,15 @@ GIN = {"HyperV2.lstm_hidden_size": 512, "HyperV2.param_inits": 256,
 TOL = 1e-5  # max |Δθ| / (1 + |θ|), float32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread avoids spin-waiting on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def golden():
     """(theta as ``/``-joined leaves read from the msgpack, trajectory, states)."""
