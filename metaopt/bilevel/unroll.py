@@ -114,7 +114,7 @@ def _unflatten_state(like: Any, values: list[Tensor]) -> Any:
 
 def _check_step(loss: Tensor, theta: Params, step: int) -> None:
     if not bool(torch.isfinite(loss)):
-        raise NonFiniteError(f"inner loss is {float(loss)} at inner step {step}")
+        raise NonFiniteError(f"inner loss is {float(loss.detach())} at inner step {step}")
     if not theta:
         return
     total = torch.stack([v.detach().sum() for v in theta.values()]).sum()
