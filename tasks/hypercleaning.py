@@ -15,6 +15,11 @@ always wrong. ``is_clean`` records which labels survived (the ground truth that
 (the corruption uses its own generator, seeded ``seed + 1``), so two calls with the
 same arguments return identical tensors.
 
+Features are centred by the mean training image (``center=True``, the default;
+computed from the training images only, no labels), which lowers the largest
+eigenvalue of the feature covariance from ≈38 to ≈5 so full-batch gradient descent on
+the logistic regression can use a step of 1.
+
 The metric :func:`clean_f1` is the F1 score of identifying clean training samples
 by ``σ(w_i) > threshold`` (default 0.5), with "clean" as the positive class.
 """
@@ -107,7 +112,7 @@ class HyperCleaningData:
 
 
 def make_hypercleaning(p: float, seed: int = 0, sizes: tuple[int, int, int] = (2000, 1000, 2000),
-                       *, dtype: torch.dtype = torch.float32,
+                       *, center: bool = True, dtype: torch.dtype = torch.float32,
                        device: torch.device | str | None = None) -> HyperCleaningData:
     """The hyper-cleaning data for corruption rate ``p`` and ``seed`` (see module doc)."""
     if len(sizes) != 3 or any(s <= 0 for s in sizes):
@@ -116,9 +121,13 @@ def make_hypercleaning(p: float, seed: int = 0, sizes: tuple[int, int, int] = (2
     train_idx, val_idx, test_idx = stratified_split(y, tuple(sizes), seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     y_noisy, is_clean = corrupt_labels(y[train_idx], p, gen)
+    x_train, x_val, x_test = x[train_idx], x[val_idx], x[test_idx]
+    if center:
+        mean = x_train.mean(0)
+        x_train, x_val, x_test = x_train - mean, x_val - mean, x_test - mean
     data = HyperCleaningData(
-        x_train=x[train_idx], y_train=y_noisy, y_train_true=y[train_idx], is_clean=is_clean,
-        x_val=x[val_idx], y_val=y[val_idx], x_test=x[test_idx], y_test=y[test_idx],
+        x_train=x_train, y_train=y_noisy, y_train_true=y[train_idx], is_clean=is_clean,
+        x_val=x_val, y_val=y[val_idx], x_test=x_test, y_test=y[test_idx],
         p=float(p), seed=int(seed))
     return data.to(device=device, dtype=dtype)
 

@@ -192,10 +192,10 @@ def test_mlti_beta_moments_and_determinism():
     # Beta(α, α): mean 1/2, variance 1 / (4 (2α + 1)); checked through the Gamma sampler.
     g = torch.Generator().manual_seed(0)
     for alpha in (0.5, 2.0):
-        a, b = _standard_gamma(alpha, 40000, g), _standard_gamma(alpha, 40000, g)
-        assert abs(float(a.mean()) - alpha) < 0.03  # Gamma(α, 1) has mean α
+        a, b = _standard_gamma(alpha, 10000, g), _standard_gamma(alpha, 10000, g)
+        assert abs(float(a.mean()) - alpha) < 0.05  # Gamma(α, 1): mean α, s.e. √(α/n)
         lam = a / (a + b)
-        assert abs(float(lam.mean()) - 0.5) < 0.01
+        assert abs(float(lam.mean()) - 0.5) < 0.015
         assert abs(float(lam.var()) - 1 / (4 * (2 * alpha + 1))) < 0.01
     data = indexed_dataset()
     s1 = EpisodeSampler(data, n_way=2, k_shot=1, q_query=1, seed=3, augment=MLTI())
