@@ -30,7 +30,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metaopt`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow options (`train CFG --run-dir D a.b=1`).
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from metaopt.runner.checkpoint import CheckpointError
     from metaopt.runner.config import ConfigError
     from metaopt.runner.rundir import RunDirError
