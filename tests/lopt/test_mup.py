@@ -15,6 +15,15 @@ from metaopt.lopt.mup import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small matmuls: one thread avoids spin-waiting on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_infer_kinds_and_multipliers():
     base = {"inp.weight": (64, 10), "inp.bias": (64,), "hid.weight": (64, 64),
             "out.weight": (5, 64), "out.bias": (5,)}
