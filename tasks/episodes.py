@@ -3,15 +3,16 @@
 One call draws a whole meta-batch with tensor ops only — no Python loop over tasks or
 images:
 
-1. per task, ``N`` distinct classes of the split: the first ``N`` of a random permutation
-   (``argsort`` of uniform keys, one row per task);
+1. per task, ``N`` distinct classes of the split: the ``N`` largest of uniform keys
+   (``topk``, one row per task — a uniformly random ``N``-subset in random order);
 2. per chosen class, ``K + Q`` distinct examples: the ``K + Q`` smallest uniform keys over
    a padded ``[classes, max_examples]`` index table (padding gets key 2, never chosen);
 3. one gather ``images[index]`` of shape ``[B, N, K + Q, ...]``, split into support/query.
 
 Episode label ``j`` is the ``j``-th chosen class (labels remapped to ``0..N-1``); examples
 are class-major: ``support_y[b] = [0]*K + [1]*K + … + [N-1]*K``. ``TaskBatch.classes``
-keeps the original class ids. ``uint8`` images are scaled to ``[0, 1]`` floats.
+keeps the original class ids. ``uint8`` images are scaled to ``[0, 1]`` floats (once, at
+construction, for the split's images when that copy fits in 1 GiB; else per meta-batch).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from tasks.batch import TaskBatch
 from tasks.dataset import LabelledDataset
 
 __all__ = ["Augmentation", "EpisodeSampler", "compose"]
+
+#: A split whose images, converted to the sampler's dtype, need at most this many bytes
+#: is converted once at construction instead of per meta-batch.
+_PRECONVERT = 1 << 30
 
 #: A task-augmentation hook: ``(meta_batch, generator) -> meta_batch`` (e.g. :class:`MLTI`).
 Augmentation = Callable[[TaskBatch, torch.Generator], TaskBatch]
@@ -79,6 +84,16 @@ class EpisodeSampler:
                 f"{int(self.counts[i])} examples; {k_shot}-shot {q_query}-query episodes need "
                 f"{need} per class ({short.numel()} classes of the {split_name} split are short)")
         self._uniform_counts = bool((self.counts == self.counts[0]).all())
+        self._feature = tuple(dataset.images.shape[1:])
+        # Rows this split can draw; a converted copy of just those when it is small enough.
+        self._images, self._row_of = dataset.images, None
+        members = torch.unique(self.table)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_row = dataset.images[:1].numel() * itemsize
+        if dataset.images.dtype != dtype and members.numel() * per_row <= _PRECONVERT:
+            self._images = self._gather(members)
+            self._row_of = torch.full((len(dataset),), -1, dtype=torch.long)
+            self._row_of[members] = torch.arange(members.numel())
         self.generator = torch.Generator().manual_seed(seed)
 
     def __repr__(self) -> str:
@@ -94,7 +109,7 @@ class EpisodeSampler:
         g = self.generator if generator is None else generator
         b, n, m = batch_size, self.n_way, self.k_shot + self.q_query
         c, width = self.table.shape
-        chosen = torch.rand(b, c, generator=g).argsort(dim=1)[:, :n]
+        chosen = torch.rand(b, c, generator=g).topk(n, dim=1).indices  # uniform N-subset
         keys = torch.rand(b, n, width, generator=g)
         if not self._uniform_counts:
             pad = torch.arange(width) >= self.counts[chosen][..., None]
@@ -107,17 +122,22 @@ class EpisodeSampler:
         g = self.generator if generator is None else generator
         chosen, index = self.sample_indices(batch_size, g)
         b, n, k, q = batch_size, self.n_way, self.k_shot, self.q_query
-        x = self.dataset.images[index]
-        x = x.to(self.dtype) / 255 if x.dtype == torch.uint8 else x.to(self.dtype)
-        feature = x.shape[3:]
         labels = torch.arange(n)
         batch = TaskBatch(
-            support_x=x[:, :, :k].reshape(b, n * k, *feature),
-            support_y=labels.repeat_interleave(k).expand(b, n * k),
-            query_x=x[:, :, k:].reshape(b, n * q, *feature),
-            query_y=labels.repeat_interleave(q).expand(b, n * q),
+            support_x=self._gather(index[:, :, :k]).reshape(b, n * k, *self._feature),
+            support_y=labels.repeat_interleave(k).expand(b, n * k).contiguous(),
+            query_x=self._gather(index[:, :, k:]).reshape(b, n * q, *self._feature),
+            query_y=labels.repeat_interleave(q).expand(b, n * q).contiguous(),
             num_classes=n, classes=self.classes[chosen])
         return batch if self.augment is None else self.augment(batch, g)
+
+    def _gather(self, index: Tensor) -> Tensor:
+        """Images at dataset indices ``index`` (flattened), as ``self.dtype``."""
+        index = index.flatten() if self._row_of is None else self._row_of[index.flatten()]
+        x = self._images.index_select(0, index)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype).div_(255) if x.dtype == torch.uint8 else x.to(self.dtype)
+        return x
 
     def state_dict(self) -> dict[str, Tensor]:
         """Generator state, so a resumed run continues the same episode stream."""

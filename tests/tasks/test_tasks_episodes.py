@@ -209,3 +209,31 @@ def test_interpolate_tasks_checks_shapes():
         interpolate_tasks(batch, torch.zeros(2, dtype=torch.long), torch.ones(3))
     with pytest.raises(ValueError, match="alpha"):
         MLTI(alpha=0.0)
+
+
+def test_preconverted_and_per_batch_conversion_agree(monkeypatch):
+    import tasks.episodes as episodes
+
+    labels = torch.arange(5).repeat_interleave(4)
+    images = torch.randint(0, 256, (20, 1, 3, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    data = LabelledDataset(images, labels, tuple("abcde"))
+    fast = EpisodeSampler(data, [0, 1, 3, 4], n_way=3, k_shot=2, q_query=1, seed=4)
+    monkeypatch.setattr(episodes, "_PRECONVERT", 0)
+    slow = EpisodeSampler(data, [0, 1, 3, 4], n_way=3, k_shot=2, q_query=1, seed=4)
+    assert slow._row_of is None and fast._row_of is not None
+    a, b = fast.sample(6), slow.sample(6)
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_x, b.query_x)
+    _, index = EpisodeSampler(data, [0, 1, 3, 4], n_way=3, k_shot=2, q_query=1,
+                              seed=4).sample_indices(6)
+    torch.testing.assert_close(a.support_x, images[index[:, :, :2]].reshape(6, 6, 1, 3, 3)
+                               .float() / 255)
+
+
+def test_task_batch_to_and_iteration():
+    batch = EpisodeSampler(indexed_dataset(), n_way=2, k_shot=1, q_query=2).sample(3)
+    half = batch.to(torch.float64)
+    assert half.support_x.dtype == torch.float64 and half.support_y.dtype == torch.long
+    tasks = list(batch.tasks())
+    assert len(tasks) == 3 and tasks[1].query_x.shape == (4, 2, 3)
+    assert torch.equal(tasks[2].support_y, batch.support_y[2])
