@@ -14,7 +14,8 @@ Few-shot classification over any labelled tensors
     :class:`LabelledDataset` (images, integer labels, class names, groups, splits),
     :class:`ClassSplits` and :func:`split_classes` / :func:`split_classes_by_group`;
     :class:`EpisodeSampler` — vectorised N-way K-shot episodes, labels remapped to
-    ``0..N-1``, optional ``augment`` hook; :class:`MLTI` — task interpolation hook.
+    ``0..N-1``, optional ``augment`` hook; :class:`MLTI` — task interpolation hook;
+    :func:`rotate_classes` — rotated copies as new classes (same split).
 
 Offline datasets
     :func:`glyph_dataset` — ~1.5k letters of 15 scripts rendered from matplotlib's fonts
@@ -36,6 +37,7 @@ from tasks.glyphs import SCRIPT_SPLITS, SCRIPTS, glyph_dataset
 from tasks.linear_mixture import LinearMixtureTasks
 from tasks.mlti import MLTI, interpolate_tasks
 from tasks.omniglot import omniglot_dataset
+from tasks.rotations import rotate_classes
 from tasks.sinusoid import SinusoidTasks, sinusoid
 from tasks.splits import split_classes, split_classes_by_group, stratified_split
 
@@ -64,6 +66,7 @@ __all__ = [
     "mnist_split",
     "omniglot_dataset",
     "omniglot_episodes",
+    "rotate_classes",
     "sinusoid",
     "split_classes",
     "split_classes_by_group",

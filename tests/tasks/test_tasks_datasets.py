@@ -148,8 +148,9 @@ def make_omniglot(root: Path, drawers: int = 4) -> list[tuple[int, int]]:
 
 
 def test_omniglot_loader_on_generated_folders(tmp_path):
-    corners = make_omniglot(tmp_path)
-    data = omniglot_dataset(tmp_path, image_size=28, val_alphabets=1, seed=0)
+    corners = make_omniglot(tmp_path / "omniglot")
+    data = omniglot_dataset(tmp_path / "omniglot", image_size=28, val_alphabets=1, seed=0,
+                            cache=False)
     assert data.num_classes == 9 and len(data) == 36
     assert data.images.shape == (36, 1, 28, 28) and data.images.dtype == torch.uint8
     assert data.class_names[0] == "images_background/Alpha/character01"
@@ -169,6 +170,30 @@ def test_omniglot_loader_on_generated_folders(tmp_path):
         assert img.mean() < 60  # mostly dark background after inversion
     batch = EpisodeSampler(data, "train", n_way=2, k_shot=1, q_query=3).sample(3)
     assert batch.query_x.shape == (3, 6, 1, 28, 28)
+
+
+def test_omniglot_cache_reused_and_invalidated(tmp_path, monkeypatch):
+    import tasks.omniglot as omniglot
+
+    root, cache = tmp_path / "omniglot", tmp_path / "cache"
+    make_omniglot(root, drawers=2)
+    first = omniglot_dataset(root, cache_root=cache)
+    real_load = omniglot._load_png
+
+    def fail(*args, **kwargs):
+        raise AssertionError("should have loaded from the cache")
+
+    monkeypatch.setattr(omniglot, "_load_png", fail)
+    again = omniglot_dataset(root, cache_root=cache)
+    assert torch.equal(again.images, first.images) and again.class_names == first.class_names
+    # a new file changes the fingerprint → decoded again
+    from PIL import Image
+
+    Image.new("L", (105, 105), 255).save(root / "images_evaluation/Delta/character01/x.png")
+    with pytest.raises(AssertionError, match="cache"):
+        omniglot_dataset(root, cache_root=cache)
+    monkeypatch.setattr(omniglot, "_load_png", real_load)
+    assert len(omniglot_dataset(root, cache_root=cache)) == len(first) + 1
 
 
 def test_omniglot_errors(tmp_path):
@@ -224,3 +249,21 @@ def test_stratified_split_unbalanced():
     assert torch.bincount(labels[b], minlength=3).tolist() == [12, 6, 2]
     with pytest.raises(ValueError, match="need 120 examples"):
         stratified_split(labels, (100, 20))
+
+
+def test_rotate_classes_makes_new_classes_in_the_same_split():
+    from tasks import rotate_classes
+
+    base = digits_dataset()
+    rot = rotate_classes(base)
+    assert rot.num_classes == 40 and len(rot) == 4 * len(base)
+    c, n = base.num_classes, len(base)
+    # example i of angle index 1 is example i rotated 90° counter-clockwise, class + C
+    assert torch.equal(rot.images[n + 7], torch.rot90(base.images[7], 1, dims=(-2, -1)))
+    assert int(rot.labels[n + 7]) == int(base.labels[7]) + c
+    assert rot.class_names[c + 3] == "3@90"
+    for split in ("train", "val", "test"):
+        expected = {cls + a * c for a in range(4) for cls in base.splits[split]}
+        assert set(rot.splits[split]) == expected
+    with pytest.raises(ValueError, match="multiples of 90"):
+        rotate_classes(base, (0, 45))
