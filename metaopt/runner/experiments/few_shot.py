@@ -10,7 +10,7 @@ iMAML. A meta-step, top to bottom::
 
 This module also holds what the sinusoid experiment shares with it:
 :class:`MetaLearningSettings` (the algorithm and its inner/outer settings) and
-:class:`MetaLearner` (an algorithm on a model plus its outer optimizer, with exact
+:class:`MetaTrainer` (an algorithm on a model plus its outer optimizer, with exact
 ``state_dict`` round trips).
 
 The network is the standard 4-block conv net of the MAML paper (3×3 conv → BatchNorm
@@ -22,7 +22,8 @@ reference code does, so the model has no buffers to adapt or checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,8 +45,8 @@ __all__ = [
     "ConvNet",
     "FewShotClassification",
     "FewShotSettings",
-    "MetaLearner",
     "MetaLearningSettings",
+    "MetaTrainer",
     "build_algorithm",
 ]
 
@@ -73,6 +74,9 @@ class MetaLearningSettings(ExperimentConfig):
             with the same ``eval_seed``) sees the same ones.
         imaml_lambda: iMAML's proximal regularisation strength.
         imaml_cg_steps: iMAML's conjugate-gradient iterations.
+        strategy: how the learner runs a meta-batch: ``loop`` over tasks or ``vmap``.
+            ``auto`` times both once and picks the faster — quicker, but the choice
+            (and so the last bits of the numbers) may differ between runs.
     """
 
     algorithm: AlgorithmName = "maml"
@@ -85,6 +89,7 @@ class MetaLearningSettings(ExperimentConfig):
     eval_seed: int = 1_000_003
     imaml_lambda: float = 1.0
     imaml_cg_steps: int = 5
+    strategy: Literal["loop", "vmap", "auto"] = "loop"
 
     def __post_init__(self) -> None:
         if self.inner_lr <= 0 or self.outer_lr <= 0:
@@ -101,67 +106,72 @@ class MetaLearningSettings(ExperimentConfig):
 
 
 def build_algorithm(name: str, model: nn.Module, settings: MetaLearningSettings, *,
-                    head: str, inner_steps: int | None = None) -> Any:
-    """The :mod:`metaopt.algorithms` object for ``name`` on ``model``.
+                    head: str) -> Any:
+    """The :mod:`metaopt.algorithms` learner called ``name`` wrapping ``model``.
 
     ``head`` is the name prefix of the output layer's parameters (ANIL adapts only
-    those). ``inner_steps`` overrides the training value (evaluation adapts longer).
+    those). The execution strategy is fixed by ``settings.strategy`` rather than timed,
+    so that two runs with one seed compute bit-identical numbers.
     """
     from metaopt import algorithms
 
-    steps = settings.inner_steps if inner_steps is None else inner_steps
-    lr = settings.inner_lr
+    common = dict(inner_lr=settings.inner_lr, inner_steps=settings.inner_steps,
+                  strategy=settings.strategy)
     if name == "maml":
-        return algorithms.MAML(model, inner_lr=lr, inner_steps=steps, first_order=False)
+        return algorithms.MAML(model, first_order=False, **common)
     if name == "fomaml":
-        return algorithms.FOMAML(model, inner_lr=lr, inner_steps=steps)
+        return algorithms.FOMAML(model, **common)
     if name == "anil":
-        return algorithms.ANIL(model, inner_lr=lr, inner_steps=steps, head=head)
+        # ANIL is MAML whose inner loop adapts only the head (``inner_params``).
+        head_params = [k for k, _ in model.named_parameters() if k.startswith(head + ".")]
+        return algorithms.MAML(model, first_order=False, inner_params=head_params, **common)
     if name == "metasgd":
-        return algorithms.MetaSGD(model, inner_lr=lr, inner_steps=steps)
+        return algorithms.MetaSGD(model, **common)
     if name == "reptile":
-        return algorithms.Reptile(model, inner_lr=lr, inner_steps=steps)
+        return algorithms.Reptile(model, **common)
     if name == "imaml":
-        return algorithms.IMAML(model, inner_lr=lr, inner_steps=steps,
-                                lam=settings.imaml_lambda, cg_steps=settings.imaml_cg_steps)
+        return algorithms.iMAML(model, lam=settings.imaml_lambda,
+                                cg_steps=settings.imaml_cg_steps, **common)
     raise ValueError(f"unknown algorithm '{name}'; choose one of {', '.join(ALGORITHMS)}")
 
 
-class MetaLearner:
-    """An algorithm on a model plus the Adam outer optimizer of its meta-parameters.
+class MetaTrainer:
+    """A :mod:`metaopt.algorithms` learner plus the Adam outer optimizer of its φ.
 
-    The meta-parameters are the model's parameters and any the algorithm learns on
-    top (Meta-SGD's per-parameter inner rates). The outer optimizer is metaopt's
-    functional Adam (the ``torch.optim.Adam`` rule), whose state has a fixed
-    structure from step 0 — which is what exact checkpoint round trips need.
+    φ is whatever the learner meta-learns (``outer_parameters()``): the model's
+    parameters and, for Meta-SGD, its per-parameter inner rates. The outer optimizer
+    is metaopt's functional Adam (the ``torch.optim.Adam`` rule), whose state has a
+    fixed structure from step 0 — which is what exact checkpoint round trips need.
     """
 
     def __init__(self, model: nn.Module, settings: MetaLearningSettings, *, head: str,
                  algorithm: str | None = None) -> None:
         self.model = model
         self.settings = settings
-        self.head = head
         self.algorithm_name = algorithm or settings.algorithm
-        self.algorithm = build_algorithm(self.algorithm_name, model, settings, head=head)
-        self.meta_parameters = _meta_parameters(model, self.algorithm)
+        self.learner = build_algorithm(self.algorithm_name, model, settings, head=head)
+        self.meta_parameters: dict[str, Tensor] = dict(self.learner.outer_parameters())
         self.optimizer = adam(settings.outer_lr)
         self.opt_state = self.optimizer.init(_detached(self.meta_parameters))
-        self._eval_algorithms: dict[int, Any] = {}
 
     # ----------------------------------------------------------------- training
 
     def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                   query_y: Tensor, loss_fn: LossFn) -> float:
         """One outer step on a meta-batch; returns the meta-loss before the update."""
-        for p in self.meta_parameters.values():
-            p.grad = None
-        loss = self.algorithm.meta_loss(support_x, support_y, query_x, query_y, loss_fn)
+        self.zero_grad()
+        loss = self.learner.meta_loss(support_x, support_y, query_x, query_y, loss_fn)
         loss.backward()
         self.apply_gradients()
         return float(loss.detach())
 
+    def zero_grad(self) -> None:
+        """Clear the ``.grad`` of every meta-parameter."""
+        for p in self.meta_parameters.values():
+            p.grad = None
+
     def apply_gradients(self) -> None:
-        """Adam-update every meta-parameter from its ``.grad`` (missing grads count as 0)."""
+        """Adam-update every meta-parameter from its ``.grad`` (a missing grad counts as 0)."""
         params = _detached(self.meta_parameters)
         grads = {k: torch.zeros_like(p) if p.grad is None else p.grad.detach()
                  for k, p in self.meta_parameters.items()}
@@ -170,29 +180,51 @@ class MetaLearner:
             new = apply_updates(params, updates)
             for k, p in self.meta_parameters.items():
                 p.copy_(new[k])
-                p.grad = None
+        self.zero_grad()
 
     # ----------------------------------------------------------------- adaptation
 
     def adapt(self, x: Tensor, y: Tensor, loss_fn: LossFn, steps: int) -> dict[str, Tensor]:
         """Parameters after ``steps`` inner steps on one task's ``(x, y)`` (no task axis)."""
-        if steps == 0:
-            return {k: v.detach() for k, v in self.model.named_parameters()}
-        algo = self._eval_algorithms.get(steps)
-        if algo is None:
-            algo = self.algorithm if steps == self.settings.inner_steps else build_algorithm(
-                self.algorithm_name, self.model, self.settings, head=self.head,
-                inner_steps=steps)
-            if algo is not self.algorithm:
-                _share_learned_state(self.algorithm, algo)
-            self._eval_algorithms[steps] = algo
-        adapted = algo.adapt(x, y, loss_fn)
-        return {k: v.detach() for k, v in adapted.items()}
+        return self.learner.adapt(x, y, loss_fn, steps=steps)
+
+    def adapt_path(self, x: Tensor, y: Tensor, loss_fn: LossFn,
+                   steps: list[int]) -> dict[int, dict[str, Tensor]]:
+        """Adapted parameters after each of ``steps`` inner steps on one task.
+
+        For plain-SGD MAML/FOMAML the path is walked once, one step at a time from the
+        previous point (adaptation there is memoryless); other algorithms adapt from
+        scratch for each count, which is always correct (iMAML, for one, anchors every
+        step to the meta-parameters).
+        """
+        from metaopt import algorithms
+
+        wanted = sorted(set(steps))
+        memoryless = (type(self.learner) in (algorithms.MAML, algorithms.FOMAML)
+                      and self.learner.inner_optimizer is None)
+        if not memoryless:
+            return {s: self.adapt(x, y, loss_fn, s) for s in wanted}
+        out: dict[int, dict[str, Tensor]] = {}
+        params = {k: v.detach() for k, v in self.learner.outer_parameters().items()}
+        done = 0
+        with torch.no_grad():
+            for s in wanted:
+                if s > done:
+                    params = {k: v.detach() for k, v in self.learner.adapt_task(
+                        params, x, y, loss_fn, s - done).items()}
+                    done = s
+                out[s] = params
+        return out
+
+    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Model output on ``x`` with (adapted) ``params``, without autograd."""
+        with torch.no_grad():
+            return self.learner.predict(params, x)
 
     # ----------------------------------------------------------------- state
 
     def state_dict(self) -> StateDict:
-        """Meta-parameters and outer optimizer state, as tensors (cloned)."""
+        """Meta-parameters and outer optimizer state, as cloned tensors."""
         return {"params": {k: p.detach().clone() for k, p in self.meta_parameters.items()},
                 "optimizer": _clone_tree(self.opt_state)}
 
@@ -202,34 +234,6 @@ class MetaLearner:
             for k, p in self.meta_parameters.items():
                 p.copy_(state["params"][k])
         self.opt_state = _clone_tree(state["optimizer"])
-
-
-def _meta_parameters(model: nn.Module, algorithm: Any) -> dict[str, Tensor]:
-    """Model parameters (``model.<name>``) plus the algorithm's own learned tensors."""
-    out = {f"model.{k}": p for k, p in model.named_parameters()}
-    seen = {id(p) for p in out.values()}
-    extra: Iterator[tuple[str, Tensor]]
-    if hasattr(algorithm, "named_meta_parameters"):
-        extra = iter(algorithm.named_meta_parameters())
-    elif isinstance(algorithm, nn.Module):
-        extra = iter(algorithm.named_parameters())
-    else:
-        extra = iter(())
-    for k, p in extra:
-        if id(p) not in seen and p.requires_grad:
-            out[f"learner.{k}"] = p
-            seen.add(id(p))
-    return out
-
-
-def _share_learned_state(source: Any, target: Any) -> None:
-    """Make an evaluation copy of an algorithm use the trained one's learned tensors."""
-    if isinstance(source, nn.Module) and isinstance(target, nn.Module):
-        with torch.no_grad():
-            mine = dict(source.named_parameters())
-            for k, p in target.named_parameters():
-                if k in mine and p is not mine[k]:
-                    p.copy_(mine[k])
 
 
 def _detached(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -289,7 +293,8 @@ class FewShotSettings(MetaLearningSettings):
             or ``None``.
         n_way, k_shot, q_query: episode shape (``q_query`` queries per class).
         channels, blocks: conv-net width and depth (MAML paper: 64, 4).
-        glyph_classes: how many glyph classes to render (``None``: the dataset default).
+        glyph_classes: at most this many glyph classes per script (``None``: all;
+            tests use a few to render quickly).
     """
 
     inner_lr: float = 0.4
@@ -316,21 +321,22 @@ class FewShotSettings(MetaLearningSettings):
 
 
 def load_dataset(name: str, *, glyph_classes: int | None = None) -> Any:
-    """The :class:`~tasks.dataset.LabelledDataset` called ``name`` (28×28 images)."""
+    """The :class:`~tasks.dataset.LabelledDataset` called ``name``, as 28×28 images.
+
+    sklearn's 8×8 digits are upsampled (bilinear) so the same conv net applies.
+    """
+    import tasks
+
     if name == "glyphs":
-        from tasks.glyphs import load_glyphs
-
-        return load_glyphs() if glyph_classes is None else load_glyphs(
-            num_classes=glyph_classes)
+        return tasks.glyph_dataset(max_classes_per_script=glyph_classes)
     if name == "mnist":
-        from tasks.offline import load_mnist
-
-        return load_mnist()
+        return tasks.mnist_dataset()
     if name == "digits":
-        from tasks.offline import load_digits
-
-        return load_digits(size=28)
-    raise ValueError(f"unknown dataset '{name}'")
+        data = tasks.digits_dataset()
+        images = F.interpolate(data.images.float(), size=(28, 28), mode="bilinear",
+                               align_corners=False)
+        return dataclasses.replace(data, images=images)
+    raise ValueError(f"unknown dataset '{name}'; choose glyphs, mnist or digits")
 
 
 @register_experiment("few_shot", config=FewShotSettings,
@@ -366,9 +372,10 @@ class FewShotClassification(Experiment):
             self.eval_samplers["transfer"] = EpisodeSampler(
                 other, list(range(other.num_classes)), seed=config.eval_seed + 2, **shape)
         self.generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # model init draws from the global RNG the runner seeds
-        self.model = ConvNet(config.n_way, config.channels, config.blocks).to(device, dtype)
-        self.learner = MetaLearner(self.model, config, head="head")
+        with torch.random.fork_rng(devices=[]):  # seeded init, global RNG left untouched
+            torch.manual_seed(seed)
+            self.model = ConvNet(config.n_way, config.channels, config.blocks).to(device, dtype)
+        self.trainer = MetaTrainer(self.model, config, head="head")
 
     def generators(self) -> Mapping[str, torch.Generator]:
         """The training-episode stream (evaluation episodes are regenerated each time)."""
@@ -377,7 +384,7 @@ class FewShotClassification(Experiment):
     def meta_step(self, step: int) -> Metrics:
         batch = self.train_sampler.sample(self.config.meta_batch, self.generator)
         batch = batch.to(self.device)
-        loss = self.learner.meta_step(batch.support_x, batch.support_y, batch.query_x,
+        loss = self.trainer.meta_step(batch.support_x, batch.support_y, batch.query_x,
                                       batch.query_y, F.cross_entropy)
         return {"loss": loss}
 
@@ -394,14 +401,12 @@ class FewShotClassification(Experiment):
             n = min(25, self.config.eval_tasks - done)
             batch = sampler.sample(n, g).to(self.device)
             for task in batch.tasks():
-                for s in steps:
-                    params = self.learner.adapt(task.support_x, task.support_y,
-                                                F.cross_entropy, s)
-                    with torch.no_grad():
-                        logits = torch.func.functional_call(self.model, params,
-                                                            (task.query_x,))
-                        loss[s] += float(F.cross_entropy(logits, task.query_y))
-                        acc[s] += float((logits.argmax(-1) == task.query_y).float().mean())
+                path = self.trainer.adapt_path(task.support_x, task.support_y,
+                                               F.cross_entropy, steps)
+                for s, params in path.items():
+                    logits = self.trainer.predict(params, task.query_x)
+                    loss[s] += float(F.cross_entropy(logits, task.query_y))
+                    acc[s] += float((logits.argmax(-1) == task.query_y).float().mean())
             done += n
         out: Metrics = {}
         for s in steps:
@@ -410,7 +415,7 @@ class FewShotClassification(Experiment):
         return out
 
     def state_dict(self) -> StateDict:
-        return {"learner": self.learner.state_dict()}
+        return {"trainer": self.trainer.state_dict()}
 
     def load_state_dict(self, state: StateDict) -> None:
-        self.learner.load_state_dict(state["learner"])
+        self.trainer.load_state_dict(state["trainer"])
