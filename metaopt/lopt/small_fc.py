@@ -144,15 +144,17 @@ class SmallFCLOpt(LearnedOptimizer):
         """Zero accumulators (in each parameter's dtype/device) and iteration 0.
 
         State: ``{"iteration": int32 0-d tensor, "num_steps": int, "m": {name: ...},
-        "rms": {...}, "v_row": {...}, "v_col": {...}, "v_diag": {...}}`` with the decay
-        index last, matching learned_optimization's accumulator layout.
+        "rms": {...}, "v_row": {...}, "v_col": {...}, "v_diag": {...}}``. Accumulators
+        hold the reference's values with the decay index **first** (``m[name]`` has shape
+        ``(3,) + p.shape``; learned_optimization puts it last): each decay's slice is
+        contiguous, which keeps the per-element work vectorised.
         """
         n = (len(self.initial_momentum_decays), len(self.initial_rms_decays),
              len(self.initial_adafactor_decays))
         state: LOptState = {k: {} for k in _ACCUMULATORS}
         device = next(iter(params.values())).device if params else torch.device("cpu")
         for name, p in params.items():
-            for key, value in F.init_accumulators(p.detach(), *n).items():
+            for key, value in F.init_accumulators(p.detach(), *n, decay_first=True).items():
                 state[key][name] = value
         state["iteration"] = torch.zeros((), dtype=torch.int32, device=device)
         state["num_steps"] = int(num_steps)
@@ -192,55 +194,99 @@ class SmallFCLOpt(LearnedOptimizer):
         bias0 = time @ w0_time + biases[0]
         return decays, w0_feat, bias0, weights[1:], biases[1:]
 
-    def _features(self, p: Tensor, g: Tensor, m: Tensor, rms: Tensor, fac_g: Tensor,
-                  v_row: Tensor, v_col: Tensor, v_diag: Tensor) -> Tensor:
-        """The 28 raw (un-normalised) input channels as an (N, C) matrix."""
-        shape = p.shape
-        rsqrt = torch.rsqrt(rms + 1e-6)
-        groups = [g.unsqueeze(-1), p.unsqueeze(-1), m, rms, m * rsqrt, rsqrt, fac_g]
-        dims = F.factored_dims(shape)
-        if dims is not None:
-            d1, d0 = dims
-            row = F.expand_row(v_row, d0, shape[d0])
-            col = F.expand_col(v_col, d1, shape[d1])
-            groups += [row, col, torch.rsqrt(row + 1e-8), torch.rsqrt(col + 1e-8),
-                       F.factored_momentum(m, v_row, v_col, d1, d0)]
+    def _feature_block(self, sl: slice, g: Tensor, p: Tensor, m: Tensor, rms: Tensor,
+                       fac_g: Tensor, fac: tuple) -> Tensor:
+        """Raw (un-normalised) input channels of the elements ``[sl]`` along tensor axis 0,
+        as a (C, n_block) matrix in the reference's channel order.
+
+        Accumulators are decay-first; ``fac`` holds the factored second-moment inputs as
+        broadcast *views* (row, col, their rsqrt, row/col factors) or ``v_diag``.
+        """
+        m_b, rms_b = m[:, sl], rms[:, sl]
+        rsqrt = torch.rsqrt(rms_b + 1e-6)
+        groups = [g[sl].unsqueeze(0), p[sl].unsqueeze(0), m_b, rms_b, m_b * rsqrt, rsqrt,
+                  fac_g[:, sl]]
+        if fac[0] == "factored":
+            _, row, col, rsqrt_row, rsqrt_col, row_factor, col_factor = fac
+            groups += [row[:, sl], col[:, sl], rsqrt_row[:, sl], rsqrt_col[:, sl],
+                       m_b * row_factor[:, sl] * col_factor[:, sl]]
         else:
-            r = torch.rsqrt(v_diag + 1e-8)
-            groups += [v_diag, v_diag, r, r, m * (v_diag + 1e-6) ** -0.5]
-        n = p.numel()
-        return torch.cat([x.expand(*shape, x.shape[-1]).reshape(n, -1) for x in groups], dim=-1)
+            v = fac[1][:, sl]
+            r = torch.rsqrt(v + 1e-8)
+            groups += [v, v, r, r, m_b * (v + 1e-6) ** -0.5]
+        shape = g[sl].shape
+        return torch.cat([x.expand(x.shape[0], *shape).reshape(x.shape[0], -1) for x in groups])
+
+    def _factored_inputs(self, shape: torch.Size, m: Tensor, v_row: Tensor, v_col: Tensor,
+                         v_diag: Tensor) -> tuple:
+        """Broadcast views of the Adafactor features (computed on the small factors)."""
+        dims = F.factored_dims(shape)
+        if dims is None:
+            return ("diag", v_diag)
+        d1, d0 = dims
+        rows = lambda v: F.expand_row(v, d0, shape[d0], decay_first=True)  # noqa: E731
+        cols = lambda v: F.expand_col(v, d1, shape[d1], decay_first=True)  # noqa: E731
+        reduced_d1 = (d1 - 1 if d1 > d0 else d1) + 1
+        row_factor = F.safe_rsqrt(v_row / (torch.mean(v_row, dim=reduced_d1, keepdim=True)
+                                           + 1e-9))
+        col_factor = F.safe_rsqrt(v_col)
+        return ("factored", rows(v_row), cols(v_col), rows(torch.rsqrt(v_row + 1e-8)),
+                cols(torch.rsqrt(v_col + 1e-8)), rows(row_factor), cols(col_factor))
 
     def _update_tensor(self, p: Tensor, g: Tensor, acc: dict[str, Tensor], decays: tuple,
                        w0_feat: Tensor, bias0: Tensor, weights: list[Tensor],
                        biases: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         out_dtype, shape = p.dtype, p.shape
         dtype = w0_feat.dtype
-        p_c, g_c = p.to(dtype).reshape(shape or (1,)), g.to(dtype).reshape(shape or (1,))
+        work_shape = shape or torch.Size([1])  # 0-d tensors are treated as (1,), as the reference
+        p_c, g_c = p.to(dtype).reshape(work_shape), g.to(dtype).reshape(work_shape)
         acc_c = {k: v.to(dtype) for k, v in acc.items()}
-        if not shape:  # 0-d tensors are treated as (1,), as the reference does
-            acc_c = {k: (v.reshape(1, -1) if k in ("m", "rms", "v_diag") else v)
+        if not shape:
+            acc_c = {k: (v.reshape(-1, 1) if k in ("m", "rms", "v_diag") else v)
                      for k, v in acc_c.items()}
         mom_d, rms_d, fac_d = decays
-        m = F.update_momentum(acc_c["m"], g_c, mom_d)
-        rms = F.update_rms(acc_c["rms"], g_c, rms_d)
+        m = F.update_momentum(acc_c["m"], g_c, mom_d, decay_first=True)
+        rms = F.update_rms(acc_c["rms"], g_c, rms_d, decay_first=True)
         v_row, v_col, v_diag, fac_g = F.update_factored(
-            acc_c["v_row"], acc_c["v_col"], acc_c["v_diag"], g_c, fac_d)
+            acc_c["v_row"], acc_c["v_col"], acc_c["v_diag"], g_c, fac_d, decay_first=True)
 
-        x = self._features(p_c, g_c, m, rms, fac_g, v_row, v_col, v_diag)
-        scale = F.channel_rsqrt_norm(x)
-        h = torch.addmm(bias0, x, scale.unsqueeze(-1) * w0_feat)
-        for w, b in zip(weights, biases):
-            h = torch.addmm(b, torch.relu(h), w)
-        direction, magnitude = h[:, 0], h[:, 1]
-        step = direction * torch.exp(magnitude * self.exp_mult) * self.step_mult
-        new_p = (p_c - step.reshape(p_c.shape)).reshape(shape).to(out_dtype)
+        # The MLP runs over blocks of rows (along tensor axis 0) so the (C, block) feature
+        # matrix stays in cache; the per-channel second-moment normalisation needs the
+        # whole tensor, so a first pass sums squares and the scale is folded into w0.
+        fac = self._factored_inputs(work_shape, m, v_row, v_col, v_diag)
+        n = p_c.numel()
+        rows = work_shape[0]
+        per_row = max(1, n // rows)
+        block = max(1, _BLOCK_ELEMENTS // per_row)
+        slices = [slice(i, min(i + block, rows)) for i in range(0, rows, block)]
+        cached = [self._feature_block(sl, g_c, p_c, m, rms, fac_g, fac) for sl in slices] \
+            if len(slices) == 1 else None
+        sumsq = None
+        for i, sl in enumerate(slices):
+            xb = cached[i] if cached else self._feature_block(sl, g_c, p_c, m, rms, fac_g, fac)
+            part = torch.linalg.vector_norm(xb, dim=1) ** 2
+            sumsq = part if sumsq is None else sumsq + part
+        scale = torch.rsqrt(1e-5 + sumsq / n)
+        w0 = (scale.unsqueeze(-1) * w0_feat).T
+        steps = []
+        for i, sl in enumerate(slices):
+            xb = cached[i] if cached else self._feature_block(sl, g_c, p_c, m, rms, fac_g, fac)
+            h = torch.addmm(bias0.unsqueeze(1), w0, xb)
+            for w, b in zip(weights, biases):
+                h = torch.addmm(b.unsqueeze(1), w.T, torch.relu(h))
+            steps.append(h[0] * torch.exp(h[1] * self.exp_mult) * self.step_mult)
+        step = steps[0] if len(steps) == 1 else torch.cat(steps)
+        new_p = (p_c - step.reshape(work_shape)).reshape(shape).to(out_dtype)
 
         new_acc = {"m": m, "rms": rms, "v_row": v_row, "v_col": v_col, "v_diag": v_diag}
         if not shape:
             new_acc = {k: (v.reshape(acc[k].shape) if k in ("m", "rms", "v_diag") else v)
                        for k, v in new_acc.items()}
         return new_p, {k: v.to(out_dtype) for k, v in new_acc.items()}
+
+
+#: Elements per block of the per-element MLP (keeps a block's features in cache).
+_BLOCK_ELEMENTS = 32768
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
