@@ -33,8 +33,8 @@ from torch import Tensor
 
 from tasks.splits import stratified_split
 
-__all__ = ["HyperCleaningData", "clean_f1", "corrupt_labels", "load_mnist_5000",
-           "make_hypercleaning"]
+__all__ = ["HyperCleaningData", "clean_f1", "corrupt_labels", "hypercleaning_split",
+           "load_mnist_5000", "make_hypercleaning"]
 
 NUM_CLASSES = 10
 _MNIST_CACHE: dict[str, Tensor] = {}
@@ -111,14 +111,23 @@ class HyperCleaningData:
             f(self.x_val), f(self.y_val), f(self.x_test), f(self.y_test), self.p, self.seed)
 
 
+def hypercleaning_split(seed: int = 0, sizes: tuple[int, int, int] = (2000, 1000, 2000)
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices into the 5000 images of train/val/test: disjoint, stratified by digit, seeded."""
+    if len(sizes) != 3 or any(s <= 0 for s in sizes):
+        raise ValueError(f"sizes must be three positive split sizes, got {sizes}")
+    _, y = load_mnist_5000()
+    return stratified_split(y, tuple(sizes), seed=seed)
+
+
 def make_hypercleaning(p: float, seed: int = 0, sizes: tuple[int, int, int] = (2000, 1000, 2000),
                        *, center: bool = True, dtype: torch.dtype = torch.float32,
                        device: torch.device | str | None = None) -> HyperCleaningData:
     """The hyper-cleaning data for corruption rate ``p`` and ``seed`` (see module doc)."""
-    if len(sizes) != 3 or any(s <= 0 for s in sizes):
-        raise ValueError(f"sizes must be three positive split sizes, got {sizes}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"corruption probability p must be in [0, 1], got {p}")
+    train_idx, val_idx, test_idx = hypercleaning_split(seed, sizes)
     x, y = load_mnist_5000()
-    train_idx, val_idx, test_idx = stratified_split(y, tuple(sizes), seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     y_noisy, is_clean = corrupt_labels(y[train_idx], p, gen)
     x_train, x_val, x_test = x[train_idx], x[val_idx], x[test_idx]
