@@ -33,7 +33,7 @@ class Task(NamedTuple):
     query_y: Tensor
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TaskBatch:
     """A meta-batch of ``B`` tasks; validated on construction (see module docstring).
 

@@ -45,7 +45,7 @@ class ClassSplits:
         return {"train": self.train, "val": self.val, "test": self.test}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LabelledDataset:
     """Images and integer labels; validated on construction.
 

@@ -19,7 +19,8 @@ layer; the input layer is the special case that needs no model hook):
   tasks, as in regression or fixed-class data) pairs every example with a random example
   of the partner's same set, so class labels become genuinely soft mixtures.
 
-The same :func:`interpolate_tasks` can mix hidden features at any layer inside a model.
+The mixed batch keeps task ``i``'s ``classes`` and ``info`` (plus the MLTI record); the
+same :func:`interpolate_tasks` can mix hidden features at any layer inside a model.
 """
 
 from __future__ import annotations

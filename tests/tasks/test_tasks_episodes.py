@@ -237,3 +237,15 @@ def test_task_batch_to_and_iteration():
     tasks = list(batch.tasks())
     assert len(tasks) == 3 and tasks[1].query_x.shape == (4, 2, 3)
     assert torch.equal(tasks[2].support_y, batch.support_y[2])
+
+
+def test_class_choice_and_label_order_are_uniform():
+    # 6 train classes, 3 per episode: each class is in an episode w.p. 1/2 and takes each
+    # label position w.p. 1/6. Over 3000 episodes: s.e. ≈ 27 and 20 → 5σ bounds below.
+    data = indexed_dataset()
+    batch = EpisodeSampler(data, "train", n_way=3, k_shot=1, q_query=1, seed=0).sample(3000)
+    for cls in data.splits.train:
+        present = int((batch.classes == cls).sum())
+        assert abs(present - 1500) < 140
+        at_label0 = int((batch.classes[:, 0] == cls).sum())
+        assert abs(at_label0 - 500) < 100
