@@ -1,0 +1,342 @@
+#!/usr/bin/env python
+"""Side-by-side second-order MAML: metaopt vs higher, TorchOpt and learn2learn (issue 6).
+
+    python scripts/bench_maml_peers.py [--quick] [--json PATH] [--repeats N]
+
+For every model × meta-batch × inner-steps configuration all contenders start from the
+same initial weights and the same tasks (``scripts/peers/common.py``). Per contender:
+
+* meta-gradient: from its first (warm-up) meta-step; ``max_rel_diff`` = max over parameters
+  of ``max|g_metaopt − g_peer| / (max|g_peer| + tiny)``;
+* time per meta-step (zero grads + meta-loss + backward): median of ``--repeats`` runs,
+  taken in interleaved rounds (every round runs each contender once, in rotated order) so
+  that load changes on a shared machine hit all contenders alike;
+* peak memory of one steady-state meta-step. CPU: each contender runs in a fresh
+  subprocess; after a warm-up step it calls ``malloc_trim(0)``, resets the kernel's
+  peak-RSS mark (``/proc/self/clear_refs`` ← 5) and records ``VmHWM − VmRSS`` across one
+  more step (Linux only; otherwise not measured). CUDA: ``max_memory_allocated`` minus the
+  allocation before the step, in-process.
+
+Ratios are metaopt/peer, so < 1 means metaopt is faster / leaner. While
+``metaopt.algorithms.MAML`` is not importable the plain reference implementation stands in
+for metaopt and every record says so (``metaopt_impl``).
+
+The learn2learn peer needs ``scripts/peers/install_learn2learn.sh`` on Python 3.11; a peer
+that cannot be imported is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "scripts"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import torch  # noqa: E402
+from peers import common  # noqa: E402
+from peers.metaopt_peer import resolve as resolve_metaopt  # noqa: E402
+
+PEERS: dict[str, tuple[str, str]] = {
+    # name: (module, make_step attribute)
+    "higher": ("peers.higher_peer", "make_step"),
+    "torchopt": ("peers.torchopt_peer", "make_step"),
+    "torchopt_func": ("peers.torchopt_peer", "make_step_functional"),
+    "learn2learn": ("peers.l2l_peer", "make_step"),
+    "reference": ("peers.reference", "make_step"),
+}
+DEFAULT_PEERS = ("higher", "torchopt", "learn2learn")
+FULL_CONFIGS = [
+    (model, batch, steps) for model in ("mlp", "conv") for batch in (8, 32) for steps in (1, 5)
+]
+QUICK_CONFIGS = [("mlp", 8, 1), ("mlp", 8, 5), ("conv", 8, 1)]
+
+
+def load_make_step(name: str) -> common.MakeStep:
+    """The ``make_step`` of contender ``name`` (``metaopt`` or a key of :data:`PEERS`)."""
+    if name == "metaopt":
+        return resolve_metaopt()[0]
+    module, attr = PEERS[name]
+    if name == "learn2learn":
+        importlib.import_module("learn2learn")  # fail here, with the import error, if missing
+    return getattr(importlib.import_module(module), attr)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- memory
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def measure_step_memory_mb(step: Callable[[], object], device: torch.device) -> float | None:
+    """Peak extra memory (MiB) of one call of ``step`` (already warmed up)."""
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if not _reset_peak_rss():
+        return None
+    before = _proc_status_kib("VmRSS")
+    step()
+    peak = _proc_status_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return (peak - before) / 1024
+
+
+def memory_child(spec: dict) -> dict:
+    """Run in a fresh process: one warm-up and one measured meta-step of one contender."""
+    torch.set_num_threads(spec["threads"]) if spec["threads"] > 0 else None
+    device = torch.device(spec["device"])
+    problem = common.make_problem(
+        spec["model"], spec["meta_batch"], spec["inner_steps"], seed=spec["seed"], device=device
+    )
+    make_step = load_make_step(spec["contender"])
+    model = common.instantiate(problem.model_factory_state)
+    step = make_step(model, problem.inner_steps, problem.inner_lr, problem.loss_fn)
+    step(problem.tasks)
+    return {"mem_mb": measure_step_memory_mb(lambda: step(problem.tasks), device)}
+
+
+def measure_memory(
+    contender: str, model: str, meta_batch: int, inner_steps: int, args: argparse.Namespace
+) -> float | None:
+    spec = {
+        "contender": contender,
+        "model": model,
+        "meta_batch": meta_batch,
+        "inner_steps": inner_steps,
+        "seed": args.seed,
+        "threads": args.threads,
+        "device": args.device,
+    }
+    if torch.device(args.device).type == "cuda":  # in-process is exact on CUDA
+        return memory_child(spec)["mem_mb"]
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        print(f"    memory child for {contender} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["mem_mb"]
+
+
+# --------------------------------------------------------------------------- one config
+def bench_config(
+    model_name: str,
+    meta_batch: int,
+    inner_steps: int,
+    contenders: dict[str, common.MakeStep],
+    args: argparse.Namespace,
+) -> dict[str, dict]:
+    """Gradients, losses, times and memory of every contender on one configuration."""
+    device = torch.device(args.device)
+    problem = common.make_problem(
+        model_name, meta_batch, inner_steps, seed=args.seed, device=device
+    )
+    steps, results = {}, {}
+    for name, make_step in contenders.items():
+        model = common.instantiate(problem.model_factory_state)
+        step = make_step(model, problem.inner_steps, problem.inner_lr, problem.loss_fn)
+        loss = step(problem.tasks)  # warm-up; its gradient is the one compared
+        synchronize(device)
+        results[name] = {"meta_loss": float(loss), "grads": common.read_grads(model), "ms": []}
+        steps[name] = step
+    names = list(contenders)
+    for rep in range(args.repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name](problem.tasks)
+            synchronize(device)
+            results[name]["ms"].append(1e3 * (time.perf_counter() - start))
+    del steps
+    gc.collect()
+    for name in names:
+        res = results[name]
+        res["median_ms"] = statistics.median(res["ms"])
+        res["mem_mb"] = (
+            None if args.no_memory
+            else measure_memory(name, model_name, meta_batch, inner_steps, args)
+        )
+    return results
+
+
+def records_for(model: str, meta_batch: int, inner_steps: int, results: dict[str, dict],
+                metaopt_impl: str) -> list[dict]:
+    """One record per peer, ratios metaopt/peer."""
+    ours = results["metaopt"]
+    records = []
+    for peer, res in results.items():
+        if peer == "metaopt":
+            continue
+        mem_ratio = None
+        if ours["mem_mb"] is not None and res["mem_mb"]:
+            mem_ratio = ours["mem_mb"] / res["mem_mb"]
+        records.append({
+            "model": model,
+            "peer": peer,
+            "inner_steps": inner_steps,
+            "meta_batch": meta_batch,
+            "max_rel_diff": common.max_rel_diff(ours["grads"], res["grads"]),
+            "time_ratio": ours["median_ms"] / res["median_ms"],
+            "mem_ratio": mem_ratio,
+            "metaopt_ms": ours["median_ms"],
+            "peer_ms": res["median_ms"],
+            "metaopt_mem_mb": ours["mem_mb"],
+            "peer_mem_mb": res["mem_mb"],
+            "metaopt_meta_loss": ours["meta_loss"],
+            "peer_meta_loss": res["meta_loss"],
+            "metaopt_runs_ms": ours["ms"],
+            "peer_runs_ms": res["ms"],
+            "metaopt_impl": metaopt_impl,
+        })
+    return records
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def print_table(records: list[dict]) -> None:
+    header = (f"{'model':5} {'B':>3} {'steps':>5} {'peer':13} {'max_rel_diff':>12} "
+              f"{'metaopt ms':>10} {'peer ms':>9} {'time_ratio':>10} "
+              f"{'metaopt MiB':>11} {'peer MiB':>8} {'mem_ratio':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in records:
+        print(f"{r['model']:5} {r['meta_batch']:>3} {r['inner_steps']:>5} {r['peer']:13} "
+              f"{r['max_rel_diff']:>12.2e} {r['metaopt_ms']:>10.1f} {r['peer_ms']:>9.1f} "
+              f"{r['time_ratio']:>10.2f} {_fmt(r['metaopt_mem_mb'], '11.1f'):>11} "
+              f"{_fmt(r['peer_mem_mb'], '8.1f'):>8} {_fmt(r['mem_ratio'], '9.2f'):>9}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small subset (mlp B=8 steps 1 and 5, conv B=8 steps 1), 3 repeats")
+    parser.add_argument("--json", type=Path, help="write the records here")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed meta-steps per contender (default 5; 3 with --quick)")
+    parser.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                        help=f"comma-separated subset of {sorted(PEERS)}")
+    parser.add_argument("--models", default="mlp,conv", help="comma-separated: mlp, conv")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads (0: leave torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return []
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    metaopt_step, metaopt_impl = resolve_metaopt()
+    contenders: dict[str, common.MakeStep] = {"metaopt": metaopt_step}
+    skipped: dict[str, str] = {}
+    for name in filter(None, args.peers.split(",")):
+        if name not in PEERS:
+            raise SystemExit(f"unknown peer {name!r}; choose from {sorted(PEERS)}")
+        try:
+            contenders[name] = load_make_step(name)
+        except Exception as exc:  # a missing optional peer is reported, not fatal
+            skipped[name] = f"{type(exc).__name__}: {exc}"
+    models = [m for m in args.models.split(",") if m]
+    configs = [c for c in (QUICK_CONFIGS if args.quick else FULL_CONFIGS) if c[0] in models]
+
+    print(f"metaopt contender: {metaopt_impl}")
+    for name, why in skipped.items():
+        print(f"skipping peer {name}: {why}")
+    if args.no_memory:
+        memory = "off"
+    elif torch.device(args.device).type == "cuda":
+        memory = "CUDA max_memory_allocated"
+    else:
+        memory = "peak RSS increase in a fresh subprocess"
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"repeats {args.repeats}, memory: {memory}")
+    records: list[dict] = []
+    start = time.perf_counter()
+    for model, batch, steps in configs:
+        t0 = time.perf_counter()
+        results = bench_config(model, batch, steps, contenders, args)
+        new = records_for(model, batch, steps, results, metaopt_impl)
+        records += new
+        times = ", ".join(f"{n} {r['median_ms']:.1f} ms" for n, r in results.items())
+        print(f"[{model} B={batch} steps={steps}] {times}  ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    print()
+    print_table(records)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if args.json:
+        payload = {
+            "metaopt_impl": metaopt_impl,
+            "skipped_peers": skipped,
+            "torch": torch.__version__,
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "repeats": args.repeats,
+            "records": records,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

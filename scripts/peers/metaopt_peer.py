@@ -1,0 +1,56 @@
+"""metaopt's contender: ``metaopt.algorithms.MAML`` through its public face.
+
+While ``metaopt.algorithms.MAML`` is not importable, :func:`resolve` hands back the plain
+reference implementation as a stand-in and says so.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import reference
+from .common import LossFn, MakeStep, ModelFactoryState, StepFn, Tasks, run_meta_gradient
+
+
+def metaopt_available() -> tuple[bool, str]:
+    """``(True, "")`` when ``from metaopt.algorithms import MAML`` works, else the reason."""
+    try:
+        from metaopt.algorithms import MAML  # noqa: F401
+    except Exception as exc:  # any import-time failure means "not available"
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def make_step(model: nn.Module, inner_steps: int, inner_lr: float, loss_fn: LossFn) -> StepFn:
+    """``MAML(model, ...).meta_loss(*tasks, loss_fn).backward()``."""
+    from metaopt.algorithms import MAML
+
+    maml = MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=False)
+
+    def step(tasks: Tasks) -> Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = maml.meta_loss(*tasks, loss_fn)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def resolve() -> tuple[MakeStep, str]:
+    """The metaopt ``make_step`` and its label, or the reference stand-in and why."""
+    ok, why = metaopt_available()
+    if ok:
+        return make_step, "metaopt.algorithms.MAML"
+    return reference.make_step, f"reference stand-in (metaopt.algorithms.MAML unavailable: {why})"
+
+
+def meta_gradient(
+    model_factory_state: ModelFactoryState,
+    tasks: Tasks,
+    inner_steps: int,
+    inner_lr: float,
+    loss_fn: LossFn,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(meta_loss, grads)`` from metaopt's MAML (or the stand-in), from a fresh model."""
+    step, _ = resolve()
+    return run_meta_gradient(step, model_factory_state, tasks, inner_steps, inner_lr, loss_fn)

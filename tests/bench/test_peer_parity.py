@@ -1,0 +1,118 @@
+"""Second-order MAML meta-gradients agree across peers (issue 6, side-by-side benchmark).
+
+higher, TorchOpt (object-oriented and functional), learn2learn and a plain
+``torch.autograd.grad`` reference must agree to 1e-5 relative; metaopt's ``MAML`` (when
+importable) to 1e-4, float32. learn2learn needs ``scripts/peers/install_learn2learn.sh``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+from peers import common, reference  # noqa: E402
+from peers.metaopt_peer import metaopt_available  # noqa: E402
+
+PEER_TOL = 1e-5
+METAOPT_TOL = 1e-4
+
+# (id, model, meta_batch, inner_steps, conv channels)
+PROBLEMS = [("mlp", "mlp", 3, 2, 64), ("conv8", "conv", 2, 2, 8)]
+
+
+def _peer_step(name: str) -> common.MakeStep:
+    """The ``make_step`` of a peer, skipping the test when the library is not importable."""
+    if name == "higher":
+        pytest.importorskip("higher", reason="higher is not installed (pip install '.[bench]')")
+        return importlib.import_module("peers.higher_peer").make_step
+    if name in ("torchopt", "torchopt_func"):
+        pytest.importorskip("torchopt", reason="torchopt is not installed (pip install '.[bench]')")
+        module = importlib.import_module("peers.torchopt_peer")
+        return module.make_step if name == "torchopt" else module.make_step_functional
+    if name == "learn2learn":
+        try:
+            importlib.import_module("learn2learn")
+        except Exception as exc:
+            pytest.skip(f"learn2learn not importable ({type(exc).__name__}: {exc}); "
+                        "run scripts/peers/install_learn2learn.sh")
+        return importlib.import_module("peers.l2l_peer").make_step
+    raise ValueError(name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny problems: one intra-op thread is faster and steadier on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+_PEER_RESULTS: dict[tuple[str, str], tuple] = {}
+
+
+@pytest.fixture(scope="module", params=PROBLEMS, ids=[p[0] for p in PROBLEMS])
+def problem_and_reference(request):
+    _, model, meta_batch, inner_steps, channels = request.param
+    problem = common.make_problem(model, meta_batch, inner_steps, seed=3, channels=channels)
+    loss, grads = _run(reference.make_step, problem)
+    assert torch.isfinite(loss)
+    assert max(g.abs().max().item() for g in grads.values()) > 0
+    return problem, loss, grads
+
+
+def _run(make_step: common.MakeStep, problem: common.Problem):
+    return common.run_meta_gradient(
+        make_step, problem.model_factory_state, problem.tasks,
+        problem.inner_steps, problem.inner_lr, problem.loss_fn,
+    )
+
+
+def _run_peer(peer: str, problem: common.Problem):
+    """A peer's ``(loss, grads)`` on ``problem``, computed once per module."""
+    key = (problem.key + str(problem.state[next(iter(problem.state))].shape), peer)
+    if key not in _PEER_RESULTS:
+        _PEER_RESULTS[key] = _run(_peer_step(peer), problem)
+    return _PEER_RESULTS[key]
+
+
+@pytest.mark.parametrize("peer", ["higher", "torchopt", "torchopt_func", "learn2learn"])
+def test_peer_matches_reference(problem_and_reference, peer):
+    problem, ref_loss, ref_grads = problem_and_reference
+    loss, grads = _run_peer(peer, problem)
+    assert abs(loss.item() - ref_loss.item()) <= PEER_TOL * abs(ref_loss.item())
+    assert common.max_rel_diff(grads, ref_grads) <= PEER_TOL
+
+
+def test_metaopt_matches_reference_and_peers(problem_and_reference):
+    ok, why = metaopt_available()
+    if not ok:
+        pytest.skip(f"metaopt.algorithms.MAML not importable: {why}")
+    from peers import metaopt_peer
+
+    problem, ref_loss, ref_grads = problem_and_reference
+    loss, grads = _run(metaopt_peer.make_step, problem)
+    assert abs(loss.item() - ref_loss.item()) <= METAOPT_TOL * abs(ref_loss.item())
+    assert common.max_rel_diff(grads, ref_grads) <= METAOPT_TOL
+    for peer in ("higher", "torchopt", "learn2learn"):
+        try:
+            _, peer_grads = _run_peer(peer, problem)
+        except pytest.skip.Exception:
+            continue
+        assert common.max_rel_diff(grads, peer_grads) <= METAOPT_TOL, peer
+
+
+def test_max_rel_diff_detects_a_wrong_gradient(problem_and_reference):
+    _, _, ref_grads = problem_and_reference
+    wrong = {name: g.clone() for name, g in ref_grads.items()}
+    name = next(iter(wrong))
+    wrong[name] += 1e-3 * ref_grads[name].abs().max()
+    assert common.max_rel_diff(wrong, ref_grads) == pytest.approx(1e-3, rel=1e-3)
