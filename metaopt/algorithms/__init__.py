@@ -34,7 +34,11 @@ Algorithms: :class:`MAML`, :class:`FOMAML` (= ``MAML(first_order=True)``),
 :class:`ANIL`, :class:`MetaSGD`, :class:`Reptile`, :class:`iMAML`.
 """
 
+from metaopt.algorithms.anil import ANIL
 from metaopt.algorithms.base import LossFn, MetaLearner
+from metaopt.algorithms.imaml import iMAML
 from metaopt.algorithms.maml import FOMAML, MAML
+from metaopt.algorithms.meta_sgd import MetaSGD
+from metaopt.algorithms.reptile import Reptile
 
-__all__ = ["FOMAML", "MAML", "LossFn", "MetaLearner"]
+__all__ = ["ANIL", "FOMAML", "MAML", "LossFn", "MetaLearner", "MetaSGD", "Reptile", "iMAML"]

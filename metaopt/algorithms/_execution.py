@@ -1,8 +1,9 @@
 """Running a per-task function over a meta-batch: a loop or ``torch.func.vmap``.
 
 Every algorithm in this package is written as a pure per-task function
-``task_fn(phi, *task_tensors, batched) -> query loss`` (``batched`` is True under
-``vmap``, where data-dependent checks must be skipped). This module evaluates it
+``task_fn(phi, *task_tensors, batched) -> loss`` or ``-> (loss, metric)``
+(``batched`` is True under ``vmap``, where data-dependent checks must be skipped;
+the metric — e.g. Reptile's query loss — is reported, not differentiated). This module evaluates it
 over the meta-batch and produces the **mean** query loss together with its
 gradient with respect to φ, task by task, so the autograd graph of only one task
 (or one chunk of tasks) is alive at a time — the same peak memory as the
@@ -58,6 +59,11 @@ class MetaBatchResult:
     def mean(self) -> Tensor:
         return self.losses.mean()
 
+    @property
+    def metrics(self) -> Tensor:
+        """Per-task metrics (the losses unless the task function returned its own)."""
+        return self.extras.get("metrics", self.losses)
+
 
 class _AttachGradient(torch.autograd.Function):
     """Forward: the given value. Backward: ``grad_output *`` precomputed gradients."""
@@ -87,6 +93,13 @@ def attach_gradient(value: Tensor, params: Params, grads: Params) -> Tensor:
     return _AttachGradient.apply(value, [grads[k] for k in keys], *(params[k] for k in keys))
 
 
+def _split(out: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """A task function returns its loss, or ``(loss, metric)`` (metric: not differentiated)."""
+    if isinstance(out, tuple):
+        return out[0], out[1].detach()
+    return out, out.detach()
+
+
 def _check_grads(grads: Params, what: str) -> None:
     for k, g in grads.items():
         if not bool(torch.isfinite(g).all()):
@@ -103,12 +116,12 @@ def run_loop(task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor], *, need_grad
     n_tasks = tasks[0].shape[0]
     keys = [k for k, p in phi.items() if p.requires_grad] if need_grad else []
     total: list[Tensor] | None = None
-    losses = []
+    losses, metrics = [], []
     for i in range(n_tasks):
         task = [t[i] for t in tasks]
         if keys:
             with torch.enable_grad():
-                loss = task_fn(phi, *task, batched=False)
+                loss, metric = _split(task_fn(phi, *task, batched=False))
                 if loss.requires_grad:
                     gs = torch.autograd.grad(loss, [phi[k] for k in keys], allow_unused=True)
                 else:
@@ -116,15 +129,16 @@ def run_loop(task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor], *, need_grad
             gs = [torch.zeros_like(phi[k]) if g is None else g for k, g in zip(keys, gs)]
             total = gs if total is None else [a + b for a, b in zip(total, gs)]
         else:
-            loss = task_fn(phi, *task, batched=False)
+            loss, metric = _split(task_fn(phi, *task, batched=False))
         losses.append(loss.detach())
+        metrics.append(metric.detach())
     losses_t = torch.stack(losses)
     grads = None
     if keys:
         grads = {k: g / n_tasks for k, g in zip(keys, total)}
         if check_finite:
             _check_grads(grads, "meta-gradient")
-    return MetaBatchResult(losses_t, grads, "loop")
+    return MetaBatchResult(losses_t, grads, "loop", {"metrics": torch.stack(metrics)})
 
 
 def run_vmap(task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor], *, need_grad: bool,
@@ -140,30 +154,31 @@ def run_vmap(task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor], *, need_grad
     plain = {k: v.detach() for k, v in phi.items()}
     in_dims = (None, *([0] * len(tasks)))
 
-    def per_task(p: Params, *task: Tensor) -> Tensor:
-        return task_fn(p, *task, batched=True)
+    def per_task(p: Params, *task: Tensor) -> tuple[Tensor, Tensor]:
+        return _split(task_fn(p, *task, batched=True))
 
     batched = torch.func.vmap(per_task, in_dims=in_dims)
-    losses, total = [], None
+    losses, metrics, total = [], [], None
     for start in range(0, n_tasks, chunk):
         part = [t[start:start + chunk] for t in tasks]
         if keys:
             fixed = {k: v for k, v in plain.items() if k not in keys}
 
             def chunk_loss(learned: Params, part: list[Tensor] = part,
-                           fixed: Params = fixed) -> tuple[Tensor, Tensor]:
-                values = batched({**fixed, **learned}, *part)
-                return values.sum() / n_tasks, values
+                           fixed: Params = fixed) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                values, metric = batched({**fixed, **learned}, *part)
+                return values.sum() / n_tasks, (values, metric)
 
-            g, (_, values) = torch.func.grad_and_value(chunk_loss, has_aux=True)(
+            g, (_, (values, metric)) = torch.func.grad_and_value(chunk_loss, has_aux=True)(
                 {k: plain[k] for k in keys})
             total = g if total is None else {k: total[k] + g[k] for k in keys}
         else:
-            values = batched(plain, *part)
+            values, metric = batched(plain, *part)
         losses.append(values.detach())
+        metrics.append(metric.detach())
     if total is not None and check_finite:
         _check_grads(total, "meta-gradient")
-    return MetaBatchResult(torch.cat(losses), total, "vmap")
+    return MetaBatchResult(torch.cat(losses), total, "vmap", {"metrics": torch.cat(metrics)})
 
 
 def _agree(a: MetaBatchResult, b: MetaBatchResult) -> bool:

@@ -42,25 +42,23 @@ class FunctionalModel:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.norm_buffer_names = [
-            f"{prefix}.{b}" if prefix else b
-            for prefix, mod in model.named_modules() if isinstance(mod, _NormBase)
-            for b in _NORM_BUFFERS
-        ]
+        self.norm_modules = [(prefix, mod) for prefix, mod in model.named_modules()
+                             if isinstance(mod, _NormBase)]
         self.param_names = [n for n, _ in model.named_parameters()]
         if not self.param_names:
             raise ValueError(f"{type(model).__name__} has no parameters to meta-learn")
 
-    @property
-    def has_norm_layers(self) -> bool:
-        return bool(self.norm_buffer_names)
-
     def buffers(self) -> dict[str, Tensor | None]:
-        """The buffers to call the model with, following the rules above."""
+        """The buffers to call the model with, following the rules above.
+
+        Each normalisation layer's own ``training`` flag decides (so a model with a
+        frozen, eval-mode BatchNorm inside a training model is respected).
+        """
         bufs: dict[str, Tensor | None] = dict(self.model.named_buffers())
-        if self.model.training:
-            for name in self.norm_buffer_names:
-                bufs[name] = None
+        for prefix, mod in self.norm_modules:
+            if mod.training:
+                for b in _NORM_BUFFERS:
+                    bufs[f"{prefix}.{b}" if prefix else b] = None
         return bufs
 
     def parameters(self) -> Params:

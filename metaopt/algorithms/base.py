@@ -78,7 +78,7 @@ class MetaLearner(nn.Module):
         if not self.second_order:
             return None
         for name, mod in self.model.named_modules():
-            if (isinstance(mod, _NormBase) and self.model.training) or isinstance(
+            if (isinstance(mod, _NormBase) and mod.training) or isinstance(
                     mod, nn.LayerNorm):
                 return (f"second-order gradients through {type(mod).__name__} "
                         f"('{name}') are wrong under torch.func.vmap "
@@ -160,7 +160,7 @@ class MetaLearner(nn.Module):
         return result
 
     def _finish(self, result: MetaBatchResult) -> Tensor:
-        self.last_task_losses = result.losses
+        self.last_task_losses = result.metrics
         self.last_strategy = result.strategy
         value = result.mean
         if result.grads is None:

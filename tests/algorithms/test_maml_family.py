@@ -1,0 +1,321 @@
+"""The MAML family against hand-written autograd, higher, closed forms and finite differences."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from maml_reference import (
+    call,
+    classification_batch,
+    conv_bn,
+    higher_grad,
+    maml_grad,
+    max_rel_diff,
+    mlp,
+    regression_batch,
+)
+from torch import nn
+
+from metaopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile, iMAML
+
+
+def grads_after(algo, batch, loss_fn, model=None):
+    model = algo.model if model is None else model
+    algo.zero_grad()
+    loss = algo.meta_loss(*batch, loss_fn)
+    loss.backward()
+    out = {k: p.grad.clone() for k, p in model.named_parameters()}
+    algo.zero_grad()
+    return out, float(loss.detach())
+
+
+CASES = [("mlp", mlp, regression_batch, F.mse_loss, 0.05),
+         ("conv_bn", conv_bn, classification_batch, F.cross_entropy, 0.4)]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("name,make,data,loss_fn,lr", CASES)
+def test_maml_second_order_matches_autograd_and_higher(name, make, data, loss_fn, lr, steps):
+    model, batch = make(), data()
+    ours, value = grads_after(MAML(model, inner_lr=lr, inner_steps=steps, strategy="loop"),
+                              batch, loss_fn)
+    ref, ref_value = maml_grad(model, *batch, loss_fn, lr, steps)
+    assert value == pytest.approx(ref_value, rel=1e-12)
+    assert max_rel_diff(ours, ref) < 1e-10
+    assert max_rel_diff(ours, higher_grad(model, *batch, loss_fn, lr, steps)) < 1e-10
+    # second order matters here: the first-order gradient is far away
+    fo, _ = maml_grad(model, *batch, loss_fn, lr, steps, first_order=True)
+    assert max_rel_diff(fo, ref) > 1e-3
+
+
+@pytest.mark.parametrize("name,make,data,loss_fn,lr", CASES)
+def test_fomaml_matches_first_order_reference(name, make, data, loss_fn, lr):
+    model, batch = make(), data()
+    ours, _ = grads_after(FOMAML(model, inner_lr=lr, inner_steps=2, strategy="loop"),
+                          batch, loss_fn)
+    ref, _ = maml_grad(model, *batch, loss_fn, lr, 2, first_order=True)
+    assert max_rel_diff(ours, ref) < 1e-10
+    same, _ = grads_after(MAML(model, inner_lr=lr, inner_steps=2, first_order=True), batch,
+                          loss_fn)
+    assert max_rel_diff(same, ref) < 1e-10
+
+
+def test_vmap_equals_loop_on_mlp():
+    model, batch = mlp(), regression_batch(tasks=5)
+    for algo_cls, kw in [(MAML, {}), (FOMAML, {}), (MetaSGD, {}), (Reptile, {}),
+                         (ANIL, {})]:
+        loop = algo_cls(model, inner_lr=0.05, inner_steps=2, strategy="loop", **kw)
+        vm = algo_cls(model, inner_lr=0.05, inner_steps=2, strategy="vmap", **kw)
+        g_loop, v_loop = grads_after(loop, batch, F.mse_loss)
+        g_vmap, v_vmap = grads_after(vm, batch, F.mse_loss)
+        assert vm.last_strategy == "vmap" and loop.last_strategy == "loop"
+        assert v_vmap == pytest.approx(v_loop, rel=1e-12), algo_cls.__name__
+        assert max_rel_diff(g_vmap, g_loop) < 1e-10, algo_cls.__name__
+    chunked = MAML(model, inner_lr=0.05, inner_steps=2, strategy="vmap", chunk_size=2)
+    g_chunk, _ = grads_after(chunked, batch, F.mse_loss)
+    g_loop, _ = grads_after(MAML(model, inner_lr=0.05, inner_steps=2, strategy="loop"),
+                            batch, F.mse_loss)
+    assert max_rel_diff(g_chunk, g_loop) < 1e-10
+
+
+def test_auto_strategy_never_vmaps_batchnorm_second_order():
+    # torch.func gives wrong second-order gradients through BatchNorm under vmap
+    # (pytorch/functorch#534): auto must use the loop, explicit vmap must refuse.
+    model, batch = conv_bn(), classification_batch()
+    auto = MAML(model, inner_lr=0.4, inner_steps=1)
+    grads_after(auto, batch, F.cross_entropy)
+    assert auto.last_strategy == "loop"
+    with pytest.raises(ValueError, match="BatchNorm2d"):
+        MAML(model, inner_lr=0.4, strategy="vmap").meta_loss(*batch, F.cross_entropy)
+    # first order does not differentiate through the batch-norm backward: vmap is fine
+    fo_loop, _ = grads_after(FOMAML(model, inner_lr=0.4, strategy="loop"), batch,
+                             F.cross_entropy)
+    fo_vmap, _ = grads_after(FOMAML(model, inner_lr=0.4, strategy="vmap"), batch,
+                             F.cross_entropy)
+    assert max_rel_diff(fo_vmap, fo_loop) < 1e-10
+
+
+def test_auto_strategy_falls_back_when_vmap_fails():
+    class Counting(nn.Module):
+        """Writes into a buffer in place on every call: impossible under vmap."""
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 1).double()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x):
+            self.calls.add_(x.sum().detach())
+            return self.lin(x)
+
+    model, batch = Counting(), regression_batch()
+    algo = MAML(model, inner_lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g, _ = grads_after(algo, batch, F.mse_loss)
+    assert algo.last_strategy == "loop"
+    assert any("vmap over tasks failed" in str(w.message) for w in caught)
+    ref, _ = maml_grad(model, *batch, F.mse_loss, 0.05, 1)
+    assert max_rel_diff(g, ref) < 1e-10
+
+
+def test_anil_equals_maml_restricted_to_head():
+    model, batch = conv_bn(), classification_batch()
+    head = ["9.weight", "9.bias"]
+    anil, _ = grads_after(ANIL(model, inner_lr=0.4, inner_steps=2), batch, F.cross_entropy)
+    restricted, _ = grads_after(MAML(model, inner_lr=0.4, inner_steps=2, inner_params=head),
+                                batch, F.cross_entropy)
+    ref, _ = maml_grad(model, *batch, F.cross_entropy, 0.4, 2, inner=head)
+    assert max_rel_diff(anil, ref) < 1e-10
+    assert max_rel_diff(restricted, ref) < 1e-10
+    assert float(anil["0.weight"].abs().max()) > 0  # the body is meta-learned too
+
+
+def test_meta_sgd_learning_rates_get_the_finite_difference_gradient():
+    model, batch = mlp(), regression_batch()
+    algo = MetaSGD(model, inner_lr=0.05, inner_steps=2, strategy="loop")
+    with torch.no_grad():  # distinct rates per entry, so a mix-up would show
+        for lr in algo.inner_lrs.values():
+            lr.uniform_(0.02, 0.08)
+    algo.zero_grad()
+    algo.meta_loss(*batch, F.mse_loss).backward()
+    name = "2.weight"
+    lr = algo.lr_of(name)
+    analytic = lr.grad.clone()
+    # against autograd with the same rates
+    lrs = {k: algo.lr_of(k) for k, _ in model.named_parameters()}
+    ref, _ = maml_grad(model, *batch, F.mse_loss, None, 2, lrs=lrs)
+    assert float((analytic - ref[f"lr:{name}"]).abs().max()) < 1e-10 * max(
+        1.0, float(analytic.abs().max()))
+    # against central finite differences on a few entries
+    eps = 1e-6
+    for idx in [(0, 0), (3, 7), (11, 5)]:
+        with torch.no_grad():
+            old = lr[idx].item()
+            lr[idx] = old + eps
+            plus = float(algo.meta_loss(*batch, F.mse_loss))
+            lr[idx] = old - eps
+            minus = float(algo.meta_loss(*batch, F.mse_loss))
+            lr[idx] = old
+        fd = (plus - minus) / (2 * eps)
+        assert analytic[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    assert name.replace(".", "__") in dict(algo.named_parameters()).__repr__() or any(
+        p is lr for p in algo.parameters())
+
+
+def test_reptile_direction_by_hand():
+    model, batch = mlp(), regression_batch()
+    lr, steps = 0.05, 3
+    algo = Reptile(model, inner_lr=lr, inner_steps=steps, strategy="loop")
+    got, value = grads_after(algo, batch, F.mse_loss)
+    sx, sy, qx, qy = batch
+    phi = {k: p.detach() for k, p in model.named_parameters()}
+    finals, queries, dists = [], [], []
+    for i in range(sx.shape[0]):
+        theta = {k: v.clone().requires_grad_() for k, v in phi.items()}
+        for _ in range(steps):
+            gs = torch.autograd.grad(F.mse_loss(call(model, theta, sx[i]), sy[i]),
+                                     list(theta.values()))
+            theta = {k: (v - lr * g).detach().requires_grad_()
+                     for (k, v), g in zip(theta.items(), gs)}
+        finals.append(theta)
+        queries.append(float(F.mse_loss(call(model, theta, qx[i]), qy[i])))
+        dists.append(sum(0.5 * float((phi[k] - theta[k]).square().sum()) for k in phi))
+    expected = {k: phi[k] - torch.stack([t[k].detach() for t in finals]).mean(0) for k in phi}
+    assert max_rel_diff(got, expected) < 1e-12
+    assert value == pytest.approx(sum(dists) / len(dists), rel=1e-12)
+    assert float(algo.last_query_loss) == pytest.approx(sum(queries) / len(queries), rel=1e-12)
+
+
+def test_imaml_matches_exact_ift_with_materialised_hessian():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    batch = regression_batch(tasks=2, shots=8)
+    lam, lr, steps = 2.0, 0.05, 40
+    algo = iMAML(model, inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=100, cg_tol=1e-14)
+    got, _ = grads_after(algo, batch, F.mse_loss)
+    sx, sy, qx, qy = batch
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    phi = {k: p.detach() for k, p in model.named_parameters()}
+
+    def unflat(vec):
+        out, i = {}, 0
+        for k, s in zip(names, shapes):
+            n = s.numel()
+            out[k] = vec[i:i + n].reshape(s)
+            i += n
+        return out
+
+    total = 0
+    for i in range(sx.shape[0]):
+        theta = algo.adapt(sx[i], sy[i], F.mse_loss)  # the same inner solver
+        flat = torch.cat([theta[k].reshape(-1) for k in names])
+        hess = torch.autograd.functional.hessian(
+            lambda v, i=i: F.mse_loss(call(model, unflat(v), sx[i]), sy[i]), flat)
+        q = flat.clone().requires_grad_()
+        gq = torch.autograd.grad(F.mse_loss(call(model, unflat(q), qx[i]), qy[i]), q)[0]
+        eye = torch.eye(flat.numel(), dtype=flat.dtype)
+        total = total + torch.linalg.solve(eye + hess / lam, gq)
+    expected = unflat(total / sx.shape[0])
+    assert max_rel_diff(got, expected) < 1e-8
+    # the proximal solution is near phi but not at it
+    assert 0 < float(sum((theta[k] - phi[k]).abs().sum() for k in names))
+
+
+def test_adapt_returns_inner_sgd_result_and_leaves_model_alone():
+    model = conv_bn()
+    sx, sy, _, _ = classification_batch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    maml = MAML(model, inner_lr=0.4, inner_steps=2)
+    adapted = maml.adapt(sx[0], sy[0], F.cross_entropy)
+    phi = dict(model.named_parameters())
+    theta = dict(phi)
+    for _ in range(2):
+        gs = torch.autograd.grad(F.cross_entropy(call(model, theta, sx[0]), sy[0]),
+                                 list(theta.values()))
+        theta = {k: v - 0.4 * g for (k, v), g in zip(theta.items(), gs)}
+    assert max_rel_diff(adapted, {k: v.detach() for k, v in theta.items()}) < 1e-12
+    assert all(not v.requires_grad for v in adapted.values())
+    three = maml.adapt(sx[0], sy[0], F.cross_entropy, steps=3)
+    assert max_rel_diff(three, adapted) > 1e-6
+    logits = maml.predict(adapted, sx[0])
+    assert logits.shape == (sx.shape[1], 3)
+    for k, v in model.state_dict().items():  # running stats and weights untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_meta_loss_leaves_batchnorm_running_stats_alone():
+    model = conv_bn()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    MAML(model, inner_lr=0.4, inner_steps=2).meta_loss(*classification_batch(),
+                                                      F.cross_entropy).backward()
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k
+
+
+def test_eval_mode_uses_running_stats():
+    model = conv_bn()
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.3)
+        model[1].running_var.fill_(2.0)
+    model.eval()
+    batch = classification_batch()
+    ours, _ = grads_after(MAML(model, inner_lr=0.4, strategy="loop"), batch, F.cross_entropy)
+    phi = dict(model.named_parameters())
+    total = 0
+    for i in range(2):
+        fwd = lambda p, x: torch.func.functional_call(model, p, (x,))  # noqa: E731
+        gs = torch.autograd.grad(F.cross_entropy(fwd(phi, batch[0][i]), batch[1][i]),
+                                 list(phi.values()), create_graph=True)
+        theta = {k: v - 0.4 * g for (k, v), g in zip(phi.items(), gs)}
+        total = total + F.cross_entropy(fwd(theta, batch[2][i]), batch[3][i]) / 2
+    ref = dict(zip(phi, torch.autograd.grad(total, list(phi.values()))))
+    assert max_rel_diff(ours, ref) < 1e-10
+
+
+def test_no_grad_meta_loss_evaluates_only():
+    model, batch = mlp(), regression_batch()
+    maml = MAML(model, inner_lr=0.05, inner_steps=2)
+    with torch.no_grad():
+        value = maml.meta_loss(*batch, F.mse_loss)
+    assert not value.requires_grad
+    _, ref = maml_grad(model, *batch, F.mse_loss, 0.05, 2)
+    assert float(value) == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda b: (b[0][:, :3], *b[1:]), "support_x has 3 examples per task"),
+    (lambda b: (b[0], b[1], b[2][:1], b[3]), "query_x has 1 tasks"),
+    (lambda b: (b[0][0], b[1][0], b[2][0], b[3][0]), "support_y has shape .*task axis"),
+    (lambda b: (b[0], b[1], b[2][..., :4, :], b[3]), "query_x examples have shape"),
+    (lambda b: (b[0], b[1], b[2], b[3] + 3), "query_y contains label 5 but the model "
+                                             "outputs 3 classes"),
+    (lambda b: (b[0], b[1] - 1, b[2], b[3]), "support_y contains label -1"),
+    (lambda b: (b[0][:, :0], b[1][:, :0], b[2], b[3]), "support_x has no examples"),
+])
+def test_bad_input_names_the_tensor(change, match):
+    maml = MAML(conv_bn(), inner_lr=0.4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        maml.meta_loss(*change(classification_batch()), F.cross_entropy)
+
+
+def test_bad_adapt_input_and_constructor_arguments():
+    model = conv_bn()
+    sx, sy, _, _ = classification_batch()
+    maml = MAML(model, inner_lr=0.4)
+    with pytest.raises(ValueError, match="y has shape"):
+        maml.adapt(sx[0], sy[0][:2], F.cross_entropy)
+    with pytest.raises(ValueError, match="y contains label 7"):
+        maml.adapt(sx[0], sy[0] + 5, F.cross_entropy)
+    with pytest.raises(ValueError, match="inner_steps"):
+        MAML(model, inner_steps=-1)
+    with pytest.raises(ValueError, match="not parameters"):
+        MAML(model, inner_params=["nope.weight"])
+    with pytest.raises(ValueError, match="strategy"):
+        MAML(model, strategy="threads")
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        ANIL(nn.Module())
