@@ -183,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = RESULTS / "quick" if args.quick else RESULTS
     combined: dict[str, Any] = {"environment": env, "seeds": seeds, "quick": args.quick}
 
+    def previous(name: str) -> dict[str, Any]:
+        """Runs of an earlier invocation with the same seeds (merged, not overwritten)."""
+        path = args.json if args.json is not None else out_dir / f"{name}.json"
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        old = old.get(name, {}) if args.json is not None else old
+        return old.get("runs", {}) if old.get("seeds") == seeds else {}
+
     def save(name: str, data: dict[str, Any]) -> None:
         if args.json is not None:
             combined[name] = data
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(sinusoid_table(sin), flush=True)
 
     if args.only in (None, "glyph"):
-        gly: dict[str, Any] = {"seeds": seeds, "quick": args.quick, "runs": {}}
+        gly: dict[str, Any] = {"seeds": seeds, "quick": args.quick, "runs": previous("glyph")}
         for k in args.shots:
             for algo in args.algorithms:
                 key = f"{algo}_{k}shot"

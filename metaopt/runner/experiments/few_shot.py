@@ -130,8 +130,9 @@ def build_algorithm(name: str, model: nn.Module, settings: MetaLearningSettings,
     if name == "reptile":
         return algorithms.Reptile(model, **common)
     if name == "imaml":
+        # iMAML's conjugate-gradient solve is data-dependent: it always loops over tasks.
         return algorithms.iMAML(model, lam=settings.imaml_lambda,
-                                cg_steps=settings.imaml_cg_steps, **common)
+                                cg_steps=settings.imaml_cg_steps, **{**common, "strategy": "loop"})
     raise ValueError(f"unknown algorithm '{name}'; choose one of {', '.join(ALGORITHMS)}")
 
 
