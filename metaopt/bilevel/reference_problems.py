@@ -84,17 +84,24 @@ def ridge_problem(d: int = 20, n_train: int | None = None, n_val: int | None = N
         r = Xv @ theta["w"] - yv
         return 0.5 * (r @ r) / n_val
 
-    def hessian(phi: Params) -> Tensor:
+    def solve_hessian(phi: Params, rhs: Tensor) -> Tensor:
+        """H⁻¹ rhs exactly: a dense solve for d ≤ n, Woodbury's identity beyond."""
         lam_vec = phi["penalty"].expand(d) if phi["penalty"].dim() == 0 else phi["penalty"]
-        return X.T @ X / n_train + torch.diag(lam_vec)
+        if d <= n_train:
+            return torch.linalg.solve(X.T @ X / n_train + torch.diag(lam_vec), rhs)
+        # (D + XᵀX/n)⁻¹ = D⁻¹ − D⁻¹Xᵀ(nI + XD⁻¹Xᵀ)⁻¹XD⁻¹ with D = diag(λ).
+        d_inv_rhs = rhs / lam_vec
+        XD = X / lam_vec
+        small = n_train * torch.eye(n_train, dtype=X.dtype, device=X.device) + XD @ X.T
+        return d_inv_rhs - (XD.T @ torch.linalg.solve(small, X @ d_inv_rhs))
 
     def exact_solution(phi: Params) -> Params:
-        return {"w": torch.linalg.solve(hessian(phi), X.T @ y / n_train)}
+        return {"w": solve_hessian(phi, X.T @ y / n_train)}
 
     def exact_hypergradient(phi: Params) -> Params:
         w = exact_solution(phi)["w"]
         grad_w = Xv.T @ (Xv @ w - yv) / n_val
-        g = -w * torch.linalg.solve(hessian(phi), grad_w)
+        g = -w * solve_hessian(phi, grad_w)
         return {"penalty": g if phi["penalty"].dim() else g.sum()}
 
     problem = BilevelProblem(inner, outer, sgd(1.0 / L), inner_steps, name="ridge")

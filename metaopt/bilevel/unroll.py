@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor
 
 from metaopt.optim.base import GradientTransformation, State, apply_updates
 from metaopt.params import NonFiniteError, Params
 
-__all__ = ["InnerTrace", "inner_gradient", "unroll"]
+__all__ = ["InnerTrace", "flatten_state", "inner_gradient", "unflatten_state", "unroll"]
 
 #: ``loss_fn(theta, step) -> scalar``: the inner objective at inner step ``step``.
 StepLoss = Callable[[Params, int], Tensor]
@@ -55,7 +54,7 @@ def inner_gradient(loss_fn: StepLoss, theta: Params, step: int, *,
     meta-gradients need. With ``stop_gradient`` it is treated as a constant — the
     first-order (FOMAML-style) approximation. Inside ``torch.func`` transforms
     (``vmap`` over a meta-batch) ``torch.func.grad_and_value`` is used; elsewhere
-    ``torch.autograd.grad``, which also works under ``torch.utils.checkpoint``.
+    ``torch.autograd.grad``.
     """
     if _under_functorch():
         grads, loss = torch.func.grad_and_value(lambda th: loss_fn(th, step))(dict(theta))
@@ -83,11 +82,11 @@ def _step(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
     return apply_updates(theta, updates), opt_state, loss
 
 
-def _flatten_state(tree: Any, prefix: str = "") -> tuple[list[str], list[Tensor]]:
+def flatten_state(tree: Any, prefix: str = "") -> tuple[list[str], list[Tensor]]:
     keys, values = [], []
     if isinstance(tree, Mapping):
         for k in tree:
-            ks, vs = _flatten_state(tree[k], f"{prefix}{k}/")
+            ks, vs = flatten_state(tree[k], f"{prefix}{k}/")
             keys += ks
             values += vs
     elif isinstance(tree, Tensor):
@@ -99,7 +98,7 @@ def _flatten_state(tree: Any, prefix: str = "") -> tuple[list[str], list[Tensor]
     return keys, values
 
 
-def _unflatten_state(like: Any, values: list[Tensor]) -> Any:
+def unflatten_state(like: Any, values: list[Tensor]) -> Any:
     it = iter(values)
 
     def build(t: Any) -> Any:
@@ -128,8 +127,7 @@ def _check_step(loss: Tensor, theta: Params, step: int) -> None:
 
 def unroll(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
            steps: int, *, opt_state: State | None = None, start: int = 0,
-           stop_gradient: bool = False, checkpoint_segment: int | None = None,
-           check_finite: bool = True) -> InnerTrace:
+           stop_gradient: bool = False, check_finite: bool = True) -> InnerTrace:
     """Run ``steps`` optimizer steps on ``loss_fn`` from ``theta``.
 
     Args:
@@ -140,58 +138,20 @@ def unroll(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
         opt_state: optimizer state to continue from (default: ``optimizer.init``).
         start: index of the first step (passed to ``loss_fn``; for minibatch schedules).
         stop_gradient: treat inner gradients as constants (first-order approximation).
-        checkpoint_segment: recompute every segment of this many steps during the
-            backward pass instead of storing it, so memory grows with
-            ``steps / segment + segment`` instead of ``steps``.
         check_finite: raise :class:`NonFiniteError` naming the step and tensor if
             a NaN/inf appears (turn off under ``vmap``).
 
     Whether the result is differentiable follows autograd's usual rules: run it under
-    ``torch.no_grad()`` for a plain (non-differentiable) inner solve.
+    ``torch.no_grad()`` for a plain (non-differentiable) inner solve. (For bounded
+    memory, :class:`~metaopt.bilevel.Unrolled` recomputes segments of this function.)
     """
     theta = dict(theta)
     if opt_state is None:
         opt_state = optimizer.init(theta)
     losses: list[Tensor] = []
-    use_checkpoint = (checkpoint_segment is not None and checkpoint_segment > 0
-                      and torch.is_grad_enabled())
-    if not use_checkpoint:
-        for k in range(start, start + steps):
-            theta, opt_state, loss = _step(loss_fn, optimizer, theta, opt_state, k,
-                                           stop_gradient)
-            losses.append(loss.detach())
-            if check_finite:
-                _check_step(loss, theta, k)
-        return InnerTrace(theta, opt_state, losses)
-
-    theta_keys = list(theta)
-    k = start
-    end = start + steps
-    while k < end:
-        n = min(checkpoint_segment, end - k)
-        state_keys, state_values = _flatten_state(opt_state)
-        template = opt_state
-
-        def segment(first: int, count: int, *tensors: Tensor,
-                    template: Any = template) -> tuple[Tensor, ...]:
-            th = dict(zip(theta_keys, tensors[:len(theta_keys)]))
-            st = _unflatten_state(template, list(tensors[len(theta_keys):]))
-            seg_losses = []
-            for i in range(first, first + count):
-                th, st, loss = _step(loss_fn, optimizer, th, st, i, stop_gradient)
-                seg_losses.append(loss)
-            _, st_values = _flatten_state(st)
-            return (*th.values(), *st_values, torch.stack(seg_losses))
-
-        out = torch.utils.checkpoint.checkpoint(
-            segment, k, n, *theta.values(), *state_values, use_reentrant=False)
-        theta = dict(zip(theta_keys, out[:len(theta_keys)]))
-        n_state = len(state_keys)
-        opt_state = _unflatten_state(template, list(out[len(theta_keys):len(theta_keys) + n_state]))
-        seg_losses = out[-1].detach()
-        for i in range(n):
-            losses.append(seg_losses[i])
-            if check_finite:
-                _check_step(seg_losses[i], theta if i == n - 1 else {}, k + i)
-        k += n
+    for k in range(start, start + steps):
+        theta, opt_state, loss = _step(loss_fn, optimizer, theta, opt_state, k, stop_gradient)
+        losses.append(loss.detach())
+        if check_finite:
+            _check_step(loss, theta, k)
     return InnerTrace(theta, opt_state, losses)

@@ -129,3 +129,19 @@ def test_hypergradcheck_reports_a_wrong_estimator():
     exact = hypergradcheck(Implicit(), ridge_problem(d=5, inner_steps=500).problem, ref.phi,
                            ref.theta0, reference=ref.exact_hypergradient)
     assert exact.ok and exact.mode == "exact"
+
+
+@pytest.mark.parametrize("truncate", [None, 13])
+def test_checkpointed_matches_plain_with_adam_state_and_phi_dependent_init(truncate):
+    from metaopt.bilevel import BilevelProblem
+    from metaopt.optim import adam
+
+    ref = ridge_problem(d=6, inner_steps=30)
+    prob = BilevelProblem(ref.problem.inner_loss, ref.problem.outer_loss, adam(0.01), 30)
+
+    def theta0(phi):  # θ₀ depends on φ, as in MAML
+        return {"w": 0.5 * phi["penalty"]}
+
+    plain = Unrolled(truncate=truncate)(prob, ref.phi, theta0).grad["penalty"]
+    ckpt = Unrolled(truncate=truncate, checkpoint_segment=4)(prob, ref.phi, theta0).grad["penalty"]
+    torch.testing.assert_close(ckpt, plain, rtol=1e-12, atol=1e-15)
