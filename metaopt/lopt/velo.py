@@ -76,6 +76,7 @@ _N_FF_IN = sum(_GROUP_WIDTHS)  # 30
 #: Channels that vary per element (everything except the Adafactor row/col groups).
 _FULL_CHANNELS = [c for gi in (0, 1, 2, 3, 4, 5, 6, 7, 8, 13)
                   for c in range(_GROUP_START[gi], _GROUP_START[gi] + _GROUP_WIDTHS[gi])]
+_N_FULL = len(_FULL_CHANNELS)  # 18
 _ROW_CHANNELS = list(range(_GROUP_START[9], _GROUP_START[9] + 3)) + list(
     range(_GROUP_START[11], _GROUP_START[11] + 3))
 _COL_CHANNELS = list(range(_GROUP_START[10], _GROUP_START[10] + 3)) + list(
@@ -138,6 +139,14 @@ def _safe_rsqrt(x: Tensor) -> Tensor:
 
 def _clip_log_abs(v: Tensor, scale: float = 10.0) -> Tensor:
     return torch.clamp(torch.log(1e-8 + torch.abs(v * scale)), -5.0, 5.0) * 0.5
+
+
+def _var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Population variance and mean of each row of ``x`` (two passes, one temporary;
+    ``torch.var_mean`` is an order of magnitude slower on CPU)."""
+    mean = x.mean(dim=1)
+    var = torch.square(torch.linalg.vector_norm(x - mean.unsqueeze(1), dim=1)) / x.shape[1]
+    return var, mean
 
 
 def _tensor_rank(shape: Sequence[int]) -> int:
@@ -506,14 +515,16 @@ class VeLO(LearnedOptimizer):
         rows = []
         for key, p in params.items():
             info = self._info(p.shape)
-            p32 = p.to(torch.float32)
-            norm_mult = torch.rsqrt(torch.clamp(torch.mean(p32 * p32), min=1e-9))
-            m = state["mom"][key].reshape(-1, 3) * norm_mult
-            r = state["rms"][key].reshape(-1, 1) * norm_mult
-            mean_m = m.mean(0)
-            var_m = torch.mean(torch.square(m - mean_m), 0)
-            mean_rms = r.mean(0)
-            var_rms = torch.mean(torch.square(r - mean_m), 0)
+            p32 = p.reshape(-1).to(torch.float32)
+            norm_mult = torch.rsqrt(torch.clamp(torch.dot(p32, p32) / p32.numel(), min=1e-9))
+            # One pass each (no (n, 3) temporaries): var(a·x) = a² var(x), and the
+            # reference's mean((r - mean_m)²) = var(r) + (mean(r) - mean_m)².
+            var_m, mean_m = _var_mean(state["mom"][key].movedim(-1, 0).reshape(3, -1))
+            var_r, mean_r = _var_mean(state["rms"][key].reshape(1, -1))
+            nm2 = norm_mult * norm_mult
+            var_m, mean_m = var_m * nm2, mean_m * norm_mult
+            mean_rms = (mean_r * norm_mult).reshape(1)
+            var_rms = var_r * nm2 + torch.square(mean_rms - mean_m)
             rank = F.one_hot(torch.tensor(min(info.rank, 5)), 6)[:5].to(torch.float32)
             rows.append(torch.cat([
                 _clip_log_abs(mean_rms), rank.to(device), _clip_log_abs(var_m),
@@ -596,9 +607,24 @@ class VeLO(LearnedOptimizer):
         fac_d = torch.clamp(self._decays(self.initial_adafactor_decays, device), 0.0, 1.0)
         new_params: Params = {}
         mom, rms, v_row, v_col, v_diag = {}, {}, {}, {}, {}
+        fast = not (torch.is_grad_enabled() and self._any_requires_grad(
+            grads, state, params, lr_mult, mlps))
         for j, key in enumerate(keys):
             p, g = params[key], grads[key]
             info = self._info(p.shape)
+            if fast and info.factored is not None and p.dtype == torch.float32:
+                p32 = p.reshape(-1)
+                coef = lr_mult[j] * self.step_mult
+                if self.param_scale_mult:
+                    coef = coef * torch.sqrt(torch.dot(p32, p32) / p32.numel() + 1e-9)
+                if not (isinstance(scales[j], float) and scales[j] == 1.0):
+                    coef = coef * scales[j]
+                new_params[key], mom[key], rms[key], v_row[key], v_col[key] = \
+                    self._fast_factored_step(
+                        info, p, g, state["mom"][key], state["rms"][key], state["v_row"][key],
+                        state["v_col"][key], mom_d, rms_d, fac_d, mlps[j], coef)
+                v_diag[key] = state["v_diag"][key]
+                continue
             m_new = mom_d * state["mom"][key] + (1.0 - mom_d) * g.unsqueeze(-1)
             r_new = rms_d * state["rms"][key] + (1.0 - rms_d) * (g * g).unsqueeze(-1)
             mom[key], rms[key] = m_new, r_new
@@ -624,6 +650,18 @@ class VeLO(LearnedOptimizer):
         for extra in state.keys() - new_state.keys():
             new_state[extra] = state[extra]
         return new_params, new_state, internals
+
+    @staticmethod
+    def _any_requires_grad(*trees: Any) -> bool:
+        def visit(t: Any) -> bool:
+            if isinstance(t, Tensor):
+                return t.requires_grad
+            if isinstance(t, Mapping):
+                return any(visit(v) for v in t.values())
+            if isinstance(t, list | tuple):
+                return any(visit(v) for v in t)
+            return False
+        return any(visit(t) for t in trees)
 
     def _tensor_step(self, info: _TensorInfo, p: Tensor, g: Tensor, m: Tensor, rms: Tensor,
                      v_row: Tensor, v_col: Tensor, v_diag: Tensor, fac_d: Tensor,
@@ -687,6 +725,104 @@ class VeLO(LearnedOptimizer):
             step = step * torch.sqrt(torch.mean(p * p) + 1e-9)
         step = step * self.step_mult
         return step, *v_out
+
+    # ----------------------------------------------------------- fast (no-grad) path
+
+    #: Elements per block of the per-parameter MLP on the fast path (its ~30 rows of
+    #: float32 per element then stay in cache).
+    fast_block = 32768
+
+    def _fast_factored_step(self, info: _TensorInfo, p: Tensor, g: Tensor, m_old: Tensor,
+                            r_old: Tensor, v_row: Tensor, v_col: Tensor, mom_d: Tensor,
+                            rms_d: Tensor, fac_d: Tensor, mlp: list[Tensor], coef: Tensor
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`_tensor_step` for a factored tensor without autograd, channel-first.
+
+        Accumulators live as ``(channels, n)`` rows; the 18 per-element input channels
+        are written block by block into one reused buffer (two passes when the tensor
+        is larger than a block: the first only gathers each channel's mean square),
+        and the MLP runs on each block while it is in cache. ``coef`` is the tensor's
+        whole scalar step multiplier. Returns ``(p_new, mom, rms, v_row, v_col)`` with
+        the accumulators as channel-last views of channel-first storage.
+        """
+        shape, n = info.shape1d, p.numel()
+        d1, d0 = info.factored
+        pf = p.reshape(n).to(torch.float32)
+        gf = g.reshape(n)
+        mom = torch.empty(3, n, dtype=torch.float32, device=p.device)
+        torch.mul(m_old.movedim(-1, 0).reshape(3, n), mom_d.view(3, 1), out=mom)
+        mom.addcmul_((1.0 - mom_d).view(3, 1), gf.view(1, n))
+        g2 = gf * gf
+        rms = torch.mul(r_old.reshape(1, n), rms_d.view(1, 1))
+        rms.add_(g2.view(1, n) * (1.0 - rms_d).view(1, 1))
+        g2.add_(1e-30)
+        g2s = g2.view(shape).unsqueeze(-1)
+        v_row = fac_d * v_row + (1.0 - fac_d) * g2s.mean(dim=d0)
+        v_col = fac_d * v_col + (1.0 - fac_d) * g2s.mean(dim=d1)
+        del g2, g2s
+        reduced_d1 = d1 - 1 if d1 > d0 else d1
+        row_col_mean = v_row.mean(dim=reduced_d1, keepdim=True)
+        row_factor = _safe_rsqrt(v_row / (row_col_mean + 1e-9)).unsqueeze(d0).movedim(-1, 0)
+        col_factor = _safe_rsqrt(v_col).unsqueeze(d1).movedim(-1, 0)
+        fac = torch.mul(row_factor, col_factor).reshape(3, n)  # channel-first: fast
+
+        w0, b0 = mlp[0], mlp[1]
+        row_in = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
+        col_in = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
+        row_h = self._normalised_matmul(row_in, w0[_ROW_CHANNELS]).unsqueeze(d0)
+        col_h = self._normalised_matmul(col_in, w0[_COL_CHANNELS]).unsqueeze(d1) + b0
+        bias = torch.add(row_h.movedim(-1, 0), col_h.movedim(-1, 0)).reshape(-1, n)
+
+        block = max(1, min(n, int(self.fast_block)))
+        x = torch.empty(_N_FULL, block, dtype=torch.float32, device=p.device)
+
+        def fill(lo: int, hi: int) -> Tensor:
+            xb = x[:, :hi - lo]
+            gb, mb, rb = gf[lo:hi], mom[:, lo:hi], rms[:, lo:hi]
+            xb[0].copy_(gb)
+            torch.clamp(gb, -0.1, 0.1, out=xb[1])
+            xb[2].copy_(pf[lo:hi])
+            xb[3:6].copy_(mb)
+            xb[6:7].copy_(rb)
+            torch.add(rb, 1e-6, out=xb[10:11])
+            xb[10:11].rsqrt_()
+            torch.mul(mb, xb[10:11], out=xb[7:10])
+            torch.mul(fac[:, lo:hi], gb, out=xb[11:14])
+            torch.mul(gb, xb[10], out=xb[14])
+            torch.mul(mb, fac[:, lo:hi], out=xb[15:18])
+            return xb
+
+        def sumsq(xb: Tensor) -> Tensor:
+            return torch.square(torch.linalg.vector_norm(xb, dim=1))
+
+        bounds = [(lo, min(n, lo + block)) for lo in range(0, n, block)]
+        if len(bounds) == 1:
+            xb = fill(0, n)
+            ss = sumsq(xb)
+        else:
+            ss = sum(sumsq(fill(lo, hi)) for lo, hi in bounds)
+        scale = torch.rsqrt(1e-5 + ss / n)
+        w_in = (scale.unsqueeze(1) * w0[_FULL_CHANNELS]).t().contiguous()
+        n_layers = len(mlp) // 2
+        layers = [(mlp[2 * li][:, :2] if li == n_layers - 1 else mlp[2 * li],
+                   mlp[2 * li + 1][:2] if li == n_layers - 1 else mlp[2 * li + 1])
+                  for li in range(1, n_layers)]
+        layers = [(w.t().contiguous(), b.unsqueeze(1)) for w, b in layers]
+        p_new = torch.empty_like(pf)
+        for lo, hi in bounds:
+            if len(bounds) > 1:
+                xb = fill(lo, hi)
+            h = torch.addmm(bias[:, lo:hi], w_in, xb)
+            for w, b in layers:
+                h.relu_()
+                h = torch.addmm(b, w, h)
+            out = h
+            step = out[1].mul_(self.exp_mult).exp_()
+            step.mul_(out[0]).mul_(coef)
+            torch.sub(pf[lo:hi], step, out=p_new[lo:hi])
+        mom_v = mom.view(3, *info.shape).movedim(0, -1)
+        rms_v = rms.view(1, *info.shape).movedim(0, -1)
+        return p_new.view(info.shape), mom_v, rms_v, v_row, v_col
 
     @staticmethod
     def _normalised_matmul(x: Tensor, w: Tensor) -> Tensor:
