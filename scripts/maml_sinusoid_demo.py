@@ -78,7 +78,8 @@ def plot(models: dict[str, SinusoidRegression], curves: dict[str, dict[int, floa
                         label=f"{label}, {steps} step{'s' if steps != 1 else ''}")
     ax_fit.set(title="Adapting to a held-out sinusoid from K=5 points", xlabel="x",
                ylabel="y", xlim=(-5, 5))
-    ax_fit.legend(fontsize=8, loc="lower left", ncol=2)
+    ax_fit.legend(fontsize=7, loc="upper center", ncol=3, framealpha=0.9)
+    ax_fit.set_ylim(-6.5, 8)
     for key, curve in curves.items():
         label, k = key.rsplit(" K=", 1)
         ax_mse.plot(CURVE_STEPS, [curve[s] for s in CURVE_STEPS], marker="o",
