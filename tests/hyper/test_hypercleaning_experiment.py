@@ -72,6 +72,21 @@ def test_bad_config():
         HyperCleaningConfig(outer_lr=-1.0)
 
 
+def test_quick_small_run_beats_corrupted_baseline():
+    """Three outer steps of IFT-Neumann on a 600/300/600 split beat training on all
+    corrupted data (same final trainer) in test accuracy, and find the clean samples."""
+    cfg = HyperCleaningConfig(p=0.5, estimator="ift_neumann", n_train=600, n_val=300,
+                              n_test=600, inner_steps=5, linear_iters=5, final_steps=100)
+    exp = HyperCleaning(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    for s in range(1, 4):
+        exp.meta_step(s)
+    got = exp.evaluate("test")
+    base = baseline_metrics(cfg, seed=0)
+    assert got["acc"] > base["corrupted"]["test_acc"] + 0.05, (got, base)
+    assert got["clean_f1"] > 0.85
+
+
+@pytest.mark.slow
 def test_quick_run_beats_corrupted_baseline():
     """A few outer steps of IFT-Neumann on the full-size task beat training on all
     corrupted data (same final trainer) in test accuracy, and find the clean samples."""
