@@ -728,9 +728,11 @@ class VeLO(LearnedOptimizer):
 
     # ----------------------------------------------------------- fast (no-grad) path
 
-    #: Elements per block of the per-parameter MLP on the fast path (its ~30 rows of
-    #: float32 per element then stay in cache).
-    fast_block = 32768
+    #: Fast path: elements whose 18 input channels are materialised at once (larger
+    #: tensors take two passes, the first for the channels' mean squares) ...
+    fast_block = 1 << 21
+    #: ... and elements per block of the per-parameter MLP (its rows stay in cache).
+    fast_mlp_block = 32768
 
     def _fast_factored_step(self, info: _TensorInfo, p: Tensor, g: Tensor, m_old: Tensor,
                             r_old: Tensor, v_row: Tensor, v_col: Tensor, mom_d: Tensor,
@@ -795,12 +797,11 @@ class VeLO(LearnedOptimizer):
         def sumsq(xb: Tensor) -> Tensor:
             return torch.square(torch.linalg.vector_norm(xb, dim=1))
 
-        bounds = [(lo, min(n, lo + block)) for lo in range(0, n, block)]
-        if len(bounds) == 1:
-            xb = fill(0, n)
-            ss = sumsq(xb)
-        else:
-            ss = sum(sumsq(fill(lo, hi)) for lo, hi in bounds)
+        chunks = [(lo, min(n, lo + block)) for lo in range(0, n, block)]
+        if len(chunks) == 1:
+            ss = sumsq(fill(0, n))
+        else:  # first pass only for the channels' mean squares
+            ss = sum(sumsq(fill(lo, hi)) for lo, hi in chunks)
         scale = torch.rsqrt(1e-5 + ss / n)
         w_in = (scale.unsqueeze(1) * w0[_FULL_CHANNELS]).t().contiguous()
         n_layers = len(mlp) // 2
@@ -809,17 +810,19 @@ class VeLO(LearnedOptimizer):
                   for li in range(1, n_layers)]
         layers = [(w.t().contiguous(), b.unsqueeze(1)) for w, b in layers]
         p_new = torch.empty_like(pf)
-        for lo, hi in bounds:
-            if len(bounds) > 1:
-                xb = fill(lo, hi)
-            h = torch.addmm(bias[:, lo:hi], w_in, xb)
-            for w, b in layers:
-                h.relu_()
-                h = torch.addmm(b, w, h)
-            out = h
-            step = out[1].mul_(self.exp_mult).exp_()
-            step.mul_(out[0]).mul_(coef)
-            torch.sub(pf[lo:hi], step, out=p_new[lo:hi])
+        mlp_block = max(1, int(self.fast_mlp_block))
+        for lo, hi in chunks:
+            xc = fill(lo, hi) if len(chunks) > 1 else x
+            # The MLP in cache-sized blocks (one big (4, 18) @ (18, n) matmul is slow).
+            for blo in range(lo, hi, mlp_block):
+                bhi = min(hi, blo + mlp_block)
+                h = torch.addmm(bias[:, blo:bhi], w_in, xc[:, blo - lo:bhi - lo])
+                for w, b in layers:
+                    h.relu_()
+                    h = torch.addmm(b, w, h)
+                step = h[1].mul_(self.exp_mult).exp_()
+                step.mul_(h[0]).mul_(coef)
+                torch.sub(pf[blo:bhi], step, out=p_new[blo:bhi])
         mom_v = mom.view(3, *info.shape).movedim(0, -1)
         rms_v = rms.view(1, *info.shape).movedim(0, -1)
         return p_new.view(info.shape), mom_v, rms_v, v_row, v_col
