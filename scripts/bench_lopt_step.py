@@ -3,8 +3,9 @@
     python scripts/bench_lopt_step.py [--json PATH] [--quick] [--device cpu|cuda|all]
 
 For MLPs of ~1M and ~10M parameters, one backward pass makes the gradients; then only
-``opt.step`` is timed (warm-up steps first, median over repeats; CUDA is synchronised
-around each step). Every row records ``optimizer, n_params, device, ms_per_step,
+``opt.step`` is timed (warm-up steps first, then the optimizers interleaved, one step
+each per round, median over rounds; CUDA is synchronised around each step; wall and
+thread-CPU time). Every row records ``optimizer, n_params, device, ms_per_step,
 ratio_vs_adamw`` (AdamW(foreach=True) measured in the same run on the same model) and
 ``state_bytes_per_param`` (optimizer state tensors, per-tensor and global, divided by
 the number of parameters). Meta-parameters are random: speed does not depend on them.
@@ -59,19 +60,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], None], device: torch.device, warmup: int,
-               repeats: int) -> float:
-    """Median milliseconds of ``step()`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        step()
-    times = []
+def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+               repeats: int) -> dict[str, tuple[float, float]]:
+    """Per name, median (wall ms, thread-CPU ms) of ``step()`` after ``warmup`` untimed
+    calls. The optimizers are timed interleaved (one step of each per round), so load
+    from other processes hits all of them alike; CPU time is robust to being descheduled.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, step in steps.items():
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            step()
+            _sync(device)
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.thread_time() - c0) * 1e3)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in steps}
 
 
 def optimizers() -> dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]:
@@ -110,39 +118,43 @@ def bench(sizes: list[str], devices: list[str], warmup: int, repeats: int,
             grads = [p.grad.detach().clone() for p in params]
             loss = loss.detach()
             init_state = [p.detach().clone() for p in params]
-            baseline = None
-            for name in names:
+            opts, steps = {}, {}
+            for name in names:  # every optimizer steps the same parameters in turn
                 with torch.no_grad():
                     for p, p0, g in zip(params, init_state, grads):
                         p.copy_(p0)
                         p.grad = g.clone()
-                opt = factories[name](params)
-                if name == "adamw":
-                    step = opt.step
-                else:
-                    step = lambda opt=opt, loss=loss: opt.step(loss=loss)  # noqa: E731
-                ms = time_steps(step, device, warmup, repeats)
-                if name == "adamw":
-                    baseline = ms
+                opt = opts[name] = factories[name](params)
+                steps[name] = opt.step if name == "adamw" else (
+                    lambda opt=opt, loss=loss: opt.step(loss=loss))
+            times = time_steps(steps, device, warmup, repeats)
+            base_ms, base_cpu = times["adamw"]
+            for name in names:
+                ms, cpu_ms = times[name]
                 rows.append({
                     "optimizer": name, "n_params": n_params, "device": dev_name,
                     "ms_per_step": round(ms, 3),
-                    "ratio_vs_adamw": round(ms / baseline, 2),
-                    "state_bytes_per_param": round(state_bytes(opt) / n_params, 2),
+                    "ratio_vs_adamw": round(ms / base_ms, 2),
+                    "cpu_ms_per_step": round(cpu_ms, 3),
+                    "cpu_ratio_vs_adamw": round(cpu_ms / base_cpu, 2),
+                    "state_bytes_per_param": round(state_bytes(opts[name]) / n_params, 2),
                     "threads": torch.get_num_threads(),
                 })
                 print(f"  {dev_name:5s} {n_params:>10,d} {name:14s} {ms:9.2f} ms "
-                      f"({ms / baseline:5.2f}x AdamW)", flush=True)
-                del opt
+                      f"({ms / base_ms:5.2f}x AdamW; CPU {cpu_ms:8.2f} ms, "
+                      f"{cpu_ms / base_cpu:5.2f}x)", flush=True)
+            del opts, steps
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| optimizer | n_params | device | ms/step | × AdamW | state bytes/param |")
-    print("|---|---:|---|---:|---:|---:|")
+    print("\n| optimizer | n_params | device | ms/step | × AdamW | CPU ms/step | CPU × AdamW "
+          "| state bytes/param |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['optimizer']} | {r['n_params']:,} | {r['device']} | {r['ms_per_step']:.2f} "
-              f"| {r['ratio_vs_adamw']:.2f} | {r['state_bytes_per_param']:.1f} |")
+              f"| {r['ratio_vs_adamw']:.2f} | {r['cpu_ms_per_step']:.2f} "
+              f"| {r['cpu_ratio_vs_adamw']:.2f} | {r['state_bytes_per_param']:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
