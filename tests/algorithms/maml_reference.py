@@ -36,7 +36,8 @@ def maml_grad(model, sx, sy, qx, qy, loss_fn, lr, steps, *, first_order=False,
     leaves = list(phi.values()) + ([] if lrs is None else list(lrs.values()))
     grads = torch.autograd.grad(mean, leaves, allow_unused=True)
     names = list(phi) + ([] if lrs is None else [f"lr:{k}" for k in lrs])
-    return {k: (torch.zeros(()) if g is None else g) for k, g in zip(names, grads)}, float(mean.detach())
+    out = {k: (torch.zeros(()) if g is None else g) for k, g in zip(names, grads)}
+    return out, float(mean.detach())
 
 
 def higher_grad(model, sx, sy, qx, qy, loss_fn, lr, steps) -> Params:

@@ -319,3 +319,21 @@ def test_bad_adapt_input_and_constructor_arguments():
         MAML(model, strategy="threads")
     with pytest.raises(TypeError, match="nn.Sequential"):
         ANIL(nn.Module())
+
+
+def test_auto_strategy_rejects_vmap_that_disagrees_with_the_loop():
+    from metaopt.algorithms._execution import StrategyChooser
+
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+
+    def task_fn(phi, x, *, batched):
+        scale = 1.5 if batched else 1.0  # a batching rule that is wrong
+        return scale * (phi["w"] * x).sum()
+
+    chooser = StrategyChooser("auto")
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="different numbers"):
+        result = chooser.run(task_fn, {"w": w}, (x,), need_grad=True)
+    assert result.strategy == "loop"
+    assert torch.allclose(result.grads["w"], x.mean(0))
+    assert chooser.run(task_fn, {"w": w}, (x,), need_grad=True).strategy == "loop"
