@@ -11,6 +11,9 @@ same initial weights and the same tasks (``scripts/peers/common.py``). Per conte
 * time per meta-step (zero grads + meta-loss + backward): median of ``--repeats`` runs,
   taken in interleaved rounds (every round runs each contender once, in rotated order) so
   that load changes on a shared machine hit all contenders alike;
+* CPU time per meta-step (``time.process_time``, all threads of the process), median of the
+  same runs, as ``cpu_time_ratio``: on an oversubscribed machine wall time mostly measures
+  waiting for a core, CPU time much less so;
 * peak memory of one steady-state meta-step. CPU: each contender runs in a fresh
   subprocess; after a warm-up step it calls ``malloc_trim(0)``, resets the kernel's
   peak-RSS mark (``/proc/self/clear_refs`` ← 5) and records ``VmHWM − VmRSS`` across one
@@ -61,7 +64,7 @@ DEFAULT_PEERS = ("higher", "torchopt", "learn2learn")
 FULL_CONFIGS = [
     (model, batch, steps) for model in ("mlp", "conv") for batch in (8, 32) for steps in (1, 5)
 ]
-QUICK_CONFIGS = [("mlp", 8, 1), ("mlp", 8, 5), ("conv", 8, 1)]
+QUICK_CONFIGS = [("mlp", 8, 5), ("conv", 8, 1)]
 
 
 def load_make_step(name: str) -> common.MakeStep:
@@ -183,22 +186,26 @@ def bench_config(
         step = make_step(model, problem.inner_steps, problem.inner_lr, problem.loss_fn)
         loss = step(problem.tasks)  # warm-up; its gradient is the one compared
         synchronize(device)
-        results[name] = {"meta_loss": float(loss), "grads": common.read_grads(model), "ms": []}
+        results[name] = {
+            "meta_loss": float(loss), "grads": common.read_grads(model), "ms": [], "cpu_ms": []
+        }
         steps[name] = step
     names = list(contenders)
     for rep in range(args.repeats):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             steps[name](problem.tasks)
             synchronize(device)
             results[name]["ms"].append(1e3 * (time.perf_counter() - start))
+            results[name]["cpu_ms"].append(1e3 * (time.process_time() - cpu_start))
     del steps
     gc.collect()
     for name in names:
         res = results[name]
         res["median_ms"] = statistics.median(res["ms"])
+        res["median_cpu_ms"] = statistics.median(res["cpu_ms"])
         res["mem_mb"] = (
             None if args.no_memory
             else measure_memory(name, model_name, meta_batch, inner_steps, args)
@@ -224,9 +231,12 @@ def records_for(model: str, meta_batch: int, inner_steps: int, results: dict[str
             "meta_batch": meta_batch,
             "max_rel_diff": common.max_rel_diff(ours["grads"], res["grads"]),
             "time_ratio": ours["median_ms"] / res["median_ms"],
+            "cpu_time_ratio": ours["median_cpu_ms"] / res["median_cpu_ms"],
             "mem_ratio": mem_ratio,
             "metaopt_ms": ours["median_ms"],
             "peer_ms": res["median_ms"],
+            "metaopt_cpu_ms": ours["median_cpu_ms"],
+            "peer_cpu_ms": res["median_cpu_ms"],
             "metaopt_mem_mb": ours["mem_mb"],
             "peer_mem_mb": res["mem_mb"],
             "metaopt_meta_loss": ours["meta_loss"],
@@ -244,21 +254,38 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(records: list[dict]) -> None:
     header = (f"{'model':5} {'B':>3} {'steps':>5} {'peer':13} {'max_rel_diff':>12} "
-              f"{'metaopt ms':>10} {'peer ms':>9} {'time_ratio':>10} "
+              f"{'metaopt ms':>10} {'peer ms':>9} {'time_ratio':>10} {'cpu_ratio':>9} "
               f"{'metaopt MiB':>11} {'peer MiB':>8} {'mem_ratio':>9}")
     print(header)
     print("-" * len(header))
     for r in records:
         print(f"{r['model']:5} {r['meta_batch']:>3} {r['inner_steps']:>5} {r['peer']:13} "
               f"{r['max_rel_diff']:>12.2e} {r['metaopt_ms']:>10.1f} {r['peer_ms']:>9.1f} "
-              f"{r['time_ratio']:>10.2f} {_fmt(r['metaopt_mem_mb'], '11.1f'):>11} "
+              f"{r['time_ratio']:>10.2f} {r['cpu_time_ratio']:>9.2f} "
+              f"{_fmt(r['metaopt_mem_mb'], '11.1f'):>11} "
               f"{_fmt(r['peer_mem_mb'], '8.1f'):>8} {_fmt(r['mem_ratio'], '9.2f'):>9}")
+
+
+def write_json(path: Path, records: list[dict], metaopt_impl: str, skipped: dict[str, str],
+               args: argparse.Namespace) -> None:
+    payload = {
+        "metaopt_impl": metaopt_impl,
+        "skipped_peers": skipped,
+        "torch": torch.__version__,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "repeats": args.repeats,
+        "records": records,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="small subset (mlp B=8 steps 1 and 5, conv B=8 steps 1), 3 repeats")
+                        help="small subset (mlp B=8 5 steps, conv B=8 1 step), 3 repeats")
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed meta-steps per contender (default 5; 3 with --quick)")
@@ -267,7 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="mlp,conv", help="comma-separated: mlp, conv")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch.set_num_threads (0: leave torch's default)")
+                        help="torch.set_num_threads (0: leave torch's default); on a busy "
+                        "shared machine use 1, several threads per process then mostly wait")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -297,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     models = [m for m in args.models.split(",") if m]
     configs = [c for c in (QUICK_CONFIGS if args.quick else FULL_CONFIGS) if c[0] in models]
 
-    print(f"metaopt contender: {metaopt_impl}")
+    print(f"metaopt contender: {metaopt_impl}", flush=True)
     for name, why in skipped.items():
         print(f"skipping peer {name}: {why}")
     if args.no_memory:
@@ -307,7 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         memory = "peak RSS increase in a fresh subprocess"
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats}, memory: {memory}")
+          f"repeats {args.repeats}, memory: {memory}", flush=True)
     records: list[dict] = []
     start = time.perf_counter()
     for model, batch, steps in configs:
@@ -315,25 +343,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results = bench_config(model, batch, steps, contenders, args)
         new = records_for(model, batch, steps, results, metaopt_impl)
         records += new
-        times = ", ".join(f"{n} {r['median_ms']:.1f} ms" for n, r in results.items())
+        times = ", ".join(
+            f"{n} {r['median_ms']:.1f} ms (cpu {r['median_cpu_ms']:.1f})"
+            for n, r in results.items()
+        )
         print(f"[{model} B={batch} steps={steps}] {times}  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
+        if args.json:  # rewritten after every configuration, so a cut-off run leaves data
+            write_json(args.json, records, metaopt_impl, skipped, args)
     print()
     print_table(records)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:
-        payload = {
-            "metaopt_impl": metaopt_impl,
-            "skipped_peers": skipped,
-            "torch": torch.__version__,
-            "device": args.device,
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "repeats": args.repeats,
-            "records": records,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
     return records
 
