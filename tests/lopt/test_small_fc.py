@@ -242,3 +242,42 @@ def test_blocked_evaluation_equals_single_block(lopt, monkeypatch):
         assert step > 0
         # a slicing bug would be off by a whole step; rounding is ~1 ulp of p
         torch.testing.assert_close(blocked[k], whole[k], rtol=0, atol=1e-3 * float(step))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_grad_fast_path_equals_differentiable_path(lopt, monkeypatch, dtype):
+    """Without autograd, rank-1/2 tensors take a chunked fast path with the same math.
+
+    Both orientations of a factored matrix, a square one, vectors (incl. length 1) and
+    the fallbacks (rank 3, 0-d) run for several steps; the fast path, with uneven
+    chunks, must track the differentiable path to rounding.
+    """
+    import metaopt.lopt.small_fc as small_fc
+
+    monkeypatch.setattr(small_fc, "_BLOCK_ELEMENTS", 97)
+    torch.manual_seed(1)
+    shapes = {"tall": (300, 40), "wide": (40, 300), "sq": (33, 33), "vec": (50,),
+              "one": (1,), "c": (7, 5, 6), "s": ()}
+    params = {k: torch.randn(s, dtype=dtype) for k, s in shapes.items()}
+    fast_p, slow_p = dict(params), dict(params)
+    fast_s = lopt.init(params, num_steps=100)
+    slow_s = lopt.init(params, num_steps=100)
+    for _ in range(4):
+        grads = {k: torch.randn_like(v) * 0.1 for k, v in params.items()}
+        with torch.no_grad():
+            fast_p, fast_s = lopt.update(grads, fast_s, fast_p)
+        with torch.enable_grad():
+            slow_p, slow_s = lopt.update(grads, slow_s, slow_p)
+        slow_p = {k: v.detach() for k, v in slow_p.items()}
+        slow_s = {k: ({n: t.detach() for n, t in v.items()} if isinstance(v, dict) else v)
+                  for k, v in slow_s.items()}
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for k in params:
+        assert fast_p[k].dtype == dtype and fast_p[k].shape == params[k].shape
+        assert (fast_p[k] - params[k]).abs().max() > 0
+        torch.testing.assert_close(fast_p[k], slow_p[k], rtol=0, atol=tol)
+        for acc in ("m", "rms", "v_row", "v_col", "v_diag"):
+            assert fast_s[acc][k].shape == slow_s[acc][k].shape
+            ref = slow_s[acc][k]
+            scale = float(ref.abs().max()) if ref.numel() else 0.0
+            torch.testing.assert_close(fast_s[acc][k], ref, rtol=10 * tol, atol=tol * scale)
