@@ -42,6 +42,7 @@ from metaopt.params import (
     tree_dot,
     tree_requires_grad,
 )
+from metaopt.registry import ESTIMATORS
 
 __all__ = ["BOME"]
 
@@ -130,3 +131,6 @@ def _grads(value: Tensor, phi: Params, theta: Params) -> Params:
     gs = torch.autograd.grad(value, [v for _, _, v in keys], allow_unused=True)
     return {f"{w}:{k}": (torch.zeros_like(v) if g is None else g.detach())
             for (w, k, v), g in zip(keys, gs)}
+
+
+ESTIMATORS.register("bome", BOME, replace=True)

@@ -11,7 +11,7 @@ auxiliaries, BOME's iterate) is always passed back.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ class HyperState:
     outer_state: State
     estimator_state: Any = None
     step: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def hyper_init(phi: Mapping[str, Tensor], theta0: Mapping[str, Tensor],
@@ -59,5 +58,5 @@ def hyper_step(state: HyperState, estimator: Estimator, problem: BilevelProblem,
         phi = apply_updates(state.phi, updates)
     phi = constrain(tree_detach(phi), constraints or {})
     new = HyperState(phi=phi, theta=tree_detach(hg.theta), outer_state=outer_state,
-                     estimator_state=hg.state, step=state.step + 1, history=state.history)
+                     estimator_state=hg.state, step=state.step + 1)
     return new, hg
