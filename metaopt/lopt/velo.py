@@ -816,10 +816,11 @@ class VeLO(LearnedOptimizer):
             # The MLP in cache-sized blocks (one big (4, 18) @ (18, n) matmul is slow).
             for blo in range(lo, hi, mlp_block):
                 bhi = min(hi, blo + mlp_block)
-                h = torch.addmm(bias[:, blo:bhi], w_in, xc[:, blo - lo:bhi - lo])
+                h = torch.mm(w_in, xc[:, blo - lo:bhi - lo])
+                h.add_(bias[:, blo:bhi])  # (addmm's copy of a strided input is slow)
                 for w, b in layers:
                     h.relu_()
-                    h = torch.addmm(b, w, h)
+                    h = torch.mm(w, h).add_(b)
                 step = h[1].mul_(self.exp_mult).exp_()
                 step.mul_(h[0]).mul_(coef)
                 torch.sub(pf[blo:bhi], step, out=p_new[blo:bhi])
