@@ -141,6 +141,11 @@ def _clip_log_abs(v: Tensor, scale: float = 10.0) -> Tensor:
     return torch.clamp(torch.log(1e-8 + torch.abs(v * scale)), -5.0, 5.0) * 0.5
 
 
+def _mean_sq(p: Tensor) -> Tensor:
+    p32 = p.reshape(-1).to(torch.float32)
+    return torch.dot(p32, p32) / p32.numel()
+
+
 def _var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
     """Population variance and mean of each row of ``x`` (two passes, one temporary;
     ``torch.var_mean`` is an order of magnitude slower on CPU)."""
@@ -505,9 +510,10 @@ class VeLO(LearnedOptimizer):
     def _decays(self, which: tuple[float, ...], device: torch.device) -> Tensor:
         return torch.tensor(which, dtype=torch.float32, device=device)
 
-    def lstm_inputs(self, params: Params, state: LOptState,
-                    loss_features: Tensor) -> Tensor:
-        """The (n_tensors, 30) RNN input, from the *old* parameters and accumulators."""
+    def lstm_inputs(self, params: Params, state: LOptState, loss_features: Tensor,
+                    p_mean_sq: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The (n_tensors, 30) RNN input, from the *old* parameters and accumulators
+        (``p_mean_sq``: each tensor's ``mean(p²)`` when the caller has it already)."""
         device = state["iteration"].device
         fraction = state["iteration"].to(torch.float32) / state["num_steps"].to(torch.float32)
         scales = torch.tensor(_FRACTION_TIMESCALES, dtype=torch.float32, device=device)
@@ -515,8 +521,8 @@ class VeLO(LearnedOptimizer):
         rows = []
         for key, p in params.items():
             info = self._info(p.shape)
-            p32 = p.reshape(-1).to(torch.float32)
-            norm_mult = torch.rsqrt(torch.clamp(torch.dot(p32, p32) / p32.numel(), min=1e-9))
+            msq = p_mean_sq[key] if p_mean_sq is not None else _mean_sq(p)
+            norm_mult = torch.rsqrt(torch.clamp(msq, min=1e-9))
             # One pass each (no (n, 3) temporaries): var(a·x) = a² var(x), and the
             # reference's mean((r - mean_m)²) = var(r) + (mean(r) - mean_m)².
             var_m, mean_m = _var_mean(state["mom"][key].movedim(-1, 0).reshape(3, -1))
@@ -588,7 +594,8 @@ class VeLO(LearnedOptimizer):
         grads = {k: torch.clamp(g.to(torch.float32), -1000.0, 1000.0) for k, g in grads.items()}
 
         # Per-tensor LSTM over all tensors at once.
-        x = self.lstm_inputs(params, state, loss_features)
+        p_mean_sq = {k: _mean_sq(p) for k, p in params.items()}
+        x = self.lstm_inputs(params, state, loss_features, p_mean_sq)
         h_prev = torch.stack([state["lstm_hidden"][k] for k in keys])
         c_prev = torch.stack([state["lstm_cell"][k] for k in keys])
         controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev)
@@ -613,10 +620,9 @@ class VeLO(LearnedOptimizer):
             p, g = params[key], grads[key]
             info = self._info(p.shape)
             if fast and info.factored is not None and p.dtype == torch.float32:
-                p32 = p.reshape(-1)
                 coef = lr_mult[j] * self.step_mult
                 if self.param_scale_mult:
-                    coef = coef * torch.sqrt(torch.dot(p32, p32) / p32.numel() + 1e-9)
+                    coef = coef * torch.sqrt(p_mean_sq[key] + 1e-9)
                 if not (isinstance(scales[j], float) and scales[j] == 1.0):
                     coef = coef * scales[j]
                 new_params[key], mom[key], rms[key], v_row[key], v_col[key] = \
@@ -756,7 +762,7 @@ class VeLO(LearnedOptimizer):
         mom.addcmul_((1.0 - mom_d).view(3, 1), gf.view(1, n))
         g2 = gf * gf
         rms = torch.mul(r_old.reshape(1, n), rms_d.view(1, 1))
-        rms.add_(g2.view(1, n) * (1.0 - rms_d).view(1, 1))
+        rms.addcmul_(g2.view(1, n), (1.0 - rms_d).view(1, 1))
         g2.add_(1e-30)
         g2s = g2.view(shape).unsqueeze(-1)
         v_row = fac_d * v_row + (1.0 - fac_d) * g2s.mean(dim=d0)
