@@ -325,6 +325,7 @@ class SmallFCLOpt(LearnedOptimizer):
         mom_d, rms_d, fac_d = (d.reshape(-1, 1) for d in decays)
         rms_d = torch.clamp(rms_d, 0.0, 1.0)
         fac_d = torch.clamp(fac_d, 0.0, 1.0)
+        mom_c, rms_c, fac_c = 1 - mom_d, 1 - rms_d, 1.0 - fac_d
         dims = F.factored_dims(shape)
         factored = dims is not None
         # channel layout of the per-element matrix X and the matching rows of w0
@@ -359,8 +360,8 @@ class SmallFCLOpt(LearnedOptimizer):
                 col_sum.add_(gs.sum(dim=0))
             mean_ax1, mean_ax0 = row_sum / b, col_sum / a  # index axis 0 / axis 1
             # v_row is the mean over d0, v_col the mean over d1
-            v_row = fac_d * v_row + (1.0 - fac_d) * (mean_ax1 if d0 == 1 else mean_ax0)
-            v_col = fac_d * v_col + (1.0 - fac_d) * (mean_ax0 if d0 == 1 else mean_ax1)
+            v_row = fac_d * v_row + fac_c * (mean_ax1 if d0 == 1 else mean_ax0)
+            v_col = fac_d * v_col + fac_c * (mean_ax0 if d0 == 1 else mean_ax1)
             row_factor = F.safe_rsqrt(v_row / (torch.mean(v_row, dim=1, keepdim=True) + 1e-9))
             col_factor = F.safe_rsqrt(v_col)
             fac_a, fac_b = (row_factor, col_factor) if d0 == 1 else (col_factor, row_factor)
@@ -406,14 +407,14 @@ class SmallFCLOpt(LearnedOptimizer):
             e0, e1 = r0 * b, r1 * b
             g_c = g_f[e0:e1]
             mn = torch.mul(m_old[:, e0:e1], mom_d, out=m_new[:, e0:e1])
-            mn.addcmul_(g_c, 1 - mom_d)
+            mn.addcmul_(g_c, mom_c)
             gs = sbuf[: e1 - e0]
             torch.mul(g_c, g_c, out=gs)
             rn = torch.mul(rms_old[:, e0:e1], rms_d, out=rms_new[:, e0:e1])
-            rn.addcmul_(gs, 1 - rms_d)
+            rn.addcmul_(gs, rms_c)
             if not factored:
                 vn = torch.mul(v_old[:, e0:e1], fac_d, out=v_diag_new[:, e0:e1])
-                vn.addcmul_(gs.add_(F.FACTORED_EPS), 1.0 - fac_d)
+                vn.addcmul_(gs.add_(F.FACTORED_EPS), fac_c)
             x = build(r0, r1)
             torch.linalg.vector_norm(x, dim=1, out=norms[i])
         sumsq = (norms * norms).sum(dim=0)
