@@ -75,7 +75,10 @@ class _AttachGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        grads = ctx.grads
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError("the meta-gradient of this meta_loss(...) was already "
+                               "used by a backward(); call meta_loss again")
         del ctx.grads  # a second backward must not silently reuse them
         return (None, None, *(grad_output * g for g in grads))
 
@@ -199,9 +202,9 @@ class StrategyChooser:
     """Picks loop or vmap per input signature, by measuring both once.
 
     ``strategy="auto"``: the first meta-batch of each signature (shapes, dtypes,
-    device, grad mode, algorithm settings) runs both ways, timed — up to ``rounds``
-    interleaved rounds while the two are within 2x of each other, keeping each
-    one's fastest time; the faster is remembered. The returned numbers are always
+    device, grad mode, algorithm settings) runs both ways, timed — two interleaved
+    rounds, and up to ``rounds`` while the two are within 2x of each other, keeping
+    each one's fastest time; the faster is remembered. The returned numbers are always
     the loop's, and the vmap result must agree with them (else the loop is kept).
     ``vmap`` must beat the loop by ``margin`` to win, and any exception under ``vmap``
     (in-place buffer updates, data-dependent control flow, unsupported ops) makes the
@@ -266,10 +269,12 @@ class StrategyChooser:
             self.choices[key] = "loop"
             self.timings[key] = {"loop": t_loop, "vmap": float("nan")}
             return result
-        # Undecided (within 2x): up to two more interleaved rounds; keep the minimum,
-        # the least noise-inflated estimate on a shared machine.
-        for _ in range(self.rounds - 1):
-            if not 0.5 < t_vmap / t_loop < 2.0:
+        # Up to two more interleaved rounds while undecided (within 2x); keep the
+        # minimum, the least noise-inflated estimate on a shared machine.
+        # The first round also pays one-time costs (lazy imports and initialisation
+        # of torch.func), so a second round always runs.
+        for extra in range(self.rounds - 1):
+            if extra > 0 and not 0.5 < t_vmap / t_loop < 2.0:
                 break
             t0 = time.perf_counter()
             run_vmap(task_fn, phi, tasks, need_grad=need_grad, chunk_size=self.chunk_size,

@@ -58,8 +58,8 @@ def test_fomaml_matches_first_order_reference(name, make, data, loss_fn, lr):
                           batch, loss_fn)
     ref, _ = maml_grad(model, *batch, loss_fn, lr, 2, first_order=True)
     assert max_rel_diff(ours, ref) < 1e-10
-    same, _ = grads_after(MAML(model, inner_lr=lr, inner_steps=2, first_order=True), batch,
-                          loss_fn)
+    same, _ = grads_after(MAML(model, inner_lr=lr, inner_steps=2, first_order=True,
+                               strategy="loop"), batch, loss_fn)
     assert max_rel_diff(same, ref) < 1e-10
 
 
@@ -182,7 +182,7 @@ def test_reptile_direction_by_hand():
             theta = {k: (v - lr * g).detach().requires_grad_()
                      for (k, v), g in zip(theta.items(), gs)}
         finals.append(theta)
-        queries.append(float(F.mse_loss(call(model, theta, qx[i]), qy[i])))
+        queries.append(float(F.mse_loss(call(model, theta, qx[i]), qy[i]).detach()))
         dists.append(sum(0.5 * float((phi[k] - theta[k]).square().sum()) for k in phi))
     expected = {k: phi[k] - torch.stack([t[k].detach() for t in finals]).mean(0) for k in phi}
     assert max_rel_diff(got, expected) < 1e-12
@@ -337,3 +337,44 @@ def test_auto_strategy_rejects_vmap_that_disagrees_with_the_loop():
     assert result.strategy == "loop"
     assert torch.allclose(result.grads["w"], x.mean(0))
     assert chooser.run(task_fn, {"w": w}, (x,), need_grad=True).strategy == "loop"
+
+
+def test_meta_loss_backward_scales_and_runs_once():
+    model, batch = mlp(), regression_batch()
+    maml = MAML(model, inner_lr=0.05, strategy="loop")
+    ref, _ = maml_grad(model, *batch, F.mse_loss, 0.05, 1)
+    loss = maml.meta_loss(*batch, F.mse_loss)
+    (3.0 * loss).backward(retain_graph=True)
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert max_rel_diff(got, {k: 3.0 * v for k, v in ref.items()}) < 1e-12
+    with pytest.raises(RuntimeError, match="already"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("make_algo", [
+    lambda m: MAML(m, inner_lr=0.4, inner_steps=1),
+    lambda m: FOMAML(m, inner_lr=0.4, inner_steps=1, strategy="loop"),
+    lambda m: ANIL(m, inner_lr=0.4, inner_steps=1, strategy="loop"),
+    lambda m: MetaSGD(m, inner_lr=0.4, inner_steps=1, strategy="loop"),
+    lambda m: Reptile(m, inner_lr=0.4, inner_steps=1, strategy="loop"),
+    lambda m: iMAML(m, inner_lr=0.1, inner_steps=2, lam=10.0, cg_steps=3),
+], ids=["maml", "fomaml", "anil", "metasgd", "reptile", "imaml"])
+def test_every_algorithm_trains_a_batchnorm_convnet(make_algo):
+    model = conv_bn()
+    algo = make_algo(model)
+    batch = classification_batch(queries=2)
+    opt = torch.optim.SGD(algo.parameters(), lr=0.01)
+    opt.zero_grad()
+    loss = algo.meta_loss(*batch, F.cross_entropy)
+    loss.backward()
+    for name, p in algo.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.step()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and not any("running" in k for k in changed)
+    adapted = algo.adapt(batch[0][0], batch[1][0], F.cross_entropy)
+    assert set(adapted) == {k for k, _ in model.named_parameters()}
+    assert algo.predict(adapted, batch[2][0]).shape == (batch[2].shape[1], 3)
+    assert algo.last_task_losses.shape == (2,)
+    assert algo.last_strategy == "loop"  # BatchNorm in training mode
