@@ -292,6 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peers", default=",".join(DEFAULT_PEERS),
                         help=f"comma-separated subset of {sorted(PEERS)}")
     parser.add_argument("--models", default="mlp,conv", help="comma-separated: mlp, conv")
+    parser.add_argument("--meta-batches", default="8,32", help="comma-separated subset of 8,32")
+    parser.add_argument("--inner-steps", default="1,5", help="comma-separated subset of 1,5")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: leave torch's default); on a busy "
@@ -323,7 +325,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except Exception as exc:  # a missing optional peer is reported, not fatal
             skipped[name] = f"{type(exc).__name__}: {exc}"
     models = [m for m in args.models.split(",") if m]
-    configs = [c for c in (QUICK_CONFIGS if args.quick else FULL_CONFIGS) if c[0] in models]
+    batches = {int(b) for b in args.meta_batches.split(",") if b}
+    inner = {int(k) for k in args.inner_steps.split(",") if k}
+    configs = [
+        (model, batch, steps)
+        for model, batch, steps in (QUICK_CONFIGS if args.quick else FULL_CONFIGS)
+        if model in models and batch in batches and steps in inner
+    ]
 
     print(f"metaopt contender: {metaopt_impl}", flush=True)
     for name, why in skipped.items():
