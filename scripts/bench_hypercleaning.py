@@ -93,6 +93,30 @@ def summarise(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_targets(records: list[dict], p: float = 0.5, margin: float = 0.03) -> list[str]:
+    """The issue's targets at ``p``: every estimator's mean test accuracy above the
+    corrupted baseline's, and the best within ``margin`` of the oracle's."""
+    def mean_acc(name: str) -> float:
+        return statistics.fmean(r["test_acc"] for r in records
+                                if r["p"] == p and r["estimator"] == name)
+
+    names = [n for n in dict.fromkeys(r["estimator"] for r in records if r["p"] == p)
+             if n not in ("corrupted", "oracle")]
+    if not names:
+        return []
+    corrupted, oracle = mean_acc("corrupted"), mean_acc("oracle")
+    lines = []
+    for n in names:
+        ok = mean_acc(n) > corrupted
+        lines.append(f"{'PASS' if ok else 'FAIL'}: p={p} {n} {100 * mean_acc(n):.1f}% > "
+                     f"corrupted {100 * corrupted:.1f}%")
+    best = max(names, key=mean_acc)
+    ok = mean_acc(best) >= oracle - margin
+    lines.append(f"{'PASS' if ok else 'FAIL'}: p={p} best ({best}) {100 * mean_acc(best):.1f}% "
+                 f"within {100 * margin:.0f} points of oracle {100 * oracle:.1f}%")
+    return lines
+
+
 def plot(curves: dict, baselines: dict, path: Path) -> None:
     """Test accuracy vs wall time per estimator (mean over seeds), one panel per p."""
     import matplotlib
@@ -151,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         print(summarise(saved["records"]))
+        print("\n".join(check_targets(saved["records"])))
         if args.plot:
             curves = {(float(k.split("/")[0]), k.split("/")[1]): v
                       for k, v in saved["curves"].items()}
@@ -190,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     _save(args.json, records, curves)
     print()
     print(summarise(records))
+    print("\n".join(check_targets(records)))
     if args.json:
         _save(args.json, records, curves)
     if args.plot:
