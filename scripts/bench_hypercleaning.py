@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                     _save(args.json, records, curves)
     print()
     print(summarise(records))
+    if args.quick:
+        print("(--quick: 3 outer steps; the targets below are meant for the full run)")
     print("\n".join(check_targets(records)))
     if args.json:
         _save(args.json, records, curves)
