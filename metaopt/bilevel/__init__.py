@@ -8,6 +8,7 @@ Describe the problem once (:class:`BilevelProblem`), then pick an estimator::
     hg.grad, hg.theta, hg.diagnostics
 """
 
+from metaopt.bilevel.bome import BOME
 from metaopt.bilevel.check import (
     HypergradCheck,
     HypergradCheckError,
@@ -30,6 +31,7 @@ ESTIMATORS.register("implicit", Implicit, replace=True)
 ESTIMATORS.register("f2sa", F2SA, replace=True)
 
 __all__ = [
+    "BOME",
     "F2SA",
     "BilevelProblem",
     "Estimator",
