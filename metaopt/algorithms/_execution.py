@@ -203,22 +203,24 @@ class StrategyChooser:
 
     ``strategy="auto"``: the first meta-batch of each signature (shapes, dtypes,
     device, grad mode, algorithm settings) runs both ways, timed — two interleaved
-    rounds, and up to ``rounds`` while the two are within 2x of each other, keeping
-    each one's fastest time; the faster is remembered. The returned numbers are always
-    the loop's, and the vmap result must agree with them (else the loop is kept).
+    rounds, then more (up to ``rounds``, within ``budget_s`` seconds) while the two
+    are within 2x of each other, keeping each one's fastest time; the faster is
+    remembered. The returned numbers are always the loop's, and the vmap result
+    must agree with them (else the loop is kept).
     ``vmap`` must beat the loop by ``margin`` to win, and any exception under ``vmap``
     (in-place buffer updates, data-dependent control flow, unsupported ops) makes the
     loop the choice for that signature, with one warning.
     """
 
     def __init__(self, strategy: str = "auto", *, chunk_size: int | None = None,
-                 margin: float = 0.9, rounds: int = 3) -> None:
+                 margin: float = 0.9, rounds: int = 7, budget_s: float = 2.0) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.strategy = strategy
         self.chunk_size = chunk_size
         self.margin = margin
         self.rounds = rounds
+        self.budget_s = budget_s
         self.choices: dict[tuple, str] = {}
         self.timings: dict[tuple, dict[str, float]] = {}
 
@@ -269,20 +271,23 @@ class StrategyChooser:
             self.choices[key] = "loop"
             self.timings[key] = {"loop": t_loop, "vmap": float("nan")}
             return result
-        # Up to two more interleaved rounds while undecided (within 2x); keep the
-        # minimum, the least noise-inflated estimate on a shared machine.
-        # The first round also pays one-time costs (lazy imports and initialisation
-        # of torch.func), so a second round always runs.
+        # More interleaved rounds while undecided (within 2x), keeping each one's
+        # minimum (the least noise-inflated estimate on a shared machine). The first
+        # round also pays one-time costs (lazy initialisation of torch.func), so a
+        # second round always runs; cheap models get up to ``rounds`` rounds, costly
+        # ones stop once ``budget_s`` seconds have been spent measuring.
+        spent = t_loop + t_vmap
         for extra in range(self.rounds - 1):
-            if extra > 0 and not 0.5 < t_vmap / t_loop < 2.0:
+            if extra > 0 and (not 0.5 < t_vmap / t_loop < 2.0 or spent > self.budget_s):
                 break
             t0 = time.perf_counter()
             run_vmap(task_fn, phi, tasks, need_grad=need_grad, chunk_size=self.chunk_size,
                      check_finite=False)
-            t_vmap = min(t_vmap, time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             result = run_loop(task_fn, phi, tasks, need_grad=need_grad)
-            t_loop = min(t_loop, time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            t_vmap, t_loop = min(t_vmap, t1 - t0), min(t_loop, t2 - t1)
+            spent += t2 - t0
         self.timings[key] = {"loop": t_loop, "vmap": t_vmap}
         self.choices[key] = "vmap" if t_vmap < self.margin * t_loop else "loop"
         return result
