@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m metaopt.demo
+	$(PY) scripts/maml_sinusoid_demo.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -104,6 +104,22 @@ def run_one(d: int, estimator: str, fixed_k: int | None) -> dict:
     return record
 
 
+def markdown_table(records: list[dict]) -> str:
+    """The records as a README table."""
+    rows = ["| d | estimator | K | rel. error | seconds | peak mem (MB) | note |",
+            "|---|---|---|---|---|---|---|"]
+    for r in records:
+        note = ""
+        if r.get("target") is not None:
+            note = f"target {r['target']:.0e} " + ("met" if r["reached_target"] else "**not met**")
+        if "memory_ratio_vs_plain" in r:
+            note = (f"memory {r['memory_ratio_vs_plain']:.2f}× plain, "
+                    f"max rel. diff {r['agreement_vs_plain']:.1e}")
+        rows.append(f"| {r['d']} | {r['estimator']} | {r['inner_steps']} | {r['rel_error']:.1e} "
+                    f"| {r['seconds']:.2f} | {r['peak_mem_mb']:.1f} | {note} |")
+    return "\n".join(rows)
+
+
 def _spawn(d: int, estimator: str, fixed_k: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", str(d), estimator]
     if fixed_k:
@@ -116,35 +132,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="d = 100 and 1000 only")
     parser.add_argument("--dims", type=int, nargs="+", default=None)
-    parser.add_argument("--json", type=Path, default=None, help="write records here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write records here (rewritten after every record)")
+    parser.add_argument("--estimators", nargs="+", default=None, choices=list(ESTIMATORS),
+                        help="only these estimators (default: all)")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="print the markdown table of an earlier run's records and exit")
     parser.add_argument("--worker", nargs=2, metavar=("D", "ESTIMATOR"), help=argparse.SUPPRESS)
     parser.add_argument("--fixed-k", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_one(int(args.worker[0]), args.worker[1], args.fixed_k)))
         return []
+    if args.from_json:
+        records = json.loads(args.from_json.read_text())
+        print(markdown_table(records))
+        return records
 
     from tqdm.auto import tqdm
 
     dims = args.dims or ([100, 1000] if args.quick else [100, 1000, 10000])
-    jobs = [(d, e, None) for d in dims for e in ESTIMATORS]
-    jobs += [(d, e, 1000) for d in dims for e in ("unrolled", "unrolled_checkpointed")]
-    records = []
+    chosen = args.estimators or list(ESTIMATORS)
+    # Checkpointed vs plain unrolling at K = 1000 first: agreement and memory ratio.
+    jobs = [(d, e, 1000) for d in dims for e in ("unrolled", "unrolled_checkpointed")]
+    jobs += [(d, e, None) for d in dims for e in chosen]
+    records: list[dict] = []
     for d, est, k in tqdm(jobs, desc="bench_hypergrad"):
         rec = _spawn(d, est, k)
         if k:
             rec["estimator"] = f"{est}@K=1000"
+        if est == "unrolled_checkpointed" and k:
+            plain = next(r for r in records
+                         if r["d"] == d and r["estimator"] == "unrolled@K=1000")
+            a, b = plain.pop("grad"), rec.pop("grad")
+            diff = max(abs(x - y) for x, y in zip(a, b)) / max(max(abs(x) for x in a), 1e-300)
+            rec["agreement_vs_plain"] = diff
+            rec["memory_ratio_vs_plain"] = rec["peak_mem_mb"] / max(plain["peak_mem_mb"], 1e-9)
         records.append(rec)
-
-    # Checkpointed vs plain at K = 1000: agreement and memory ratio.
-    for d in dims:
-        plain = next(r for r in records if r["d"] == d and r["estimator"] == "unrolled@K=1000")
-        ckpt = next(r for r in records
-                    if r["d"] == d and r["estimator"] == "unrolled_checkpointed@K=1000")
-        a, b = plain.pop("grad"), ckpt.pop("grad")
-        diff = max(abs(x - y) for x, y in zip(a, b)) / max(max(abs(x) for x in a), 1e-300)
-        ckpt["agreement_vs_plain"] = diff
-        ckpt["memory_ratio_vs_plain"] = ckpt["peak_mem_mb"] / max(plain["peak_mem_mb"], 1e-9)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(records, indent=2))
 
     header = (f"{'d':>6} {'estimator':<28} {'K':>5} {'rel_error':>10} {'seconds':>8} "
               f"{'peak_mem_mb':>11}  note")
@@ -160,13 +187,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{r['d']:>6} {r['estimator']:<28} {r['inner_steps']:>5} {r['rel_error']:>10.2e} "
               f"{r['seconds']:>8.3f} {r['peak_mem_mb']:>11.1f}  {note}")
     for d in dims:
-        cg = next(r for r in records if r["d"] == d and r["estimator"] == "ift_cg")
-        un = next(r for r in records if r["d"] == d and r["estimator"] == "unrolled")
-        print(f"d={d}: IFT-CG to 1e-5 in {cg['seconds']:.3f}s vs unrolled to 1e-3 in "
-              f"{un['seconds']:.3f}s ({un['seconds'] / cg['seconds']:.1f}x)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2))
+        cg = next((r for r in records if r["d"] == d and r["estimator"] == "ift_cg"), None)
+        un = next((r for r in records if r["d"] == d and r["estimator"] == "unrolled"), None)
+        if cg and un:
+            print(f"d={d}: IFT-CG to 1e-5 in {cg['seconds']:.3f}s vs unrolled to 1e-3 in "
+                  f"{un['seconds']:.3f}s ({un['seconds'] / cg['seconds']:.1f}x)")
     return records
 
 

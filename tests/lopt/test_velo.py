@@ -329,14 +329,15 @@ def test_open_loop_replay_through_public_path(golden, tmp_path):
 
 @pytest.mark.skipif(not _HAVE_SHELL, reason="metaopt.lopt.torch_optimizer not available yet")
 def test_shell_without_loss_is_a_clear_error():
+    torch.manual_seed(0)  # a random init's step can fall below float32 resolution at |p| = 1
     lopt = VeLO(lstm_hidden_size=8, param_inits=4)
-    p = torch.nn.Parameter(torch.ones(3, 2))
+    p = torch.nn.Parameter(torch.full((3, 2), 1e-3))
     opt = lopt.optimizer([p], num_steps=10)
     p.grad = torch.ones(3, 2)
     with pytest.raises((ValueError, RuntimeError, TypeError), match=r"(?i)loss"):
         opt.step()
     opt.step(loss=torch.tensor(1.0))  # and with a loss it works
-    assert not torch.equal(p.detach(), torch.ones(3, 2))
+    assert not torch.equal(p.detach(), torch.full((3, 2), 1e-3))
 
 
 def test_functional_update_without_loss_is_a_clear_error():
