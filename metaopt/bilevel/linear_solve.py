@@ -94,9 +94,10 @@ def cg(matvec: MatVec, b: Params, *, x0: Params | None = None, max_iter: int = 1
         Ap = A(p)
         pAp = tree_dot(p, Ap)
         if float(pAp) <= 0.0:
-            warnings.warn(f"cg: matrix is not positive definite along a search direction "
-                          f"(pᵀAp = {float(pAp):.3e}); use normal_cg or add damping",
-                          LinearSolveWarning, stacklevel=2)
+            if warn:
+                warnings.warn(f"cg: matrix is not positive definite along a search direction "
+                              f"(pᵀAp = {float(pAp):.3e}); use normal_cg or add damping",
+                              LinearSolveWarning, stacklevel=2)
             break
         alpha = rs / pAp
         x = tree_axpy(alpha, p, x)
