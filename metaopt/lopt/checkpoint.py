@@ -17,7 +17,6 @@ learned_optimization release folder (``params`` + ``config.gin``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from metaopt.fileio import sha256_hex, write_synced
 from metaopt.lopt.base import ARCHITECTURES, LearnedOptimizer
 from metaopt.registry import PRETRAINED_LOPTS
 
@@ -52,17 +52,6 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, truncated or does not fit its architecture."""
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(lopt: LearnedOptimizer, path: str | os.PathLike,
                     *, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write ``lopt`` as a native checkpoint directory at ``path`` (atomically).
@@ -78,12 +67,12 @@ def save_checkpoint(lopt: LearnedOptimizer, path: str | os.PathLike,
     weights = safetensors_save(tensors)
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "architecture": lopt.architecture, "config": lopt.config(),
-            "sha256": _sha256(weights), "metadata": dict(metadata or {})}
+            "sha256": sha256_hex(weights), "metadata": dict(metadata or {})}
     meta_bytes = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _write_synced(tmp / WEIGHTS_FILE, weights)
-        _write_synced(tmp / META_FILE, meta_bytes)
+        write_synced(tmp / WEIGHTS_FILE, weights)
+        write_synced(tmp / META_FILE, meta_bytes)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -122,7 +111,7 @@ def _load_native(path: Path) -> LearnedOptimizer:
         weights = weights_file.read_bytes()
     except OSError as err:
         raise CheckpointError(f"{weights_file}: cannot read meta-parameters: {err}") from None
-    digest = _sha256(weights)
+    digest = sha256_hex(weights)
     if digest != meta["sha256"]:
         raise CheckpointError(
             f"{weights_file}: checksum mismatch (file sha256 {digest[:16]}…, expected "

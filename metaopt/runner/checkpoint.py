@@ -18,7 +18,6 @@ ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
+
+from metaopt.fileio import fsync_dir, sha256_hex, write_synced
 
 __all__ = [
     "FORMAT",
@@ -87,24 +88,24 @@ def write_checkpoint(directory: str | Path, *, step: int, experiment: str,
            "config": dict(config), "state": skeleton}
     state_bytes = json.dumps(doc, indent=1, allow_nan=True).encode()
     manifest = {"format": FORMAT, "files": {
-        TENSORS: {"sha256": _sha256(payload), "bytes": len(payload)},
-        STATE: {"sha256": _sha256(state_bytes), "bytes": len(state_bytes)},
+        TENSORS: {"sha256": sha256_hex(payload), "bytes": len(payload)},
+        STATE: {"sha256": sha256_hex(state_bytes), "bytes": len(state_bytes)},
     }}
     final = directory / f"step_{step:08d}"
     tmp = directory / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_synced(tmp / TENSORS, payload)
-    _write_synced(tmp / STATE, state_bytes)
-    _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _fsync_dir(tmp)
+    write_synced(tmp / TENSORS, payload)
+    write_synced(tmp / STATE, state_bytes)
+    write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    fsync_dir(tmp)
     old = None
     if final.exists():
         old = directory / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -114,9 +115,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a synced temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    _write_synced(tmp, data)
+    write_synced(tmp, data)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -170,7 +171,7 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             raise CheckpointError(f"checkpoint {path}: {name} has {len(data)} bytes, the "
                                   f"manifest says {entry.get('bytes')} (truncated or "
                                   "overwritten file)")
-        if _sha256(data) != entry.get("sha256"):
+        if sha256_hex(data) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint {path}: sha256 of {name} does not match "
                                   "the manifest (corrupt file)")
         blobs[name] = data
@@ -325,25 +326,3 @@ def _describe(v: Any) -> str:
     return f"a {_json_kind(v)}"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
