@@ -147,6 +147,30 @@ def task_slices(tasks: Tasks) -> list[Tasks]:
     return [(sx[i], sy[i], qx[i], qy[i]) for i in range(sx.shape[0])]
 
 
+QueryLoss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def per_task_step(model: nn.Module, tasks: Tasks, query_loss: QueryLoss,
+                  after_task: Callable[[], None] | None = None) -> Tensor:
+    """The task loop every peer shares: zero the model's gradients, then for each task
+    adapt on the support set and back-propagate ``query_loss / n_tasks`` (gradients
+    accumulate, one task's graph alive at a time); return the detached mean query loss.
+
+    ``query_loss(sx, sy, qx, qy)`` is the library-specific part: the inner loop and the
+    query loss of one task. ``after_task`` runs after each task's backward.
+    """
+    model.zero_grad(set_to_none=True)
+    n_tasks = tasks[0].shape[0]
+    losses = []
+    for sx, sy, qx, qy in task_slices(tasks):
+        loss = query_loss(sx, sy, qx, qy)
+        (loss / n_tasks).backward()
+        losses.append(loss.detach())
+        if after_task is not None:
+            after_task()
+    return torch.stack(losses).mean()
+
+
 def read_grads(model: nn.Module) -> dict[str, Tensor]:
     """Copies of the model's parameter gradients (zeros where a gradient is missing)."""
     return {

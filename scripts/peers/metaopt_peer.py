@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import reference
-from .common import LossFn, MakeStep, ModelFactoryState, StepFn, Tasks, run_meta_gradient
+from .common import LossFn, MakeStep, StepFn, Tasks
 
 
 def metaopt_available() -> tuple[bool, str]:
@@ -42,15 +42,3 @@ def resolve() -> tuple[MakeStep, str]:
     if ok:
         return make_step, "metaopt.algorithms.MAML"
     return reference.make_step, f"reference stand-in (metaopt.algorithms.MAML unavailable: {why})"
-
-
-def meta_gradient(
-    model_factory_state: ModelFactoryState,
-    tasks: Tasks,
-    inner_steps: int,
-    inner_lr: float,
-    loss_fn: LossFn,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(meta_loss, grads)`` from metaopt's MAML (or the stand-in), from a fresh model."""
-    step, _ = resolve()
-    return run_meta_gradient(step, model_factory_state, tasks, inner_steps, inner_lr, loss_fn)
