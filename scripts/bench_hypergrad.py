@@ -104,17 +104,22 @@ def run_one(d: int, estimator: str, fixed_k: int | None) -> dict:
     return record
 
 
+def _note(r: dict, not_met: str) -> str:
+    """Whether a record met its accuracy target, or its memory/agreement vs plain unrolling."""
+    if "memory_ratio_vs_plain" in r:
+        return (f"memory {r['memory_ratio_vs_plain']:.2f}× plain, "
+                f"max rel. diff {r['agreement_vs_plain']:.1e}")
+    if r.get("target") is not None:
+        return f"target {r['target']:.0e} " + ("met" if r["reached_target"] else not_met)
+    return ""
+
+
 def markdown_table(records: list[dict]) -> str:
     """The records as a README table."""
     rows = ["| d | estimator | K | rel. error | seconds | peak mem (MB) | note |",
             "|---|---|---|---|---|---|---|"]
     for r in records:
-        note = ""
-        if r.get("target") is not None:
-            note = f"target {r['target']:.0e} " + ("met" if r["reached_target"] else "**not met**")
-        if "memory_ratio_vs_plain" in r:
-            note = (f"memory {r['memory_ratio_vs_plain']:.2f}× plain, "
-                    f"max rel. diff {r['agreement_vs_plain']:.1e}")
+        note = _note(r, not_met="**not met**")
         rows.append(f"| {r['d']} | {r['estimator']} | {r['inner_steps']} | {r['rel_error']:.1e} "
                     f"| {r['seconds']:.2f} | {r['peak_mem_mb']:.1f} | {note} |")
     return "\n".join(rows)
@@ -178,12 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(header)
     print("-" * len(header))
     for r in records:
-        note = ""
-        if r.get("target") is not None:
-            note = f"target {r['target']:.0e} " + ("met" if r["reached_target"] else "NOT met")
-        if "memory_ratio_vs_plain" in r:
-            note = (f"mem ratio {r['memory_ratio_vs_plain']:.3f}, "
-                    f"max rel diff {r['agreement_vs_plain']:.1e}")
+        note = _note(r, not_met="NOT met")
         print(f"{r['d']:>6} {r['estimator']:<28} {r['inner_steps']:>5} {r['rel_error']:>10.2e} "
               f"{r['seconds']:>8.3f} {r['peak_mem_mb']:>11.1f}  {note}")
     for d in dims:

@@ -145,18 +145,7 @@ def custom_root(optimality: Optimality, *, solve: str | Callable = "cg",
         def solve_inner(theta_init, phi): ...
     """
 
-    def decorate(solver: Callable[..., Params]) -> Callable[..., Params]:
-        def wrapped(theta_init: Params, phi: Params, *args: Any, **kwargs: Any) -> Params:
-            with torch.no_grad():
-                theta_star = solver(tree_detach(theta_init), tree_detach(phi), *args, **kwargs)
-            spec = _make_spec(optimality, theta_star, phi, solve, solve_options, False)
-            return _root_layer(theta_star, phi, spec)
-
-        wrapped.__doc__ = solver.__doc__
-        wrapped.__name__ = getattr(solver, "__name__", "implicit_solver")
-        return wrapped
-
-    return decorate
+    return _implicit_decorator(optimality, solve, solve_options, fixed_point=False)
 
 
 def custom_fixed_point(fixed_point_map: Callable[[Params, Params], Params], *,
@@ -164,14 +153,23 @@ def custom_fixed_point(fixed_point_map: Callable[[Params, Params], Params], *,
                        **solve_options: Any
                        ) -> Callable[[Callable[..., Params]], Callable[..., Params]]:
     """Like :func:`custom_root` for solutions of ``θ = T(θ, φ)``."""
+    return _implicit_decorator(fixed_point_map, solve, solve_options, fixed_point=True)
+
+
+def _implicit_decorator(condition: Callable[[Params, Params], Params], solve: str | Callable,
+                        solve_options: dict[str, Any], *, fixed_point: bool
+                        ) -> Callable[[Callable[..., Params]], Callable[..., Params]]:
+    """Wrap a solver so its output is differentiated through ``condition`` by the IFT."""
 
     def decorate(solver: Callable[..., Params]) -> Callable[..., Params]:
         def wrapped(theta_init: Params, phi: Params, *args: Any, **kwargs: Any) -> Params:
             with torch.no_grad():
                 theta_star = solver(tree_detach(theta_init), tree_detach(phi), *args, **kwargs)
-            spec = _make_spec(fixed_point_map, theta_star, phi, solve, solve_options, True)
+            spec = _make_spec(condition, theta_star, phi, solve, solve_options, fixed_point)
             return _root_layer(theta_star, phi, spec)
 
+        wrapped.__doc__ = solver.__doc__
+        wrapped.__name__ = getattr(solver, "__name__", "implicit_solver")
         return wrapped
 
     return decorate
@@ -220,8 +218,8 @@ class Implicit:
                  theta0: InitialTheta, state: Any = None) -> Hypergradient:
         phi = outer_leaves(phi)
         theta_init = tree_detach(initial_theta(theta0, phi))
-        optimizer = problem.optimizer_for(tree_detach(phi))
         detached_phi = tree_detach(phi)
+        optimizer = problem.optimizer_for(detached_phi)
         with torch.no_grad():
             trace = unroll(step_loss(problem, detached_phi), optimizer, theta_init,
                            problem.inner_steps, check_finite=self.check_finite)
