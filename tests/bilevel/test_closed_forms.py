@@ -145,3 +145,28 @@ def test_checkpointed_matches_plain_with_adam_state_and_phi_dependent_init(trunc
     plain = Unrolled(truncate=truncate)(prob, ref.phi, theta0).grad["penalty"]
     ckpt = Unrolled(truncate=truncate, checkpoint_segment=4)(prob, ref.phi, theta0).grad["penalty"]
     torch.testing.assert_close(ckpt, plain, rtol=1e-12, atol=1e-15)
+
+
+def test_custom_root_and_fixed_point_around_a_closed_form_solver():
+    # The solver is an exact linear solve (never differentiated); the IFT supplies dθ*/dφ.
+    from metaopt.bilevel import custom_fixed_point, custom_root
+
+    ref = ridge_problem(d=8, inner_steps=1)
+    inner = ref.problem.inner_loss
+
+    def gradient_condition(theta, phi):
+        (g,) = torch.autograd.grad(inner(theta, phi), theta["w"], create_graph=True)
+        return {"w": g}
+
+    def gd_map(theta, phi):
+        return {"w": theta["w"] - (1.0 / ref.lipschitz) * gradient_condition(theta, phi)["w"]}
+
+    def exact(theta_init, phi):
+        return ref.exact_solution(phi)
+
+    for solver in (custom_root(gradient_condition, solve="cg", tol=1e-12)(exact),
+                   custom_fixed_point(gd_map, max_iter=5000, tol=1e-12)(exact)):
+        phi = {"penalty": ref.phi["penalty"].clone().requires_grad_()}
+        outer = ref.problem.outer_loss(solver(ref.theta0, phi), phi)
+        (grad,) = torch.autograd.grad(outer, phi["penalty"])
+        assert rel_error({"penalty": grad}, ref.exact_hypergradient(ref.phi)) <= 1e-8
