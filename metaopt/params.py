@@ -7,8 +7,7 @@ pure function of such a dict through :func:`functional_call`; nothing is patched
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -199,16 +198,3 @@ def tree_unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
     if i != vec.numel():
         raise StructureError(f"vector has {vec.numel()} elements, tree needs {i}")
     return out
-
-
-def leaves(trees: Iterable[Mapping[str, Tensor]]) -> list[Tensor]:
-    """All leaves of several trees, in order."""
-    return [v for t in trees for v in t.values()]
-
-
-def safe_norm_ratio(num: Tensor, den: Tensor) -> float:
-    """``num/den`` as a float, with 0/0 = 0 and x/0 = inf."""
-    n, d = float(num), float(den)
-    if d == 0.0:
-        return 0.0 if n == 0.0 else math.inf
-    return n / d
