@@ -18,13 +18,15 @@ for all architectures (see :mod:`metaopt.lopt.torch_optimizer`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
 from metaopt.params import Params
 
-__all__ = ["ARCHITECTURES", "LOptState", "LearnedOptimizer", "register_architecture"]
+__all__ = ["ARCHITECTURES", "LOptState", "LearnedOptimizer", "apply_step_",
+           "register_architecture"]
 
 LOptState = dict[str, Any]
 
@@ -50,6 +52,22 @@ class LearnedOptimizer(nn.Module):
         """One optimizer step: the new task parameters and the new state."""
         raise NotImplementedError
 
+    def update_(self, grads: Params, state: LOptState, params: Params,
+                loss: Tensor | None = None, *, lr: Mapping[str, float] | None = None,
+                weight_decay: Mapping[str, float] | None = None) -> LOptState:
+        """In-place step for the sole owner of ``state`` (the ``torch.optim`` shell).
+
+        Writes ``p ← p + lr·(p_learned − p) − lr·wd·p`` into the tensors of ``params``
+        (``lr``/``weight_decay`` per name, default 1 and 0) and returns the new state,
+        which may reuse the old state's tensors: ``state`` is invalid afterwards. Same
+        math as :meth:`update`; architectures override it to skip allocations and copies.
+        """
+        new_params, new_state = self.update(grads, state, params, loss=loss)
+        for name, p in params.items():
+            apply_step_(p, new_params[name], (lr or {}).get(name, 1.0),
+                        (weight_decay or {}).get(name, 0.0))
+        return new_state
+
     def optimizer(self, params, num_steps, **kw):
         """A ``torch.optim.Optimizer`` running this learned optimizer on ``params``."""
         from metaopt.lopt.torch_optimizer import LearnedOptimizerShell
@@ -57,6 +75,16 @@ class LearnedOptimizer(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - not a layer
         raise TypeError(f"{type(self).__name__} is used through init()/update(), not called")
+
+
+def apply_step_(p: Tensor, p_learned: Tensor, lr: float, weight_decay: float) -> None:
+    """``p ← p + lr·(p_learned − p) − lr·weight_decay·p``, in place."""
+    new_p = p_learned
+    if lr != 1.0:
+        new_p = p + lr * (new_p - p)
+    if weight_decay:
+        new_p = new_p - (lr * weight_decay) * p
+    p.copy_(new_p)
 
 
 #: Architecture name → class; native checkpoints and release importers look here.

@@ -77,8 +77,8 @@ class MuVeLO(VeLO):
     def _update_scales(self, state: LOptState, keys: list[str]) -> list[Tensor | float]:
         return [state["mup_scale"][k] for k in keys]
 
-    def _step(self, grads, state, params, loss):
-        new_params, new_state, internals = super()._step(grads, state, params, loss)
+    def _step(self, grads, state, params, loss, inplace=None):
+        new_params, new_state, internals = super()._step(grads, state, params, loss, inplace)
         new_state["mup_scale"] = {k: state["mup_scale"][k] for k in params}
         return new_params, new_state, internals
 
@@ -96,13 +96,5 @@ class MuSmallFC(SmallFCLOpt):
         state["mup_scale"] = _scale_state(params, resolve_mup_scales(params, mup_scales))
         return state
 
-    def update(self, grads: Params, state: LOptState, params: Params,
-               loss: Tensor | None = None) -> tuple[Params, LOptState]:
-        scales = state["mup_scale"]
-        base_state = {k: v for k, v in state.items() if k != "mup_scale"}
-        new_params, new_state = super().update(grads, base_state, params, loss)
-        # p - p_new is exact in float32 (Sterbenz), so this only rounds once more.
-        scaled = {k: p - scales[k].to(p.dtype) * (p - new_params[k]) for k, p in params.items()}
-        new_state = dict(new_state)
-        new_state["mup_scale"] = {k: scales[k] for k in params}
-        return scaled, new_state
+    def _step_scale(self, state: LOptState, name: str) -> Tensor | float:
+        return state["mup_scale"][name]

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaopt.lopt import cpu_kernels
 from metaopt.lopt import features as F
-from metaopt.lopt.base import LearnedOptimizer, LOptState, register_architecture
+from metaopt.lopt.base import LearnedOptimizer, LOptState, apply_step_, register_architecture
 from metaopt.params import Params
 
 __all__ = ["SmallFCLOpt"]
@@ -164,6 +165,21 @@ class SmallFCLOpt(LearnedOptimizer):
                loss: Tensor | None = None) -> tuple[Params, LOptState]:
         """One step for every tensor; pure (returns new params and a new state)."""
         del loss  # small_fc_lopt does not look at the loss
+        return self._step(grads, state, params, None)
+
+    def update_(self, grads: Params, state: LOptState, params: Params,
+                loss: Tensor | None = None, *, lr: Mapping[str, float] | None = None,
+                weight_decay: Mapping[str, float] | None = None) -> LOptState:
+        """In-place step (see :meth:`LearnedOptimizer.update_`): float32 CPU matrices go
+        through the fused kernel, which writes into the parameters and the accumulators."""
+        del loss
+        _, new_state = self._step(grads, state, params, (lr or {}, weight_decay or {}))
+        return new_state
+
+    def _step(self, grads: Params, state: LOptState, params: Params,
+              inplace: tuple[Mapping[str, float], Mapping[str, float]] | None
+              ) -> tuple[Params, LOptState]:
+        """Shared loop of :meth:`update` and (``inplace=(lr, weight_decay)``) :meth:`update_`."""
         iteration = state["iteration"]
         new_state: LOptState = {k: {} for k in _ACCUMULATORS}
         new_params: Params = {}
@@ -174,16 +190,38 @@ class SmallFCLOpt(LearnedOptimizer):
             if key not in cache:
                 cache[key] = self._prepare(iteration, *key)
             acc = {k: state[k][name] for k in _ACCUMULATORS}
-            if self._fast_ok(p, g, acc):
-                new_p, new_acc = self._fast_update_tensor(p, g, acc, *cache[key])
+            scale = self._step_scale(state, name)
+            if inplace is not None and self._kernel_ok(p, g, acc):
+                lr, wd = inplace[0].get(name, 1.0), inplace[1].get(name, 0.0)
+                new_p, new_acc = self._kernel_update_tensor(p, g, acc, *cache[key],
+                                                            inplace=(lr, wd), scale=float(scale))
             else:
-                new_p, new_acc = self._update_tensor(p, g, acc, *cache[key])
+                if self._kernel_ok(p, g, acc):
+                    new_p, new_acc = self._kernel_update_tensor(p, g, acc, *cache[key],
+                                                                scale=float(scale))
+                else:
+                    if self._fast_ok(p, g, acc):
+                        new_p, new_acc = self._fast_update_tensor(p, g, acc, *cache[key])
+                    else:
+                        new_p, new_acc = self._update_tensor(p, g, acc, *cache[key])
+                    if not (isinstance(scale, float) and scale == 1.0):
+                        # p - p_new is exact in float32 (Sterbenz): one more rounding only
+                        new_p = p - scale.to(p.dtype) * (p - new_p)
+                if inplace is not None:
+                    apply_step_(p, new_p, inplace[0].get(name, 1.0), inplace[1].get(name, 0.0))
+                    new_p = p
             new_params[name] = new_p
             for k, v in new_acc.items():
                 new_state[k][name] = v
         new_state["iteration"] = iteration + 1
         new_state["num_steps"] = state["num_steps"]
+        for extra in state.keys() - new_state.keys():  # e.g. μLO's per-tensor scales
+            new_state[extra] = state[extra]
         return new_params, new_state
+
+    def _step_scale(self, state: LOptState, name: str) -> Tensor | float:
+        """Extra multiplier of tensor ``name``'s step (1 here; μLO's μP scale)."""
+        return 1.0
 
     def _prepare(self, iteration: Tensor, dtype: torch.dtype, device: torch.device) -> tuple:
         """Decays, MLP weights and the (constant per step) time-feature bias of layer 0."""
@@ -348,7 +386,7 @@ class SmallFCLOpt(LearnedOptimizer):
 
         v_row, v_col, v_diag = acc["v_row"], acc["v_col"], acc["v_diag"]
         if factored:
-            d1, d0 = dims
+            _, d0 = dims
             row_sum = torch.empty(a, dtype=dtype, device=p.device)
             col_sum = torch.zeros(b, dtype=dtype, device=p.device)
             for r0, r1 in chunks:
@@ -419,30 +457,18 @@ class SmallFCLOpt(LearnedOptimizer):
             torch.linalg.vector_norm(x, dim=1, out=norms[i])
         sumsq = (norms * norms).sum(dim=0)
 
-        w0 = w0_feat.to(dtype)
         if factored:
-            # row channels take shape[d0] copies of v_row, column channels shape[d1] of v_col
-            r_row, r_col = 4 + 3 * k, 4 + 4 * k
-            rr_row, rr_col = 4 + 5 * k, 4 + 6 * k
-            rs_row = torch.rsqrt(v_row + 1e-8)
-            rs_col = torch.rsqrt(v_col + 1e-8)
-
-            def folded(v: Tensor, count: int, row0: int) -> Tensor:
-                scale = torch.rsqrt(1e-5 + (v * v).sum(dim=1) * count / n)
-                return (scale.unsqueeze(-1) * w0[row0:row0 + k]).T @ v
-
-            u_row = folded(v_row, shape[d0], r_row) + folded(rs_row, shape[d0], rr_row)
-            u_col = folded(v_col, shape[d1], r_col) + folded(rs_col, shape[d1], rr_col)
-            u_a, u_b = (u_row, u_col) if d0 == 1 else (u_col, u_row)
-            u_a = u_a + bias0.unsqueeze(1)
-            w_x = w0[ref_rows]
+            w_x, u_a, u_b = self._fold_factored(w0_feat.to(dtype), bias0, sumsq, v_row, v_col,
+                                                dims, shape, n)
+            w_x = w_x.T.contiguous()
         else:
+            w0 = w0_feat.to(dtype)
             w_x = w0[ref_rows[: 4 + 3 * k]]
             w_v = w0[4 + 3 * k: 4 + 4 * k] + w0[4 + 4 * k: 4 + 5 * k]
             w_rv = w0[4 + 5 * k: 4 + 6 * k] + w0[4 + 6 * k: 4 + 7 * k]
             w_x = torch.cat([w_x, w_v, w_rv, w0[4 + 7 * k:]])
-        scale = torch.rsqrt(1e-5 + sumsq / n)
-        w_x = (scale.unsqueeze(-1) * w_x).T.contiguous()
+            scale = torch.rsqrt(1e-5 + sumsq / n)
+            w_x = (scale.unsqueeze(-1) * w_x).T.contiguous()
         hidden = w_x.shape[0]
         mids = [(w.T.contiguous(), bb.unsqueeze(1)) for w, bb in zip(weights, biases)]
         hbuf = torch.empty((2, max(hidden, *(w.shape[0] for w, _ in mids)) * cap),
@@ -472,6 +498,95 @@ class SmallFCLOpt(LearnedOptimizer):
         new_acc = {"m": m_new.view(acc["m"].shape), "rms": rms_new.view(acc["rms"].shape),
                    "v_row": v_row, "v_col": v_col, "v_diag": v_diag_new.view(v_diag.shape)}
         return new_p.view(shape), new_acc
+
+
+    def _fold_factored(self, w0: Tensor, bias0: Tensor, sumsq: Tensor, v_row: Tensor,
+                       v_col: Tensor, dims: tuple[int, int], shape: torch.Size, n: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """First layer of a factored rank-2 tensor with the normalisation folded in.
+
+        Returns ``(w_in, u_a, u_b)``: ``w_in`` (C, H) acts on the per-element channels
+        (``g, p, m, rms, m·r, r, fac_g, m·fac``, ``sumsq`` their sums of squares); the
+        row/column channels (``v_row, v_col`` and their rsqrt, constant along one axis)
+        become hidden biases ``u_a`` (H, shape[0]) — bias0 included — and ``u_b``
+        (H, shape[1]).
+        """
+        k = len(self.initial_momentum_decays)
+        d1, d0 = dims
+        r_row, r_col, rr_row, rr_col = 4 + 3 * k, 4 + 4 * k, 4 + 5 * k, 4 + 6 * k
+
+        def folded(v: Tensor, count: int, row0: int) -> Tensor:
+            # row channels take shape[d0] copies of v_row, column channels shape[d1] of v_col
+            scale = torch.rsqrt(1e-5 + (v * v).sum(dim=1) * count / n)
+            return (scale.unsqueeze(-1) * w0[row0:row0 + k]).T @ v
+
+        u_row = folded(v_row, shape[d0], r_row) + folded(torch.rsqrt(v_row + 1e-8), shape[d0],
+                                                          rr_row)
+        u_col = folded(v_col, shape[d1], r_col) + folded(torch.rsqrt(v_col + 1e-8), shape[d1],
+                                                          rr_col)
+        u_a, u_b = (u_row, u_col) if d0 == 1 else (u_col, u_row)
+        rows = list(range(4 + 3 * k)) + list(range(4 + 7 * k, 4 + 8 * k))
+        scale = torch.rsqrt(1e-5 + sumsq.to(w0.dtype) / n)
+        return scale.unsqueeze(-1) * w0[rows], u_a + bias0.unsqueeze(1), u_b
+
+    # ------------------------------------------------------------------ fused CPU kernel
+    def _kernel_ok(self, p: Tensor, g: Tensor, acc: dict[str, Tensor]) -> bool:
+        """Whether the fused C kernel applies: the fast path's conditions, a float32 CPU
+        matrix, and the reference MLP shape (two hidden layers)."""
+        if not (p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu"
+                and self.hidden_layers == 2 and self._fast_ok(p, g, acc)):
+            return False
+        kern = cpu_kernels.kernels()
+        return kern is not None and kern.supports(len(self.initial_momentum_decays),
+                                                  self.hidden_size)
+
+    def _kernel_update_tensor(self, p: Tensor, g: Tensor, acc: dict[str, Tensor], decays: tuple,
+                              w0_feat: Tensor, bias0: Tensor, weights: list[Tensor],
+                              biases: list[Tensor], inplace: tuple[float, float] | None = None,
+                              scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`_fast_update_tensor` for a float32 CPU matrix, in the fused C kernel.
+
+        ``inplace=(lr, weight_decay)`` writes ``p + lr·(p_learned − p) − lr·wd·p`` into
+        ``p`` and the new accumulators into the old ones (``p``/``acc`` contiguous);
+        ``scale`` multiplies the learned step (μLO)."""
+        kern = cpu_kernels.kernels()
+        k = len(self.initial_momentum_decays)
+        shape = p.shape
+        a, b = shape
+        n = a * b
+        _, d0 = dims = F.factored_dims(shape)
+        if inplace is not None and not (p.is_contiguous() and acc["m"].is_contiguous()
+                                        and acc["rms"].is_contiguous()):
+            new_p, new_acc = self._kernel_update_tensor(p, g, acc, decays, w0_feat, bias0,
+                                                        weights, biases, scale=scale)
+            apply_step_(p, new_p, *inplace)
+            return p, new_acc
+        g_c, p_c = g.contiguous(), p.contiguous()
+        mom_d, rms_d, fac_d = (d.reshape(-1, 1) for d in decays)
+        rms_d = torch.clamp(rms_d, 0.0, 1.0)
+        fac_d = torch.clamp(fac_d, 0.0, 1.0)
+        row_sum, col_sum = kern.sq_rowcol(g_c)
+        mean_ax1, mean_ax0 = (row_sum / b).float(), (col_sum / a).float()
+        v_row = fac_d * acc["v_row"] + (1.0 - fac_d) * (mean_ax1 if d0 == 1 else mean_ax0)
+        v_col = fac_d * acc["v_col"] + (1.0 - fac_d) * (mean_ax0 if d0 == 1 else mean_ax1)
+        row_factor = F.safe_rsqrt(v_row / (torch.mean(v_row, dim=1, keepdim=True) + 1e-9))
+        col_factor = F.safe_rsqrt(v_col)
+        fac_a, fac_b = (row_factor, col_factor) if d0 == 1 else (col_factor, row_factor)
+        fac_a, fac_b = fac_a.contiguous(), fac_b.contiguous()
+        m_new, rms_new, sumsq, _ = kern.pass1(
+            "small_fc", g_c, p_c, acc["m"].contiguous().view(k, n),
+            acc["rms"].contiguous().view(1, n), mom_d.reshape(-1).contiguous(), float(rms_d),
+            fac_a, fac_b, inplace=inplace is not None)
+        w_in, u_a, u_b = self._fold_factored(w0_feat, bias0, sumsq, v_row, v_col, dims, shape, n)
+        lr, wd = inplace if inplace is not None else (1.0, 0.0)
+        new_p = kern.pass2(
+            "small_fc", g_c, p_c, m_new, rms_new, fac_a, fac_b, w_in.contiguous(),
+            u_a.contiguous(), u_b.contiguous(), weights[0].contiguous(), biases[0].contiguous(),
+            weights[1].contiguous(), biases[1].contiguous(), self.exp_mult,
+            self.step_mult * scale * lr, 1.0 - lr * wd, out=p if inplace is not None else None)
+        new_acc = {"m": m_new.view(acc["m"].shape), "rms": rms_new.view(acc["rms"].shape),
+                   "v_row": v_row, "v_col": v_col, "v_diag": acc["v_diag"]}
+        return new_p, new_acc
 
 
 #: Elements per block of the per-element MLP (keeps a block's features in cache).

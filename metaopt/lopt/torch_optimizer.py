@@ -6,8 +6,10 @@
 
 The shell owns no math: each ``step`` gathers every parameter that has a gradient (all
 param groups together, so architectures that couple tensors — VeLO's max-pool over
-tensors — see the whole model), calls the architecture's pure
-``update(grads, state, params, loss)`` once, and writes the result back in place.
+tensors — see the whole model) and calls the architecture's in-place
+``update_(grads, state, params, loss, lr=..., weight_decay=...)`` once: the same math as
+the pure ``update``, written straight into the parameters and (where the architecture
+can) into the old state's buffers, since the shell is the state's only owner.
 
 Param groups accept:
 
@@ -170,19 +172,15 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
         if loss is not None:
             loss_t = (loss.detach() if isinstance(loss, Tensor)
                       else torch.tensor(float(loss), dtype=torch.float32))
-        new_params, new_state = self.lopt.update(grads, state, params, loss=loss_t)
+        lrs = {n: group["lr"] for n, _, group in named}
+        wds = {n: group["weight_decay"] for n, _, group in named}
+        new_state = self.lopt.update_(grads, state, params, loss=loss_t, lr=lrs,
+                                      weight_decay=wds)
 
         new_global, new_per_tensor = _split(new_state, set(names))
         self._global = new_global
-        for n, p, group in named:
+        for n, p, _ in named:
             self.state[p].update(new_per_tensor.get(n, {}))
-            new_p = new_params[n]
-            lr, wd = group["lr"], group["weight_decay"]
-            if lr != 1.0:
-                new_p = p + lr * (new_p - p)
-            if wd:
-                new_p = new_p - (lr * wd) * p
-            p.copy_(new_p)
         return result if result is not None else loss
 
     # ------------------------------------------------------------------ (de)serialise

@@ -54,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaopt.lopt.base import LearnedOptimizer, LOptState, register_architecture
+from metaopt.lopt import cpu_kernels
+from metaopt.lopt.base import LearnedOptimizer, LOptState, apply_step_, register_architecture
 from metaopt.lopt.release import ReleaseFormatError
 from metaopt.params import Params, StructureError
 
@@ -511,9 +512,12 @@ class VeLO(LearnedOptimizer):
         return torch.tensor(which, dtype=torch.float32, device=device)
 
     def lstm_inputs(self, params: Params, state: LOptState, loss_features: Tensor,
-                    p_mean_sq: Mapping[str, Tensor] | None = None) -> Tensor:
+                    p_mean_sq: Mapping[str, Tensor] | None = None,
+                    moments: Mapping[str, tuple[Tensor, ...]] | None = None) -> Tensor:
         """The (n_tensors, 30) RNN input, from the *old* parameters and accumulators
-        (``p_mean_sq``: each tensor's ``mean(p²)`` when the caller has it already)."""
+        (``p_mean_sq``: each tensor's ``mean(p²)`` when the caller has it already;
+        ``moments``: per tensor ``(var_m, mean_m, var_rms, mean_rms)`` of the old
+        accumulators, as the fused kernel's first pass returns them)."""
         device = state["iteration"].device
         fraction = state["iteration"].to(torch.float32) / state["num_steps"].to(torch.float32)
         scales = torch.tensor(_FRACTION_TIMESCALES, dtype=torch.float32, device=device)
@@ -525,8 +529,11 @@ class VeLO(LearnedOptimizer):
             norm_mult = torch.rsqrt(torch.clamp(msq, min=1e-9))
             # One pass each (no (n, 3) temporaries): var(a·x) = a² var(x), and the
             # reference's mean((r - mean_m)²) = var(r) + (mean(r) - mean_m)².
-            var_m, mean_m = _var_mean(state["mom"][key].movedim(-1, 0).reshape(3, -1))
-            var_r, mean_r = _var_mean(state["rms"][key].reshape(1, -1))
+            if moments is not None and key in moments:
+                var_m, mean_m, var_r, mean_r = moments[key]
+            else:
+                var_m, mean_m = _var_mean(state["mom"][key].movedim(-1, 0).reshape(3, -1))
+                var_r, mean_r = _var_mean(state["rms"][key].reshape(1, -1))
             nm2 = norm_mult * norm_mult
             var_m, mean_m = var_m * nm2, mean_m * norm_mult
             mean_rms = (mean_r * norm_mult).reshape(1)
@@ -568,6 +575,15 @@ class VeLO(LearnedOptimizer):
         new_params, new_state, _ = self._step(grads, state, params, loss)
         return new_params, new_state
 
+    def update_(self, grads: Params, state: LOptState, params: Params,
+                loss: Tensor | float | None = None, *, lr: Mapping[str, float] | None = None,
+                weight_decay: Mapping[str, float] | None = None) -> LOptState:
+        """In-place step (see :meth:`LearnedOptimizer.update_`): float32 CPU matrices go
+        through the fused kernel, which writes into the parameters and the accumulators."""
+        _, new_state, _ = self._step(grads, state, params, loss,
+                                     inplace=(lr or {}, weight_decay or {}))
+        return new_state
+
     def update_with_internals(self, grads: Params, state: LOptState, params: Params,
                               loss: Tensor | float | None = None
                               ) -> tuple[Params, LOptState, dict[str, Tensor]]:
@@ -579,7 +595,9 @@ class VeLO(LearnedOptimizer):
         return [1.0] * len(keys)
 
     def _step(self, grads: Params, state: LOptState, params: Params,
-              loss: Tensor | float | None) -> tuple[Params, LOptState, dict[str, Tensor]]:
+              loss: Tensor | float | None,
+              inplace: tuple[Mapping[str, float], Mapping[str, float]] | None = None
+              ) -> tuple[Params, LOptState, dict[str, Tensor]]:
         if loss is None:
             raise ValueError("VeLO needs the training loss: call update(..., loss=loss) "
                              "(or opt.step(loss=loss) / opt.step(closure))")
@@ -593,9 +611,22 @@ class VeLO(LearnedOptimizer):
         loss_features = loss_buffer_features(next_buffer)
         grads = {k: torch.clamp(g.to(torch.float32), -1000.0, 1000.0) for k, g in grads.items()}
 
+        mom_d = self._decays(self.initial_momentum_decays, device)
+        rms_d = torch.clamp(self._decays(self.initial_rms_decays, device), 0.0, 1.0)
+        fac_d = torch.clamp(self._decays(self.initial_adafactor_decays, device), 0.0, 1.0)
+        fast = not (torch.is_grad_enabled() and (
+            self._any_requires_grad(grads, state, params)
+            or any(t.requires_grad for t in self.parameters())))
+        # Fused kernel, first half: accumulators and the old state's moments (no LSTM yet).
+        kernel = {key: self._kernel_pass1(params[key], grads[key], state, key, mom_d, rms_d,
+                                          fac_d, inplace is not None)
+                  for key in keys if fast and self._kernel_ok(params[key], grads[key])}
+
         # Per-tensor LSTM over all tensors at once.
-        p_mean_sq = {k: _mean_sq(p) for k, p in params.items()}
-        x = self.lstm_inputs(params, state, loss_features, p_mean_sq)
+        p_mean_sq = {k: kernel[k]["p_mean_sq"] if k in kernel else _mean_sq(p)
+                     for k, p in params.items()}
+        x = self.lstm_inputs(params, state, loss_features, p_mean_sq,
+                             {k: pre["moments"] for k, pre in kernel.items()})
         h_prev = torch.stack([state["lstm_hidden"][k] for k in keys])
         c_prev = torch.stack([state["lstm_cell"][k] for k in keys])
         controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev)
@@ -609,22 +640,25 @@ class VeLO(LearnedOptimizer):
         mlps = self._mixed_mlps(controls)
         scales = self._update_scales(state, keys)
 
-        mom_d = self._decays(self.initial_momentum_decays, device)
-        rms_d = torch.clamp(self._decays(self.initial_rms_decays, device), 0.0, 1.0)
-        fac_d = torch.clamp(self._decays(self.initial_adafactor_decays, device), 0.0, 1.0)
         new_params: Params = {}
         mom, rms, v_row, v_col, v_diag = {}, {}, {}, {}, {}
-        fast = not (torch.is_grad_enabled() and self._any_requires_grad(
-            grads, state, params, lr_mult, mlps))
         for j, key in enumerate(keys):
             p, g = params[key], grads[key]
             info = self._info(p.shape)
+            coef = lr_mult[j] * self.step_mult
+            if self.param_scale_mult:
+                coef = coef * torch.sqrt(p_mean_sq[key] + 1e-9)
+            if not (isinstance(scales[j], float) and scales[j] == 1.0):
+                coef = coef * scales[j]
+            if key in kernel:
+                lr, wd = ((inplace[0].get(key, 1.0), inplace[1].get(key, 0.0))
+                          if inplace is not None else (1.0, 0.0))
+                new_params[key], mom[key], rms[key], v_row[key], v_col[key] = \
+                    self._kernel_pass2(kernel[key], p, g, mlps[j], float(coef) * lr,
+                                       1.0 - lr * wd, inplace is not None)
+                v_diag[key] = state["v_diag"][key]
+                continue
             if fast and info.factored is not None and p.dtype == torch.float32:
-                coef = lr_mult[j] * self.step_mult
-                if self.param_scale_mult:
-                    coef = coef * torch.sqrt(p_mean_sq[key] + 1e-9)
-                if not (isinstance(scales[j], float) and scales[j] == 1.0):
-                    coef = coef * scales[j]
                 new_params[key], mom[key], rms[key], v_row[key], v_col[key] = \
                     self._fast_factored_step(
                         info, p, g, state["mom"][key], state["rms"][key], state["v_row"][key],
@@ -647,6 +681,12 @@ class VeLO(LearnedOptimizer):
             if not (isinstance(scales[j], float) and scales[j] == 1.0):
                 step = step * scales[j]
             new_params[key] = (p - step.reshape(info.shape).to(p.dtype))
+        if inplace is not None:
+            for key, p in params.items():
+                if key not in kernel:
+                    apply_step_(p, new_params[key], inplace[0].get(key, 1.0),
+                                inplace[1].get(key, 0.0))
+                    new_params[key] = p
         new_state = {
             "mom": mom, "rms": rms, "v_row": v_row, "v_col": v_col, "v_diag": v_diag,
             "lstm_hidden": dict(zip(keys, h.unbind(0))),
@@ -656,6 +696,84 @@ class VeLO(LearnedOptimizer):
         for extra in state.keys() - new_state.keys():
             new_state[extra] = state[extra]
         return new_params, new_state, internals
+
+    # ----------------------------------------------------------- fused CPU kernel
+
+    def _kernel_ok(self, p: Tensor, g: Tensor) -> bool:
+        """Whether the fused C kernel applies: a float32 CPU matrix (always factored),
+        no autograd, and the released MLP shape (3 decays, 2 hidden layers)."""
+        if not (p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu"
+                and g.dtype == torch.float32 and self.ff_hidden_layers == 2
+                and len(self.initial_rms_decays) == 1
+                and len(self.initial_adafactor_decays) == len(self.initial_momentum_decays)):
+            return False
+        kern = cpu_kernels.kernels()
+        return kern is not None and kern.supports(len(self.initial_momentum_decays),
+                                                  self.ff_hidden_size)
+
+    def _kernel_pass1(self, p: Tensor, g: Tensor, state: LOptState, key: str, mom_d: Tensor,
+                      rms_d: Tensor, fac_d: Tensor, inplace: bool) -> dict[str, Any]:
+        """Kernel passes 0 and 1 for one matrix: Adafactor statistics, new accumulators
+        (into the old buffers when ``inplace`` and they are channel-first), the channels'
+        sums of squares and the old state's moments for the LSTM input."""
+        kern = cpu_kernels.kernels()
+        a, b = p.shape
+        n, k = a * b, len(self.initial_momentum_decays)
+        d1, d0 = factored_dims(p.shape)
+        g_c, p_c = g.contiguous(), p.contiguous()
+        m_old = state["mom"][key].movedim(-1, 0).reshape(k, n)  # a view when channel-first
+        r_old = state["rms"][key].movedim(-1, 0).reshape(1, n)
+        own = inplace and m_old.data_ptr() == state["mom"][key].data_ptr() \
+            and m_old.is_contiguous() and r_old.is_contiguous()
+        row_sum, col_sum = kern.sq_rowcol(g_c)
+        mean_over = {0: (col_sum / a).float(), 1: (row_sum / b).float()}  # mean along axis
+        v_row = fac_d * state["v_row"][key] + (1.0 - fac_d) * mean_over[d0].unsqueeze(-1)
+        v_col = fac_d * state["v_col"][key] + (1.0 - fac_d) * mean_over[d1].unsqueeze(-1)
+        row_factor = _safe_rsqrt(v_row / (v_row.mean(dim=0, keepdim=True) + 1e-9))  # axis d1
+        col_factor = _safe_rsqrt(v_col)  # axis d0
+        fac_a, fac_b = (row_factor, col_factor) if d1 == 0 else (col_factor, row_factor)
+        fac_a, fac_b = fac_a.t().contiguous(), fac_b.t().contiguous()
+        m_new, r_new, sumsq, stats = kern.pass1(
+            "velo", g_c, p_c, m_old.contiguous(), r_old.contiguous(), mom_d, float(rms_d),
+            fac_a, fac_b, with_stats=True, inplace=own)
+        sums = (stats / n).float()
+        mean_m, mean_r = sums[0:2 * k:2], sums[2 * k:2 * k + 1]
+        var_m = torch.clamp(sums[1:2 * k:2] - mean_m * mean_m, min=0.0)
+        var_r = torch.clamp(sums[2 * k + 1:2 * k + 2] - mean_r * mean_r, min=0.0)
+        return {"g": g_c, "p": p_c, "m": m_new, "rms": r_new, "v_row": v_row, "v_col": v_col,
+                "fac_a": fac_a, "fac_b": fac_b, "sumsq": sumsq, "dims": (d1, d0),
+                "p_mean_sq": sums[2 * k + 2], "moments": (var_m, mean_m, var_r, mean_r)}
+
+    def _kernel_pass2(self, pre: Mapping[str, Any], p: Tensor, g: Tensor, mlp: list[Tensor],
+                      coef: float, p_decay: float, inplace: bool
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Kernel pass 2 for one matrix: ``(p_new, mom, rms, v_row, v_col)``, accumulators
+        as channel-last views of channel-first storage. ``inplace`` writes into ``p``."""
+        kern = cpu_kernels.kernels()
+        d1, _ = pre["dims"]
+        n = p.numel()
+        w0, b0 = mlp[0], mlp[1]
+        v_row, v_col = pre["v_row"], pre["v_col"]
+        row_in = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
+        col_in = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
+        row_h = self._normalised_matmul(row_in, w0[_ROW_CHANNELS])  # axis d1
+        col_h = self._normalised_matmul(col_in, w0[_COL_CHANNELS]) + b0  # axis d0
+        u_a, u_b = (row_h, col_h) if d1 == 0 else (col_h, row_h)
+        scale = torch.rsqrt(1e-5 + pre["sumsq"].float() / n)
+        w_in = (scale.unsqueeze(1) * w0[_FULL_CHANNELS]).contiguous()
+        out = p if inplace and p.is_contiguous() else None
+        p_new = kern.pass2(
+            "velo", pre["g"], pre["p"], pre["m"], pre["rms"], pre["fac_a"], pre["fac_b"], w_in,
+            u_a.t().contiguous(), u_b.t().contiguous(), mlp[2].contiguous(), mlp[3].contiguous(),
+            mlp[4][:, :2].contiguous(), mlp[5][:2].contiguous(), self.exp_mult, coef, p_decay,
+            out=out)
+        if inplace and out is None:
+            p.copy_(p_new)
+            p_new = p
+        shape = tuple(p.shape)
+        mom = pre["m"].view(-1, *shape).movedim(0, -1)
+        rms = pre["rms"].view(1, *shape).movedim(0, -1)
+        return p_new, mom, rms, v_row, v_col
 
     @staticmethod
     def _any_requires_grad(*trees: Any) -> bool:

@@ -244,16 +244,19 @@ def test_blocked_evaluation_equals_single_block(lopt, monkeypatch):
         torch.testing.assert_close(blocked[k], whole[k], rtol=0, atol=1e-3 * float(step))
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_no_grad_fast_path_equals_differentiable_path(lopt, monkeypatch, dtype):
+def test_no_grad_fast_path_equals_differentiable_path(lopt, monkeypatch, dtype, kernels):
     """Without autograd, rank-1/2 tensors take a chunked fast path with the same math.
 
     Both orientations of a factored matrix, a square one, vectors (incl. length 1) and
     the fallbacks (rank 3, 0-d) run for several steps; the fast path, with uneven
-    chunks, must track the differentiable path to rounding.
+    chunks, must track the differentiable path to rounding. ``kernels`` switches the
+    fused C kernel (float32 matrices) on or off (then the PyTorch fast path runs).
     """
     import metaopt.lopt.small_fc as small_fc
 
+    monkeypatch.setenv("METAOPT_CPU_KERNELS", kernels)
     monkeypatch.setattr(small_fc, "_BLOCK_ELEMENTS", 97)
     torch.manual_seed(1)
     shapes = {"tall": (300, 40), "wide": (40, 300), "sq": (33, 33), "vec": (50,),

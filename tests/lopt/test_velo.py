@@ -401,10 +401,13 @@ def test_scalar_and_mixed_dtype_tensors_keep_shape_and_dtype():
         assert new_p[k].shape == v.shape and new_p[k].dtype == v.dtype
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])
 @pytest.mark.parametrize("block", [10**9, 7])
-def test_fast_path_matches_autograd_path(block, monkeypatch):
-    """The no-grad fast path (channel-first accumulators, blocked MLP) computes the same
-    trajectory as the differentiable path, for 2-d, 4-d, 1-d and scalar tensors."""
+def test_fast_path_matches_autograd_path(block, kernels, monkeypatch):
+    """The no-grad fast path (channel-first accumulators, blocked MLP; or the fused C
+    kernel for float32 matrices when ``kernels`` is on) computes the same trajectory
+    as the differentiable path, for 2-d, 4-d, 1-d and scalar tensors."""
+    monkeypatch.setenv("METAOPT_CPU_KERNELS", kernels)
     torch.manual_seed(0)
     lopt = VeLO(lstm_hidden_size=8, param_inits=4)
     with torch.no_grad():

@@ -1,0 +1,175 @@
+"""The fused CPU kernels compute what the PyTorch paths compute.
+
+Every entry point of ``metaopt/lopt/kernels/lopt_cpu.c`` runs here: through
+``update`` (pure), through ``update_`` (in place, with lr and weight decay), against the
+PyTorch no-grad path (``METAOPT_CPU_KERNELS=0``) on matrices of both orientations and
+with row lengths that are not a multiple of the vector width; plus the fallback when no
+compiler is available and the argument checks of the ctypes wrappers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from metaopt.lopt import SmallFCLOpt, cpu_kernels
+from metaopt.lopt.mulo import MuSmallFC, MuVeLO
+from metaopt.lopt.velo import VeLO
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(),
+                                reason="no C compiler: the kernels cannot be built here")
+
+SHAPES = {"tall": (45, 11), "wide": (9, 70), "square": (24, 24), "vec": (13,), "one_row": (1, 5),
+          "conv": (4, 3, 2, 2)}
+
+
+def _lopt(cls, seed: int = 0):
+    torch.manual_seed(seed)
+    lopt = cls(lstm_hidden_size=16, param_inits=8) if issubclass(cls, VeLO) else cls()
+    with torch.no_grad():
+        if isinstance(lopt, VeLO):  # non-degenerate mixing of the stored MLPs
+            lopt.rnn_to_controls.weight.normal_()
+        else:
+            for name, p in lopt.named_parameters():
+                p.add_((0.02 if "decays" in name else 0.3) * torch.randn_like(p))
+    return lopt
+
+
+def _params(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+
+
+def _grads(params, t: int) -> dict[str, torch.Tensor]:
+    return {k: torch.sin(3 * v + t) * (1 + t) for k, v in params.items()}
+
+
+def _run(lopt, steps: int = 4, inplace: bool = False, lr=None, wd=None):
+    params = {k: v.clone() for k, v in _params().items()}
+    state = lopt.init(params, 20)
+    ptrs = {k: v.data_ptr() for k, v in params.items()}
+    with torch.no_grad():
+        for t in range(steps):
+            if inplace:
+                state = lopt.update_(_grads(params, t), state, params, loss=float(5 - t),
+                                     lr=lr, weight_decay=wd)
+            else:
+                params, state = lopt.update(_grads(params, t), state, params, loss=float(5 - t))
+    if inplace:
+        assert all(params[k].data_ptr() == ptrs[k] for k in params), "update_ must write in place"
+    return params, state
+
+
+def _close(a, b, scale_like=None, tol=2e-6):
+    scale = float(scale_like.abs().max()) if scale_like is not None and scale_like.numel() else 1.0
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(scale, 1e-30))
+
+
+@pytest.mark.parametrize("cls", [SmallFCLOpt, VeLO])
+def test_kernel_path_equals_pytorch_fast_path(cls, monkeypatch):
+    lopt = _lopt(cls)
+    p_kernel, s_kernel = _run(lopt)
+    monkeypatch.setenv("METAOPT_CPU_KERNELS", "0")
+    p_torch, s_torch = _run(lopt)
+    start = _params()
+    for k in SHAPES:
+        step = p_torch[k] - start[k]
+        assert step.abs().max() > 0
+        # a wrong channel or weight is off by a whole step; rounding is ~1 ulp of p
+        _close(p_kernel[k], p_torch[k], step, tol=1e-4)
+        groups = ("mom", "rms", "v_row", "v_col") if cls is VeLO else ("m", "rms", "v_row",
+                                                                        "v_col")
+        for group in groups:
+            _close(s_kernel[group][k].contiguous(), s_torch[group][k].contiguous(),
+                   s_torch[group][k])
+
+
+@pytest.mark.parametrize("cls", [SmallFCLOpt, VeLO, MuSmallFC, MuVeLO])
+def test_inplace_update_equals_pure_update_with_lr_and_weight_decay(cls):
+    lopt = _lopt(cls)
+    lr = dict.fromkeys(SHAPES, 0.5)
+    wd = dict.fromkeys(SHAPES, 0.1)
+    p_inplace, _ = _run(copy.deepcopy(lopt), inplace=True, lr=lr, wd=wd)
+    # reference: the pure update, then the shell's formula p + lr (p_learned - p) - lr wd p
+    params = {k: v.clone() for k, v in _params().items()}
+    state = lopt.init(params, 20)
+    with torch.no_grad():
+        for t in range(4):
+            new_p, state = lopt.update(_grads(params, t), state, params, loss=float(5 - t))
+            params = {k: p + 0.5 * (new_p[k] - p) - 0.05 * p for k, p in params.items()}
+    start = _params()
+    for k in SHAPES:
+        _close(p_inplace[k], params[k], params[k] - start[k], tol=1e-4)
+
+
+def test_shell_uses_the_kernels_and_matches_the_pytorch_path(monkeypatch):
+    """The torch.optim shell (update_ in place) against the same run without kernels."""
+    from torch import nn
+
+    def train() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 37), nn.ReLU(), nn.Linear(37, 3))
+        opt = _lopt(SmallFCLOpt).optimizer(model.parameters(), num_steps=10, lr=0.7)
+        x, y = torch.randn(16, 10), torch.randn(16, 3)
+        for _ in range(5):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    with_kernels = train()
+    monkeypatch.setenv("METAOPT_CPU_KERNELS", "0")
+    without = train()
+    for a, b in zip(with_kernels, without, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("METAOPT_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="PyTorch path"):
+        assert cpu_kernels.kernels() is None
+    params, _ = _run(_lopt(SmallFCLOpt), steps=2)  # still runs, on the PyTorch path
+    assert all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_kernels_build_into_the_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.setenv("METAOPT_CACHE", str(tmp_path))
+    assert cpu_kernels.kernels() is not None
+    built = list((tmp_path / "kernels").glob("lopt_cpu_*.so"))
+    assert len(built) == 1
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("METAOPT_CPU_KERNELS", "0")
+    assert cpu_kernels.kernels() is None
+
+
+def test_wrappers_reject_bad_tensors():
+    kern = cpu_kernels.kernels()
+    g = torch.randn(6, 5)
+    with pytest.raises(ValueError, match="'g'"):
+        kern.sq_rowcol(g.t())  # not contiguous
+    with pytest.raises(ValueError, match="'g'"):
+        kern.sq_rowcol(g.double())
+    k = kern.decays
+    with pytest.raises(ValueError, match="'m_old'"):
+        kern.pass1("small_fc", g, g, torch.zeros(k - 1, 30), torch.zeros(1, 30),
+                   torch.full((k,), 0.9), 0.99, torch.ones(k, 6), torch.ones(k, 5))
+    with pytest.raises(ValueError, match="unknown kernel mode"):
+        kern.n_channels("adam")
+
+
+def test_sq_rowcol_matches_torch():
+    g = torch.randn(7, 19)
+    row, col = cpu_kernels.kernels().sq_rowcol(g)
+    g2 = g.double() ** 2
+    torch.testing.assert_close(row, g2.sum(1), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(col, g2.sum(0), rtol=1e-6, atol=1e-12)
