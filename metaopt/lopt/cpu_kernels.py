@@ -34,9 +34,9 @@ from torch import Tensor
 
 __all__ = ["LoptCpuKernels", "kernels", "kernels_available"]
 
-_ABI_VERSION = 3
+_ABI_VERSION = 5
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
-_MODES = {"small_fc": 0, "velo": 1}
+_MODES = {"small_fc": 0, "velo": 1, "small_fc_diag": 2, "velo_diag": 3}
 
 _lock = threading.Lock()
 _loaded: LoptCpuKernels | None = None
@@ -151,12 +151,15 @@ class LoptCpuKernels:
         self.decays, self.hidden = int(lib.lopt_decays()), int(lib.lopt_hidden())
         lib.lopt_sq_rowcol.argtypes = [i64, i64, vp, vp, vp, i32]
         lib.lopt_sq_rowcol.restype = i32
-        lib.lopt_rank2_pass1.argtypes = [i32, i64, i64, vp, vp, vp, vp, vp, vp, vp, f32,
-                                         vp, vp, vp, vp, i32]
-        lib.lopt_rank2_pass1.restype = None
-        lib.lopt_rank2_pass2.argtypes = [i32, i64, i64, vp, vp, vp, vp, vp, vp, vp,
-                                         vp, vp, vp, vp, vp, vp, f32, f32, f32, vp, i32]
-        lib.lopt_rank2_pass2.restype = None
+        lib.lopt_factored_prepare.argtypes = [i64, i64, i32, i32, vp, vp, i64, i64, vp, i64, i64,
+                                              vp, vp, vp, vp, vp, vp, vp, i32]
+        lib.lopt_factored_prepare.restype = i32
+        lib.lopt_pass1.argtypes = [i32, i64, i64, vp, vp, vp, vp, vp, vp, vp, f32, vp, vp, vp, vp,
+                                   vp, vp, vp, i32]
+        lib.lopt_pass1.restype = None
+        lib.lopt_pass2.argtypes = [i32, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp,
+                                   vp, vp, f32, f32, f32, vp, i32]
+        lib.lopt_pass2.restype = None
 
     def n_channels(self, mode: str) -> int:
         """Per-element input channels of ``mode`` (with :attr:`decays` decays)."""
@@ -181,46 +184,109 @@ class LoptCpuKernels:
             raise MemoryError(f"lopt_sq_rowcol could not allocate {b} column accumulators")
         return row, col
 
-    def pass1(self, mode: str, g: Tensor, p: Tensor, m_old: Tensor, rms_old: Tensor,
-              mom_decay: Tensor, rms_decay: float, fac_a: Tensor, fac_b: Tensor,
-              with_stats: bool = False, inplace: bool = False
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """New ``m`` (k, a·b) and ``rms`` (1, a·b), per-channel sums of squares and (VeLO)
-        the old state's sums ``[Σm_q, Σm_q²]_q, Σrms, Σrms², Σp²`` (float64).
-        ``inplace`` writes the new accumulators into ``m_old`` / ``rms_old``."""
+    def factored_prepare(self, g: Tensor, d0: int, v_row: Tensor, v_col: Tensor,
+                         fac_decay: Tensor, w_stat: Tensor, bias: Tensor, *,
+                         channel_last: bool, update_v: bool = True
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Update ``v_row``/``v_col`` **in place** from the (a, b) gradient ``g`` (unless
+        ``update_v`` is false) and return the factors ``fac_a`` (k, a), ``fac_b`` (k, b) and
+        hidden biases ``u_a`` (H, a), ``u_b`` (H, b) of the row/column channels (see the C
+        file). ``v_row``/``v_col`` are (k, len) decay-first or, with ``channel_last``,
+        (len, k); ``d0`` is the axis ``v_row`` averages over."""
         a, b = g.shape
+        k, hidden = self.decays, self.hidden
+        len_r, len_c = (b, a) if d0 == 0 else (a, b)
+        strides = []
+        for name, v, length in (("v_row", v_row, len_r), ("v_col", v_col, len_c)):
+            expected = (length, k) if channel_last else (k, length)
+            if tuple(v.shape) != expected:
+                raise ValueError(f"kernel argument '{name}' has shape {tuple(v.shape)}, "
+                                 f"expected {expected}")
+            strides.append((1, k) if channel_last else (length, 1))
+        fac_a = torch.empty(k, a, dtype=torch.float32)
+        fac_b = torch.empty(k, b, dtype=torch.float32)
+        u_a = torch.empty(hidden, a, dtype=torch.float32)
+        u_b = torch.empty(hidden, b, dtype=torch.float32)
+        status = self._lib.lopt_factored_prepare(
+            a, b, int(d0), int(update_v), _f32("g", g, a * b), _f32("v_row", v_row), *strides[0],
+            _f32("v_col", v_col), *strides[1], _f32("fac_decay", fac_decay, k),
+            _f32("w_stat", w_stat, 4 * k * hidden), _f32("bias", bias, hidden),
+            _f32("fac_a", fac_a), _f32("fac_b", fac_b), _f32("u_a", u_a), _f32("u_b", u_b),
+            self._threads())
+        if status != 0:
+            raise MemoryError("lopt_factored_prepare could not allocate its row/column sums")
+        return fac_a, fac_b, u_a, u_b
+
+    @staticmethod
+    def _matrix(mode: str, g: Tensor) -> tuple[int, int]:
+        """The (a, b) the kernel walks: the matrix itself, or (1, n) in diagonal modes."""
+        if mode.endswith("_diag"):
+            return 1, g.numel()
+        if g.dim() != 2:
+            raise ValueError(f"mode {mode!r} steps matrices, got a tensor of shape "
+                             f"{tuple(g.shape)}")
+        return g.shape[0], g.shape[1]
+
+    def pass1(self, mode: str, g: Tensor, p: Tensor, m_old: Tensor, rms_old: Tensor,
+              mom_decay: Tensor, rms_decay: float, fac_a: Tensor | None = None,
+              fac_b: Tensor | None = None, v_old: Tensor | None = None,
+              fac_decay: Tensor | None = None, with_stats: bool = False, inplace: bool = False
+              ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+        """New ``m`` (k, n), ``rms`` (1, n) and (diagonal modes) ``v`` (k, n), per-channel
+        sums of squares and (VeLO) the old state's sums ``[Σm_q, Σm_q²]_q, Σrms, Σrms², Σp²``
+        (float64). Factored modes take the row/column factors ``fac_a`` (k, a), ``fac_b``
+        (k, b); diagonal modes ``v_old`` and ``fac_decay``. ``inplace`` writes the new
+        accumulators into the old ones."""
+        a, b = self._matrix(mode, g)
         n, k = a * b, self.decays
+        diag = mode.endswith("_diag")
+        if diag and (v_old is None or fac_decay is None):
+            raise ValueError(f"mode {mode!r} needs v_old and fac_decay")
+        if not diag and (fac_a is None or fac_b is None):
+            raise ValueError(f"mode {mode!r} needs fac_a and fac_b")
         n_ch = self.n_channels(mode)
         m_new = m_old if inplace else torch.empty(k, n, dtype=torch.float32)
         rms_new = rms_old if inplace else torch.empty(1, n, dtype=torch.float32)
+        v_new = None
+        if diag:
+            v_new = v_old if inplace else torch.empty(k, n, dtype=torch.float32)
         sumsq = torch.empty(n_ch, dtype=torch.float64)
         stats = torch.empty(2 * k + 3, dtype=torch.float64) if with_stats else None
-        self._lib.lopt_rank2_pass1(
+        self._lib.lopt_pass1(
             _mode(mode), a, b, _f32("g", g, n), _f32("p", p, n), _f32("m_old", m_old, k * n),
             _f32("rms_old", rms_old, n), _f32("m_new", m_new), _f32("rms_new", rms_new),
-            _f32("mom_decay", mom_decay, k), float(rms_decay), _f32("fac_a", fac_a, k * a),
-            _f32("fac_b", fac_b, k * b), _f64("sumsq", sumsq, n_ch),
+            _f32("mom_decay", mom_decay, k), float(rms_decay),
+            None if diag else _f32("fac_a", fac_a, k * a),
+            None if diag else _f32("fac_b", fac_b, k * b),
+            _f32("v_old", v_old, k * n) if diag else None,
+            _f32("v_new", v_new, k * n) if diag else None,
+            _f32("fac_decay", fac_decay, k) if diag else None, _f64("sumsq", sumsq, n_ch),
             _f64("stats", stats, 2 * k + 3) if stats is not None else None, self._threads())
-        return m_new, rms_new, sumsq, stats
+        return m_new, rms_new, v_new, sumsq, stats
 
-    def pass2(self, mode: str, g: Tensor, p: Tensor, m: Tensor, rms: Tensor, fac_a: Tensor,
-              fac_b: Tensor, w_in: Tensor, u_a: Tensor, u_b: Tensor, w1: Tensor, b1: Tensor,
-              w2: Tensor, b2: Tensor, exp_mult: float, coef: float, p_decay: float = 1.0,
-              out: Tensor | None = None) -> Tensor:
+    def pass2(self, mode: str, g: Tensor, p: Tensor, m: Tensor, rms: Tensor,
+              fac_a: Tensor | None, fac_b: Tensor | None, v: Tensor | None, w_in: Tensor,
+              u_a: Tensor, u_b: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+              exp_mult: float, coef: float, p_decay: float = 1.0, out: Tensor | None = None
+              ) -> Tensor:
         """``p · p_decay - dir · exp(exp_mult · mag) · coef`` for the per-element MLP (see the
-        C file), into ``out`` (may be ``p``) or a new tensor."""
-        a, b = g.shape
+        C file), into ``out`` (may be ``p``) or a new tensor of ``p``'s shape. Diagonal
+        modes take ``v`` and a (H, 1) ``u_a`` (the first-layer bias), no factors."""
+        a, b = self._matrix(mode, g)
         n, k, hidden = a * b, self.decays, self.hidden
+        diag = mode.endswith("_diag")
         n_ch = self.n_channels(mode)
         if w_in.shape != (n_ch, hidden) or w1.shape != (hidden, hidden) or w2.shape != (hidden, 2):
             raise ValueError(f"kernel MLP must be {n_ch}→{hidden}→{hidden}→2; got w_in "
                              f"{tuple(w_in.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
-        p_new = torch.empty(a, b, dtype=torch.float32) if out is None else out
-        self._lib.lopt_rank2_pass2(
+        p_new = torch.empty_like(p) if out is None else out
+        self._lib.lopt_pass2(
             _mode(mode), a, b, _f32("g", g, n), _f32("p", p, n), _f32("m", m, k * n),
-            _f32("rms", rms, n), _f32("fac_a", fac_a, k * a), _f32("fac_b", fac_b, k * b),
-            _f32("w_in", w_in, n_ch * hidden), _f32("u_a", u_a, hidden * a),
-            _f32("u_b", u_b, hidden * b), _f32("w1", w1), _f32("b1", b1, hidden),
-            _f32("w2", w2), _f32("b2", b2, 2), float(exp_mult), float(coef), float(p_decay),
-            _f32("p_new", p_new, n), self._threads())
+            _f32("rms", rms, n), None if diag else _f32("fac_a", fac_a, k * a),
+            None if diag else _f32("fac_b", fac_b, k * b),
+            _f32("v", v, k * n) if diag else None, _f32("w_in", w_in, n_ch * hidden),
+            _f32("u_a", u_a, hidden * a), None if diag else _f32("u_b", u_b, hidden * b),
+            _f32("w1", w1), _f32("b1", b1, hidden), _f32("w2", w2), _f32("b2", b2, 2),
+            float(exp_mult), float(coef), float(p_decay), _f32("p_new", p_new, n),
+            self._threads())
         return p_new

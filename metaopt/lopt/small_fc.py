@@ -532,8 +532,8 @@ class SmallFCLOpt(LearnedOptimizer):
     # ------------------------------------------------------------------ fused CPU kernel
     def _kernel_ok(self, p: Tensor, g: Tensor, acc: dict[str, Tensor]) -> bool:
         """Whether the fused C kernel applies: the fast path's conditions, a float32 CPU
-        matrix, and the reference MLP shape (two hidden layers)."""
-        if not (p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu"
+        vector or matrix, and the reference MLP shape (two hidden layers)."""
+        if not (p.dtype == torch.float32 and p.device.type == "cpu"
                 and self.hidden_layers == 2 and self._fast_ok(p, g, acc)):
             return False
         kern = cpu_kernels.kernels()
@@ -544,19 +544,18 @@ class SmallFCLOpt(LearnedOptimizer):
                               w0_feat: Tensor, bias0: Tensor, weights: list[Tensor],
                               biases: list[Tensor], inplace: tuple[float, float] | None = None,
                               scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`_fast_update_tensor` for a float32 CPU matrix, in the fused C kernel.
+        """:meth:`_fast_update_tensor` for a float32 CPU vector or matrix, in the fused C
+        kernel (diagonal second moments for vectors, factored ones for matrices).
 
         ``inplace=(lr, weight_decay)`` writes ``p + lr·(p_learned − p) − lr·wd·p`` into
         ``p`` and the new accumulators into the old ones (``p``/``acc`` contiguous);
         ``scale`` multiplies the learned step (μLO)."""
         kern = cpu_kernels.kernels()
         k = len(self.initial_momentum_decays)
-        shape = p.shape
-        a, b = shape
-        n = a * b
-        _, d0 = dims = F.factored_dims(shape)
-        if inplace is not None and not (p.is_contiguous() and acc["m"].is_contiguous()
-                                        and acc["rms"].is_contiguous()):
+        n = p.numel()
+        diag = p.dim() == 1
+        if inplace is not None and not (p.is_contiguous() and all(
+                acc[key].is_contiguous() for key in ("m", "rms", "v_diag"))):
             new_p, new_acc = self._kernel_update_tensor(p, g, acc, decays, w0_feat, bias0,
                                                         weights, biases, scale=scale)
             apply_step_(p, new_p, *inplace)
@@ -565,27 +564,46 @@ class SmallFCLOpt(LearnedOptimizer):
         mom_d, rms_d, fac_d = (d.reshape(-1, 1) for d in decays)
         rms_d = torch.clamp(rms_d, 0.0, 1.0)
         fac_d = torch.clamp(fac_d, 0.0, 1.0)
-        row_sum, col_sum = kern.sq_rowcol(g_c)
-        mean_ax1, mean_ax0 = (row_sum / b).float(), (col_sum / a).float()
-        v_row = fac_d * acc["v_row"] + (1.0 - fac_d) * (mean_ax1 if d0 == 1 else mean_ax0)
-        v_col = fac_d * acc["v_col"] + (1.0 - fac_d) * (mean_ax0 if d0 == 1 else mean_ax1)
-        row_factor = F.safe_rsqrt(v_row / (torch.mean(v_row, dim=1, keepdim=True) + 1e-9))
-        col_factor = F.safe_rsqrt(v_col)
-        fac_a, fac_b = (row_factor, col_factor) if d0 == 1 else (col_factor, row_factor)
-        fac_a, fac_b = fac_a.contiguous(), fac_b.contiguous()
-        m_new, rms_new, sumsq, _ = kern.pass1(
-            "small_fc", g_c, p_c, acc["m"].contiguous().view(k, n),
-            acc["rms"].contiguous().view(1, n), mom_d.reshape(-1).contiguous(), float(rms_d),
-            fac_a, fac_b, inplace=inplace is not None)
-        w_in, u_a, u_b = self._fold_factored(w0_feat, bias0, sumsq, v_row, v_col, dims, shape, n)
+        m_old, rms_old = acc["m"].contiguous().view(k, n), acc["rms"].contiguous().view(1, n)
+        mom_d = mom_d.reshape(-1).contiguous()
+        if diag:
+            m_new, rms_new, v_new, sumsq, _ = kern.pass1(
+                "small_fc_diag", g_c, p_c, m_old, rms_old, mom_d, float(rms_d),
+                v_old=acc["v_diag"].contiguous().view(k, n),
+                fac_decay=fac_d.reshape(-1).contiguous(), inplace=inplace is not None)
+            w0 = w0_feat  # the v and rsqrt(v) channels are fed twice: sum their weights
+            w_x = torch.cat([w0[:4 + 3 * k], w0[4 + 3 * k:4 + 4 * k] + w0[4 + 4 * k:4 + 5 * k],
+                             w0[4 + 5 * k:4 + 6 * k] + w0[4 + 6 * k:4 + 7 * k], w0[4 + 7 * k:]])
+            w_in = torch.rsqrt(1e-5 + sumsq.float() / n).unsqueeze(-1) * w_x
+            fac_a = fac_b = u_b = None
+            u_a = bias0.reshape(-1, 1)
+            mode, v_row, v_col, v_diag = "small_fc_diag", acc["v_row"], acc["v_col"], v_new
+        else:
+            _, d0 = F.factored_dims(p.shape)
+            # the row/column statistics are small: updated in place (copies when pure)
+            own = inplace is not None
+            v_row = acc["v_row"].contiguous() if own else acc["v_row"].clone()
+            v_col = acc["v_col"].contiguous() if own else acc["v_col"].clone()
+            fac_a, fac_b, u_a, u_b = kern.factored_prepare(
+                g_c, d0, v_row, v_col, fac_d.reshape(-1).contiguous(),
+                w0_feat[4 + 3 * k:4 + 7 * k].contiguous(), bias0.contiguous(),
+                channel_last=False)
+            m_new, rms_new, _, sumsq, _ = kern.pass1(
+                "small_fc", g_c, p_c, m_old, rms_old, mom_d, float(rms_d), fac_a, fac_b,
+                inplace=inplace is not None)
+            rows = list(range(4 + 3 * k)) + list(range(4 + 7 * k, 4 + 8 * k))
+            w_in = torch.rsqrt(1e-5 + sumsq.float() / n).unsqueeze(-1) * w0_feat[rows]
+            u_b = u_b.contiguous()
+            mode, v_diag = "small_fc", acc["v_diag"]
         lr, wd = inplace if inplace is not None else (1.0, 0.0)
         new_p = kern.pass2(
-            "small_fc", g_c, p_c, m_new, rms_new, fac_a, fac_b, w_in.contiguous(),
-            u_a.contiguous(), u_b.contiguous(), weights[0].contiguous(), biases[0].contiguous(),
-            weights[1].contiguous(), biases[1].contiguous(), self.exp_mult,
-            self.step_mult * scale * lr, 1.0 - lr * wd, out=p if inplace is not None else None)
+            mode, g_c, p_c, m_new, rms_new, fac_a, fac_b, v_diag.view(k, n) if diag else None,
+            w_in.contiguous(), u_a.contiguous(), u_b, weights[0].contiguous(),
+            biases[0].contiguous(), weights[1].contiguous(), biases[1].contiguous(),
+            self.exp_mult, self.step_mult * scale * lr, 1.0 - lr * wd,
+            out=p if inplace is not None else None)
         new_acc = {"m": m_new.view(acc["m"].shape), "rms": rms_new.view(acc["rms"].shape),
-                   "v_row": v_row, "v_col": v_col, "v_diag": acc["v_diag"]}
+                   "v_row": v_row, "v_col": v_col, "v_diag": v_diag.view(acc["v_diag"].shape)}
         return new_p, new_acc
 
 

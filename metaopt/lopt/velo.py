@@ -653,10 +653,10 @@ class VeLO(LearnedOptimizer):
             if key in kernel:
                 lr, wd = ((inplace[0].get(key, 1.0), inplace[1].get(key, 0.0))
                           if inplace is not None else (1.0, 0.0))
-                new_params[key], mom[key], rms[key], v_row[key], v_col[key] = \
-                    self._kernel_pass2(kernel[key], p, g, mlps[j], float(coef) * lr,
+                new_params[key], mom[key], rms[key], v_row[key], v_col[key], vd = \
+                    self._kernel_pass2(kernel[key], p, mlps[j], float(coef) * lr,
                                        1.0 - lr * wd, inplace is not None)
-                v_diag[key] = state["v_diag"][key]
+                v_diag[key] = state["v_diag"][key] if vd is None else vd
                 continue
             if fast and info.factored is not None and p.dtype == torch.float32:
                 new_params[key], mom[key], rms[key], v_row[key], v_col[key] = \
@@ -700,11 +700,11 @@ class VeLO(LearnedOptimizer):
     # ----------------------------------------------------------- fused CPU kernel
 
     def _kernel_ok(self, p: Tensor, g: Tensor) -> bool:
-        """Whether the fused C kernel applies: a float32 CPU matrix (always factored),
-        no autograd, and the released MLP shape (3 decays, 2 hidden layers)."""
-        if not (p.dim() == 2 and p.dtype == torch.float32 and p.device.type == "cpu"
-                and g.dtype == torch.float32 and self.ff_hidden_layers == 2
-                and len(self.initial_rms_decays) == 1
+        """Whether the fused C kernel applies: a float32 CPU vector or matrix, no
+        autograd, and the released MLP shape (3 decays, 2 hidden layers)."""
+        if not (p.dim() in (1, 2) and p.numel() > 0 and p.dtype == torch.float32
+                and p.device.type == "cpu" and g.dtype == torch.float32
+                and self.ff_hidden_layers == 2 and len(self.initial_rms_decays) == 1
                 and len(self.initial_adafactor_decays) == len(self.initial_momentum_decays)):
             return False
         kern = cpu_kernels.kernels()
@@ -713,67 +713,87 @@ class VeLO(LearnedOptimizer):
 
     def _kernel_pass1(self, p: Tensor, g: Tensor, state: LOptState, key: str, mom_d: Tensor,
                       rms_d: Tensor, fac_d: Tensor, inplace: bool) -> dict[str, Any]:
-        """Kernel passes 0 and 1 for one matrix: Adafactor statistics, new accumulators
-        (into the old buffers when ``inplace`` and they are channel-first), the channels'
-        sums of squares and the old state's moments for the LSTM input."""
+        """Kernel passes 0 and 1 for one vector or matrix: Adafactor statistics, new
+        accumulators (into the old buffers when ``inplace`` and they are channel-first),
+        the channels' sums of squares and the old state's moments for the LSTM input."""
         kern = cpu_kernels.kernels()
-        a, b = p.shape
-        n, k = a * b, len(self.initial_momentum_decays)
-        d1, d0 = factored_dims(p.shape)
+        n, k = p.numel(), len(self.initial_momentum_decays)
         g_c, p_c = g.contiguous(), p.contiguous()
-        m_old = state["mom"][key].movedim(-1, 0).reshape(k, n)  # a view when channel-first
-        r_old = state["rms"][key].movedim(-1, 0).reshape(1, n)
-        own = inplace and m_old.data_ptr() == state["mom"][key].data_ptr() \
-            and m_old.is_contiguous() and r_old.is_contiguous()
-        row_sum, col_sum = kern.sq_rowcol(g_c)
-        mean_over = {0: (col_sum / a).float(), 1: (row_sum / b).float()}  # mean along axis
-        v_row = fac_d * state["v_row"][key] + (1.0 - fac_d) * mean_over[d0].unsqueeze(-1)
-        v_col = fac_d * state["v_col"][key] + (1.0 - fac_d) * mean_over[d1].unsqueeze(-1)
-        row_factor = _safe_rsqrt(v_row / (v_row.mean(dim=0, keepdim=True) + 1e-9))  # axis d1
-        col_factor = _safe_rsqrt(v_col)  # axis d0
-        fac_a, fac_b = (row_factor, col_factor) if d1 == 0 else (col_factor, row_factor)
-        fac_a, fac_b = fac_a.t().contiguous(), fac_b.t().contiguous()
-        m_new, r_new, sumsq, stats = kern.pass1(
-            "velo", g_c, p_c, m_old.contiguous(), r_old.contiguous(), mom_d, float(rms_d),
-            fac_a, fac_b, with_stats=True, inplace=own)
+
+        def channel_first(t: Tensor, rows: int) -> tuple[Tensor, bool]:
+            view = t.movedim(-1, 0).reshape(rows, n)  # a view when stored channel-first
+            return view.contiguous(), view.is_contiguous() and view.data_ptr() == t.data_ptr()
+
+        m_old, own_m = channel_first(state["mom"][key], k)
+        r_old, own_r = channel_first(state["rms"][key], 1)
+        pre: dict[str, Any] = {"g": g_c, "p": p_c}
+        if p.dim() == 1:
+            v_old, own_v = channel_first(state["v_diag"][key], k)
+            m_new, r_new, v_new, sumsq, stats = kern.pass1(
+                "velo_diag", g_c, p_c, m_old, r_old, mom_d, float(rms_d), v_old=v_old,
+                fac_decay=fac_d.contiguous(), with_stats=True,
+                inplace=inplace and own_m and own_r and own_v)
+            pre.update(v=v_new, v_row=state["v_row"][key], v_col=state["v_col"][key])
+        else:
+            d1, d0 = factored_dims(p.shape)
+            # the row/column statistics are small: updated in place (copies when pure)
+            v_row = state["v_row"][key].contiguous() if inplace else state["v_row"][key].clone()
+            v_col = state["v_col"][key].contiguous() if inplace else state["v_col"][key].clone()
+            hidden = self.ff_hidden_size
+            fac_a, fac_b, _, _ = kern.factored_prepare(  # hidden biases come after the LSTM
+                g_c, d0, v_row, v_col, fac_d.contiguous(), torch.zeros(4 * k, hidden),
+                torch.zeros(hidden), channel_last=True)
+            m_new, r_new, _, sumsq, stats = kern.pass1(
+                "velo", g_c, p_c, m_old, r_old, mom_d, float(rms_d), fac_a, fac_b,
+                with_stats=True, inplace=inplace and own_m and own_r)
+            pre.update(v_row=v_row, v_col=v_col, fac_a=fac_a, fac_b=fac_b, dims=(d1, d0))
         sums = (stats / n).float()
         mean_m, mean_r = sums[0:2 * k:2], sums[2 * k:2 * k + 1]
         var_m = torch.clamp(sums[1:2 * k:2] - mean_m * mean_m, min=0.0)
         var_r = torch.clamp(sums[2 * k + 1:2 * k + 2] - mean_r * mean_r, min=0.0)
-        return {"g": g_c, "p": p_c, "m": m_new, "rms": r_new, "v_row": v_row, "v_col": v_col,
-                "fac_a": fac_a, "fac_b": fac_b, "sumsq": sumsq, "dims": (d1, d0),
-                "p_mean_sq": sums[2 * k + 2], "moments": (var_m, mean_m, var_r, mean_r)}
+        pre.update(m=m_new, rms=r_new, sumsq=sumsq, p_mean_sq=sums[2 * k + 2],
+                   moments=(var_m, mean_m, var_r, mean_r))
+        return pre
 
-    def _kernel_pass2(self, pre: Mapping[str, Any], p: Tensor, g: Tensor, mlp: list[Tensor],
+    def _kernel_pass2(self, pre: Mapping[str, Any], p: Tensor, mlp: list[Tensor],
                       coef: float, p_decay: float, inplace: bool
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Kernel pass 2 for one matrix: ``(p_new, mom, rms, v_row, v_col)``, accumulators
-        as channel-last views of channel-first storage. ``inplace`` writes into ``p``."""
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Kernel pass 2 for one tensor: ``(p_new, mom, rms, v_row, v_col, v_diag)``,
+        accumulators as channel-last views of channel-first storage. ``inplace`` writes
+        into ``p``."""
         kern = cpu_kernels.kernels()
-        d1, _ = pre["dims"]
         n = p.numel()
         w0, b0 = mlp[0], mlp[1]
-        v_row, v_col = pre["v_row"], pre["v_col"]
-        row_in = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
-        col_in = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
-        row_h = self._normalised_matmul(row_in, w0[_ROW_CHANNELS])  # axis d1
-        col_h = self._normalised_matmul(col_in, w0[_COL_CHANNELS]) + b0  # axis d0
-        u_a, u_b = (row_h, col_h) if d1 == 0 else (col_h, row_h)
+        diag = p.dim() == 1
+        if diag:
+            # the v and rsqrt(v) channels are fed as both "row" and "column" statistics
+            w_v = w0[_ROW_CHANNELS] + w0[_COL_CHANNELS]
+            w_x = torch.cat([w0[_FULL_CHANNELS[:-3]], w_v, w0[_FULL_CHANNELS[-3:]]], 0)
+            u_a, u_b = b0.reshape(-1, 1), None
+        else:
+            k = len(self.initial_momentum_decays)
+            w_stat = torch.cat([w0[_ROW_CHANNELS[:k]], w0[_COL_CHANNELS[:k]],
+                                w0[_ROW_CHANNELS[k:]], w0[_COL_CHANNELS[k:]]])
+            _, _, u_a, u_b = kern.factored_prepare(
+                pre["g"], pre["dims"][1], pre["v_row"], pre["v_col"], torch.zeros(k),
+                w_stat.contiguous(), b0.contiguous(), channel_last=True, update_v=False)
+            w_x = w0[_FULL_CHANNELS]
         scale = torch.rsqrt(1e-5 + pre["sumsq"].float() / n)
-        w_in = (scale.unsqueeze(1) * w0[_FULL_CHANNELS]).contiguous()
+        w_in = (scale.unsqueeze(1) * w_x).contiguous()
         out = p if inplace and p.is_contiguous() else None
         p_new = kern.pass2(
-            "velo", pre["g"], pre["p"], pre["m"], pre["rms"], pre["fac_a"], pre["fac_b"], w_in,
-            u_a.t().contiguous(), u_b.t().contiguous(), mlp[2].contiguous(), mlp[3].contiguous(),
-            mlp[4][:, :2].contiguous(), mlp[5][:2].contiguous(), self.exp_mult, coef, p_decay,
-            out=out)
+            "velo_diag" if diag else "velo", pre["g"], pre["p"], pre["m"], pre["rms"],
+            pre.get("fac_a"), pre.get("fac_b"), pre.get("v"), w_in, u_a.contiguous(), u_b,
+            mlp[2].contiguous(), mlp[3].contiguous(), mlp[4][:, :2].contiguous(),
+            mlp[5][:2].contiguous(), self.exp_mult, coef, p_decay, out=out)
         if inplace and out is None:
             p.copy_(p_new)
             p_new = p
         shape = tuple(p.shape)
         mom = pre["m"].view(-1, *shape).movedim(0, -1)
         rms = pre["rms"].view(1, *shape).movedim(0, -1)
-        return p_new, mom, rms, v_row, v_col
+        v_diag = pre["v"].view(-1, *shape).movedim(0, -1) if diag else None
+        return p_new, mom, rms, pre["v_row"], pre["v_col"], v_diag
 
     @staticmethod
     def _any_requires_grad(*trees: Any) -> bool:

@@ -21,7 +21,8 @@ from metaopt.lopt.velo import VeLO
 pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(),
                                 reason="no C compiler: the kernels cannot be built here")
 
-SHAPES = {"tall": (45, 11), "wide": (9, 70), "square": (24, 24), "vec": (13,), "one_row": (1, 5),
+SHAPES = {"tall": (45, 11), "wide": (9, 70), "square": (24, 24), "k_by_k": (3, 3), "vec": (13,),
+          "one_row": (1, 5),
           "conv": (4, 3, 2, 2)}
 
 

@@ -28,17 +28,26 @@
 
 #define K 3
 #define H 4
-#define NCH_SMALL_FC (4 + 4 * K) /* g, p, m(K), rms, m*r(K), r, pc*g(K), pc*m(K) */
-#define NCH_VELO (3 + 5 * K)     /* g, clip(g), p, m(K), rms, m*r(K), r, pc*g(K), g*r, pc*m(K) */
-#define NCH_MAX NCH_VELO
+/* Per-element channels. Factored (rank-2) tensors: pc = row factor x column factor.
+ * Diagonal (rank-1) tensors: v = second moment per element (the reference feeds it twice,
+ * as "row" and "column" statistics; the caller sums those weights). */
+#define NCH_SMALL_FC (4 + 4 * K)      /* g, p, m(K), rms, m*r(K), r, pc*g(K), pc*m(K) */
+#define NCH_VELO (3 + 5 * K)          /* g, clip(g), p, m(K), rms, m*r(K), r, pc*g(K), g*r, pc*m(K) */
+#define NCH_SMALL_FC_DIAG (4 + 6 * K) /* g, p, m(K), rms, m*r(K), r, fg(K), v(K), rv(K), mf(K) */
+#define NCH_VELO_DIAG (3 + 7 * K)     /* g, clip(g), p, m(K), rms, m*r(K), r, fg(K), g*r, v(K), rv(K), mf(K) */
+#define NCH_MAX NCH_VELO_DIAG
 #define N_STATS (2 * K + 3)
 
-enum { MODE_SMALL_FC = 0, MODE_VELO = 1 };
+enum { MODE_SMALL_FC = 0, MODE_VELO = 1, MODE_SMALL_FC_DIAG = 2, MODE_VELO_DIAG = 3 };
+#define IS_VELO(mode) ((mode) == MODE_VELO || (mode) == MODE_VELO_DIAG)
+#define IS_DIAG(mode) ((mode) >= MODE_SMALL_FC_DIAG)
+#define N_CH(mode) ((mode) == MODE_SMALL_FC ? NCH_SMALL_FC : (mode) == MODE_VELO ? NCH_VELO \
+                    : (mode) == MODE_SMALL_FC_DIAG ? NCH_SMALL_FC_DIAG : NCH_VELO_DIAG)
 
-int lopt_abi_version(void) { return 3; }
+int lopt_abi_version(void) { return 5; }
 int lopt_decays(void) { return K; }
 int lopt_hidden(void) { return H; }
-int lopt_n_channels(int mode) { return mode == MODE_SMALL_FC ? NCH_SMALL_FC : NCH_VELO; }
+int lopt_n_channels(int mode) { return N_CH(mode); }
 
 /* pass 0: row_sum[i] = sum_j (g_ij^2 + 1e-30), col_sum[j] = sum_i (...).
  * Returns 0, or -1 when a thread's column buffer cannot be allocated. */
@@ -137,39 +146,119 @@ static inline vf vexp(vf x) {
     return poly * (vf)bits;
 }
 
-/* The per-element input channels of 8 elements into x[], in each mode's order
- * (small_fc pads its 16 channels to NCH_MAX with zeros). */
+/* Factored statistics of an (a, b) gradient, everything pass 1 and 2 need besides the
+ * per-element data: updates v_row (K x len_r) and v_col (K x len_c) in place (element
+ * (q, t) at q * sq + t * si: decay-first or channel-last layouts), and writes the row /
+ * column factors fac_a (K, a), fac_b (K, b) and the hidden biases u_a (H, a), u_b (H, b)
+ * of the 4K row/column channels v_row, v_col, rsqrt(v_row + 1e-8), rsqrt(v_col + 1e-8)
+ * (first-layer weights w_stat (4K, H) in that order, each channel normalised by its
+ * root mean square; `bias` (H) is added to u_a). d0 is the axis v_row averages over
+ * (v_row indexes the other axis d1, v_col indexes d0). With update_v = 0, v_row and
+ * v_col are taken as already updated (g is not read). Returns 0, or -1 when out of
+ * memory. */
+int lopt_factored_prepare(int64_t a, int64_t b, int d0, int update_v, const float *g, float *v_row,
+                          int64_t r_sq, int64_t r_si, float *v_col, int64_t c_sq, int64_t c_si,
+                          const float *fac_decay, const float *w_stat, const float *bias,
+                          float *fac_a, float *fac_b, float *u_a, float *u_b, int nthreads) {
+    const int d1 = 1 - d0;
+    double *row_sum = NULL, *col_sum = NULL;
+    if (update_v) {
+        row_sum = (double *)malloc((size_t)a * sizeof(double));
+        col_sum = (double *)malloc((size_t)b * sizeof(double));
+        if (!row_sum || !col_sum || lopt_sq_rowcol(a, b, g, row_sum, col_sum, nthreads) != 0) {
+            free(row_sum);
+            free(col_sum);
+            return -1;
+        }
+    }
+    /* v_row averages g^2 over d0 and indexes d1; v_col the other way round */
+    const int64_t len_r = d1 == 0 ? a : b, len_c = d0 == 0 ? a : b;
+    const double *mean_src_r = d0 == 0 ? col_sum : row_sum;
+    const double *mean_src_c = d1 == 0 ? col_sum : row_sum;
+    const double div_r = d0 == 0 ? (double)a : (double)b, div_c = d1 == 0 ? (double)a : (double)b;
+    float *ur = d1 == 0 ? u_a : u_b, *uc = d0 == 0 ? u_a : u_b;
+    float *fr = d1 == 0 ? fac_a : fac_b, *fcol = d0 == 0 ? fac_a : fac_b;
+    for (int o = 0; o < H; o++) {
+        for (int64_t t = 0; t < len_r; t++) ur[o * len_r + t] = 0.0f;
+        for (int64_t t = 0; t < len_c; t++) uc[o * len_c + t] = 0.0f;
+    }
+    for (int q = 0; q < K; q++) {
+        const float fd = fac_decay[q], fc = 1.0f - fac_decay[q];
+        double sr = 0.0, sr2 = 0.0, srr2 = 0.0, sc2 = 0.0, scr2 = 0.0;
+        for (int64_t t = 0; t < len_r; t++) {
+            float *v = v_row + q * r_sq + t * r_si;
+            if (update_v) *v = fd * *v + fc * (float)(mean_src_r[t] / div_r);
+            const float rs = 1.0f / sqrtf(*v + 1e-8f);
+            sr += *v;
+            sr2 += (double)*v * *v;
+            srr2 += (double)rs * rs;
+        }
+        for (int64_t t = 0; t < len_c; t++) {
+            float *v = v_col + q * c_sq + t * c_si;
+            if (update_v) *v = fd * *v + fc * (float)(mean_src_c[t] / div_c);
+            const float rs = 1.0f / sqrtf(*v + 1e-8f);
+            sc2 += (double)*v * *v;
+            scr2 += (double)rs * rs;
+            float x = *v < 1e-9f ? 1e-9f : *v;
+            fcol[q * len_c + t] = 1.0f / sqrtf(x);
+        }
+        const float row_mean = (float)(sr / (double)len_r);
+        const float s_vr = 1.0f / sqrtf(1e-5f + (float)(sr2 / (double)len_r));
+        const float s_rr = 1.0f / sqrtf(1e-5f + (float)(srr2 / (double)len_r));
+        const float s_vc = 1.0f / sqrtf(1e-5f + (float)(sc2 / (double)len_c));
+        const float s_rc = 1.0f / sqrtf(1e-5f + (float)(scr2 / (double)len_c));
+        for (int64_t t = 0; t < len_r; t++) {
+            const float v = v_row[q * r_sq + t * r_si];
+            float x = v / (row_mean + 1e-9f);
+            x = x < 1e-9f ? 1e-9f : x;
+            fr[q * len_r + t] = 1.0f / sqrtf(x);
+            const float rs = 1.0f / sqrtf(v + 1e-8f);
+            for (int o = 0; o < H; o++)
+                ur[o * len_r + t] += s_vr * w_stat[q * H + o] * v
+                                     + s_rr * w_stat[(2 * K + q) * H + o] * rs;
+        }
+        for (int64_t t = 0; t < len_c; t++) {
+            const float v = v_col[q * c_sq + t * c_si];
+            const float rs = 1.0f / sqrtf(v + 1e-8f);
+            for (int o = 0; o < H; o++)
+                uc[o * len_c + t] += s_vc * w_stat[(K + q) * H + o] * v
+                                     + s_rc * w_stat[(3 * K + q) * H + o] * rs;
+        }
+    }
+    for (int o = 0; o < H; o++)
+        for (int64_t i = 0; i < a; i++) u_a[o * a + i] += bias[o];
+    free(row_sum);
+    free(col_sum);
+    return 0;
+}
+
+/* The per-element input channels of 8 elements into x[], in each mode's order (unused
+ * trailing channels are zero). Factored modes read fa/fb, diagonal modes v. */
 static inline __attribute__((always_inline)) void vchannels(
     const int mode, vf gv, vf pv, const vf m[K], vf rv, const float fa[K], const vf fb[K],
-    vf x[NCH_MAX]) {
+    const vf v[K], vf x[NCH_MAX]) {
     const vf r = vrsqrt(rv + 1e-6f);
-    if (mode == MODE_SMALL_FC) {
-        x[0] = gv;
-        x[1] = pv;
-        x[2 + K] = rv;
-        x[3 + 2 * K] = r;
-        for (int c = NCH_SMALL_FC; c < NCH_MAX; c++) x[c] = vsplat(0.0f);
-        for (int q = 0; q < K; q++) {
-            const vf pc = fa[q] * fb[q];
-            x[2 + q] = m[q];
-            x[3 + K + q] = m[q] * r;
-            x[4 + 2 * K + q] = pc * gv;
-            x[4 + 3 * K + q] = pc * m[q];
-        }
+    for (int c = N_CH(mode); c < NCH_MAX; c++) x[c] = vsplat(0.0f);
+    int c = 0;
+    x[c++] = gv;
+    if (IS_VELO(mode)) x[c++] = vmin(vmax(gv, vsplat(-0.1f)), vsplat(0.1f));
+    x[c++] = pv;
+    for (int q = 0; q < K; q++) x[c++] = m[q];
+    x[c++] = rv;
+    for (int q = 0; q < K; q++) x[c++] = m[q] * r;
+    x[c++] = r;
+    vf pc[K];
+    for (int q = 0; q < K; q++)
+        pc[q] = IS_DIAG(mode) ? vrsqrt(vmax(v[q] + 1e-9f, vsplat(1e-9f))) : fa[q] * fb[q];
+    for (int q = 0; q < K; q++) x[c++] = pc[q] * gv;
+    if (IS_VELO(mode)) x[c++] = gv * r;
+    if (IS_DIAG(mode)) {
+        for (int q = 0; q < K; q++) x[c++] = v[q];
+        for (int q = 0; q < K; q++) x[c++] = vrsqrt(v[q] + 1e-8f);
+        for (int q = 0; q < K; q++)
+            x[c++] = m[q] * (mode == MODE_VELO_DIAG ? vrsqrt(v[q]) : vrsqrt(v[q] + 1e-6f));
     } else {
-        x[0] = gv;
-        x[1] = vmin(vmax(gv, vsplat(-0.1f)), vsplat(0.1f));
-        x[2] = pv;
-        x[3 + K] = rv;
-        x[4 + 2 * K] = r;
-        x[5 + 3 * K] = gv * r;
-        for (int q = 0; q < K; q++) {
-            const vf pc = fa[q] * fb[q];
-            x[3 + q] = m[q];
-            x[4 + K + q] = m[q] * r;
-            x[5 + 2 * K + q] = pc * gv;
-            x[6 + 3 * K + q] = pc * m[q];
-        }
+        for (int q = 0; q < K; q++) x[c++] = pc[q] * m[q];
     }
 }
 
@@ -186,10 +275,11 @@ static inline __attribute__((always_inline)) void pass1_row(
     const float *restrict p, const float *m_old, const float *rms_old,
     float *m_new, float *rms_new, const float d[K], const float c1[K],
     float rms_decay, float rc, const float *restrict fac_a, const float *restrict fac_b,
+    const float *v_old, float *v_new, const float fd[K], const float fc[K],
     double *restrict ss_out, double *restrict st_out) {
     const int64_t n = a * b, off = i * b;
     float fa[K];
-    for (int q = 0; q < K; q++) fa[q] = fac_a[q * a + i];
+    for (int q = 0; q < K; q++) fa[q] = IS_DIAG(mode) ? 0.0f : fac_a[q * a + i];
     vf ss[NCH_MAX], st[N_STATS];
     for (int c = 0; c < NCH_MAX; c++) ss[c] = vsplat(0.0f);
     for (int s = 0; s < N_STATS; s++) st[s] = vsplat(0.0f);
@@ -197,18 +287,25 @@ static inline __attribute__((always_inline)) void pass1_row(
         const int len = (int)(b - j < L ? b - j : L);
         const int64_t e = off + j;
         const vf gv = vld(g + e, len), pv = vld(p + e, len), ro = vld(rms_old + e, len);
-        vf m[K], fb[K], x[NCH_MAX];
+        vf m[K], fb[K], v[K], x[NCH_MAX];
         for (int q = 0; q < K; q++) {
             const vf mo = vld(m_old + q * n + e, len);
-            if (mode == MODE_VELO) { st[2 * q] += mo; st[2 * q + 1] += mo * mo; }
+            if (IS_VELO(mode)) { st[2 * q] += mo; st[2 * q + 1] += mo * mo; }
             m[q] = mo * d[q] + gv * c1[q];
             vst(m_new + q * n + e, m[q], len);
-            fb[q] = vld(fac_b + q * b + j, len);
+            if (IS_DIAG(mode)) {
+                v[q] = vld(v_old + q * n + e, len) * fd[q] + (gv * gv + 1e-30f) * fc[q];
+                vst(v_new + q * n + e, v[q], len);
+                fb[q] = vsplat(0.0f);
+            } else {
+                v[q] = vsplat(0.0f);
+                fb[q] = vld(fac_b + q * b + j, len);
+            }
         }
-        if (mode == MODE_VELO) { st[2 * K] += ro; st[2 * K + 1] += ro * ro; st[2 * K + 2] += pv * pv; }
+        if (IS_VELO(mode)) { st[2 * K] += ro; st[2 * K + 1] += ro * ro; st[2 * K + 2] += pv * pv; }
         const vf rv = ro * rms_decay + gv * gv * rc;
         vst(rms_new + e, rv, len);
-        vchannels(mode, gv, pv, m, rv, fa, fb, x);
+        vchannels(mode, gv, pv, m, rv, fa, fb, v, x);
         if (len < L) { /* lanes past the row end must not count */
             vi keep;
             for (int l = 0; l < L; l++) keep[l] = l < len ? -1 : 0;
@@ -222,16 +319,23 @@ static inline __attribute__((always_inline)) void pass1_row(
         for (int l = 0; l < L; l++) st_out[s] += st[s][l];
 }
 
-/* pass 1. fac_a: (K, a) row factors, fac_b: (K, b) column factors (their product is the
- * Adafactor preconditioner of element (i, j)). sumsq: (n_ch,) output. stats (VeLO; may be
- * NULL): sum m_q, sum m_q^2 (q < K), sum rms, sum rms^2, sum p^2 of the OLD state. */
-void lopt_rank2_pass1(int mode, int64_t a, int64_t b, const float *g, const float *p,
-                      const float *m_old, const float *rms_old, float *m_new, float *rms_new,
-                      const float *mom_decay, float rms_decay, const float *fac_a,
-                      const float *fac_b, double *sumsq, double *stats, int nthreads) {
+/* pass 1 over an (a, b) tensor (diagonal modes: a = 1, b = n). Factored modes:
+ * fac_a: (K, a) row factors, fac_b: (K, b) column factors (their product is the
+ * Adafactor preconditioner of element (i, j)). Diagonal modes: v_old -> v_new (K, n),
+ * decays fac_decay. sumsq: (n_ch,) output. stats (VeLO modes; may be NULL): sum m_q,
+ * sum m_q^2 (q < K), sum rms, sum rms^2, sum p^2 of the OLD state. */
+void lopt_pass1(int mode, int64_t a, int64_t b, const float *g, const float *p,
+                const float *m_old, const float *rms_old, float *m_new, float *rms_new,
+                const float *mom_decay, float rms_decay, const float *fac_a, const float *fac_b,
+                const float *v_old, float *v_new, const float *fac_decay, double *sumsq,
+                double *stats, int nthreads) {
     const int n_ch = lopt_n_channels(mode);
-    float d[K], c1[K];
+    float d[K], c1[K], fd[K], fc[K];
     for (int q = 0; q < K; q++) { d[q] = mom_decay[q]; c1[q] = 1.0f - mom_decay[q]; }
+    for (int q = 0; q < K; q++) {
+        fd[q] = fac_decay ? fac_decay[q] : 0.0f;
+        fc[q] = 1.0f - fd[q];
+    }
     const float rc = 1.0f - rms_decay;
     for (int c = 0; c < n_ch; c++) sumsq[c] = 0.0;
     if (stats)
@@ -242,12 +346,16 @@ void lopt_rank2_pass1(int mode, int64_t a, int64_t b, const float *g, const floa
         double st_local[N_STATS] = {0};
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < a; i++) {
-            if (mode == MODE_SMALL_FC)
-                pass1_row(MODE_SMALL_FC, i, a, b, g, p, m_old, rms_old, m_new, rms_new, d, c1,
-                          rms_decay, rc, fac_a, fac_b, ss_local, st_local);
-            else
-                pass1_row(MODE_VELO, i, a, b, g, p, m_old, rms_old, m_new, rms_new, d, c1,
-                          rms_decay, rc, fac_a, fac_b, ss_local, st_local);
+#define PASS1_ROW(MODE)                                                                      \
+    pass1_row(MODE, i, a, b, g, p, m_old, rms_old, m_new, rms_new, d, c1, rms_decay, rc, fac_a, \
+              fac_b, v_old, v_new, fd, fc, ss_local, st_local)
+            switch (mode) {
+            case MODE_SMALL_FC: PASS1_ROW(MODE_SMALL_FC); break;
+            case MODE_VELO: PASS1_ROW(MODE_VELO); break;
+            case MODE_SMALL_FC_DIAG: PASS1_ROW(MODE_SMALL_FC_DIAG); break;
+            default: PASS1_ROW(MODE_VELO_DIAG); break;
+            }
+#undef PASS1_ROW
         }
 #pragma omp critical
         {
@@ -264,92 +372,71 @@ typedef struct {
     vf W[NCH_MAX][H], W1[H][H], B1[H], W2[H][2], B2[2]; /* pre-broadcast: memory operands */
 } mlp_t;
 
-/* The MLP and the step for U vectors of elements at once (U independent FMA chains per
- * hidden unit keep both FMA pipes busy). */
-#define U 1 /* measured: 2 spills registers on AVX2 and is slower */
-static inline __attribute__((always_inline)) void mlp_step(
-    const int mode, int nv, const vf x[U][NCH_MAX], const vf ub[U][H], const float ua[H],
-    const vf pv[U], const mlp_t *restrict net, float exp_mult, float coef, float p_decay,
-    vf out[U]) {
-    const int n_ch = mode == MODE_SMALL_FC ? NCH_SMALL_FC : NCH_VELO;
-    vf h[U][H], h2[U][H], h_odd[U][H];
-    for (int u = 0; u < U; u++)
-        for (int o = 0; o < H; o++) { h[u][o] = ua[o] + ub[u][o]; h_odd[u][o] = vsplat(0.0f); }
+/* The MLP and the step for one vector of elements. */
+static inline __attribute__((always_inline)) vf mlp_step(
+    const int mode, const vf x[NCH_MAX], const vf ub[H], const float ua[H], vf pv,
+    const mlp_t *restrict net, float exp_mult, float coef, float p_decay) {
+    const int n_ch = N_CH(mode);
+    vf h[H], h_odd[H], h2[H];
+    for (int o = 0; o < H; o++) { h[o] = ua[o] + ub[o]; h_odd[o] = vsplat(0.0f); }
     /* even and odd channels in separate sums: twice the independent FMA chains */
     for (int c = 0; c + 1 < n_ch; c += 2)
-        for (int o = 0; o < H; o++)
-            for (int u = 0; u < U; u++)
-                if (u < nv) {
-                    h[u][o] += net->W[c][o] * x[u][c];
-                    h_odd[u][o] += net->W[c + 1][o] * x[u][c + 1];
-                }
-    if (n_ch % 2)
-        for (int o = 0; o < H; o++)
-            for (int u = 0; u < U; u++) h[u][o] += net->W[n_ch - 1][o] * x[u][n_ch - 1];
-    for (int u = 0; u < U; u++)
-        for (int o = 0; o < H; o++) h[u][o] += h_odd[u][o];
-    for (int u = 0; u < U; u++)
-        for (int o = 0; o < H; o++) h[u][o] = vmax(h[u][o], vsplat(0.0f));
-    for (int o = 0; o < H; o++)
-        for (int u = 0; u < U; u++) {
-            vf s = net->B1[o];
-            for (int c = 0; c < H; c++) s += net->W1[c][o] * h[u][c];
-            h2[u][o] = vmax(s, vsplat(0.0f));
+        for (int o = 0; o < H; o++) {
+            h[o] += net->W[c][o] * x[c];
+            h_odd[o] += net->W[c + 1][o] * x[c + 1];
         }
-    for (int u = 0; u < U; u++) {
-        vf dir = net->B2[0], mag = net->B2[1];
-        for (int c = 0; c < H; c++) { dir += net->W2[c][0] * h2[u][c]; mag += net->W2[c][1] * h2[u][c]; }
-        out[u] = pv[u] * p_decay - dir * vexp(mag * exp_mult) * coef;
+    if (n_ch % 2)
+        for (int o = 0; o < H; o++) h[o] += net->W[n_ch - 1][o] * x[n_ch - 1];
+    for (int o = 0; o < H; o++) h[o] = vmax(h[o] + h_odd[o], vsplat(0.0f));
+    for (int o = 0; o < H; o++) {
+        vf s = net->B1[o];
+        for (int c = 0; c < H; c++) s += net->W1[c][o] * h[c];
+        h2[o] = vmax(s, vsplat(0.0f));
     }
+    vf dir = net->B2[0], mag = net->B2[1];
+    for (int c = 0; c < H; c++) { dir += net->W2[c][0] * h2[c]; mag += net->W2[c][1] * h2[c]; }
+    return pv * p_decay - dir * vexp(mag * exp_mult) * coef;
 }
 
-/* One row of pass 2 (see pass 1 for `mode`). */
+/* One row of pass 2 (see pass 1 for `mode`). Measured: two vectors per iteration (more
+ * independent FMA chains) spill registers on AVX2 and are slower. */
 static inline __attribute__((always_inline)) void pass2_row(
     const int mode, int64_t i, int64_t a, int64_t b, const float *restrict g,
     const float *p, const float *restrict m_acc, const float *restrict rms,
     const float *restrict fac_a, const float *restrict fac_b, const mlp_t *restrict net,
-    const float *restrict u_a, const float *restrict u_b, float exp_mult, float coef,
-    float p_decay, float *p_new) {
+    const float *restrict u_a, const float *restrict u_b, const float *restrict v_acc,
+    float exp_mult, float coef, float p_decay, float *p_new) {
     const int64_t n = a * b, off = i * b;
     float fa[K], ua[H];
-    for (int q = 0; q < K; q++) fa[q] = fac_a[q * a + i];
+    for (int q = 0; q < K; q++) fa[q] = IS_DIAG(mode) ? 0.0f : fac_a[q * a + i];
     for (int o = 0; o < H; o++) ua[o] = u_a[o * a + i];
-    for (int64_t j = 0; j < b; j += U * L) {
-        /* U vectors; the last group of a row may hold fewer (nv) and a partial vector */
-        vf x[U][NCH_MAX], ub[U][H], pv[U], out[U];
-        int lens[U], nv = 0;
-        for (int u = 0; u < U; u++) {
-            const int64_t jj = j + u * L;
-            lens[u] = jj >= b ? 0 : (int)(b - jj < L ? b - jj : L);
-            if (lens[u] == 0) continue;
-            nv = u + 1;
-            const int64_t e = off + jj;
-            vf m[K], fb[K];
-            for (int q = 0; q < K; q++) {
-                m[q] = vld(m_acc + q * n + e, lens[u]);
-                fb[q] = vld(fac_b + q * b + jj, lens[u]);
-            }
-            pv[u] = vld(p + e, lens[u]);
-            vchannels(mode, vld(g + e, lens[u]), pv[u], m, vld(rms + e, lens[u]), fa, fb, x[u]);
-            for (int o = 0; o < H; o++) ub[u][o] = vld(u_b + o * b + jj, lens[u]);
+    for (int64_t j = 0; j < b; j += L) {
+        const int len = (int)(b - j < L ? b - j : L);
+        const int64_t e = off + j;
+        vf m[K], fb[K], v[K], x[NCH_MAX], ub[H];
+        for (int q = 0; q < K; q++) {
+            m[q] = vld(m_acc + q * n + e, len);
+            fb[q] = IS_DIAG(mode) ? vsplat(0.0f) : vld(fac_b + q * b + j, len);
+            v[q] = IS_DIAG(mode) ? vld(v_acc + q * n + e, len) : vsplat(0.0f);
         }
-        mlp_step(mode, nv, (const vf(*)[NCH_MAX])x, (const vf(*)[H])ub, ua, pv, net, exp_mult,
-                 coef, p_decay, out);
-        for (int u = 0; u < nv; u++) vst(p_new + off + j + u * L, out[u], lens[u]);
+        const vf pv = vld(p + e, len);
+        vchannels(mode, vld(g + e, len), pv, m, vld(rms + e, len), fa, fb, v, x);
+        for (int o = 0; o < H; o++) ub[o] = IS_DIAG(mode) ? vsplat(0.0f) : vld(u_b + o * b + j, len);
+        vst(p_new + e, mlp_step(mode, x, ub, ua, pv, net, exp_mult, coef, p_decay), len);
     }
 }
 
 /* pass 2. w_in: (n_ch, H) first-layer weights with the normalisation folded in;
  * u_a: (H, a), u_b: (H, b) hidden biases of the row / column channels (bias included
- * once); w1: (H, H) and w2: (H, 2) in (in, out) layout with biases b1 (H), b2 (2).
+ * once; diagonal modes: u_a (H, 1) is the bias, u_b unused, v (K, n) the second moments);
+ * w1: (H, H) and w2: (H, 2) in (in, out) layout with biases b1 (H), b2 (2).
  * p_new = p * p_decay - dir * exp(exp_mult * mag) * coef; p_new may be p (in place),
- * and in pass 1 m_new / rms_new may be m_old / rms_old. */
-void lopt_rank2_pass2(int mode, int64_t a, int64_t b, const float *g, const float *p,
-                      const float *m, const float *rms, const float *fac_a,
-                      const float *fac_b, const float *w_in, const float *u_a,
-                      const float *u_b, const float *w1, const float *b1, const float *w2,
-                      const float *b2, float exp_mult, float coef, float p_decay,
-                      float *p_new, int nthreads) {
+ * and in pass 1 m_new / rms_new / v_new may be m_old / rms_old / v_old. */
+void lopt_pass2(int mode, int64_t a, int64_t b, const float *g, const float *p,
+                const float *m, const float *rms, const float *fac_a, const float *fac_b,
+                const float *v, const float *w_in, const float *u_a, const float *u_b,
+                const float *w1, const float *b1, const float *w2, const float *b2,
+                float exp_mult, float coef, float p_decay, float *p_new, int nthreads) {
     const int n_ch = lopt_n_channels(mode);
     mlp_t net;
     for (int c = 0; c < NCH_MAX; c++)
@@ -364,11 +451,15 @@ void lopt_rank2_pass2(int mode, int64_t a, int64_t b, const float *g, const floa
     net.B2[1] = vsplat(b2[1]);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < a; i++) {
-        if (mode == MODE_SMALL_FC)
-            pass2_row(MODE_SMALL_FC, i, a, b, g, p, m, rms, fac_a, fac_b, &net, u_a, u_b,
-                      exp_mult, coef, p_decay, p_new);
-        else
-            pass2_row(MODE_VELO, i, a, b, g, p, m, rms, fac_a, fac_b, &net, u_a, u_b,
-                      exp_mult, coef, p_decay, p_new);
+#define PASS2_ROW(MODE)                                                                        \
+    pass2_row(MODE, i, a, b, g, p, m, rms, fac_a, fac_b, &net, u_a, u_b, v, exp_mult, coef, \
+              p_decay, p_new)
+        switch (mode) {
+        case MODE_SMALL_FC: PASS2_ROW(MODE_SMALL_FC); break;
+        case MODE_VELO: PASS2_ROW(MODE_VELO); break;
+        case MODE_SMALL_FC_DIAG: PASS2_ROW(MODE_SMALL_FC_DIAG); break;
+        default: PASS2_ROW(MODE_VELO_DIAG); break;
+        }
+#undef PASS2_ROW
     }
 }
