@@ -34,7 +34,7 @@ from torch import Tensor
 
 __all__ = ["LoptCpuKernels", "kernels", "kernels_available"]
 
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
 _MODES = {"small_fc": 0, "velo": 1, "small_fc_diag": 2, "velo_diag": 3}
 
@@ -149,10 +149,10 @@ class LoptCpuKernels:
         lib.lopt_n_channels.restype = i32
         #: decay count and hidden width the library is specialised for
         self.decays, self.hidden = int(lib.lopt_decays()), int(lib.lopt_hidden())
-        lib.lopt_sq_rowcol.argtypes = [i64, i64, vp, vp, vp, i32]
+        lib.lopt_sq_rowcol.argtypes = [i64, i64, vp, f32, vp, vp, i32]
         lib.lopt_sq_rowcol.restype = i32
-        lib.lopt_factored_prepare.argtypes = [i64, i64, i32, i32, vp, vp, i64, i64, vp, i64, i64,
-                                              vp, vp, vp, vp, vp, vp, vp, i32]
+        lib.lopt_factored_prepare.argtypes = [i64, i64, i32, i32, vp, f32, vp, i64, i64, vp,
+                                              i64, i64, vp, vp, vp, vp, vp, vp, vp, i32]
         lib.lopt_factored_prepare.restype = i32
         lib.lopt_pass1.argtypes = [i32, i64, i64, vp, vp, vp, vp, vp, vp, vp, f32, vp, vp, vp, vp,
                                    vp, vp, vp, i32]
@@ -173,12 +173,14 @@ class LoptCpuKernels:
     def _threads() -> int:
         return max(1, torch.get_num_threads())
 
-    def sq_rowcol(self, g: Tensor) -> tuple[Tensor, Tensor]:
-        """Row and column sums of ``g² + 1e-30`` of an (a, b) matrix, in float64."""
+    def sq_rowcol(self, g: Tensor, clip: float = 0.0) -> tuple[Tensor, Tensor]:
+        """Row and column sums of ``g² + 1e-30`` of an (a, b) matrix, in float64 (``g``
+        clipped to ``[-clip, clip]`` first when ``clip > 0``)."""
         a, b = g.shape
         row = torch.empty(a, dtype=torch.float64)
         col = torch.empty(b, dtype=torch.float64)
-        status = self._lib.lopt_sq_rowcol(a, b, _f32("g", g, a * b), _f64("row_sum", row, a),
+        status = self._lib.lopt_sq_rowcol(a, b, _f32("g", g, a * b), float(clip),
+                                          _f64("row_sum", row, a),
                                           _f64("col_sum", col, b), self._threads())
         if status != 0:
             raise MemoryError(f"lopt_sq_rowcol could not allocate {b} column accumulators")
@@ -186,13 +188,13 @@ class LoptCpuKernels:
 
     def factored_prepare(self, g: Tensor, d0: int, v_row: Tensor, v_col: Tensor,
                          fac_decay: Tensor, w_stat: Tensor, bias: Tensor, *,
-                         channel_last: bool, update_v: bool = True
+                         channel_last: bool, update_v: bool = True, clip: float = 0.0
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Update ``v_row``/``v_col`` **in place** from the (a, b) gradient ``g`` (unless
         ``update_v`` is false) and return the factors ``fac_a`` (k, a), ``fac_b`` (k, b) and
         hidden biases ``u_a`` (H, a), ``u_b`` (H, b) of the row/column channels (see the C
         file). ``v_row``/``v_col`` are (k, len) decay-first or, with ``channel_last``,
-        (len, k); ``d0`` is the axis ``v_row`` averages over."""
+        (len, k); ``d0`` is the axis ``v_row`` averages over; ``clip > 0`` clips ``g``."""
         a, b = g.shape
         k, hidden = self.decays, self.hidden
         len_r, len_c = (b, a) if d0 == 0 else (a, b)
@@ -208,7 +210,8 @@ class LoptCpuKernels:
         u_a = torch.empty(hidden, a, dtype=torch.float32)
         u_b = torch.empty(hidden, b, dtype=torch.float32)
         status = self._lib.lopt_factored_prepare(
-            a, b, int(d0), int(update_v), _f32("g", g, a * b), _f32("v_row", v_row), *strides[0],
+            a, b, int(d0), int(update_v), _f32("g", g, a * b), float(clip), _f32("v_row", v_row),
+            *strides[0],
             _f32("v_col", v_col), *strides[1], _f32("fac_decay", fac_decay, k),
             _f32("w_stat", w_stat, 4 * k * hidden), _f32("bias", bias, hidden),
             _f32("fac_a", fac_a), _f32("fac_b", fac_b), _f32("u_a", u_a), _f32("u_b", u_b),

@@ -522,28 +522,30 @@ class VeLO(LearnedOptimizer):
         fraction = state["iteration"].to(torch.float32) / state["num_steps"].to(torch.float32)
         scales = torch.tensor(_FRACTION_TIMESCALES, dtype=torch.float32, device=device)
         fraction_left = torch.tanh((fraction - scales) * 10.0)
-        rows = []
+        # Per-tensor moments, then the features of all tensors at once (few small ops).
+        msq, var_m, mean_m, var_r, mean_r, ranks = [], [], [], [], [], []
         for key, p in params.items():
-            info = self._info(p.shape)
-            msq = p_mean_sq[key] if p_mean_sq is not None else _mean_sq(p)
-            norm_mult = torch.rsqrt(torch.clamp(msq, min=1e-9))
-            # One pass each (no (n, 3) temporaries): var(a·x) = a² var(x), and the
-            # reference's mean((r - mean_m)²) = var(r) + (mean(r) - mean_m)².
+            msq.append(p_mean_sq[key] if p_mean_sq is not None else _mean_sq(p))
             if moments is not None and key in moments:
-                var_m, mean_m, var_r, mean_r = moments[key]
+                vm, mm, vr, mr = moments[key]
             else:
-                var_m, mean_m = _var_mean(state["mom"][key].movedim(-1, 0).reshape(3, -1))
-                var_r, mean_r = _var_mean(state["rms"][key].reshape(1, -1))
-            nm2 = norm_mult * norm_mult
-            var_m, mean_m = var_m * nm2, mean_m * norm_mult
-            mean_rms = (mean_r * norm_mult).reshape(1)
-            var_rms = var_r * nm2 + torch.square(mean_rms - mean_m)
-            rank = F.one_hot(torch.tensor(min(info.rank, 5)), 6)[:5].to(torch.float32)
-            rows.append(torch.cat([
-                _clip_log_abs(mean_rms), rank.to(device), _clip_log_abs(var_m),
-                _clip_log_abs(var_rms)]))
-        per_tensor = torch.stack(rows)
-        shared = torch.cat([fraction_left, loss_features]).expand(len(rows), -1)
+                vm, mm = _var_mean(state["mom"][key].movedim(-1, 0).reshape(3, -1))
+                vr, mr = _var_mean(state["rms"][key].reshape(1, -1))
+            var_m.append(vm)
+            mean_m.append(mm)
+            var_r.append(vr.reshape(1))
+            mean_r.append(mr.reshape(1))
+            ranks.append(min(self._info(p.shape).rank, 5))
+        norm_mult = torch.rsqrt(torch.clamp(torch.stack(msq), min=1e-9)).unsqueeze(1)
+        nm2 = norm_mult * norm_mult
+        # var(a·x) = a² var(x); the reference's mean((r - mean_m)²) = var(r) + (mean(r) - mean_m)²
+        var_m_n, mean_m_n = torch.stack(var_m) * nm2, torch.stack(mean_m) * norm_mult
+        mean_rms = torch.stack(mean_r) * norm_mult
+        var_rms = torch.stack(var_r) * nm2 + torch.square(mean_rms - mean_m_n)
+        rank = F.one_hot(torch.tensor(ranks), 6)[:, :5].to(device=device, dtype=torch.float32)
+        per_tensor = torch.cat([_clip_log_abs(mean_rms), rank, _clip_log_abs(var_m_n),
+                                _clip_log_abs(var_rms)], dim=1)
+        shared = torch.cat([fraction_left, loss_features]).expand(per_tensor.shape[0], -1)
         return torch.cat([shared, per_tensor], dim=1)
 
     def rnn(self, x: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -609,8 +611,6 @@ class VeLO(LearnedOptimizer):
             if not isinstance(loss, Tensor) else loss.to(torch.float32)
         next_buffer = loss_buffer_update(state["loss_buffer"], loss_t)
         loss_features = loss_buffer_features(next_buffer)
-        grads = {k: torch.clamp(g.to(torch.float32), -1000.0, 1000.0) for k, g in grads.items()}
-
         mom_d = self._decays(self.initial_momentum_decays, device)
         rms_d = torch.clamp(self._decays(self.initial_rms_decays, device), 0.0, 1.0)
         fac_d = torch.clamp(self._decays(self.initial_adafactor_decays, device), 0.0, 1.0)
@@ -618,9 +618,12 @@ class VeLO(LearnedOptimizer):
             self._any_requires_grad(grads, state, params)
             or any(t.requires_grad for t in self.parameters())))
         # Fused kernel, first half: accumulators and the old state's moments (no LSTM yet).
+        # The kernel clips gradients itself; the PyTorch path clips here.
         kernel = {key: self._kernel_pass1(params[key], grads[key], state, key, mom_d, rms_d,
                                           fac_d, inplace is not None)
                   for key in keys if fast and self._kernel_ok(params[key], grads[key])}
+        grads = {k: g if k in kernel else torch.clamp(g.to(torch.float32), -1000.0, 1000.0)
+                 for k, g in grads.items()}
 
         # Per-tensor LSTM over all tensors at once.
         p_mean_sq = {k: kernel[k]["p_mean_sq"] if k in kernel else _mean_sq(p)
@@ -742,7 +745,7 @@ class VeLO(LearnedOptimizer):
             hidden = self.ff_hidden_size
             fac_a, fac_b, _, _ = kern.factored_prepare(  # hidden biases come after the LSTM
                 g_c, d0, v_row, v_col, fac_d.contiguous(), torch.zeros(4 * k, hidden),
-                torch.zeros(hidden), channel_last=True)
+                torch.zeros(hidden), channel_last=True, clip=1000.0)
             m_new, r_new, _, sumsq, stats = kern.pass1(
                 "velo", g_c, p_c, m_old, r_old, mom_d, float(rms_d), fac_a, fac_b,
                 with_stats=True, inplace=inplace and own_m and own_r)

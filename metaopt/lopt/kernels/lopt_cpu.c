@@ -44,15 +44,16 @@ enum { MODE_SMALL_FC = 0, MODE_VELO = 1, MODE_SMALL_FC_DIAG = 2, MODE_VELO_DIAG 
 #define N_CH(mode) ((mode) == MODE_SMALL_FC ? NCH_SMALL_FC : (mode) == MODE_VELO ? NCH_VELO \
                     : (mode) == MODE_SMALL_FC_DIAG ? NCH_SMALL_FC_DIAG : NCH_VELO_DIAG)
 
-int lopt_abi_version(void) { return 5; }
+int lopt_abi_version(void) { return 6; }
 int lopt_decays(void) { return K; }
 int lopt_hidden(void) { return H; }
 int lopt_n_channels(int mode) { return N_CH(mode); }
 
-/* pass 0: row_sum[i] = sum_j (g_ij^2 + 1e-30), col_sum[j] = sum_i (...).
- * Returns 0, or -1 when a thread's column buffer cannot be allocated. */
-int lopt_sq_rowcol(int64_t a, int64_t b, const float *restrict g, double *restrict row_sum,
-                   double *restrict col_sum, int nthreads) {
+/* pass 0: row_sum[i] = sum_j (g_ij^2 + 1e-30), col_sum[j] = sum_i (...), with g clipped
+ * to [-clip, clip] when clip > 0. Returns 0, or -1 when a thread's column buffer cannot be
+ * allocated. */
+int lopt_sq_rowcol(int64_t a, int64_t b, const float *restrict g, float clip,
+                   double *restrict row_sum, double *restrict col_sum, int nthreads) {
     int failed = 0;
     for (int64_t j = 0; j < b; j++) col_sum[j] = 0.0;
 #pragma omp parallel num_threads(nthreads)
@@ -69,7 +70,9 @@ int lopt_sq_rowcol(int64_t a, int64_t b, const float *restrict g, double *restri
             float rs = 0.0f;
 #pragma omp simd reduction(+ : rs)
             for (int64_t j = 0; j < b; j++) {
-                float s = gi[j] * gi[j] + 1e-30f;
+                float gv = gi[j];
+                if (clip > 0.0f) gv = gv < -clip ? -clip : (gv > clip ? clip : gv);
+                float s = gv * gv + 1e-30f;
                 rs += s;
                 col_local[j] += (double)s;
             }
@@ -156,7 +159,8 @@ static inline vf vexp(vf x) {
  * (v_row indexes the other axis d1, v_col indexes d0). With update_v = 0, v_row and
  * v_col are taken as already updated (g is not read). Returns 0, or -1 when out of
  * memory. */
-int lopt_factored_prepare(int64_t a, int64_t b, int d0, int update_v, const float *g, float *v_row,
+int lopt_factored_prepare(int64_t a, int64_t b, int d0, int update_v, const float *g,
+                          float clip, float *v_row,
                           int64_t r_sq, int64_t r_si, float *v_col, int64_t c_sq, int64_t c_si,
                           const float *fac_decay, const float *w_stat, const float *bias,
                           float *fac_a, float *fac_b, float *u_a, float *u_b, int nthreads) {
@@ -165,7 +169,7 @@ int lopt_factored_prepare(int64_t a, int64_t b, int d0, int update_v, const floa
     if (update_v) {
         row_sum = (double *)malloc((size_t)a * sizeof(double));
         col_sum = (double *)malloc((size_t)b * sizeof(double));
-        if (!row_sum || !col_sum || lopt_sq_rowcol(a, b, g, row_sum, col_sum, nthreads) != 0) {
+        if (!row_sum || !col_sum || lopt_sq_rowcol(a, b, g, clip, row_sum, col_sum, nthreads) != 0) {
             free(row_sum);
             free(col_sum);
             return -1;
@@ -268,6 +272,13 @@ static inline void vst(float *p, vf v, int len) {
     if (len == L) vstore(p, v); else vstore_part(p, v, len);
 }
 
+/* Gradient lanes; VeLO clips gradients to [-1000, 1000] before everything else. */
+static inline __attribute__((always_inline)) vf load_grad(const int mode, const float *g,
+                                                          int len) {
+    const vf gv = vld(g, len);
+    return IS_VELO(mode) ? vmin(vmax(gv, vsplat(-1000.0f)), vsplat(1000.0f)) : gv;
+}
+
 /* One row of pass 1: new accumulators, channel sums of squares (ss) and old-state sums
  * (st). `mode` is a literal at every call, so each mode is compiled on its own. */
 static inline __attribute__((always_inline)) void pass1_row(
@@ -286,7 +297,8 @@ static inline __attribute__((always_inline)) void pass1_row(
     for (int64_t j = 0; j < b; j += L) {
         const int len = (int)(b - j < L ? b - j : L);
         const int64_t e = off + j;
-        const vf gv = vld(g + e, len), pv = vld(p + e, len), ro = vld(rms_old + e, len);
+        const vf gv = load_grad(mode, g + e, len), pv = vld(p + e, len),
+                 ro = vld(rms_old + e, len);
         vf m[K], fb[K], v[K], x[NCH_MAX];
         for (int q = 0; q < K; q++) {
             const vf mo = vld(m_old + q * n + e, len);
@@ -420,7 +432,7 @@ static inline __attribute__((always_inline)) void pass2_row(
             v[q] = IS_DIAG(mode) ? vld(v_acc + q * n + e, len) : vsplat(0.0f);
         }
         const vf pv = vld(p + e, len);
-        vchannels(mode, vld(g + e, len), pv, m, vld(rms + e, len), fa, fb, v, x);
+        vchannels(mode, load_grad(mode, g + e, len), pv, m, vld(rms + e, len), fa, fb, v, x);
         for (int o = 0; o < H; o++) ub[o] = IS_DIAG(mode) ? vsplat(0.0f) : vld(u_b + o * b + j, len);
         vst(p_new + e, mlp_step(mode, x, ub, ua, pv, net, exp_mult, coef, p_decay), len);
     }
