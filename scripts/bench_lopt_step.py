@@ -9,6 +9,8 @@ thread-CPU time). Every row records ``optimizer, n_params, device, ms_per_step,
 ratio_vs_adamw`` (AdamW(foreach=True) measured in the same run on the same model) and
 ``state_bytes_per_param`` (optimizer state tensors, per-tensor and global, divided by
 the number of parameters). Meta-parameters are random: speed does not depend on them.
+On CPU the learned optimizers run their fused C kernels (``metaopt.lopt.cpu_kernels``);
+rows named ``…[pytorch]`` run the same optimizer on its PyTorch no-grad path instead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from metaopt.lopt.cpu_kernels import use_cpu_kernels
 from metaopt.lopt.mulo import MuSmallFC, MuVeLO
 from metaopt.lopt.small_fc import SmallFCLOpt
 from metaopt.lopt.velo import VeLO
@@ -83,7 +86,8 @@ def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, warmu
 
 
 def optimizers() -> dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]:
-    """Name → factory; learned optimizers go through ``lopt.optimizer(...)``."""
+    """Name → factory; learned optimizers go through ``lopt.optimizer(...)``. Names ending
+    in ``[pytorch]`` step without the fused CPU kernels (the PyTorch no-grad path)."""
     velo, mulo_velo = VeLO(), MuVeLO()
     small_fc, mulo_small_fc = SmallFCLOpt(), MuSmallFC()
     return {
@@ -93,7 +97,21 @@ def optimizers() -> dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimiz
         "mulo_small_fc": lambda ps: mulo_small_fc.to(ps[0].device).optimizer(
             ps, num_steps=10_000),
         "mulo_velo": lambda ps: mulo_velo.to(ps[0].device).optimizer(ps, num_steps=10_000),
+        "small_fc_lopt[pytorch]": lambda ps: small_fc.to(ps[0].device).optimizer(
+            ps, num_steps=10_000),
+        "velo[pytorch]": lambda ps: velo.to(ps[0].device).optimizer(ps, num_steps=10_000),
     }
+
+
+def _step_fn(name: str, opt: torch.optim.Optimizer, loss: torch.Tensor) -> Callable[[], None]:
+    if name == "adamw":
+        return opt.step
+    if name.endswith("[pytorch]"):
+        def step() -> None:
+            with use_cpu_kernels(False):
+                opt.step(loss=loss)
+        return step
+    return lambda: opt.step(loss=loss)
 
 
 def bench(sizes: list[str], devices: list[str], warmup: int, repeats: int,
@@ -125,8 +143,7 @@ def bench(sizes: list[str], devices: list[str], warmup: int, repeats: int,
                         p.copy_(p0)
                         p.grad = g.clone()
                 opt = opts[name] = factories[name](params)
-                steps[name] = opt.step if name == "adamw" else (
-                    lambda opt=opt, loss=loss: opt.step(loss=loss))
+                steps[name] = _step_fn(name, opt, loss)
             times = time_steps(steps, device, warmup, repeats)
             base_ms, base_cpu = times["adamw"]
             for name in names:

@@ -18,6 +18,7 @@ before a pointer crosses into C.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -26,13 +27,14 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["LoptCpuKernels", "kernels", "kernels_available"]
+__all__ = ["LoptCpuKernels", "kernels", "kernels_available", "use_cpu_kernels"]
 
 _ABI_VERSION = 6
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
@@ -41,6 +43,7 @@ _MODES = {"small_fc": 0, "velo": 1, "small_fc_diag": 2, "velo_diag": 3}
 _lock = threading.Lock()
 _loaded: LoptCpuKernels | None = None
 _tried = False
+_disabled = threading.local()  # set by use_cpu_kernels(False)
 
 
 def _cache_dir() -> Path:
@@ -95,7 +98,7 @@ def _build() -> ctypes.CDLL:
 def kernels() -> LoptCpuKernels | None:
     """The fused kernels, built on first call; ``None`` when unavailable (warns once)."""
     global _loaded, _tried
-    if os.environ.get("METAOPT_CPU_KERNELS", "1") == "0":
+    if os.environ.get("METAOPT_CPU_KERNELS", "1") == "0" or getattr(_disabled, "on", False):
         return None
     if _tried:
         return _loaded
@@ -109,6 +112,18 @@ def kernels() -> LoptCpuKernels | None:
                 _loaded = None
             _tried = True
     return _loaded
+
+
+@contextlib.contextmanager
+def use_cpu_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block (this thread), run learned optimizers with (default) or without the
+    fused kernels — e.g. to compare against the PyTorch path."""
+    before = getattr(_disabled, "on", False)
+    _disabled.on = not enabled
+    try:
+        yield
+    finally:
+        _disabled.on = before
 
 
 def kernels_available() -> bool:

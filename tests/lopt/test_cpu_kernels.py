@@ -174,3 +174,10 @@ def test_sq_rowcol_matches_torch():
     g2 = g.double() ** 2
     torch.testing.assert_close(row, g2.sum(1), rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(col, g2.sum(0), rtol=1e-6, atol=1e-12)
+
+
+def test_use_cpu_kernels_context_switches_them_off_and_back():
+    assert cpu_kernels.kernels() is not None
+    with cpu_kernels.use_cpu_kernels(False):
+        assert cpu_kernels.kernels() is None
+    assert cpu_kernels.kernels() is not None
