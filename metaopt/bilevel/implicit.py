@@ -184,9 +184,12 @@ class Implicit:
     number of inner steps.
 
     Args:
-        solver: ``"cg"`` (symmetric systems, the default ∇θg = 0 condition),
-            ``"normal_cg"`` (any non-singular system), ``"neumann"``, ``"fixed_point"``,
-            or a callable with the :mod:`~metaopt.bilevel.linear_solve` signature.
+        solver: ``"cg"`` (symmetric positive-definite systems, the default ∇θg = 0
+            condition at a minimum), ``"lanczos"`` (symmetric systems that may be
+            indefinite: solved with |curvature| floored at ``solver_options["min_eig"]``,
+            see :func:`~metaopt.bilevel.linear_solve.lanczos`), ``"normal_cg"`` (any
+            non-singular system), ``"neumann"``, ``"fixed_point"``, or a callable with
+            the :mod:`~metaopt.bilevel.linear_solve` signature.
         max_iter, tol: linear-solve budget and relative-residual target.
         damping: solve ``(A + damping·I)ᵀ u = v`` (Tikhonov); biases the answer.
         step_size: α for Neumann/Richardson (default: 1/λ_max by power iteration).
@@ -194,6 +197,8 @@ class Implicit:
         fixed_point: a map ``T(theta, phi) -> dict`` whose fixed point is θ*; then the
             system is ``(I − ∂T/∂θ)ᵀ w = v``.
         warn: emit :class:`LinearSolveWarning` when the solve misses ``tol``.
+        solver_options: further keyword arguments for the solver (``lanczos``:
+            ``min_eig``).
     """
 
     solver: str | Callable = "cg"
@@ -205,6 +210,7 @@ class Implicit:
     fixed_point: Callable[[Params, Params], Params] | None = None
     warn: bool = True
     check_finite: bool = True
+    solver_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.optimality is not None and self.fixed_point is not None:
@@ -244,6 +250,7 @@ class Implicit:
                                    "damping": self.damping, "warn": self.warn}
         if self.step_size is not None:
             options["step_size"] = self.step_size
+        options.update(self.solver_options or {})
         spec = _make_spec(condition, theta_star, phi, self.solver, options, is_fixed)
         theta_diff = _root_layer(theta_star, phi, spec)
         outer = problem.outer_value(theta_diff, phi, problem.outer_batch(0))

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,7 @@ __all__ = [
     "SolveInfo",
     "cg",
     "fixed_point",
+    "lanczos",
     "neumann",
     "normal_cg",
     "power_iteration",
@@ -44,16 +46,21 @@ class LinearSolveWarning(UserWarning):
 
 @dataclass
 class SolveInfo:
-    """How a linear solve went: iterations used and the relative residual ‖Ax−b‖/‖b‖."""
+    """How a linear solve went: iterations used and the relative residual ‖Ax−b‖/‖b‖.
+
+    ``extra`` holds solver-specific facts (:func:`lanczos`: the extreme Ritz values
+    and how many were modified), merged into :meth:`as_dict`.
+    """
 
     solver: str
     iterations: int
     residual: float
     converged: bool
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float | int | bool | str]:
         return {"solver": self.solver, "iterations": self.iterations,
-                "residual": self.residual, "converged": self.converged}
+                "residual": self.residual, "converged": self.converged, **self.extra}
 
 
 def _relative_residual(matvec: MatVec, x: Params, b: Params, b_norm: float) -> float:
@@ -62,7 +69,7 @@ def _relative_residual(matvec: MatVec, x: Params, b: Params, b_norm: float) -> f
 
 
 def _finish(name: str, x: Params, iterations: int, residual: float, tol: float,
-            warn: bool) -> tuple[Params, SolveInfo]:
+            warn: bool, extra: dict[str, Any] | None = None) -> tuple[Params, SolveInfo]:
     converged = residual <= tol or residual == 0.0
     if not math.isfinite(residual):
         converged = False
@@ -72,7 +79,7 @@ def _finish(name: str, x: Params, iterations: int, residual: float, tol: float,
             f"> tol {tol:.1e} after {iterations} iterations (raise max_iter, add damping, "
             "or check that the inner problem is solved)",
             LinearSolveWarning, stacklevel=3)
-    return x, SolveInfo(name, iterations, residual, converged)
+    return x, SolveInfo(name, iterations, residual, converged, dict(extra or {}))
 
 
 def cg(matvec: MatVec, b: Params, *, x0: Params | None = None, max_iter: int = 100,
@@ -96,7 +103,8 @@ def cg(matvec: MatVec, b: Params, *, x0: Params | None = None, max_iter: int = 1
         if float(pAp) <= 0.0:
             if warn:
                 warnings.warn(f"cg: matrix is not positive definite along a search direction "
-                              f"(pᵀAp = {float(pAp):.3e}); use normal_cg or add damping",
+                              f"(pᵀAp = {float(pAp):.3e}); use lanczos (min_eig), normal_cg "
+                              "or add damping",
                               LinearSolveWarning, stacklevel=2)
             break
         alpha = rs / pAp
@@ -119,6 +127,74 @@ def normal_cg(matvec: MatVec, b: Params, *, rmatvec: MatVec, x0: Params | None =
     b_norm = float(tree_norm(b))
     return _finish("normal_cg", x, info.iterations, _relative_residual(A, x, b, b_norm),
                    tol, warn)
+
+
+def lanczos(matvec: MatVec, b: Params, *, min_eig: float | None = None, max_iter: int = 100,
+            tol: float = 1e-10, damping: float = 0.0, warn: bool = True,
+            **_: object) -> tuple[Params, SolveInfo]:
+    """Symmetric, possibly indefinite ``A x = b``, solved positive-definitely in a Krylov space.
+
+    Runs ``k ≤ max_iter`` Lanczos steps on ``A + damping·I`` from ``b`` (one matvec each,
+    full reorthogonalisation), giving ``A V_k ≈ V_k T_k`` with ``T_k = S Θ Sᵀ`` (Ritz
+    values Θ), and returns
+
+        x = ‖b‖ V_k S |Θ|₊⁻¹ Sᵀ e₁,    |θ|₊ = max(|θ|, min_eig).
+
+    * If every Ritz value is ≥ ``min_eig`` — always so when ``A ⪰ min_eig·I`` — nothing
+      is modified and ``x`` is the CG iterate (same Krylov space, same minimiser); it
+      converges to ``A⁻¹ b``.
+    * Where ``A`` is indefinite CG breaks down (or diverges) and ``A⁻¹ b`` is dominated
+      by its near-singular directions. Here negative curvature is used by magnitude —
+      the saddle-free Newton modification ``|A|`` (Dauphin et al. 2014, who also apply it
+      in a Krylov subspace) — and curvature below ``min_eig`` is raised to it, so
+      ``‖x‖ ≤ ‖b‖ / min_eig``. The answer is deliberately *not* ``A⁻¹ b``.
+
+    ``min_eig`` (> 0) must be given. The reported ``residual`` is that of the solved
+    (modified) system, ``β_k |y_k| / ‖b‖`` from the Lanczos relation; ``SolveInfo.extra``
+    holds ``ritz_min``, ``ritz_max``, ``modified`` (how many Ritz values were changed)
+    and ``true_residual`` (‖Ax − b‖/‖b‖, which stays large when something was modified).
+    """
+    if min_eig is None or not min_eig > 0:
+        raise ValueError(f"lanczos needs min_eig > 0 (the smallest curvature it inverts), "
+                         f"got {min_eig!r}")
+    A = _damped(matvec, damping)
+    b_norm = float(tree_norm(b))
+    if b_norm == 0.0:
+        return _finish("lanczos", tree_zeros_like(b), 0, 0.0, tol, warn,
+                       {"ritz_min": math.nan, "ritz_max": math.nan, "modified": 0,
+                        "true_residual": 0.0})
+    basis = [tree_scale(b, 1.0 / b_norm)]
+    eps = max(torch.finfo(t.dtype).eps for t in b.values())
+    alphas: list[float] = []
+    betas: list[float] = []
+    for _ in range(max_iter):
+        v = basis[-1]
+        w = A(v)
+        alphas.append(float(tree_dot(w, v)))
+        # Full reorthogonalisation (twice is enough): keeps V_k orthonormal in float32.
+        for _ in range(2):
+            for q in basis:
+                w = tree_axpy(-float(tree_dot(w, q)), q, w)
+        beta = float(tree_norm(w))
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)
+        y = S @ ((S[0] * b_norm) / theta.abs().clamp_min(min_eig))
+        residual = beta * abs(float(y[-1])) / b_norm
+        scale = max(abs(float(theta[0])), abs(float(theta[-1])))
+        if residual <= tol or beta <= 64 * eps * scale:  # converged, or an invariant subspace
+            break
+        betas.append(beta)
+        basis.append(tree_scale(w, 1.0 / beta))
+    x = tree_zeros_like(b)
+    for coeff, q in zip(y.tolist(), basis):
+        x = tree_axpy(coeff, q, x)
+    extra = {"ritz_min": float(theta[0]), "ritz_max": float(theta[-1]),
+             "modified": int((theta < min_eig).sum()),
+             "true_residual": _relative_residual(A, x, b, b_norm)}
+    return _finish("lanczos", x, len(alphas), residual, tol, warn, extra)
 
 
 def neumann(matvec: MatVec, b: Params, *, step_size: float, max_iter: int = 100,
@@ -190,6 +266,7 @@ def _damped(matvec: MatVec, damping: float) -> MatVec:
 SOLVERS: dict[str, Callable[..., tuple[Params, SolveInfo]]] = {
     "cg": cg,
     "normal_cg": normal_cg,
+    "lanczos": lanczos,
     "neumann": neumann,
     "fixed_point": fixed_point,
 }

@@ -190,17 +190,11 @@ def test_reptile_direction_by_hand():
     assert float(algo.last_query_loss) == pytest.approx(sum(queries) / len(queries), rel=1e-12)
 
 
-def test_imaml_matches_exact_ift_with_materialised_hessian():
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double()
-    batch = regression_batch(tasks=2, shots=8)
-    lam, lr, steps = 2.0, 0.05, 40
-    algo = iMAML(model, inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=100, cg_tol=1e-14)
-    got, _ = grads_after(algo, batch, F.mse_loss)
+def imaml_dense_systems(model, algo, batch):
+    """Per task: the support-loss Hessian H and query gradient g at iMAML's θ*, dense."""
     sx, sy, qx, qy = batch
     names = [k for k, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
-    phi = {k: p.detach() for k, p in model.named_parameters()}
 
     def unflat(vec):
         out, i = {}, 0
@@ -210,7 +204,7 @@ def test_imaml_matches_exact_ift_with_materialised_hessian():
             i += n
         return out
 
-    total = 0
+    systems = []
     for i in range(sx.shape[0]):
         theta = algo.adapt(sx[i], sy[i], F.mse_loss)  # the same inner solver
         flat = torch.cat([theta[k].reshape(-1) for k in names])
@@ -218,12 +212,68 @@ def test_imaml_matches_exact_ift_with_materialised_hessian():
             lambda v, i=i: F.mse_loss(call(model, unflat(v), sx[i]), sy[i]), flat)
         q = flat.clone().requires_grad_()
         gq = torch.autograd.grad(F.mse_loss(call(model, unflat(q), qx[i]), qy[i]), q)[0]
-        eye = torch.eye(flat.numel(), dtype=flat.dtype)
+        systems.append((hess, gq))
+    return systems, unflat, theta
+
+
+def test_imaml_matches_exact_ift_with_materialised_hessian():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    batch = regression_batch(tasks=2, shots=8)
+    lam, lr, steps = 2.0, 0.05, 40
+    algo = iMAML(model, inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=100, cg_tol=1e-14)
+    got, _ = grads_after(algo, batch, F.mse_loss)
+    systems, unflat, theta = imaml_dense_systems(model, algo, batch)
+    total = 0
+    for hess, gq in systems:
+        # H has negative eigenvalues (down to -0.7) but H + λI is positive definite:
+        # the default solver must then be the plain IFT formula.
+        assert float(torch.linalg.eigvalsh(hess)[0]) < 0
+        eye = torch.eye(gq.numel(), dtype=gq.dtype)
         total = total + torch.linalg.solve(eye + hess / lam, gq)
-    expected = unflat(total / sx.shape[0])
+    expected = unflat(total / len(systems))
     assert max_rel_diff(got, expected) < 1e-8
+    assert all(d["linear_modified"] == 0 for d in algo.last_diagnostics)
     # the proximal solution is near phi but not at it
-    assert 0 < float(sum((theta[k] - phi[k]).abs().sum() for k in names))
+    phi = {k: p.detach() for k, p in model.named_parameters()}
+    assert 0 < float(sum((theta[k] - phi[k]).abs().sum() for k in phi))
+
+
+def test_imaml_with_indefinite_system_uses_saddle_free_solve_not_broken_cg():
+    # λ = 0.3 is below the support loss's negative curvature: H + λI is indefinite
+    # (as on the glyph conv net). CG -- the old default -- stops at the first negative
+    # curvature; the default now solves with |H + λI| floored at 0.1 λ, exactly.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    batch = regression_batch(tasks=2, shots=8)
+    kw = dict(inner_lr=0.05, inner_steps=5, lam=0.3)
+    algo = iMAML(model, **kw, cg_steps=100, cg_tol=1e-12)
+    got, _ = grads_after(algo, batch, F.mse_loss)
+    systems, unflat, _ = imaml_dense_systems(model, algo, batch)
+    saddle_free, exact, g_mean = 0, 0, 0
+    for hess, gq in systems:
+        a = hess + 0.3 * torch.eye(gq.numel(), dtype=gq.dtype)
+        evals, evecs = torch.linalg.eigh(a)
+        assert float(evals[0]) < -0.3  # indefinite
+        saddle_free = saddle_free + 0.3 * evecs @ ((evecs.T @ gq) / evals.abs().clamp_min(0.03))
+        exact = exact + 0.3 * torch.linalg.solve(a, gq)
+        g_mean = g_mean + gq
+    saddle_free, exact = unflat(saddle_free / 2), unflat(exact / 2)
+    assert max_rel_diff(got, saddle_free) < 1e-8
+    assert algo.solver == "lanczos" and algo.min_eig == pytest.approx(0.03)
+    assert all(d["linear_modified"] > 0 and d["linear_converged"] for d in algo.last_diagnostics)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old, _ = grads_after(iMAML(model, **kw, cg_steps=100, cg_tol=1e-12, solver="cg"),
+                             batch, F.mse_loss)
+    assert max_rel_diff(old, saddle_free) > 0.1
+    assert max_rel_diff(old, exact) > 0.1
+    exact_solve = iMAML(model, **kw, cg_steps=2000, cg_tol=1e-9, solver="normal_cg")
+    got_exact, _ = grads_after(exact_solve, batch, F.mse_loss)
+    assert max_rel_diff(got_exact, exact) < 1e-6
+    with pytest.raises(ValueError, match="solver must be one of"):
+        iMAML(model, solver="neumann")
 
 
 def test_adapt_returns_inner_sgd_result_and_leaves_model_alone():

@@ -78,6 +78,22 @@ def test_few_shot_builds_steps_and_evaluates(algorithm):
         assert all(0.0 <= metrics[f"acc_step{s}"] <= 1.0 for s in (1, 2))
 
 
+def test_imaml_solver_settings_reach_the_learner():
+    need("imaml")
+    default = build_experiment(run_config("sinusoid", {**TINY_SINUSOID, "algorithm": "imaml",
+                                                       "imaml_lambda": 2.0}))
+    learner = default.trainer.learner
+    assert (learner.solver, learner.min_eig) == ("lanczos", pytest.approx(0.2))
+    old = build_experiment(run_config("sinusoid", {**TINY_SINUSOID, "algorithm": "imaml",
+                                                   "imaml_solver": "cg",
+                                                   "imaml_min_eig": 0.5}))
+    assert (old.trainer.learner.solver, old.trainer.learner.min_eig) == ("cg", 0.5)
+    old.meta_step(1)
+    assert old.trainer.learner.last_diagnostics[0]["linear_solver"] == "cg"
+    with pytest.raises(ValueError, match="imaml_min_eig must be > 0"):
+        run_config("sinusoid", {**TINY_SINUSOID, "algorithm": "imaml", "imaml_min_eig": 0.0})
+
+
 def test_anil_adapts_only_the_head():
     need("anil")
     exp = build_experiment(run_config("few_shot", {**TINY_FEW_SHOT, "algorithm": "anil"}))

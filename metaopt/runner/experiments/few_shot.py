@@ -73,7 +73,11 @@ class MetaLearningSettings(ExperimentConfig):
         eval_seed: seeds the held-out tasks, so every evaluation (and every algorithm
             with the same ``eval_seed``) sees the same ones.
         imaml_lambda: iMAML's proximal regularisation strength.
-        imaml_cg_steps: iMAML's conjugate-gradient iterations.
+        imaml_cg_steps: iMAML's linear-solve budget (Hessian-vector products).
+        imaml_solver: iMAML's linear solver: ``lanczos`` (default; saddle-free:
+            |curvature| floored at ``imaml_min_eig``), ``cg`` (the behaviour before that
+            default) or ``normal_cg``.
+        imaml_min_eig: the ``lanczos`` solve's curvature floor (``None``: 0.1 λ).
         strategy: how the learner runs a meta-batch: ``loop`` over tasks or ``vmap``.
             ``auto`` times both once and picks the faster — quicker, but the choice
             (and so the last bits of the numbers) may differ between runs.
@@ -89,6 +93,8 @@ class MetaLearningSettings(ExperimentConfig):
     eval_seed: int = 1_000_003
     imaml_lambda: float = 1.0
     imaml_cg_steps: int = 5
+    imaml_solver: Literal["lanczos", "cg", "normal_cg"] = "lanczos"
+    imaml_min_eig: float | None = None
     strategy: Literal["loop", "vmap", "auto"] = "loop"
 
     def __post_init__(self) -> None:
@@ -103,6 +109,8 @@ class MetaLearningSettings(ExperimentConfig):
                              f"got {self.eval_steps}")
         if self.imaml_lambda <= 0:
             raise ValueError(f"imaml_lambda must be > 0, got {self.imaml_lambda}")
+        if self.imaml_min_eig is not None and not self.imaml_min_eig > 0:
+            raise ValueError(f"imaml_min_eig must be > 0, got {self.imaml_min_eig}")
 
 
 def build_algorithm(name: str, model: nn.Module, settings: MetaLearningSettings, *,
@@ -132,7 +140,9 @@ def build_algorithm(name: str, model: nn.Module, settings: MetaLearningSettings,
     if name == "imaml":
         # iMAML's conjugate-gradient solve is data-dependent: it always loops over tasks.
         return algorithms.iMAML(model, lam=settings.imaml_lambda,
-                                cg_steps=settings.imaml_cg_steps, **{**common, "strategy": "loop"})
+                                cg_steps=settings.imaml_cg_steps, solver=settings.imaml_solver,
+                                min_eig=settings.imaml_min_eig,
+                                **{**common, "strategy": "loop"})
     raise ValueError(f"unknown algorithm '{name}'; choose one of {', '.join(ALGORITHMS)}")
 
 
