@@ -94,6 +94,20 @@ def test_imaml_solver_settings_reach_the_learner():
         run_config("sinusoid", {**TINY_SINUSOID, "algorithm": "imaml", "imaml_min_eig": 0.0})
 
 
+def test_sinusoid_evaluation_reports_diverging_adaptation_as_inf():
+    # Meta-SGD's learned rates can diverge when run for more steps than trained for;
+    # evaluation reports that (MSE inf and a warning) instead of aborting.
+    need("metasgd")
+    exp = build_experiment(run_config("sinusoid", {**TINY_SINUSOID, "algorithm": "metasgd"}))
+    with torch.no_grad():
+        for lr in exp.trainer.learner.inner_lrs.values():
+            lr.fill_(1e30)
+    with pytest.warns(RuntimeWarning, match=r"diverged on 2 of 2 test tasks after 2 steps"):
+        metrics = exp.evaluate("test")
+    assert metrics["mse_k2_step2"] == float("inf")
+    assert 0 <= metrics["mse_k2_step0"] < float("inf")
+
+
 def test_anil_adapts_only_the_head():
     need("anil")
     exp = build_experiment(run_config("few_shot", {**TINY_FEW_SHOT, "algorithm": "anil"}))

@@ -13,6 +13,8 @@ fine-tuned exactly like the meta-learned one at test time.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from metaopt.params import NonFiniteError
 from metaopt.runner.experiment import Experiment, Metrics, StateDict, register_experiment
 from metaopt.runner.experiments.few_shot import MetaLearningSettings, MetaTrainer
 
@@ -136,15 +139,44 @@ class SinusoidRegression(Experiment):
         return family.sample(self.config.eval_tasks).to(self.device, self.dtype)
 
     def mse_curve(self, split: str, k_shot: int, steps: list[int]) -> dict[int, float]:
-        """Mean query MSE over the held-out tasks after each of ``steps`` adaptation steps."""
+        """Mean query MSE over the held-out tasks after each of ``steps`` adaptation steps.
+
+        An adaptation that diverges (the inner loss becomes NaN/inf, e.g. Meta-SGD's
+        learned rates run for more steps than they were trained for) counts as an
+        infinite MSE for that task and step count, with a warning giving how many
+        tasks diverged; it does not abort the evaluation.
+        """
         batch = self.held_out_tasks(split, k_shot)
         total = {s: 0.0 for s in steps}
+        diverged = {s: 0 for s in steps}
         for task in batch.tasks():
-            path = self.trainer.adapt_path(task.support_x, task.support_y, F.mse_loss, steps)
-            for s, params in path.items():
+            for s, params in self._adapt_path(task.support_x, task.support_y, steps).items():
+                if params is None:
+                    diverged[s] += 1
+                    total[s] = math.inf
+                    continue
                 pred = self.trainer.predict(params, task.query_x)
                 total[s] += float(F.mse_loss(pred, task.query_y))
+        for s, n in diverged.items():
+            if n:
+                warnings.warn(f"{self.config.algorithm}: adaptation diverged on {n} of "
+                              f"{batch.batch_size} {split} tasks after {s} steps at K={k_shot} "
+                              "(counted as MSE inf)", RuntimeWarning, stacklevel=2)
         return {s: total[s] / batch.batch_size for s in steps}
+
+    def _adapt_path(self, x: Tensor, y: Tensor,
+                    steps: list[int]) -> dict[int, dict[str, Tensor] | None]:
+        """:meth:`MetaTrainer.adapt_path`, with ``None`` for step counts that diverge."""
+        try:
+            return self.trainer.adapt_path(x, y, F.mse_loss, steps)
+        except NonFiniteError:
+            out: dict[int, dict[str, Tensor] | None] = {}
+            for s in steps:
+                try:
+                    out[s] = self.trainer.adapt_path(x, y, F.mse_loss, [s])[s]
+                except NonFiniteError:
+                    out[s] = None
+            return out
 
     def evaluate(self, split: str) -> Metrics:
         out: Metrics = {}
