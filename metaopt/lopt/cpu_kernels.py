@@ -36,7 +36,7 @@ from torch import Tensor
 
 __all__ = ["LoptCpuKernels", "kernels", "kernels_available", "use_cpu_kernels"]
 
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
 _MODES = {"small_fc": 0, "velo": 1, "small_fc_diag": 2, "velo_diag": 3}
 
@@ -131,21 +131,23 @@ def kernels_available() -> bool:
     return kernels() is not None
 
 
-def _f32(name: str, t: Tensor, numel: int | None = None) -> ctypes.c_void_p:
-    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+def _f32(name: str, t: Tensor, numel: int | None = None) -> int:
+    """The address of a contiguous float32 CPU tensor (of ``numel`` elements), or an error
+    naming the argument."""
+    if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
         raise ValueError(f"kernel argument '{name}' must be a contiguous float32 CPU tensor, "
                          f"got {t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"kernel argument '{name}' has {t.numel()} elements, expected {numel}")
-    return ctypes.c_void_p(t.data_ptr())
+    return t.data_ptr()
 
 
-def _f64(name: str, t: Tensor, numel: int) -> ctypes.c_void_p:
-    if t.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous() \
+def _f64(name: str, t: Tensor, numel: int) -> int:
+    if t.dtype is not torch.float64 or not t.is_cpu or not t.is_contiguous() \
             or t.numel() != numel:
         raise ValueError(f"kernel output '{name}' must be a contiguous float64 CPU tensor "
                          f"of {numel} elements")
-    return ctypes.c_void_p(t.data_ptr())
+    return t.data_ptr()
 
 
 def _mode(mode: str) -> int:
@@ -173,7 +175,7 @@ class LoptCpuKernels:
                                    vp, vp, vp, i32]
         lib.lopt_pass1.restype = None
         lib.lopt_pass2.argtypes = [i32, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp,
-                                   vp, vp, f32, f32, f32, vp, i32]
+                                   vp, vp, vp, f32, f32, f32, vp, i32]
         lib.lopt_pass2.restype = None
 
     def n_channels(self, mode: str) -> int:
@@ -284,12 +286,14 @@ class LoptCpuKernels:
 
     def pass2(self, mode: str, g: Tensor, p: Tensor, m: Tensor, rms: Tensor,
               fac_a: Tensor | None, fac_b: Tensor | None, v: Tensor | None, w_in: Tensor,
-              u_a: Tensor, u_b: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-              exp_mult: float, coef: float, p_decay: float = 1.0, out: Tensor | None = None
-              ) -> Tensor:
+              sumsq: Tensor, u_a: Tensor, u_b: Tensor | None, w1: Tensor, b1: Tensor,
+              w2: Tensor, b2: Tensor, exp_mult: float, coef: float, p_decay: float = 1.0,
+              out: Tensor | None = None) -> Tensor:
         """``p · p_decay - dir · exp(exp_mult · mag) · coef`` for the per-element MLP (see the
-        C file), into ``out`` (may be ``p``) or a new tensor of ``p``'s shape. Diagonal
-        modes take ``v`` and a (H, 1) ``u_a`` (the first-layer bias), no factors."""
+        C file), into ``out`` (may be ``p``) or a new tensor of ``p``'s shape. ``w_in``
+        holds the first-layer weights of the per-element channels, normalised inside by
+        ``rsqrt(1e-5 + sumsq / n)`` (``sumsq`` from :meth:`pass1`). Diagonal modes take
+        ``v`` and a (H, 1) ``u_a`` (the first-layer bias), no factors."""
         a, b = self._matrix(mode, g)
         n, k, hidden = a * b, self.decays, self.hidden
         diag = mode.endswith("_diag")
@@ -303,7 +307,8 @@ class LoptCpuKernels:
             _f32("rms", rms, n), None if diag else _f32("fac_a", fac_a, k * a),
             None if diag else _f32("fac_b", fac_b, k * b),
             _f32("v", v, k * n) if diag else None, _f32("w_in", w_in, n_ch * hidden),
-            _f32("u_a", u_a, hidden * a), None if diag else _f32("u_b", u_b, hidden * b),
+            _f64("sumsq", sumsq, n_ch), _f32("u_a", u_a, hidden * a),
+            None if diag else _f32("u_b", u_b, hidden * b),
             _f32("w1", w1), _f32("b1", b1, hidden), _f32("w2", w2), _f32("b2", b2, 2),
             float(exp_mult), float(coef), float(p_decay), _f32("p_new", p_new, n),
             self._threads())

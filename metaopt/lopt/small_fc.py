@@ -184,6 +184,7 @@ class SmallFCLOpt(LearnedOptimizer):
         new_state: LOptState = {k: {} for k in _ACCUMULATORS}
         new_params: Params = {}
         cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
+        kernel_const: dict[str, Any] | None = None
         for name, p in params.items():
             g = grads[name]
             key = (_compute_dtype(p.dtype), p.device)
@@ -191,13 +192,16 @@ class SmallFCLOpt(LearnedOptimizer):
                 cache[key] = self._prepare(iteration, *key)
             acc = {k: state[k][name] for k in _ACCUMULATORS}
             scale = self._step_scale(state, name)
-            if inplace is not None and self._kernel_ok(p, g, acc):
+            kernel = self._kernel_ok(p, g, acc)
+            if kernel and kernel_const is None:  # float32 CPU only: one set per step
+                kernel_const = self._kernel_constants(*cache[key])
+            if inplace is not None and kernel:
                 lr, wd = inplace[0].get(name, 1.0), inplace[1].get(name, 0.0)
-                new_p, new_acc = self._kernel_update_tensor(p, g, acc, *cache[key],
+                new_p, new_acc = self._kernel_update_tensor(p, g, acc, kernel_const,
                                                             inplace=(lr, wd), scale=float(scale))
             else:
-                if self._kernel_ok(p, g, acc):
-                    new_p, new_acc = self._kernel_update_tensor(p, g, acc, *cache[key],
+                if kernel:
+                    new_p, new_acc = self._kernel_update_tensor(p, g, acc, kernel_const,
                                                                 scale=float(scale))
                 else:
                     if self._fast_ok(p, g, acc):
@@ -540,68 +544,75 @@ class SmallFCLOpt(LearnedOptimizer):
         return kern is not None and kern.supports(len(self.initial_momentum_decays),
                                                   self.hidden_size)
 
-    def _kernel_update_tensor(self, p: Tensor, g: Tensor, acc: dict[str, Tensor], decays: tuple,
-                              w0_feat: Tensor, bias0: Tensor, weights: list[Tensor],
-                              biases: list[Tensor], inplace: tuple[float, float] | None = None,
+    def _kernel_constants(self, decays: tuple, w0_feat: Tensor, bias0: Tensor,
+                          weights: list[Tensor], biases: list[Tensor]) -> dict[str, Any]:
+        """What the kernel calls of one step share across tensors (contiguous float32)."""
+        k = len(self.initial_momentum_decays)
+        mom_d, rms_d, fac_d = decays
+        w0 = w0_feat
+        rows = list(range(4 + 3 * k)) + list(range(4 + 7 * k, 4 + 8 * k))
+        return {
+            "mom_d": mom_d.contiguous(), "rms_d": float(torch.clamp(rms_d, 0.0, 1.0)),
+            "fac_d": torch.clamp(fac_d, 0.0, 1.0).contiguous(),
+            "w_stat": w0[4 + 3 * k:4 + 7 * k].contiguous(),  # v_row, v_col and their rsqrt
+            "w_factored": w0[rows].contiguous(),
+            # vectors: the v and rsqrt(v) channels are fed twice, so their weights add up
+            "w_diag": torch.cat([w0[:4 + 3 * k],
+                                 w0[4 + 3 * k:4 + 4 * k] + w0[4 + 4 * k:4 + 5 * k],
+                                 w0[4 + 5 * k:4 + 6 * k] + w0[4 + 6 * k:4 + 7 * k],
+                                 w0[4 + 7 * k:]]).contiguous(),
+            "bias0": bias0.contiguous(), "bias0_col": bias0.reshape(-1, 1).contiguous(),
+            "mlp": [t.contiguous() for t in (weights[0], biases[0], weights[1], biases[1])],
+        }
+
+    def _kernel_update_tensor(self, p: Tensor, g: Tensor, acc: dict[str, Tensor],
+                              const: dict[str, Any], inplace: tuple[float, float] | None = None,
                               scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         """:meth:`_fast_update_tensor` for a float32 CPU vector or matrix, in the fused C
         kernel (diagonal second moments for vectors, factored ones for matrices).
 
-        ``inplace=(lr, weight_decay)`` writes ``p + lr·(p_learned − p) − lr·wd·p`` into
-        ``p`` and the new accumulators into the old ones (``p``/``acc`` contiguous);
-        ``scale`` multiplies the learned step (μLO)."""
+        ``const`` comes from :meth:`_kernel_constants`. ``inplace=(lr, weight_decay)``
+        writes ``p + lr·(p_learned − p) − lr·wd·p`` into ``p`` and the new accumulators
+        into the old ones (``p``/``acc`` contiguous); ``scale`` multiplies the learned step
+        (μLO)."""
         kern = cpu_kernels.kernels()
         k = len(self.initial_momentum_decays)
         n = p.numel()
         diag = p.dim() == 1
-        if inplace is not None and not (p.is_contiguous() and all(
-                acc[key].is_contiguous() for key in ("m", "rms", "v_diag"))):
-            new_p, new_acc = self._kernel_update_tensor(p, g, acc, decays, w0_feat, bias0,
-                                                        weights, biases, scale=scale)
+        if inplace is not None and not (p.is_contiguous() and acc["m"].is_contiguous()
+                                        and acc["rms"].is_contiguous()
+                                        and acc["v_diag"].is_contiguous()):
+            new_p, new_acc = self._kernel_update_tensor(p, g, acc, const, scale=scale)
             apply_step_(p, new_p, *inplace)
             return p, new_acc
+        own = inplace is not None
         g_c, p_c = g.contiguous(), p.contiguous()
-        mom_d, rms_d, fac_d = (d.reshape(-1, 1) for d in decays)
-        rms_d = torch.clamp(rms_d, 0.0, 1.0)
-        fac_d = torch.clamp(fac_d, 0.0, 1.0)
         m_old, rms_old = acc["m"].contiguous().view(k, n), acc["rms"].contiguous().view(1, n)
-        mom_d = mom_d.reshape(-1).contiguous()
         if diag:
             m_new, rms_new, v_new, sumsq, _ = kern.pass1(
-                "small_fc_diag", g_c, p_c, m_old, rms_old, mom_d, float(rms_d),
-                v_old=acc["v_diag"].contiguous().view(k, n),
-                fac_decay=fac_d.reshape(-1).contiguous(), inplace=inplace is not None)
-            w0 = w0_feat  # the v and rsqrt(v) channels are fed twice: sum their weights
-            w_x = torch.cat([w0[:4 + 3 * k], w0[4 + 3 * k:4 + 4 * k] + w0[4 + 4 * k:4 + 5 * k],
-                             w0[4 + 5 * k:4 + 6 * k] + w0[4 + 6 * k:4 + 7 * k], w0[4 + 7 * k:]])
-            w_in = torch.rsqrt(1e-5 + sumsq.float() / n).unsqueeze(-1) * w_x
+                "small_fc_diag", g_c, p_c, m_old, rms_old, const["mom_d"], const["rms_d"],
+                v_old=acc["v_diag"].contiguous().view(k, n), fac_decay=const["fac_d"],
+                inplace=own)
             fac_a = fac_b = u_b = None
-            u_a = bias0.reshape(-1, 1)
+            u_a, w_in = const["bias0_col"], const["w_diag"]
             mode, v_row, v_col, v_diag = "small_fc_diag", acc["v_row"], acc["v_col"], v_new
         else:
             _, d0 = F.factored_dims(p.shape)
             # the row/column statistics are small: updated in place (copies when pure)
-            own = inplace is not None
             v_row = acc["v_row"].contiguous() if own else acc["v_row"].clone()
             v_col = acc["v_col"].contiguous() if own else acc["v_col"].clone()
             fac_a, fac_b, u_a, u_b = kern.factored_prepare(
-                g_c, d0, v_row, v_col, fac_d.reshape(-1).contiguous(),
-                w0_feat[4 + 3 * k:4 + 7 * k].contiguous(), bias0.contiguous(),
+                g_c, d0, v_row, v_col, const["fac_d"], const["w_stat"], const["bias0"],
                 channel_last=False)
             m_new, rms_new, _, sumsq, _ = kern.pass1(
-                "small_fc", g_c, p_c, m_old, rms_old, mom_d, float(rms_d), fac_a, fac_b,
-                inplace=inplace is not None)
-            rows = list(range(4 + 3 * k)) + list(range(4 + 7 * k, 4 + 8 * k))
-            w_in = torch.rsqrt(1e-5 + sumsq.float() / n).unsqueeze(-1) * w0_feat[rows]
-            u_b = u_b.contiguous()
-            mode, v_diag = "small_fc", acc["v_diag"]
+                "small_fc", g_c, p_c, m_old, rms_old, const["mom_d"], const["rms_d"], fac_a,
+                fac_b, inplace=own)
+            mode, v_diag, w_in = "small_fc", acc["v_diag"], const["w_factored"]
         lr, wd = inplace if inplace is not None else (1.0, 0.0)
         new_p = kern.pass2(
             mode, g_c, p_c, m_new, rms_new, fac_a, fac_b, v_diag.view(k, n) if diag else None,
-            w_in.contiguous(), u_a.contiguous(), u_b, weights[0].contiguous(),
-            biases[0].contiguous(), weights[1].contiguous(), biases[1].contiguous(),
-            self.exp_mult, self.step_mult * scale * lr, 1.0 - lr * wd,
-            out=p if inplace is not None else None)
+            w_in, sumsq, u_a, u_b, *const["mlp"], self.exp_mult,
+            self.step_mult * scale * lr, 1.0 - lr * wd, out=p if own else None)
         new_acc = {"m": m_new.view(acc["m"].shape), "rms": rms_new.view(acc["rms"].shape),
                    "v_row": v_row, "v_col": v_col, "v_diag": v_diag.view(acc["v_diag"].shape)}
         return new_p, new_acc

@@ -765,7 +765,6 @@ class VeLO(LearnedOptimizer):
         accumulators as channel-last views of channel-first storage. ``inplace`` writes
         into ``p``."""
         kern = cpu_kernels.kernels()
-        n = p.numel()
         w0, b0 = mlp[0], mlp[1]
         diag = p.dim() == 1
         if diag:
@@ -781,12 +780,11 @@ class VeLO(LearnedOptimizer):
                 pre["g"], pre["dims"][1], pre["v_row"], pre["v_col"], torch.zeros(k),
                 w_stat.contiguous(), b0.contiguous(), channel_last=True, update_v=False)
             w_x = w0[_FULL_CHANNELS]
-        scale = torch.rsqrt(1e-5 + pre["sumsq"].float() / n)
-        w_in = (scale.unsqueeze(1) * w_x).contiguous()
         out = p if inplace and p.is_contiguous() else None
         p_new = kern.pass2(
             "velo_diag" if diag else "velo", pre["g"], pre["p"], pre["m"], pre["rms"],
-            pre.get("fac_a"), pre.get("fac_b"), pre.get("v"), w_in, u_a.contiguous(), u_b,
+            pre.get("fac_a"), pre.get("fac_b"), pre.get("v"), w_x.contiguous(), pre["sumsq"],
+            u_a.contiguous(), u_b,
             mlp[2].contiguous(), mlp[3].contiguous(), mlp[4][:, :2].contiguous(),
             mlp[5][:2].contiguous(), self.exp_mult, coef, p_decay, out=out)
         if inplace and out is None:

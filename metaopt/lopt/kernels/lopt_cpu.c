@@ -44,7 +44,7 @@ enum { MODE_SMALL_FC = 0, MODE_VELO = 1, MODE_SMALL_FC_DIAG = 2, MODE_VELO_DIAG 
 #define N_CH(mode) ((mode) == MODE_SMALL_FC ? NCH_SMALL_FC : (mode) == MODE_VELO ? NCH_VELO \
                     : (mode) == MODE_SMALL_FC_DIAG ? NCH_SMALL_FC_DIAG : NCH_VELO_DIAG)
 
-int lopt_abi_version(void) { return 6; }
+int lopt_abi_version(void) { return 7; }
 int lopt_decays(void) { return K; }
 int lopt_hidden(void) { return H; }
 int lopt_n_channels(int mode) { return N_CH(mode); }
@@ -438,7 +438,9 @@ static inline __attribute__((always_inline)) void pass2_row(
     }
 }
 
-/* pass 2. w_in: (n_ch, H) first-layer weights with the normalisation folded in;
+/* pass 2. w_in: (n_ch, H) first-layer weights of the per-element channels; each channel
+ * c is normalised by rsqrt(1e-5 + sumsq[c] / n) (its sums of squares from pass 1), which
+ * is folded into the weights here;
  * u_a: (H, a), u_b: (H, b) hidden biases of the row / column channels (bias included
  * once; diagonal modes: u_a (H, 1) is the bias, u_b unused, v (K, n) the second moments);
  * w1: (H, H) and w2: (H, 2) in (in, out) layout with biases b1 (H), b2 (2).
@@ -446,13 +448,18 @@ static inline __attribute__((always_inline)) void pass2_row(
  * and in pass 1 m_new / rms_new / v_new may be m_old / rms_old / v_old. */
 void lopt_pass2(int mode, int64_t a, int64_t b, const float *g, const float *p,
                 const float *m, const float *rms, const float *fac_a, const float *fac_b,
-                const float *v, const float *w_in, const float *u_a, const float *u_b,
+                const float *v, const float *w_in, const double *sumsq, const float *u_a,
+                const float *u_b,
                 const float *w1, const float *b1, const float *w2, const float *b2,
                 float exp_mult, float coef, float p_decay, float *p_new, int nthreads) {
     const int n_ch = lopt_n_channels(mode);
     mlp_t net;
     for (int c = 0; c < NCH_MAX; c++)
-        for (int o = 0; o < H; o++) net.W[c][o] = vsplat(c < n_ch ? w_in[c * H + o] : 0.0f);
+        for (int o = 0; o < H; o++) {
+            const float scale = c < n_ch ? 1.0f / sqrtf(1e-5f + (float)sumsq[c] / (float)(a * b))
+                                         : 0.0f;
+            net.W[c][o] = vsplat(c < n_ch ? scale * w_in[c * H + o] : 0.0f);
+        }
     for (int c = 0; c < H; c++) {
         net.B1[c] = vsplat(b1[c]);
         net.W2[c][0] = vsplat(w2[2 * c]);
