@@ -98,7 +98,14 @@ def run_config(path: Path, seed: int, overrides: list[str],
 
 
 def summarize(values: list[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (0 for a single value).
+
+    A non-finite value (a diverged adaptation) makes the mean inf and the std NaN, and
+    ``non_finite`` counts the seeds it happened for.
+    """
+    bad = sum(not math.isfinite(v) for v in values)
+    if bad:
+        return {"mean": math.inf, "std": math.nan, "n": len(values), "non_finite": bad}
     return {"mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
@@ -116,6 +123,8 @@ def fmt(stat: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> s
     """``mean ± std`` (scaled), or ``—`` when missing."""
     if stat is None:
         return "—"
+    if stat.get("non_finite"):
+        return f"diverges ({stat['non_finite']}/{stat['n']} seeds)"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
