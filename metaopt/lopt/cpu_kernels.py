@@ -5,15 +5,16 @@ PyTorch each of their ~20 input channels is a separate pass over memory, which p
 1M-parameter step at 10–20× the cost of AdamW; torch.compile's CPU backend did not
 fuse the MLP across hidden units (it either stores the hidden activations or recomputes
 them per consumer). The C source beside this module (``kernels/lopt_cpu.c``) does the
-same math in three passes over memory, in cache-sized tiles (see its header).
+same math in three passes over memory with explicit SIMD (see its header).
 
 The library is compiled on first use with the system C compiler (``$CC``, else ``cc``)
 into ``$METAOPT_CACHE/kernels`` (else ``~/.cache/metaopt/kernels``), keyed by a hash of
-the source, the compiler and the flags, and loaded with :mod:`ctypes` — no Python
-extension build, no pickle. Without a working compiler, or with ``METAOPT_CPU_KERNELS=0``,
-:func:`kernels` returns ``None`` and the optimizers use their PyTorch path (same math,
-tested equal). The wrappers check dtype, device, shape and contiguity of every tensor
-before a pointer crosses into C.
+the source, the compiler, the flags and the CPU (``-march=native``), and loaded with
+:mod:`ctypes` — no Python extension build, no pickle. Without a working compiler, with
+``METAOPT_CPU_KERNELS=0`` or inside ``use_cpu_kernels(False)``, :func:`kernels` returns
+``None`` and the optimizers use their PyTorch path (same math, tested equal). The
+wrappers check dtype, device, shape and contiguity of every tensor before a pointer
+crosses into C.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -52,6 +54,20 @@ def _cache_dir() -> Path:
     return root / "kernels"
 
 
+def _cpu_signature() -> bytes:
+    """What ``-march=native`` depends on: the architecture and (Linux) the CPU's feature
+    flags, so a cache shared between different machines never loads a foreign build."""
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("flags", "Features", "model name"):
+                    sig += line
+    except OSError:
+        sig += platform.processor()
+    return sig.encode()
+
+
 def _source() -> bytes:
     return resources.files("metaopt.lopt").joinpath("kernels/lopt_cpu.c").read_bytes()
 
@@ -80,7 +96,8 @@ def _build() -> ctypes.CDLL:
     last_error: Exception | None = None
     for openmp in (True, False):  # OpenMP threads when the compiler has them
         key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(_FLAGS).encode(),
-                                         str(openmp).encode()])).hexdigest()[:16]
+                                         str(openmp).encode(), _cpu_signature()])
+                             ).hexdigest()[:16]
         path = _cache_dir() / f"lopt_cpu_{key}.so"
         try:
             if not path.exists():
