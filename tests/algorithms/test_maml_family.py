@@ -216,33 +216,63 @@ def imaml_dense_systems(model, algo, batch):
     return systems, unflat, theta
 
 
+def dense_imaml_grad(systems, unflat, lam, floor=None):
+    """Mean over tasks of λ (H + λI)⁻¹ g, or of λ |H + λI|₊⁻¹ g with eigenvalues
+    replaced by max(|e|, floor) -- the saddle-free solve -- when ``floor`` is given."""
+    total = 0
+    for hess, gq in systems:
+        a = hess + lam * torch.eye(gq.numel(), dtype=gq.dtype)
+        if floor is None:
+            total = total + lam * torch.linalg.solve(a, gq)
+        else:
+            evals, evecs = torch.linalg.eigh(a)
+            total = total + lam * evecs @ ((evecs.T @ gq) / evals.abs().clamp_min(floor))
+    return unflat(total / len(systems))
+
+
 def test_imaml_matches_exact_ift_with_materialised_hessian():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double()
     batch = regression_batch(tasks=2, shots=8)
     lam, lr, steps = 2.0, 0.05, 40
-    algo = iMAML(model, inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=100, cg_tol=1e-14)
-    got, _ = grads_after(algo, batch, F.mse_loss)
-    systems, unflat, theta = imaml_dense_systems(model, algo, batch)
-    total = 0
-    for hess, gq in systems:
-        # H has negative eigenvalues (down to -0.7) but H + λI is positive definite:
-        # the default solver must then be the plain IFT formula.
-        assert float(torch.linalg.eigvalsh(hess)[0]) < 0
-        eye = torch.eye(gq.numel(), dtype=gq.dtype)
-        total = total + torch.linalg.solve(eye + hess / lam, gq)
-    expected = unflat(total / len(systems))
+    kw = dict(inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=100, cg_tol=1e-14)
+    # H has negative eigenvalues (down to -0.7) but H + λI ⪰ 1.3 I: CG and the Lanczos
+    # solve with a floor below 1.3 are both the plain IFT formula.
+    cg_algo = iMAML(model, **kw, solver="cg")
+    got_cg, _ = grads_after(cg_algo, batch, F.mse_loss)
+    systems, unflat, theta = imaml_dense_systems(model, cg_algo, batch)
+    assert all(float(torch.linalg.eigvalsh(h)[0]) < 0 for h, _ in systems)
+    expected = dense_imaml_grad(systems, unflat, lam)
+    assert max_rel_diff(got_cg, expected) < 1e-8
+    low_floor = iMAML(model, **kw, min_eig=0.5)
+    got, _ = grads_after(low_floor, batch, F.mse_loss)
     assert max_rel_diff(got, expected) < 1e-8
-    assert all(d["linear_modified"] == 0 for d in algo.last_diagnostics)
+    assert all(d["linear_modified"] == 0 for d in low_floor.last_diagnostics)
+    # the default floor λ treats that negative curvature of H as zero curvature
+    default = iMAML(model, **kw)
+    got_default, _ = grads_after(default, batch, F.mse_loss)
+    assert max_rel_diff(got_default, dense_imaml_grad(systems, unflat, lam, lam)) < 1e-8
     # the proximal solution is near phi but not at it
     phi = {k: p.detach() for k, p in model.named_parameters()}
     assert 0 < float(sum((theta[k] - phi[k]).abs().sum() for k in phi))
 
 
+def test_imaml_default_is_exact_ift_for_a_convex_task_loss():
+    # Linear regression: H ⪰ 0, so the default (floor λ) modifies nothing.
+    torch.manual_seed(3)
+    model = nn.Linear(1, 1).double()
+    batch = regression_batch(tasks=3, shots=8)
+    algo = iMAML(model, inner_lr=0.02, inner_steps=10, lam=0.5, cg_steps=50, cg_tol=1e-14)
+    got, _ = grads_after(algo, batch, F.mse_loss)
+    systems, unflat, _ = imaml_dense_systems(model, algo, batch)
+    assert max_rel_diff(got, dense_imaml_grad(systems, unflat, 0.5)) < 1e-8
+    assert all(d["linear_modified"] == 0 for d in algo.last_diagnostics)
+
+
 def test_imaml_with_indefinite_system_uses_saddle_free_solve_not_broken_cg():
     # λ = 0.3 is below the support loss's negative curvature: H + λI is indefinite
     # (as on the glyph conv net). CG -- the old default -- stops at the first negative
-    # curvature; the default now solves with |H + λI| floored at 0.1 λ, exactly.
+    # curvature; the default now solves with |H + λI| floored at λ, exactly.
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double()
     batch = regression_batch(tasks=2, shots=8)
@@ -250,18 +280,19 @@ def test_imaml_with_indefinite_system_uses_saddle_free_solve_not_broken_cg():
     algo = iMAML(model, **kw, cg_steps=100, cg_tol=1e-12)
     got, _ = grads_after(algo, batch, F.mse_loss)
     systems, unflat, _ = imaml_dense_systems(model, algo, batch)
-    saddle_free, exact, g_mean = 0, 0, 0
-    for hess, gq in systems:
-        a = hess + 0.3 * torch.eye(gq.numel(), dtype=gq.dtype)
-        evals, evecs = torch.linalg.eigh(a)
-        assert float(evals[0]) < -0.3  # indefinite
-        saddle_free = saddle_free + 0.3 * evecs @ ((evecs.T @ gq) / evals.abs().clamp_min(0.03))
-        exact = exact + 0.3 * torch.linalg.solve(a, gq)
-        g_mean = g_mean + gq
-    saddle_free, exact = unflat(saddle_free / 2), unflat(exact / 2)
+    for hess, _ in systems:  # indefinite
+        assert float(torch.linalg.eigvalsh(hess)[0]) < -0.3
+    saddle_free = dense_imaml_grad(systems, unflat, 0.3, 0.3)
+    exact = dense_imaml_grad(systems, unflat, 0.3)
     assert max_rel_diff(got, saddle_free) < 1e-8
-    assert algo.solver == "lanczos" and algo.min_eig == pytest.approx(0.03)
+    assert algo.solver == "lanczos" and algo.min_eig == pytest.approx(0.3)
     assert all(d["linear_modified"] > 0 and d["linear_converged"] for d in algo.last_diagnostics)
+    # contraction: no longer than the mean query gradient's per-task norms
+    g_norm = sum(float(gq.norm()) for _, gq in systems) / len(systems)
+    assert float(torch.cat([v.reshape(-1) for v in got.values()]).norm()) <= g_norm
+    low_floor, _ = grads_after(iMAML(model, **kw, cg_steps=100, cg_tol=1e-12, min_eig=0.03),
+                               batch, F.mse_loss)
+    assert max_rel_diff(low_floor, dense_imaml_grad(systems, unflat, 0.3, 0.03)) < 1e-8
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -83,7 +83,7 @@ def test_imaml_solver_settings_reach_the_learner():
     default = build_experiment(run_config("sinusoid", {**TINY_SINUSOID, "algorithm": "imaml",
                                                        "imaml_lambda": 2.0}))
     learner = default.trainer.learner
-    assert (learner.solver, learner.min_eig) == ("lanczos", pytest.approx(0.2))
+    assert (learner.solver, learner.min_eig) == ("lanczos", pytest.approx(2.0))
     old = build_experiment(run_config("sinusoid", {**TINY_SINUSOID, "algorithm": "imaml",
                                                    "imaml_solver": "cg",
                                                    "imaml_min_eig": 0.5}))

@@ -77,7 +77,7 @@ class MetaLearningSettings(ExperimentConfig):
         imaml_solver: iMAML's linear solver: ``lanczos`` (default; saddle-free:
             |curvature| floored at ``imaml_min_eig``), ``cg`` (the behaviour before that
             default) or ``normal_cg``.
-        imaml_min_eig: the ``lanczos`` solve's curvature floor (``None``: 0.1 λ).
+        imaml_min_eig: the ``lanczos`` solve's curvature floor (``None``: λ).
         strategy: how the learner runs a meta-batch: ``loop`` over tasks or ``vmap``.
             ``auto`` times both once and picks the faster — quicker, but the choice
             (and so the last bits of the numbers) may differ between runs.
