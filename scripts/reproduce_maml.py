@@ -154,8 +154,12 @@ def sinusoid_table(results: dict[str, Any]) -> str:
     for name, label in labels.items():
         if name not in results["methods"]:
             continue
-        agg = results["methods"][name].get("summary", {}).get("test", {})
-        cells = [fmt(agg.get(f"mse_k{k}_step{s}")) for k in (5, 10) for s in (1, 10)]
+        entry = results["methods"][name]
+        if "missing" in entry:
+            cells = ["failed" if entry["missing"].startswith("failed") else "missing"] * 4
+        else:
+            agg = entry.get("summary", {}).get("test", {})
+            cells = [fmt(agg.get(f"mse_k{k}_step{s}")) for k in (5, 10) for s in (1, 10)]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -248,7 +252,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             runs = []
             for seed in seeds:
-                run = run_config(sinusoid_config(name), seed, overrides, ("test",))
+                try:
+                    run = run_config(sinusoid_config(name), seed, overrides, ("test",))
+                except Exception as e:  # record and go on, as for glyph
+                    sin["methods"][name] = {"missing": f"failed at seed {seed}: "
+                                                       f"{type(e).__name__}: {e}",
+                                            "completed_runs": runs, "environment": env}
+                    print(f"sinusoid {name} seed {seed}: FAILED {type(e).__name__}: {e}",
+                          flush=True)
+                    save("sinusoid", sin)
+                    break
                 runs.append(run)
                 print(f"sinusoid {name} seed {seed}: {run['metrics']['test']} "
                       f"({run['train_s']:.0f}s train, {run['eval_s']:.0f}s eval)", flush=True)
