@@ -3,12 +3,12 @@
     python scripts/imaml_solver_ablation.py [--seeds 0 1 2] [--shots 1 5]
 
 Runs ``configs/imaml_glyph_5way{1,5}shot.yaml`` unchanged except for the linear solve
-of (H + λI) u = ∇L_query — ``cg`` (the behaviour before ``lanczos`` became the
-default), ``normal_cg`` (exact solve of the indefinite system), and ``lanczos`` with
-curvature floor ``min_eig`` = 0.1 λ or λ, with the configs' 5 Hessian-vector products
-or 20 — and reports query accuracy on the held-out *val* scripts (60 episodes after
-3 adaptation steps), mean ± std over seeds. Results: ``results/maml/imaml_solver_ablation.json``
-(rewritten after every run).
+of (H + λI) u = ∇L_query — ``cg`` (iMAML's default: truncated at the first negative
+curvature), ``normal_cg`` (exact solve of the indefinite system), and the saddle-free
+``lanczos`` with curvature floor ``min_eig`` = 0.1 λ or λ, with the configs' 5
+Hessian-vector products or 20 — and reports query accuracy on the held-out *val*
+scripts (60 episodes after 3 adaptation steps), mean ± std over seeds. Results:
+``results/maml/imaml_solver_ablation.json`` (rewritten after every run).
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ Every algorithm has the same face::
 * Reptile's ``meta_loss`` is the mean of ½‖φ − stop_grad(θ_K)‖² over tasks: its
   gradient is the Reptile direction φ − mean θ_K; the query loss is reported in
   ``last_query_loss`` / ``last_task_losses``. iMAML's meta-gradient comes from
-  :class:`metaopt.bilevel.Implicit`: a Lanczos solve of (I + H/λ) u = g that uses
-  |curvature| where the non-convex support loss makes it indefinite (see
-  :mod:`metaopt.algorithms.imaml`).
+  :class:`metaopt.bilevel.Implicit`: CG on (I + H/λ) u = g, truncated at the first
+  negative curvature when the non-convex support loss makes the system indefinite
+  (see :mod:`metaopt.algorithms.imaml`).
 * The algorithm objects are ``nn.Module`` s wrapping the model: give
   ``algo.parameters()`` to the outer optimizer (that includes Meta-SGD's learned
   learning rates).

@@ -17,28 +17,26 @@ The formula assumes θ* minimises the proximal objective, so that ``H + λI ⪰ 
 a non-convex network and a few inner steps that fails badly. On the glyph conv net
 of ``configs/imaml_glyph_5way1shot.yaml`` (λ = 1, 5 SGD steps; measured by
 ``scripts/imaml_curvature.py``) ``H + λI`` has eigenvalues down to −4…−19 (59–207 of
-1941 negative) and θ* is far from stationary (‖∇ inner‖ ≈ 2–5). Plain CG breaks down
-on the negative curvature, mostly after one step (it then returns a multiple of
-g = ∇L_query), and the exact solve of the indefinite system is no better: it is
-dominated by near-singular directions (norm 4–43 ‖g‖, cosine with g within ±0.08).
+1941 negative) and θ* is far from stationary (‖∇ inner‖ ≈ 2–5). The exact solve of
+that indefinite system is useless as a meta-gradient: it is dominated by
+near-singular directions (norm 4–43 ‖g‖, cosine with g = ∇L_query within ±0.08).
 
-The default solver is therefore ``"lanczos"``
-(:func:`metaopt.bilevel.linear_solve.lanczos`): in the Krylov space of the budget it
-solves with ``|H + λI|`` — eigenvalues (Ritz values) replaced by ``max(|e|, min_eig)``,
-the saddle-free Newton modification — with ``min_eig = λ`` by default. In terms of H:
-curvature h ≥ 0 is kept, h in [−2λ, 0) counts as 0 and h < −2λ by its magnitude. So
-wherever H ⪰ 0 (a locally convex task loss, the case iMAML's analysis assumes) the
-answer is the formula above, the same iterate as CG, and in every case the map
-g ↦ dL/dφ is a contraction, ‖dL/dφ‖ ≤ ‖g‖, as (I + H/λ)⁻¹ is for H ⪰ 0.
+The default solver (``"cg"``) is therefore *truncated* CG, the Newton-CG rule
+(Nocedal & Wright, Alg. 7.1): it stops at the first search direction of non-positive
+curvature and keeps the iterate reached, which lies in the Krylov subspace where the
+system is positive definite; if that happens on the first direction it returns the
+first-order meta-gradient g (u = g/λ) instead of 0. Where ``H + λI ≻ 0`` this is plain
+CG and converges to the formula above. Stopping early is by design, so no warning is
+raised; ``last_diagnostics`` reports ``linear_negative_curvature_at``.
 
-A lower floor is exact on more systems (``min_eig = 0.1 λ``: wherever H + λI ⪰ 0.1 λ I)
-but amplifies weakly curved directions up to λ/min_eig times; on the sinusoid config
-that made meta-training unstable (training loss rising from step ~300, the inner loop
-overflowing at step 1292 of seed 0) where CG and ``min_eig = λ`` train. ``solver="cg"``
-keeps the old behaviour and ``solver="normal_cg"`` solves the indefinite system
-exactly. On glyph validation episodes the solver does not change accuracy beyond seed
-noise (``scripts/imaml_solver_ablation.py``); the default is chosen for being well
-defined and stable, not for a measured gain.
+Alternatives, kept as options and compared in ``scripts/imaml_solver_ablation.py``:
+``solver="normal_cg"`` (exact solve of the indefinite system; worse on glyph
+validation episodes) and ``solver="lanczos"`` (the saddle-free solve of
+:func:`metaopt.bilevel.linear_solve.lanczos`: the Krylov-space solution with
+``|H + λI|``, eigenvalues floored at ``min_eig``, default λ). The saddle-free solve
+is as accurate as truncated CG on glyph validation episodes, but made sinusoid
+meta-training diverge (seed 0 of ``configs/imaml_sinusoid.yaml``: at step 994 with
+floor λ, 1292 with 0.1 λ) where truncated CG trains, so it is not the default.
 """
 
 from __future__ import annotations
@@ -57,7 +55,7 @@ from metaopt.params import Params
 __all__ = ["iMAML"]
 
 #: Linear solvers iMAML accepts for (H + λI) u = ∇L_query (see :class:`iMAML`).
-SOLVERS = ("lanczos", "cg", "normal_cg")
+SOLVERS = ("cg", "lanczos", "normal_cg")
 #: Default ``min_eig`` of the ``lanczos`` solve, as a fraction of λ.
 MIN_EIG_RATIO = 1.0
 
@@ -71,21 +69,20 @@ class iMAML(MAML):
         lam: proximal strength λ (the paper's λ; larger keeps θ* closer to φ).
         cg_steps, cg_tol, damping: budget (Hessian-vector products), relative-residual
             target and Tikhonov damping of the linear solve of (H + λI) u = ∇L_query.
-        solver: ``"lanczos"`` (default: saddle-free, see the module docstring),
-            ``"cg"`` (stops at the first negative curvature, as before this option
-            existed) or ``"normal_cg"`` (exact solve of an indefinite system, two
-            products per iteration).
+        solver: ``"cg"`` (default: truncated at the first negative curvature, see
+            the module docstring), ``"lanczos"`` (saddle-free) or ``"normal_cg"``
+            (exact solve of an indefinite system, two products per iteration).
         min_eig: the ``lanczos`` curvature floor (default λ).
 
     ``meta_loss`` runs tasks one at a time (the linear solve has data-dependent
     iteration counts, so it is not vmapped); ``last_diagnostics`` holds each task's
-    solver report (residual, iterations; ``lanczos`` adds the extreme Ritz values
-    and how many were modified).
+    solver report (residual, iterations; ``cg`` adds where it met negative
+    curvature, ``lanczos`` the extreme Ritz values and how many it modified).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 10,
                  *, lam: float = 1.0, cg_steps: int = 10, cg_tol: float = 1e-10,
-                 damping: float = 0.0, solver: str = "lanczos", min_eig: float | None = None,
+                 damping: float = 0.0, solver: str = "cg", min_eig: float | None = None,
                  **kwargs) -> None:
         if kwargs.pop("first_order", False):
             raise ValueError("iMAML's meta-gradient is implicit, not first-order")
@@ -102,7 +99,8 @@ class iMAML(MAML):
         self.min_eig = MIN_EIG_RATIO * self.lam if min_eig is None else float(min_eig)
         if not self.min_eig > 0:
             raise ValueError(f"min_eig must be > 0, got {min_eig!r}")
-        options = {"min_eig": self.min_eig} if solver == "lanczos" else None
+        options = {"cg": {"first_step_fallback": 1.0 / (self.lam + damping)},
+                   "lanczos": {"min_eig": self.min_eig}}.get(solver)
         self.estimator = Implicit(solver=solver, max_iter=cg_steps, tol=cg_tol, damping=damping,
                                   warn=False, solver_options=options)
         self.last_diagnostics: list[dict] = []

@@ -84,8 +84,18 @@ def _finish(name: str, x: Params, iterations: int, residual: float, tol: float,
 
 def cg(matvec: MatVec, b: Params, *, x0: Params | None = None, max_iter: int = 100,
        tol: float = 1e-10, damping: float = 0.0, warn: bool = True,
+       first_step_fallback: float | None = None,
        **_: object) -> tuple[Params, SolveInfo]:
-    """Conjugate gradients for symmetric positive-definite ``A + damping·I``."""
+    """Conjugate gradients for symmetric positive-definite ``A + damping·I``.
+
+    On a search direction of non-positive curvature (``pᵀAp ≤ 0``: ``A`` is not
+    positive definite) it stops and returns the iterate reached — the truncated
+    Newton-CG rule (Nocedal & Wright, *Numerical Optimization*, Alg. 7.1) — with a
+    :class:`LinearSolveWarning` when ``warn``. If that happens on the very first
+    direction the iterate is still ``x0`` (0); with ``first_step_fallback = c`` it
+    returns ``c·b`` instead, the rule's steepest-descent fallback. ``SolveInfo.extra``
+    has ``negative_curvature_at``: the iteration that met it (0: none).
+    """
     A = _damped(matvec, damping)
     b_norm = float(tree_norm(b))
     x = tree_zeros_like(b) if x0 is None else dict(x0)
@@ -93,6 +103,7 @@ def cg(matvec: MatVec, b: Params, *, x0: Params | None = None, max_iter: int = 1
     p = dict(r)
     rs = tree_dot(r, r)
     it = 0
+    negative_at = 0
     threshold = (tol * b_norm) ** 2
     for it in range(1, max_iter + 1):
         if float(rs) <= threshold:
@@ -101,11 +112,14 @@ def cg(matvec: MatVec, b: Params, *, x0: Params | None = None, max_iter: int = 1
         Ap = A(p)
         pAp = tree_dot(p, Ap)
         if float(pAp) <= 0.0:
+            negative_at = it
             if warn:
                 warnings.warn(f"cg: matrix is not positive definite along a search direction "
                               f"(pᵀAp = {float(pAp):.3e}); use lanczos (min_eig), normal_cg "
                               "or add damping",
                               LinearSolveWarning, stacklevel=2)
+            if it == 1 and x0 is None and first_step_fallback is not None:
+                x = tree_scale(b, first_step_fallback)
             break
         alpha = rs / pAp
         x = tree_axpy(alpha, p, x)
@@ -113,7 +127,8 @@ def cg(matvec: MatVec, b: Params, *, x0: Params | None = None, max_iter: int = 1
         rs_new = tree_dot(r, r)
         p = tree_axpy(rs_new / rs, p, r)
         rs = rs_new
-    return _finish("cg", x, it, _relative_residual(A, x, b, b_norm), tol, warn)
+    return _finish("cg", x, it, _relative_residual(A, x, b, b_norm), tol, warn,
+                   {"negative_curvature_at": negative_at})
 
 
 def normal_cg(matvec: MatVec, b: Params, *, rmatvec: MatVec, x0: Params | None = None,

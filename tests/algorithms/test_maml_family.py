@@ -236,48 +236,83 @@ def test_imaml_matches_exact_ift_with_materialised_hessian():
     batch = regression_batch(tasks=2, shots=8)
     lam, lr, steps = 2.0, 0.05, 40
     kw = dict(inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=100, cg_tol=1e-14)
-    # H has negative eigenvalues (down to -0.7) but H + λI ⪰ 1.3 I: CG and the Lanczos
-    # solve with a floor below 1.3 are both the plain IFT formula.
-    cg_algo = iMAML(model, **kw, solver="cg")
-    got_cg, _ = grads_after(cg_algo, batch, F.mse_loss)
-    systems, unflat, theta = imaml_dense_systems(model, cg_algo, batch)
+    # H has negative eigenvalues (down to -0.7) but H + λI ⪰ 1.3 I: the default CG and
+    # the Lanczos solve with a floor below 1.3 are both the plain IFT formula.
+    algo = iMAML(model, **kw)
+    got, _ = grads_after(algo, batch, F.mse_loss)
+    systems, unflat, theta = imaml_dense_systems(model, algo, batch)
     assert all(float(torch.linalg.eigvalsh(h)[0]) < 0 for h, _ in systems)
     expected = dense_imaml_grad(systems, unflat, lam)
-    assert max_rel_diff(got_cg, expected) < 1e-8
-    low_floor = iMAML(model, **kw, min_eig=0.5)
+    assert max_rel_diff(got, expected) < 1e-8
+    assert all(d["linear_negative_curvature_at"] == 0 for d in algo.last_diagnostics)
+    low_floor = iMAML(model, **kw, solver="lanczos", min_eig=0.5)
     got, _ = grads_after(low_floor, batch, F.mse_loss)
     assert max_rel_diff(got, expected) < 1e-8
     assert all(d["linear_modified"] == 0 for d in low_floor.last_diagnostics)
-    # the default floor λ treats that negative curvature of H as zero curvature
-    default = iMAML(model, **kw)
-    got_default, _ = grads_after(default, batch, F.mse_loss)
-    assert max_rel_diff(got_default, dense_imaml_grad(systems, unflat, lam, lam)) < 1e-8
+    # Lanczos' default floor λ treats that negative curvature of H as zero curvature
+    floor_lam, _ = grads_after(iMAML(model, **kw, solver="lanczos"), batch, F.mse_loss)
+    assert max_rel_diff(floor_lam, dense_imaml_grad(systems, unflat, lam, lam)) < 1e-8
     # the proximal solution is near phi but not at it
     phi = {k: p.detach() for k, p in model.named_parameters()}
     assert 0 < float(sum((theta[k] - phi[k]).abs().sum() for k in phi))
 
 
-def test_imaml_default_is_exact_ift_for_a_convex_task_loss():
-    # Linear regression: H ⪰ 0, so the default (floor λ) modifies nothing.
+def test_imaml_is_exact_ift_for_a_convex_task_loss():
+    # Linear regression: H ⪰ 0, so CG and Lanczos (floor λ) are both exact.
     torch.manual_seed(3)
     model = nn.Linear(1, 1).double()
     batch = regression_batch(tasks=3, shots=8)
-    algo = iMAML(model, inner_lr=0.02, inner_steps=10, lam=0.5, cg_steps=50, cg_tol=1e-14)
+    kw = dict(inner_lr=0.02, inner_steps=10, lam=0.5, cg_steps=50, cg_tol=1e-14)
+    algo = iMAML(model, **kw)
     got, _ = grads_after(algo, batch, F.mse_loss)
     systems, unflat, _ = imaml_dense_systems(model, algo, batch)
-    assert max_rel_diff(got, dense_imaml_grad(systems, unflat, 0.5)) < 1e-8
-    assert all(d["linear_modified"] == 0 for d in algo.last_diagnostics)
+    expected = dense_imaml_grad(systems, unflat, 0.5)
+    assert max_rel_diff(got, expected) < 1e-8
+    lanczos = iMAML(model, **kw, solver="lanczos")
+    got, _ = grads_after(lanczos, batch, F.mse_loss)
+    assert max_rel_diff(got, expected) < 1e-8
+    assert all(d["linear_modified"] == 0 for d in lanczos.last_diagnostics)
 
 
-def test_imaml_with_indefinite_system_uses_saddle_free_solve_not_broken_cg():
-    # λ = 0.3 is below the support loss's negative curvature: H + λI is indefinite
-    # (as on the glyph conv net). CG -- the old default -- stops at the first negative
-    # curvature; the default now solves with |H + λI| floored at λ, exactly.
+def test_imaml_negative_curvature_on_first_direction_gives_first_order_gradient():
+    # A concave support loss (negative MSE) and small λ make H + λI negative definite, so
+    # CG meets negative curvature on its first direction. It used to return u = 0 -- a
+    # zero meta-gradient for the task; truncated Newton-CG falls back to u = g/λ, i.e.
+    # the first-order meta-gradient ∇L_query(θ*).
+    torch.manual_seed(4)
+    model = nn.Linear(3, 1).double()
+    g = torch.Generator().manual_seed(4)
+    sx, qx = (torch.randn(2, 6, 3, dtype=torch.float64, generator=g) for _ in range(2))
+    sy, qy = (torch.randn(2, 6, 1, dtype=torch.float64, generator=g) for _ in range(2))
+
+    def loss_fn(pred, y):
+        return -F.mse_loss(pred, y)
+
+    algo = iMAML(model, inner_lr=0.01, inner_steps=3, lam=0.01, cg_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # truncation is by design: no warning
+        got, _ = grads_after(algo, (sx, sy, qx, qy), loss_fn)
+    first_order = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(2):
+        theta = {k: v.detach().requires_grad_() for k, v in
+                 algo.adapt(sx[i], sy[i], loss_fn).items()}
+        grads = torch.autograd.grad(loss_fn(call(model, theta, qx[i]), qy[i]),
+                                    list(theta.values()))
+        for k, gk in zip(theta, grads):
+            first_order[k] += gk / 2
+    assert max_rel_diff(got, first_order) < 1e-10
+    assert all(d["linear_negative_curvature_at"] == 1 for d in algo.last_diagnostics)
+
+
+def test_imaml_solver_options_on_an_indefinite_system():
+    # λ = 0.3 is below the support loss's negative curvature: H + λI is indefinite (as
+    # on the glyph conv net). The default truncated CG stops at the negative curvature;
+    # solver="lanczos" is the saddle-free solve, solver="normal_cg" the exact one.
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double()
     batch = regression_batch(tasks=2, shots=8)
-    kw = dict(inner_lr=0.05, inner_steps=5, lam=0.3)
-    algo = iMAML(model, **kw, cg_steps=100, cg_tol=1e-12)
+    kw = dict(inner_lr=0.05, inner_steps=5, lam=0.3, cg_steps=100, cg_tol=1e-12)
+    algo = iMAML(model, **kw, solver="lanczos")
     got, _ = grads_after(algo, batch, F.mse_loss)
     systems, unflat, _ = imaml_dense_systems(model, algo, batch)
     for hess, _ in systems:  # indefinite
@@ -285,22 +320,24 @@ def test_imaml_with_indefinite_system_uses_saddle_free_solve_not_broken_cg():
     saddle_free = dense_imaml_grad(systems, unflat, 0.3, 0.3)
     exact = dense_imaml_grad(systems, unflat, 0.3)
     assert max_rel_diff(got, saddle_free) < 1e-8
-    assert algo.solver == "lanczos" and algo.min_eig == pytest.approx(0.3)
+    assert algo.min_eig == pytest.approx(0.3)
     assert all(d["linear_modified"] > 0 and d["linear_converged"] for d in algo.last_diagnostics)
     # contraction: no longer than the mean query gradient's per-task norms
     g_norm = sum(float(gq.norm()) for _, gq in systems) / len(systems)
     assert float(torch.cat([v.reshape(-1) for v in got.values()]).norm()) <= g_norm
-    low_floor, _ = grads_after(iMAML(model, **kw, cg_steps=100, cg_tol=1e-12, min_eig=0.03),
+    low_floor, _ = grads_after(iMAML(model, **kw, solver="lanczos", min_eig=0.03),
                                batch, F.mse_loss)
     assert max_rel_diff(low_floor, dense_imaml_grad(systems, unflat, 0.3, 0.03)) < 1e-8
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        old, _ = grads_after(iMAML(model, **kw, cg_steps=100, cg_tol=1e-12, solver="cg"),
-                             batch, F.mse_loss)
-    assert max_rel_diff(old, saddle_free) > 0.1
-    assert max_rel_diff(old, exact) > 0.1
-    exact_solve = iMAML(model, **kw, cg_steps=2000, cg_tol=1e-9, solver="normal_cg")
+        warnings.simplefilter("error")  # truncation is by design: no warning
+        truncated = iMAML(model, **kw)
+        got_cg, _ = grads_after(truncated, batch, F.mse_loss)
+    assert truncated.solver == "cg"
+    assert all(d["linear_negative_curvature_at"] > 1 for d in truncated.last_diagnostics)
+    assert max_rel_diff(got_cg, saddle_free) > 0.1
+    assert max_rel_diff(got_cg, exact) > 0.1
+    exact_solve = iMAML(model, **kw | dict(cg_steps=2000, cg_tol=1e-9), solver="normal_cg")
     got_exact, _ = grads_after(exact_solve, batch, F.mse_loss)
     assert max_rel_diff(got_exact, exact) < 1e-6
     with pytest.raises(ValueError, match="solver must be one of"):

@@ -1,8 +1,10 @@
 """Linear solves on symmetric indefinite systems (iMAML with a non-convex inner loss).
 
-``cg`` assumes positive definiteness; ``lanczos`` must equal it on positive-definite
-systems and, on indefinite ones, return the saddle-free solution
-``|A|₊⁻¹ b`` (eigenvalues replaced by ``max(|e|, min_eig)``) instead of breaking down.
+``cg`` assumes positive definiteness: on negative curvature it stops with the iterate
+reached (truncated Newton-CG), falling back to ``c·b`` when asked if that happens on
+the first direction. ``lanczos`` must equal CG on positive-definite systems and, on
+indefinite ones, return the saddle-free solution ``|A|₊⁻¹ b`` (eigenvalues replaced
+by ``max(|e|, min_eig)``); ``normal_cg`` solves them exactly.
 """
 
 import warnings
@@ -104,3 +106,23 @@ def test_implicit_with_lanczos_matches_ridge_closed_form():
     assert rel(tree_flatten(hg.grad), exact) <= 1e-6
     assert hg.diagnostics["linear_converged"]
     assert hg.diagnostics["linear_modified"] == 0
+
+
+def test_cg_truncates_at_negative_curvature_with_first_step_fallback():
+    A = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))
+    b = {"x": torch.tensor([1.0, 0.1, 0.1], dtype=torch.float64)}  # bᵀAb < 0
+    x, info = cg(matvec(A), b, max_iter=10, warn=False)
+    assert torch.equal(x["x"], torch.zeros(3, dtype=torch.float64))  # nothing reached
+    assert info.extra["negative_curvature_at"] == 1
+    x, info = cg(matvec(A), b, max_iter=10, warn=False, first_step_fallback=0.5)
+    assert torch.equal(x["x"], 0.5 * b["x"])
+    # negative curvature later on: the iterate reached is kept, the fallback unused
+    # (2-d: one CG step spans half the space; the next direction must see the -1)
+    A2 = A[:2, :2]
+    b2 = {"x": torch.tensor([0.3, 1.0], dtype=torch.float64)}  # b2ᵀA2b2 > 0
+    x, info = cg(matvec(A2), b2, max_iter=10, warn=False, first_step_fallback=0.5)
+    assert info.extra["negative_curvature_at"] == 2
+    step = float(b2["x"] @ b2["x"]) / float(b2["x"] @ A2 @ b2["x"])
+    assert torch.allclose(x["x"], step * b2["x"], rtol=1e-14)
+    _, info = cg(matvec(torch.eye(2, dtype=torch.float64)), b2, max_iter=10)
+    assert info.extra["negative_curvature_at"] == 0

@@ -74,9 +74,9 @@ class MetaLearningSettings(ExperimentConfig):
             with the same ``eval_seed``) sees the same ones.
         imaml_lambda: iMAML's proximal regularisation strength.
         imaml_cg_steps: iMAML's linear-solve budget (Hessian-vector products).
-        imaml_solver: iMAML's linear solver: ``lanczos`` (default; saddle-free:
-            |curvature| floored at ``imaml_min_eig``), ``cg`` (the behaviour before that
-            default) or ``normal_cg``.
+        imaml_solver: iMAML's linear solver: ``cg`` (default; truncated at negative
+            curvature), ``lanczos`` (saddle-free: |curvature| floored at
+            ``imaml_min_eig``) or ``normal_cg`` (exact solve).
         imaml_min_eig: the ``lanczos`` solve's curvature floor (``None``: λ).
         strategy: how the learner runs a meta-batch: ``loop`` over tasks or ``vmap``.
             ``auto`` times both once and picks the faster — quicker, but the choice
@@ -93,7 +93,7 @@ class MetaLearningSettings(ExperimentConfig):
     eval_seed: int = 1_000_003
     imaml_lambda: float = 1.0
     imaml_cg_steps: int = 5
-    imaml_solver: Literal["lanczos", "cg", "normal_cg"] = "lanczos"
+    imaml_solver: Literal["cg", "lanczos", "normal_cg"] = "cg"
     imaml_min_eig: float | None = None
     strategy: Literal["loop", "vmap", "auto"] = "loop"
 
