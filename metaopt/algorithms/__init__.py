@@ -30,17 +30,23 @@ Every algorithm has the same face::
 * The algorithm objects are ``nn.Module`` s wrapping the model: give
   ``algo.parameters()`` to the outer optimizer (that includes Meta-SGD's learned
   learning rates).
-* ``strategy="auto" | "loop" | "vmap"``: how the meta-batch runs. ``auto`` times
-  both on the first meta-batch of each shape (two to three interleaved rounds,
-  fastest time each), checks that vmap reproduces the loop's numbers, and keeps
-  the faster; a model vmap cannot run (in-place buffer writes, …) falls back to
-  the loop with a warning. Second-order meta-gradients through BatchNorm/
-  InstanceNorm in training mode or LayerNorm are wrong under ``torch.func.vmap``
-  in torch 2.13 (pytorch/functorch#534, reproduced in our tests), so such models
-  always use the loop (``strategy="vmap"`` raises). Measured here (sinusoid MLP,
-  meta-batch 8, 1 step, 1 thread): vmap 50 ms vs loop 105 ms; the BatchNorm conv
-  net runs in the loop. ``chunk_size``
-  bounds how many tasks one vmap call holds (memory).
+* ``strategy="auto" | "loop" | "vmap"`` and ``chunk_size``: how the meta-batch
+  runs. ``chunk_size`` is the memory budget: how many tasks' autograd graphs may
+  be alive at once. ``auto`` (default) keeps to it — by default one task, the
+  per-task loop, with the peak memory of higher/learn2learn/TorchOpt — and within
+  it takes the faster strategy: with ``chunk_size=n > 1`` it times the loop
+  against ``vmap`` over chunks of ``n`` tasks on the first meta-batch of each
+  shape, checks that vmap reproduces the loop's numbers, and keeps the faster; a
+  model vmap cannot run (in-place buffer writes, …) falls back to the loop with a
+  warning. Second-order meta-gradients through BatchNorm/InstanceNorm in training
+  mode or LayerNorm are wrong under ``torch.func.vmap`` in torch 2.13
+  (pytorch/functorch#534, reproduced in our tests), so such models always use the
+  loop (``strategy="vmap"`` raises). On the sinusoid MLP, ``chunk_size`` = the
+  meta-batch is 2-7x faster than the loop at 4-20x its memory
+  (``scripts/bench_maml_peers.py``).
+* The model runs as ``torch.func.functional_call`` or, where it is provably the
+  same computation, as a ``torch.fx`` trace of its forward with the parameters as
+  arguments (no per-call module patching; see ``_model``).
 * BatchNorm: in training mode every support/query set is normalised with its own
   batch statistics and running statistics are never updated by the algorithms;
   in eval mode running statistics are used (read-only). See ``_model``.

@@ -18,12 +18,28 @@ Strategies:
 
 * ``"loop"``: one task at a time with ``torch.autograd`` (``create_graph=True``
   inner gradients). Always works, including for modules that update buffers in
-  place. Fastest for convolutional nets on CPU, where ``vmap`` turns per-task
-  weights into grouped convolutions.
+  place. Holds one task's graph at a time: the peers' memory.
 * ``"vmap"``: ``torch.func.grad`` of the mean over ``torch.func.vmap`` over tasks,
-  in chunks of ``chunk_size`` tasks. Much faster for small, overhead-bound models.
-* ``"auto"``: measure both on the first meta-batch of each shape and keep the
-  faster (the loop wins ties, and whenever ``vmap`` raises).
+  in chunks of ``chunk_size`` tasks (default: the whole meta-batch). Much faster for
+  small, overhead-bound models, but it holds ``chunk_size`` tasks' graphs at once:
+  its memory grows linearly with the chunk (the adapted parameters of every inner
+  step of every task in the chunk stay alive until the backward).
+  Slower than the loop for convolutional nets on CPU, where per-task weights
+  become grouped convolutions.
+* ``"auto"`` (default): stays within a memory budget of ``chunk_size`` tasks'
+  graphs — by default **one task**, what higher, learn2learn and TorchOpt hold —
+  and within it picks the faster strategy. With the default budget that is the
+  per-task loop (``vmap`` over one task at a time is never faster than the loop,
+  so it is not even measured). Give ``chunk_size=n`` (n > 1) to allow ``n`` tasks
+  at once: ``auto`` then times the loop against ``vmap`` in chunks of ``n`` on the
+  first meta-batch of each shape and keeps the faster (the loop wins ties, and
+  whenever ``vmap`` raises or disagrees with it).
+
+Measured on the benchmark's sinusoid MLP (1-40-40-1, 10-shot, second order, one
+CPU thread, ``scripts/bench_maml_peers.py``): ``vmap`` over the whole meta-batch
+is 2-7x faster than the per-task loop but takes 4-20x its peak memory, so the
+default trades that speed for the peers' memory; ``chunk_size=meta_batch`` buys
+the speed back explicitly.
 """
 
 from __future__ import annotations
@@ -199,23 +215,27 @@ def _agree(a: MetaBatchResult, b: MetaBatchResult) -> bool:
 
 
 class StrategyChooser:
-    """Picks loop or vmap per input signature, by measuring both once.
+    """Picks loop or vmap per input signature within a memory budget (see module doc).
 
-    ``strategy="auto"``: the first meta-batch of each signature (shapes, dtypes,
-    device, grad mode, algorithm settings) runs both ways, timed — two interleaved
-    rounds, then more (up to ``rounds``, within ``budget_s`` seconds) while the two
-    are within 2x of each other, keeping each one's fastest time; the faster is
-    remembered. The returned numbers are always the loop's, and the vmap result
-    must agree with them (else the loop is kept).
-    ``vmap`` must beat the loop by ``margin`` to win, and any exception under ``vmap``
-    (in-place buffer updates, data-dependent control flow, unsupported ops) makes the
-    loop the choice for that signature, with one warning.
+    ``chunk_size``: for ``"vmap"``, tasks per vmap call (None: the whole meta-batch);
+    for ``"auto"``, the memory budget in tasks whose graphs may be alive at once
+    (None or 1: one task, so the per-task loop). When the budget allows a chunk of
+    ``n > 1`` tasks, the first meta-batch of each signature (shapes, dtypes, device,
+    grad mode, algorithm settings) runs both ways, timed — two interleaved rounds,
+    then more (up to ``rounds``, within ``budget_s`` seconds) while the two are within
+    2x of each other, keeping each one's fastest time; the faster is remembered. The
+    returned numbers are always the loop's, and the vmap result must agree with them
+    (else the loop is kept). ``vmap`` must beat the loop by ``margin`` to win, and any
+    exception under ``vmap`` (in-place buffer updates, data-dependent control flow,
+    unsupported ops) makes the loop the choice for that signature, with one warning.
     """
 
     def __init__(self, strategy: str = "auto", *, chunk_size: int | None = None,
                  margin: float = 0.9, rounds: int = 7, budget_s: float = 2.0) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         self.strategy = strategy
         self.chunk_size = chunk_size
         self.margin = margin
@@ -231,32 +251,42 @@ class StrategyChooser:
     def run(self, task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor], *, need_grad: bool,
             extra_key: tuple = (), vmap_unsafe: str | None = None) -> MetaBatchResult:
         """Run the meta-batch; ``vmap_unsafe`` (a reason) rules ``vmap`` out."""
-        if self.strategy == "loop" or (self.strategy == "auto" and vmap_unsafe):
-            return run_loop(task_fn, phi, tasks, need_grad=need_grad)
         if self.strategy == "vmap":
             if vmap_unsafe:
                 raise ValueError(f"strategy='vmap' cannot be used here: {vmap_unsafe}; "
                                  f"use strategy='auto' or 'loop'")
             return run_vmap(task_fn, phi, tasks, need_grad=need_grad,
                             chunk_size=self.chunk_size)
-        key = self.signature(tasks, need_grad, extra_key)
+        chunk = self.auto_chunk(tasks[0].shape[0])
+        if self.strategy == "loop" or vmap_unsafe or chunk is None:
+            return run_loop(task_fn, phi, tasks, need_grad=need_grad)
+        key = (*self.signature(tasks, need_grad, extra_key), chunk)
         choice = self.choices.get(key)
         if choice == "loop":
             return run_loop(task_fn, phi, tasks, need_grad=need_grad)
         if choice == "vmap":
-            return run_vmap(task_fn, phi, tasks, need_grad=need_grad,
-                            chunk_size=self.chunk_size)
-        return self._measure(key, task_fn, phi, tasks, need_grad)
+            return run_vmap(task_fn, phi, tasks, need_grad=need_grad, chunk_size=chunk)
+        return self._measure(key, task_fn, phi, tasks, need_grad, chunk)
+
+    def auto_chunk(self, n_tasks: int) -> int | None:
+        """The ``vmap`` chunk ``auto`` may try within the memory budget (None: only the loop).
+
+        The budget is ``chunk_size`` tasks' graphs alive at once; the default (one
+        task) is what the per-task loop already holds, and ``vmap`` over one task at
+        a time is never faster than the loop, so it is not tried.
+        """
+        chunk = min(self.chunk_size or 1, n_tasks)
+        return chunk if chunk > 1 else None
 
     def _measure(self, key: tuple, task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor],
-                 need_grad: bool) -> MetaBatchResult:
+                 need_grad: bool, chunk: int) -> MetaBatchResult:
         t0 = time.perf_counter()
         result = run_loop(task_fn, phi, tasks, need_grad=need_grad)
         t_loop = time.perf_counter() - t0
         try:
             t0 = time.perf_counter()
             check = run_vmap(task_fn, phi, tasks, need_grad=need_grad,
-                             chunk_size=self.chunk_size, check_finite=False)
+                             chunk_size=chunk, check_finite=False)
             t_vmap = time.perf_counter() - t0
         except Exception as err:  # vmap cannot run this model: keep the loop
             warnings.warn(f"vmap over tasks failed ({type(err).__name__}: {err}); "
@@ -281,7 +311,7 @@ class StrategyChooser:
             if extra > 0 and (not 0.5 < t_vmap / t_loop < 2.0 or spent > self.budget_s):
                 break
             t0 = time.perf_counter()
-            run_vmap(task_fn, phi, tasks, need_grad=need_grad, chunk_size=self.chunk_size,
+            run_vmap(task_fn, phi, tasks, need_grad=need_grad, chunk_size=chunk,
                      check_finite=False)
             t1 = time.perf_counter()
             result = run_loop(task_fn, phi, tasks, need_grad=need_grad)

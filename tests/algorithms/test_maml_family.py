@@ -112,7 +112,7 @@ def test_auto_strategy_falls_back_when_vmap_fails():
             return self.lin(x)
 
     model, batch = Counting(), regression_batch()
-    algo = MAML(model, inner_lr=0.05)
+    algo = MAML(model, inner_lr=0.05, chunk_size=4)  # a budget that lets auto try vmap
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         g, _ = grads_after(algo, batch, F.mse_loss)
@@ -448,7 +448,7 @@ def test_auto_strategy_rejects_vmap_that_disagrees_with_the_loop():
         scale = 1.5 if batched else 1.0  # a batching rule that is wrong
         return scale * (phi["w"] * x).sum()
 
-    chooser = StrategyChooser("auto")
+    chooser = StrategyChooser("auto", chunk_size=4)
     x = torch.randn(4, 2, dtype=torch.float64)
     with pytest.warns(UserWarning, match="different numbers"):
         result = chooser.run(task_fn, {"w": w}, (x,), need_grad=True)

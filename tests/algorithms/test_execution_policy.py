@@ -1,0 +1,307 @@
+"""How a meta-batch is executed: the memory budget of ``strategy="auto"``, chunking,
+and the traced forward that replaces ``functional_call`` where it is exact.
+
+These fail if the default starts holding more than one task's graph at a time, if any
+strategy or chunk size changes a meta-gradient, or if the traced forward is used where
+it would compute something other than ``functional_call``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from maml_reference import classification_batch, conv_bn, max_rel_diff, mlp, regression_batch
+from torch import Tensor, nn
+
+from metaopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile, iMAML
+from metaopt.algorithms._execution import StrategyChooser, run_loop, run_vmap
+from metaopt.algorithms._model import FunctionalModel
+
+
+def _grads(algo, batch, loss_fn=F.mse_loss):
+    algo.zero_grad()
+    loss = algo.meta_loss(*batch, loss_fn)
+    loss.backward()
+    out = {k: p.grad.clone() for k, p in algo.named_parameters()}
+    algo.zero_grad()
+    return out, float(loss)
+
+
+# --------------------------------------------------------------------------- policy
+def test_auto_default_budget_is_one_task_so_it_runs_the_loop_without_measuring():
+    model, batch = mlp(), regression_batch(tasks=6)
+    maml = MAML(model, inner_lr=0.05, inner_steps=2)
+    _grads(maml, batch)
+    assert maml.last_strategy == "loop"
+    assert maml.strategy_timings == {}  # nothing was timed: vmap is outside the budget
+    assert StrategyChooser("auto").auto_chunk(32) is None
+    assert StrategyChooser("auto", chunk_size=1).auto_chunk(32) is None
+
+
+def test_auto_with_a_budget_measures_vmap_in_chunks_of_that_size():
+    model, batch = mlp(), regression_batch(tasks=6)
+    maml = MAML(model, inner_lr=0.05, inner_steps=2, chunk_size=4)
+    _grads(maml, batch)
+    (key, timings), = maml.strategy_timings.items()
+    assert key[-1] == 4 and set(timings) == {"loop", "vmap"}
+    assert StrategyChooser("auto", chunk_size=64).auto_chunk(6) == 6  # capped at the batch
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "all"])
+def test_chunk_size_is_validated(bad):
+    with pytest.raises(ValueError, match="chunk_size"):
+        MAML(mlp(), chunk_size=bad)
+
+
+@pytest.mark.parametrize("n_tasks,chunk,calls", [(7, None, 1), (7, 3, 3), (7, 1, 7), (4, 9, 1)])
+def test_vmap_holds_at_most_chunk_size_tasks_per_call(n_tasks, chunk, calls):
+    """The task function is traced once per vmap call, so calls = number of chunks."""
+    seen = []
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def task_fn(phi, x, *, batched):
+        seen.append(batched)
+        return (phi["w"] * x).sum() ** 2
+
+    x = torch.randn(n_tasks, 3, dtype=torch.float64)
+    result = run_vmap(task_fn, {"w": w}, (x,), need_grad=True, chunk_size=chunk)
+    assert seen == [True] * calls
+    ref = run_loop(task_fn, {"w": w}, (x,), need_grad=True)
+    assert torch.allclose(result.grads["w"], ref.grads["w"], rtol=1e-12, atol=0)
+
+
+class _Box:
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+class _SavedBytes:
+    """Peak bytes of tensors saved for backward that are alive at once (a memory proxy
+    that, unlike RSS, is exact and deterministic): pack counts a tensor's bytes until
+    autograd drops what it saved."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def pack(self, t: Tensor) -> object:
+        box = _Box(t)
+        size = t.numel() * t.element_size()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(box, self._drop, size)
+        return box
+
+    def _drop(self, size: int) -> None:
+        self.live -= size
+
+    @staticmethod
+    def unpack(box: _Box) -> Tensor:
+        return box.tensor
+
+
+def _peak_saved_bytes(algo, batch) -> int:
+    probe = _SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(probe.pack, probe.unpack):
+        _grads(algo, batch)
+    return probe.peak
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: MAML(m, inner_lr=0.05, inner_steps=3),
+    lambda m: MetaSGD(m, inner_lr=0.05, inner_steps=2),
+    lambda m: ANIL(m, inner_lr=0.05, inner_steps=2),
+], ids=["maml", "metasgd", "anil"])
+def test_default_memory_is_one_tasks_whatever_the_meta_batch(make):
+    """The default's peak autograd memory on 8 tasks is that of a single task (within
+    1.2x, the benchmark's bound); a loop that kept every task's graph would be ~8x."""
+    torch.manual_seed(0)
+    model = mlp()
+    one = _peak_saved_bytes(make(model), regression_batch(tasks=1))
+    eight = _peak_saved_bytes(make(model), regression_batch(tasks=8))
+    assert one > 0
+    assert eight <= 1.2 * one, (eight, one)
+
+
+def test_the_memory_proxy_sees_a_meta_batch_whose_graphs_are_alive_together():
+    """The check above is not vacuous: one graph over all 8 tasks (what a chunk of 8
+    would hold) measures several times one task."""
+    model, batch = mlp(), regression_batch(tasks=8)
+    maml = MAML(model, inner_lr=0.05, inner_steps=3)
+    one = _peak_saved_bytes(maml, regression_batch(tasks=1))
+    probe, phi = _SavedBytes(), dict(model.named_parameters())
+    with torch.autograd.graph.saved_tensors_hooks(probe.pack, probe.unpack):
+        losses = [maml.task_loss(phi, *(t[i] for t in batch), F.mse_loss, batched=False)
+                  for i in range(8)]
+        torch.stack(losses).mean().backward()
+    assert probe.peak > 4 * one
+
+
+# --------------------------------------------------------------------------- exactness
+ALGOS = {
+    "maml": lambda m, **kw: MAML(m, inner_lr=0.05, inner_steps=2, **kw),
+    "fomaml": lambda m, **kw: FOMAML(m, inner_lr=0.05, inner_steps=2, **kw),
+    "anil": lambda m, **kw: ANIL(m, inner_lr=0.05, inner_steps=2, **kw),
+    "metasgd": lambda m, **kw: MetaSGD(m, inner_lr=0.05, inner_steps=2, **kw),
+    "reptile": lambda m, **kw: Reptile(m, inner_lr=0.05, inner_steps=2, **kw),
+}
+SETTINGS = {
+    "auto": {},
+    "auto-chunk2": {"chunk_size": 2},
+    "auto-all": {"chunk_size": 5},
+    "vmap": {"strategy": "vmap"},
+    "vmap-chunk2": {"strategy": "vmap", "chunk_size": 2},
+    "vmap-chunk1": {"strategy": "vmap", "chunk_size": 1},
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_every_strategy_and_chunk_size_gives_the_loops_meta_gradient(algo, setting):
+    model, batch = mlp(), regression_batch(tasks=5)
+    ref, ref_loss = _grads(ALGOS[algo](model, strategy="loop"), batch)
+    got, loss = _grads(ALGOS[algo](model, **SETTINGS[setting]), batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    assert max_rel_diff(got, ref) < 1e-10
+
+
+def test_imaml_is_unchanged_by_the_traced_forward():
+    model, batch = mlp(), regression_batch(tasks=3)
+    traced = iMAML(model, inner_lr=0.05, inner_steps=3, lam=2.0, cg_steps=4)
+    plain = iMAML(model, inner_lr=0.05, inner_steps=3, lam=2.0, cg_steps=4)
+    plain._fmodel._traces[tuple(m.training for m in model.modules())] = None  # no trace
+    got, loss = _grads(traced, batch)
+    ref, ref_loss = _grads(plain, batch)
+    assert traced._fmodel._verified and loss == ref_loss
+    assert max_rel_diff(got, ref) == 0.0
+
+
+# --------------------------------------------------------------------------- traced forward
+def _functional_call(model: nn.Module, params, x: Tensor) -> Tensor:
+    return torch.func.functional_call(model, params, (x,), strict=False)
+
+
+def test_traced_forward_is_used_for_a_plain_mlp_and_is_bit_identical():
+    model = mlp()
+    fm = FunctionalModel(model)
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    x = torch.randn(7, 1, dtype=torch.float64)
+    first = fm(params, x)  # verifies the trace against functional_call
+    assert fm._verified
+    second = fm(params, x)  # runs the trace
+    ref = _functional_call(model, params, x)
+    assert torch.equal(first, ref) and torch.equal(second, ref)
+    g = torch.autograd.grad(second.square().sum(), list(params.values()), create_graph=True)
+    g_ref = torch.autograd.grad(ref.square().sum(), list(params.values()), create_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(g, g_ref))
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3).double()
+        self.b = nn.Linear(3, 3).double()
+        self.b.weight = self.a.weight  # tied
+        self.register_buffer("scale", torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.a(x))) * self.scale
+
+
+def test_traced_forward_handles_tied_weights_and_buffers_without_touching_the_model():
+    model = _Tied()
+    attrs = set(vars(model)) | set(model._modules) | set(model._buffers)
+    fm = FunctionalModel(model)
+    params = {k: v.detach() + 0.1 for k, v in model.named_parameters()}
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for _ in range(2):
+        assert torch.equal(fm(params, x), _functional_call(model, params, x))
+    assert fm._verified
+    assert set(vars(model)) | set(model._modules) | set(model._buffers) == attrs
+
+
+class _Hooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2).double()
+        self.lin.register_forward_hook(lambda mod, inp, out: out * 3.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x)
+
+
+class _Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+
+class _Constant(nn.Module):
+    """A plain tensor attribute: read at call time by functional_call, so not traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2).double()
+        self.offset = torch.ones(2, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) + self.offset
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2).double()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.count.add_(1.0)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("make", [_Hooked, _Branchy, _Constant, _InPlace],
+                         ids=["hook", "branch", "constant", "inplace"])
+def test_models_the_trace_cannot_reproduce_use_functional_call(make):
+    model = make()
+    fm = FunctionalModel(model)
+    params = dict(model.named_parameters())
+    for sign in (1.0, -1.0, 1.0):
+        x = sign * torch.ones(3, 2, dtype=torch.float64)
+        assert torch.equal(fm(params, x), _functional_call(model, params, x))
+    assert not fm._verified
+    if isinstance(model, _InPlace):
+        assert float(model.count) == 6.0  # every call wrote once; tracing wrote nothing
+
+
+def test_batchnorm_in_training_mode_keeps_functional_call_and_its_buffer_rules():
+    model = conv_bn()
+    fm = FunctionalModel(model)
+    params = dict(model.named_parameters())
+    x = classification_batch()[0][0]
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    out = fm(params, x)
+    assert torch.equal(out, _functional_call(model, {**fm.buffers(), **params}, x))
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    model.eval()
+    assert torch.equal(fm(params, x), _functional_call(model, params, x))
+
+
+def test_dropout_draws_the_same_numbers_as_functional_call():
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 2)).double()
+    fm = FunctionalModel(model)
+    params = dict(model.named_parameters())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    outs = []
+    for _ in range(3):
+        torch.manual_seed(3)
+        outs.append(fm(params, x))
+    torch.manual_seed(3)
+    ref = _functional_call(model, params, x)
+    assert all(torch.equal(o, ref) for o in outs)
+    model.eval()  # a new mode is traced and verified on its own
+    assert torch.equal(fm(params, x), _functional_call(model, params, x))
