@@ -178,6 +178,7 @@ class LoptCpuKernels:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._lib = lib
+        self._n_channels: dict[str, int] = {}
         i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
         lib.lopt_n_channels.argtypes = [i32]
         lib.lopt_n_channels.restype = i32
@@ -197,7 +198,10 @@ class LoptCpuKernels:
 
     def n_channels(self, mode: str) -> int:
         """Per-element input channels of ``mode`` (with :attr:`decays` decays)."""
-        return int(self._lib.lopt_n_channels(_mode(mode)))
+        n = self._n_channels.get(mode)
+        if n is None:
+            n = self._n_channels[mode] = int(self._lib.lopt_n_channels(_mode(mode)))
+        return n
 
     def supports(self, n_decays: int, hidden: int) -> bool:
         """Whether the library's specialisation matches an architecture's shape."""

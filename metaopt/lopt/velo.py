@@ -43,6 +43,7 @@ over parameter tensors (each has its own mixed MLP).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -155,9 +156,72 @@ def _var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
     return var, mean
 
 
+@functools.lru_cache(maxsize=64)
+def _constant_cached(values: tuple[float, ...], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _constant(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """A float32 constant vector (cached per device; never written to)."""
+    return _constant_cached(values, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_features_cached(ranks: tuple[int, ...], device: torch.device) -> Tensor:
+    return F.one_hot(torch.tensor(ranks), 6)[:, :5].to(device=device, dtype=torch.float32)
+
+
+def _rank_features(shapes: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """VeLO's one-hot rank feature (rank capped at 5) of each tensor, (n, 5)."""
+    ranks = tuple(min(_tensor_rank(shape), 5) for shape in shapes)
+    return _rank_features_cached(ranks, torch.device(device))
+
+
 def _tensor_rank(shape: Sequence[int]) -> int:
     """VeLO's rank feature: the number of axes longer than 1."""
     return int(sum(1 for s in shape if s > 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_info(shape: tuple[int, ...]) -> _TensorInfo:
+    shape1d = shape if len(shape) else (1,)
+    return _TensorInfo(shape, shape1d, factored_dims(shape1d), _tensor_rank(shape))
+
+
+@functools.lru_cache(maxsize=8)
+def _kernel_mlp_gather(n_in: int, hidden: int, n_out: int, k: int) -> tuple[Tensor, Tensor, int]:
+    """Where the fused kernel's MLP arguments sit in a row of mixed MLP weights.
+
+    A mixed row is ``[W0 (n_in, hidden), b0, W1 (hidden, hidden), b1, W2 (hidden, n_out),
+    b2]`` flattened (see :meth:`VeLO._mixed_mlps`); a zero is appended at index
+    ``len(row)``. Returns ``(first, second, split)``: ``row[first] + row[second]`` is, for
+    a matrix, ``[w_x (18, H), w_stat (4k, H), b0, w1, b1, w2[:, :2], b2[:2]]`` and after
+    ``split``, for a vector, ``[w_x (24, H), b0, w1, b1, w2[:, :2], b2[:2]]`` (the vector
+    kernel takes each row/column statistic's two weights summed).
+    """
+    o_b0 = n_in * hidden
+    o_w1 = o_b0 + hidden
+    o_b1 = o_w1 + hidden * hidden
+    o_w2 = o_b1 + hidden
+    o_b2 = o_w2 + hidden * n_out
+    zero = o_b2 + n_out
+
+    def w0_rows(rows: Sequence[int]) -> list[int]:
+        return [c * hidden + o for c in rows for o in range(hidden)]
+
+    tail = (list(range(o_b0, o_b0 + hidden)) + list(range(o_w1, o_w1 + hidden * hidden))
+            + list(range(o_b1, o_b1 + hidden))
+            + [o_w2 + c * n_out + o for c in range(hidden) for o in range(2)]
+            + [o_b2, o_b2 + 1])
+    stat_rows = _ROW_CHANNELS[:k] + _COL_CHANNELS[:k] + _ROW_CHANNELS[k:] + _COL_CHANNELS[k:]
+    matrix = w0_rows(_FULL_CHANNELS) + w0_rows(stat_rows) + tail
+    diag_first = (w0_rows(_FULL_CHANNELS[:-3]) + w0_rows(_ROW_CHANNELS)
+                  + w0_rows(_FULL_CHANNELS[-3:]) + tail)
+    diag_second = ([zero] * (len(_FULL_CHANNELS[:-3]) * hidden) + w0_rows(_COL_CHANNELS)
+                   + [zero] * (3 * hidden + len(tail)))
+    first = torch.tensor(matrix + diag_first, dtype=torch.long)
+    second = torch.tensor([zero] * len(matrix) + diag_second, dtype=torch.long)
+    return first, second, len(matrix)
 
 
 # ------------------------------------------------------------------------- loss buffer
@@ -463,9 +527,7 @@ class VeLO(LearnedOptimizer):
 
     @staticmethod
     def _info(shape: Sequence[int]) -> _TensorInfo:
-        shape = tuple(int(s) for s in shape)
-        shape1d = shape if len(shape) else (1,)
-        return _TensorInfo(shape, shape1d, factored_dims(shape1d), _tensor_rank(shape))
+        return _tensor_info(tuple(int(s) for s in shape))
 
     def init(self, params: Params, num_steps: int) -> LOptState:
         """Zero accumulators, the loss buffer for ``num_steps`` and the initial LSTM state.
@@ -509,7 +571,7 @@ class VeLO(LearnedOptimizer):
         }
 
     def _decays(self, which: tuple[float, ...], device: torch.device) -> Tensor:
-        return torch.tensor(which, dtype=torch.float32, device=device)
+        return _constant(tuple(float(w) for w in which), device)
 
     def lstm_inputs(self, params: Params, state: LOptState, loss_features: Tensor,
                     p_mean_sq: Mapping[str, Tensor] | None = None,
@@ -518,12 +580,7 @@ class VeLO(LearnedOptimizer):
         (``p_mean_sq``: each tensor's ``mean(p²)`` when the caller has it already;
         ``moments``: per tensor ``(var_m, mean_m, var_rms, mean_rms)`` of the old
         accumulators, as the fused kernel's first pass returns them)."""
-        device = state["iteration"].device
-        fraction = state["iteration"].to(torch.float32) / state["num_steps"].to(torch.float32)
-        scales = torch.tensor(_FRACTION_TIMESCALES, dtype=torch.float32, device=device)
-        fraction_left = torch.tanh((fraction - scales) * 10.0)
-        # Per-tensor moments, then the features of all tensors at once (few small ops).
-        msq, var_m, mean_m, var_r, mean_r, ranks = [], [], [], [], [], []
+        msq, var_m, mean_m, var_r, mean_r = [], [], [], [], []
         for key, p in params.items():
             msq.append(p_mean_sq[key] if p_mean_sq is not None else _mean_sq(p))
             if moments is not None and key in moments:
@@ -535,33 +592,76 @@ class VeLO(LearnedOptimizer):
             mean_m.append(mm)
             var_r.append(vr.reshape(1))
             mean_r.append(mr.reshape(1))
-            ranks.append(min(self._info(p.shape).rank, 5))
-        norm_mult = torch.rsqrt(torch.clamp(torch.stack(msq), min=1e-9)).unsqueeze(1)
+        return self._lstm_features(
+            [p.shape for p in params.values()], state, loss_features, torch.stack(msq),
+            torch.stack(var_m), torch.stack(mean_m), torch.stack(var_r), torch.stack(mean_r))
+
+    def _lstm_features(self, shapes: Sequence[Sequence[int]], state: LOptState,
+                       loss_features: Tensor, msq: Tensor, var_m: Tensor, mean_m: Tensor,
+                       var_r: Tensor, mean_r: Tensor) -> Tensor:
+        """The (n_tensors, 30) RNN input from each tensor's ``mean(p²)`` (n,), the old
+        momenta's variance and mean (n, 3) and the old second moment's (n, 1)."""
+        device = state["iteration"].device
+        fraction = state["iteration"].to(torch.float32) / state["num_steps"].to(torch.float32)
+        fraction_left = torch.tanh((fraction - _constant(_FRACTION_TIMESCALES, device)) * 10.0)
+        norm_mult = torch.rsqrt(torch.clamp(msq, min=1e-9)).unsqueeze(1)
         nm2 = norm_mult * norm_mult
         # var(a·x) = a² var(x); the reference's mean((r - mean_m)²) = var(r) + (mean(r) - mean_m)²
-        var_m_n, mean_m_n = torch.stack(var_m) * nm2, torch.stack(mean_m) * norm_mult
-        mean_rms = torch.stack(mean_r) * norm_mult
-        var_rms = torch.stack(var_r) * nm2 + torch.square(mean_rms - mean_m_n)
-        rank = F.one_hot(torch.tensor(ranks), 6)[:, :5].to(device=device, dtype=torch.float32)
-        per_tensor = torch.cat([_clip_log_abs(mean_rms), rank, _clip_log_abs(var_m_n),
-                                _clip_log_abs(var_rms)], dim=1)
+        var_m_n, mean_m_n = var_m * nm2, mean_m * norm_mult
+        mean_rms = mean_r * norm_mult
+        var_rms = var_r * nm2 + torch.square(mean_rms - mean_m_n)
+        per_tensor = torch.cat([_clip_log_abs(mean_rms), _rank_features(shapes, device),
+                                _clip_log_abs(var_m_n), _clip_log_abs(var_rms)], dim=1)
         shared = torch.cat([fraction_left, loss_features]).expand(per_tensor.shape[0], -1)
         return torch.cat([shared, per_tensor], dim=1)
 
     def rnn(self, x: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-tensor network: ``(controls, lr_mult, next_hidden, next_cell)``."""
-        if self.mix_layers:
-            # The reference computes relu(linear(x)) here and overwrites it (dead weights).
-            pooled = torch.relu(self.mix_pool(x)).amax(dim=0, keepdim=True)
-            x = self.mix_in(x) + pooled
-        h, c = self.lstm(x, (hidden, cell))
+        if self.mix_layers and not torch.is_grad_enabled():
+            h, c = self._mixed_lstm_no_grad(x, hidden, cell)
+        else:
+            if self.mix_layers:
+                # The reference computes relu(linear(x)) here and overwrites it (dead weights).
+                pooled = torch.relu(self.mix_pool(x)).amax(dim=0, keepdim=True)
+                x = self.mix_in(x) + pooled
+            h, c = self.lstm(x, (hidden, cell))
         return self.rnn_to_controls(h), self.step_size(h).squeeze(-1), h, c
 
-    def _mixed_mlps(self, controls: Tensor) -> list[list[Tensor]]:
-        """Per tensor, the MLP ``100 * mean_k(copy_k * controls_k)``: [[W0, b0, W1, ...]]."""
+    def _mixed_lstm_no_grad(self, x: Tensor, hidden: Tensor, cell: Tensor
+                            ) -> tuple[Tensor, Tensor]:
+        """The mixing layers and the LSTM step without autograd, with ``mix_in`` folded
+        into the LSTM's input weights: ``W_ih (A x + b + pooled) = (W_ih A) x +
+        W_ih (b + pooled)``. The (n_tensors, 512) @ (512, 2048) input product becomes a
+        (n, 30) @ (30, 2048) one plus one shared matrix-vector product; ``W_ih A`` is
+        recomputed whenever either weight changes. Equal to :meth:`rnn`'s autograd path up
+        to float32 rounding (re-association)."""
+        w_ih, w_in = self.lstm.weight_ih, self.mix_in.weight
+        key = (w_ih.data_ptr(), w_ih._version, w_in.data_ptr(), w_in._version, w_ih.device)
+        cached = getattr(self, "_folded_input", None)
+        if cached is None or cached[0] != key:
+            cached = (key, w_ih @ w_in)
+            self._folded_input = cached
+        pooled = torch.relu(self.mix_pool(x)).amax(dim=0)
+        shared = F.linear(self.mix_in.bias + pooled, w_ih, self.lstm.bias_ih)
+        gates = torch.addmm(shared + self.lstm.bias_hh, x, cached[1].T)
+        gates = torch.addmm(gates, hidden, self.lstm.weight_hh.T)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def _mixed_flat(self, controls: Tensor) -> Tensor:
+        """Per tensor, the MLP ``100 * mean_k(copy_k * controls_k)`` as one flat row
+        ``[W0, b0, W1, b1, W2, b2]`` (n_tensors, n_weights)."""
         blocks = [t for pair in zip(self.ff_weights, self.ff_biases) for t in pair]
         flat = torch.cat([t.reshape(self.param_inits, -1) for t in blocks], dim=1)
-        mixed = (controls @ flat) * (100.0 / self.param_inits)
+        return (controls @ flat) * (100.0 / self.param_inits)
+
+    def _mixed_mlps(self, controls: Tensor, mixed: Tensor | None = None
+                    ) -> list[list[Tensor]]:
+        """Per tensor, the MLP ``100 * mean_k(copy_k * controls_k)``: [[W0, b0, W1, ...]]."""
+        blocks = [t for pair in zip(self.ff_weights, self.ff_biases) for t in pair]
+        if mixed is None:
+            mixed = self._mixed_flat(controls)
         out = []
         for row in mixed:
             parts, i = [], 0
@@ -626,10 +726,21 @@ class VeLO(LearnedOptimizer):
                  for k, g in grads.items()}
 
         # Per-tensor LSTM over all tensors at once.
-        p_mean_sq = {k: kernel[k]["p_mean_sq"] if k in kernel else _mean_sq(p)
-                     for k, p in params.items()}
-        x = self.lstm_inputs(params, state, loss_features, p_mean_sq,
-                             {k: pre["moments"] for k, pre in kernel.items()})
+        if kernel and len(kernel) == len(keys):
+            # every tensor went through the kernel: its sums give all moments at once
+            msq, var_m, mean_m, var_r, mean_r = self._kernel_moments([kernel[k] for k in keys])
+            p_mean_sq = dict(zip(keys, msq.unbind(0)))
+            x = self._lstm_features([p.shape for p in params.values()], state, loss_features,
+                                    msq, var_m, mean_m, var_r, mean_r)
+        else:
+            for pre in kernel.values():
+                msq1, var_m1, mean_m1, var_r1, mean_r1 = self._kernel_moments([pre])
+                pre["p_mean_sq"] = msq1[0]
+                pre["moments"] = (var_m1[0], mean_m1[0], var_r1[0], mean_r1[0])
+            p_mean_sq = {k: kernel[k]["p_mean_sq"] if k in kernel else _mean_sq(p)
+                         for k, p in params.items()}
+            x = self.lstm_inputs(params, state, loss_features, p_mean_sq,
+                                 {k: pre["moments"] for k, pre in kernel.items()})
         h_prev = torch.stack([state["lstm_hidden"][k] for k in keys])
         c_prev = torch.stack([state["lstm_cell"][k] for k in keys])
         controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev)
@@ -640,27 +751,43 @@ class VeLO(LearnedOptimizer):
             h, c = h_prev, c_prev
         if self.rnn_state_decay > 0.0:
             h, c = h * (1.0 - self.rnn_state_decay), c * (1.0 - self.rnn_state_decay)
-        mlps = self._mixed_mlps(controls)
+        mixed = self._mixed_flat(controls)
+        mlps = self._mixed_mlps(controls, mixed) if len(kernel) < len(keys) else None
         scales = self._update_scales(state, keys)
+        if kernel:
+            # the kernel's MLP arguments of every tensor in one gather, and the step
+            # coefficients as Python floats in one conversion
+            first, second, split = _kernel_mlp_gather(
+                _N_FF_IN, self.ff_hidden_size, self.ff_weights[-1].shape[-1],
+                len(self.initial_momentum_decays))
+            ext = torch.cat([mixed, mixed.new_zeros(mixed.shape[0], 1)], dim=1)
+            packed = torch.index_select(ext, 1, first) + torch.index_select(ext, 1, second)
+            coefs = lr_mult * self.step_mult
+            if self.param_scale_mult:
+                coefs = coefs * torch.sqrt(torch.stack([p_mean_sq[k] for k in keys]) + 1e-9)
+            if not all(isinstance(sc, float) and sc == 1.0 for sc in scales):
+                coefs = coefs * torch.stack([torch.as_tensor(sc, dtype=torch.float32)
+                                             for sc in scales])
+            coef_floats = coefs.tolist()
 
         new_params: Params = {}
         mom, rms, v_row, v_col, v_diag = {}, {}, {}, {}, {}
         for j, key in enumerate(keys):
             p, g = params[key], grads[key]
+            if key in kernel:
+                lr, wd = ((inplace[0].get(key, 1.0), inplace[1].get(key, 0.0))
+                          if inplace is not None else (1.0, 0.0))
+                new_params[key], mom[key], rms[key], v_row[key], v_col[key], vd = \
+                    self._kernel_pass2(kernel[key], p, packed[j], split,
+                                       coef_floats[j] * lr, 1.0 - lr * wd, inplace is not None)
+                v_diag[key] = state["v_diag"][key] if vd is None else vd
+                continue
             info = self._info(p.shape)
             coef = lr_mult[j] * self.step_mult
             if self.param_scale_mult:
                 coef = coef * torch.sqrt(p_mean_sq[key] + 1e-9)
             if not (isinstance(scales[j], float) and scales[j] == 1.0):
                 coef = coef * scales[j]
-            if key in kernel:
-                lr, wd = ((inplace[0].get(key, 1.0), inplace[1].get(key, 0.0))
-                          if inplace is not None else (1.0, 0.0))
-                new_params[key], mom[key], rms[key], v_row[key], v_col[key], vd = \
-                    self._kernel_pass2(kernel[key], p, mlps[j], float(coef) * lr,
-                                       1.0 - lr * wd, inplace is not None)
-                v_diag[key] = state["v_diag"][key] if vd is None else vd
-                continue
             if fast and info.factored is not None and p.dtype == torch.float32:
                 new_params[key], mom[key], rms[key], v_row[key], v_col[key] = \
                     self._fast_factored_step(
@@ -738,55 +865,69 @@ class VeLO(LearnedOptimizer):
                 inplace=inplace and own_m and own_r and own_v)
             pre.update(v=v_new, v_row=state["v_row"][key], v_col=state["v_col"][key])
         else:
-            d1, d0 = factored_dims(p.shape)
+            d1, d0 = self._info(p.shape).factored
             # the row/column statistics are small: updated in place (copies when pure)
             v_row = state["v_row"][key].contiguous() if inplace else state["v_row"][key].clone()
             v_col = state["v_col"][key].contiguous() if inplace else state["v_col"][key].clone()
-            hidden = self.ff_hidden_size
+            zeros = _constant((0.0,) * (4 * k * self.ff_hidden_size), p.device)
             fac_a, fac_b, _, _ = kern.factored_prepare(  # hidden biases come after the LSTM
-                g_c, d0, v_row, v_col, fac_d.contiguous(), torch.zeros(4 * k, hidden),
-                torch.zeros(hidden), channel_last=True, clip=1000.0)
+                g_c, d0, v_row, v_col, fac_d, zeros.view(4 * k, self.ff_hidden_size),
+                zeros[:self.ff_hidden_size], channel_last=True, clip=1000.0)
             m_new, r_new, _, sumsq, stats = kern.pass1(
                 "velo", g_c, p_c, m_old, r_old, mom_d, float(rms_d), fac_a, fac_b,
                 with_stats=True, inplace=inplace and own_m and own_r)
             pre.update(v_row=v_row, v_col=v_col, fac_a=fac_a, fac_b=fac_b, dims=(d1, d0))
-        sums = (stats / n).float()
-        mean_m, mean_r = sums[0:2 * k:2], sums[2 * k:2 * k + 1]
-        var_m = torch.clamp(sums[1:2 * k:2] - mean_m * mean_m, min=0.0)
-        var_r = torch.clamp(sums[2 * k + 1:2 * k + 2] - mean_r * mean_r, min=0.0)
-        pre.update(m=m_new, rms=r_new, sumsq=sumsq, p_mean_sq=sums[2 * k + 2],
-                   moments=(var_m, mean_m, var_r, mean_r))
+        pre.update(m=m_new, rms=r_new, sumsq=sumsq, stats=stats, n=n)
         return pre
 
-    def _kernel_pass2(self, pre: Mapping[str, Any], p: Tensor, mlp: list[Tensor],
+    def _kernel_moments(self, pres: Sequence[Mapping[str, Any]]
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``mean(p²)`` (n,), variance and mean of the old momenta (n, 3) and of the old
+        second moment (n, 1) of the tensors whose first kernel pass returned ``pres``."""
+        k = len(self.initial_momentum_decays)
+        counts = torch.tensor([pre["n"] for pre in pres], dtype=torch.float64)
+        sums = (torch.stack([pre["stats"] for pre in pres]) / counts.unsqueeze(1)).float()
+        mean_m, mean_r = sums[:, 0:2 * k:2], sums[:, 2 * k:2 * k + 1]
+        var_m = torch.clamp(sums[:, 1:2 * k:2] - mean_m * mean_m, min=0.0)
+        var_r = torch.clamp(sums[:, 2 * k + 1:2 * k + 2] - mean_r * mean_r, min=0.0)
+        return sums[:, 2 * k + 2], var_m, mean_m, var_r, mean_r
+
+    def _kernel_pass2(self, pre: Mapping[str, Any], p: Tensor, packed: Tensor, split: int,
                       coef: float, p_decay: float, inplace: bool
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Kernel pass 2 for one tensor: ``(p_new, mom, rms, v_row, v_col, v_diag)``,
-        accumulators as channel-last views of channel-first storage. ``inplace`` writes
+        accumulators as channel-last views of channel-first storage. ``packed`` is the
+        tensor's row of MLP arguments (:func:`_kernel_mlp_gather`). ``inplace`` writes
         into ``p``."""
         kern = cpu_kernels.kernels()
-        w0, b0 = mlp[0], mlp[1]
+        hidden, k = self.ff_hidden_size, len(self.initial_momentum_decays)
         diag = p.dim() == 1
         if diag:
-            # the v and rsqrt(v) channels are fed as both "row" and "column" statistics
-            w_v = w0[_ROW_CHANNELS] + w0[_COL_CHANNELS]
-            w_x = torch.cat([w0[_FULL_CHANNELS[:-3]], w_v, w0[_FULL_CHANNELS[-3:]]], 0)
-            u_a, u_b = b0.reshape(-1, 1), None
+            n_x = _N_FULL + 2 * k
+            w_x = packed[split:split + n_x * hidden].view(n_x, hidden)
+            tail = split + n_x * hidden
+            u_a = packed[tail:tail + hidden].view(hidden, 1)
+            u_b = None
         else:
-            k = len(self.initial_momentum_decays)
-            w_stat = torch.cat([w0[_ROW_CHANNELS[:k]], w0[_COL_CHANNELS[:k]],
-                                w0[_ROW_CHANNELS[k:]], w0[_COL_CHANNELS[k:]]])
+            w_x = packed[:_N_FULL * hidden].view(_N_FULL, hidden)
+            tail = (_N_FULL + 4 * k) * hidden
+            w_stat = packed[_N_FULL * hidden:tail].view(4 * k, hidden)
             _, _, u_a, u_b = kern.factored_prepare(
-                pre["g"], pre["dims"][1], pre["v_row"], pre["v_col"], torch.zeros(k),
-                w_stat.contiguous(), b0.contiguous(), channel_last=True, update_v=False)
-            w_x = w0[_FULL_CHANNELS]
+                pre["g"], pre["dims"][1], pre["v_row"], pre["v_col"],
+                _constant((0.0,) * k, p.device), w_stat, packed[tail:tail + hidden],
+                channel_last=True, update_v=False)
+        tail += hidden
+        w1 = packed[tail:tail + hidden * hidden].view(hidden, hidden)
+        tail += hidden * hidden
+        b1 = packed[tail:tail + hidden]
+        tail += hidden
+        w2 = packed[tail:tail + 2 * hidden].view(hidden, 2)
+        b2 = packed[tail + 2 * hidden:tail + 2 * hidden + 2]
         out = p if inplace and p.is_contiguous() else None
         p_new = kern.pass2(
             "velo_diag" if diag else "velo", pre["g"], pre["p"], pre["m"], pre["rms"],
-            pre.get("fac_a"), pre.get("fac_b"), pre.get("v"), w_x.contiguous(), pre["sumsq"],
-            u_a.contiguous(), u_b,
-            mlp[2].contiguous(), mlp[3].contiguous(), mlp[4][:, :2].contiguous(),
-            mlp[5][:2].contiguous(), self.exp_mult, coef, p_decay, out=out)
+            pre.get("fac_a"), pre.get("fac_b"), pre.get("v"), w_x, pre["sumsq"],
+            u_a, u_b, w1, b1, w2, b2, self.exp_mult, coef, p_decay, out=out)
         if inplace and out is None:
             p.copy_(p_new)
             p_new = p

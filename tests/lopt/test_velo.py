@@ -431,3 +431,22 @@ def test_fast_path_matches_autograd_path(block, kernels, monkeypatch):
             assert s_fast[group][k].shape == s_ref[group][k].shape
             torch.testing.assert_close(s_fast[group][k], s_ref[group][k].detach(),
                                        rtol=1e-5, atol=1e-7)
+
+
+def test_no_grad_rnn_folds_mixing_into_lstm_and_tracks_weight_changes():
+    """Without autograd, ``rnn`` folds ``mix_in`` into the LSTM input weights; it agrees
+    with the module path at the released sizes and refreshes the folded weights when a
+    weight is changed in place (e.g. by a meta-optimizer step)."""
+    torch.manual_seed(0)
+    lopt = VeLO()
+    x = torch.randn(7, 30)
+    h, c = torch.randn(7, 512) * 0.5, torch.randn(7, 512) * 0.5
+    for change in range(2):
+        with torch.enable_grad():
+            ref = lopt.rnn(x, h, c)
+        with torch.no_grad():
+            fast = lopt.rnn(x, h, c)
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            (lopt.mix_in.weight if change == 0 else lopt.lstm.weight_ih).mul_(1.5)
