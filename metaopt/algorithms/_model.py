@@ -142,6 +142,12 @@ class FunctionalModel:
         if not self.param_names:
             raise ValueError(f"{type(model).__name__} has no parameters to meta-learn")
         self._modules = list(model.modules())
+        # Where each buffer lives, found once (a walk over the modules per call costs
+        # more than the forward of a small MLP); its current tensor is read per call.
+        self._buffer_slots = []
+        for name, _ in model.named_buffers():
+            owner, _, attr = name.rpartition(".")
+            self._buffer_slots.append((name, model.get_submodule(owner), attr))
         # Per mode (the modules' training flags): the trace, or None where it cannot
         # be used; ``_verified``: the modes whose trace matched functional_call.
         self._traces: dict[tuple[bool, ...], _TracedForward | None] = {}
@@ -153,7 +159,8 @@ class FunctionalModel:
         Each normalisation layer's own ``training`` flag decides (so a model with a
         frozen, eval-mode BatchNorm inside a training model is respected).
         """
-        bufs: dict[str, Tensor | None] = dict(self.model.named_buffers())
+        bufs: dict[str, Tensor | None] = {
+            name: mod._buffers.get(attr) for name, mod, attr in self._buffer_slots}
         for prefix, mod in self.norm_modules:
             if mod.training:
                 for b in _NORM_BUFFERS:

@@ -54,7 +54,7 @@ class ANIL(MAML):
         self.head_names = head_names
 
     def _head_unroll(self, phi: Params, feats: Tensor, y: Tensor, loss_fn: LossFn,
-                     steps: int, batched: bool) -> Params:
+                     steps: int, checks: bool) -> Params:
         head, buffers = self._head, self._head.buffers()
 
         def inner(theta: Params, step: int) -> Tensor:
@@ -62,19 +62,19 @@ class ANIL(MAML):
 
         theta0 = {k: phi[k] for k in self.head_names}
         return unroll(inner, self.optimizer_for(phi), theta0, steps,
-                      stop_gradient=self.first_order, check_finite=not batched).theta
+                      stop_gradient=self.first_order, check_finite=checks).theta
 
     def _features(self, phi: Params, x: Tensor) -> Tensor:
         return self._body({k: v for k, v in phi.items() if k not in self.head_names
                            and k in self._fmodel.param_names}, x)
 
     def task_loss(self, phi: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                  query_y: Tensor, loss_fn: LossFn, *, batched: bool) -> Tensor:
+                  query_y: Tensor, loss_fn: LossFn, *, checks: bool) -> Tensor:
         theta = self._head_unroll(phi, self._features(phi, support_x), support_y, loss_fn,
-                                  self.inner_steps, batched)
+                                  self.inner_steps, checks)
         return loss_fn(self._head(theta, self._features(phi, query_x)), query_y)
 
     def adapt_task(self, phi: Params, x: Tensor, y: Tensor, loss_fn: LossFn,
                    steps: int) -> Params:
-        theta = self._head_unroll(phi, self._features(phi, x), y, loss_fn, steps, False)
+        theta = self._head_unroll(phi, self._features(phi, x), y, loss_fn, steps, True)
         return {**{k: v for k, v in phi.items() if k in self._fmodel.param_names}, **theta}

@@ -53,8 +53,14 @@ class MetaLearner(nn.Module):
         return self._fmodel.parameters()
 
     def task_loss(self, phi: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                  query_y: Tensor, loss_fn: LossFn, *, batched: bool) -> Tensor:
-        """The query loss of one task as a differentiable function of φ."""
+                  query_y: Tensor, loss_fn: LossFn, *, checks: bool) -> Tensor:
+        """The query loss of one task as a differentiable function of φ.
+
+        ``checks``: run data-dependent checks (finite inner losses and parameters,
+        naming the step and tensor). False under ``vmap``, where they cannot run, and
+        in the loop's fast pass, which checks the results itself and re-runs a
+        failing task with checks on (see :func:`~metaopt.algorithms._execution.run_loop`).
+        """
         raise NotImplementedError
 
     def adapt_task(self, phi: Params, x: Tensor, y: Tensor, loss_fn: LossFn,
@@ -150,12 +156,12 @@ class MetaLearner(nn.Module):
         need_grad = self._need_grad(phi)
 
         def task_fn(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, *,
-                    batched: bool) -> Tensor:
-            return self.task_loss(p, sx, sy, qx, qy, loss_fn, batched=batched)
+                    checks: bool) -> Tensor:
+            return self.task_loss(p, sx, sy, qx, qy, loss_fn, checks=checks)
 
         result = self._chooser.run(task_fn, phi, (support_x, support_y, query_x, query_y),
                                    need_grad=need_grad, extra_key=self.strategy_key(),
-                                   vmap_unsafe=self.vmap_unsafe() if need_grad else None)
+                                   vmap_unsafe=self.vmap_unsafe if need_grad else None)
         result.extras["phi"] = phi
         return result
 

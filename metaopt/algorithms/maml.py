@@ -96,7 +96,7 @@ class MAML(MetaLearner):
         return not self.first_order and self.inner_steps > 0
 
     def _unroll(self, phi: Params, x: Tensor, y: Tensor, loss_fn: LossFn, steps: int,
-                batched: bool) -> Params:
+                checks: bool) -> Params:
         fixed = {k: v for k, v in phi.items() if k not in self.inner_params
                  and k in self._fmodel.param_names}
         fmodel = self._fmodel
@@ -107,17 +107,17 @@ class MAML(MetaLearner):
 
         theta0 = {k: phi[k] for k in self.inner_params}
         trace = unroll(inner, self.optimizer_for(phi), theta0, steps,
-                       stop_gradient=self.first_order, check_finite=not batched)
+                       stop_gradient=self.first_order, check_finite=checks)
         return {**fixed, **trace.theta}
 
     def task_loss(self, phi: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                  query_y: Tensor, loss_fn: LossFn, *, batched: bool) -> Tensor:
-        theta = self._unroll(phi, support_x, support_y, loss_fn, self.inner_steps, batched)
+                  query_y: Tensor, loss_fn: LossFn, *, checks: bool) -> Tensor:
+        theta = self._unroll(phi, support_x, support_y, loss_fn, self.inner_steps, checks)
         return loss_fn(self._fmodel(theta, query_x), query_y)
 
     def adapt_task(self, phi: Params, x: Tensor, y: Tensor, loss_fn: LossFn,
                    steps: int) -> Params:
-        return self._unroll(phi, x, y, loss_fn, steps, batched=False)
+        return self._unroll(phi, x, y, loss_fn, steps, checks=True)
 
 
 class FOMAML(MAML):

@@ -48,7 +48,7 @@ class Reptile(MAML):
         return False
 
     def task_loss(self, phi: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                  query_y: Tensor, loss_fn: LossFn, *, batched: bool) -> tuple[Tensor, Tensor]:
+                  query_y: Tensor, loss_fn: LossFn, *, checks: bool) -> tuple[Tensor, Tensor]:
         fmodel, buffers = self._fmodel, self._fmodel.buffers()
         fixed = {k: v.detach() for k, v in phi.items() if k not in self.inner_params}
 
@@ -58,7 +58,7 @@ class Reptile(MAML):
         start = {k: phi[k].detach() for k in self.inner_params}
         with torch.no_grad():
             theta = unroll(inner, self.optimizer_for(phi), start, self.inner_steps,
-                           stop_gradient=True, check_finite=not batched).theta
+                           stop_gradient=True, check_finite=checks).theta
             query = loss_fn(fmodel({**fixed, **theta}, query_x, buffers), query_y)
         half_sq = sum(0.5 * (phi[k] - theta[k].detach()).square().sum()
                       for k in self.inner_params)

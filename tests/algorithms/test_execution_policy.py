@@ -62,8 +62,8 @@ def test_vmap_holds_at_most_chunk_size_tasks_per_call(n_tasks, chunk, calls):
     seen = []
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
-    def task_fn(phi, x, *, batched):
-        seen.append(batched)
+    def task_fn(phi, x, *, checks):
+        seen.append(torch._C._functorch.is_batchedtensor(x))
         return (phi["w"] * x).sum() ** 2
 
     x = torch.randn(n_tasks, 3, dtype=torch.float64)
@@ -133,7 +133,7 @@ def test_the_memory_proxy_sees_a_meta_batch_whose_graphs_are_alive_together():
     one = _peak_saved_bytes(maml, regression_batch(tasks=1))
     probe, phi = _SavedBytes(), dict(model.named_parameters())
     with torch.autograd.graph.saved_tensors_hooks(probe.pack, probe.unpack):
-        losses = [maml.task_loss(phi, *(t[i] for t in batch), F.mse_loss, batched=False)
+        losses = [maml.task_loss(phi, *(t[i] for t in batch), F.mse_loss, checks=True)
                   for i in range(8)]
         torch.stack(losses).mean().backward()
     assert probe.peak > 4 * one
@@ -305,3 +305,19 @@ def test_dropout_draws_the_same_numbers_as_functional_call():
     assert all(torch.equal(o, ref) for o in outs)
     model.eval()  # a new mode is traced and verified on its own
     assert torch.equal(fm(params, x), _functional_call(model, params, x))
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("make", [
+    lambda m: MAML(m, inner_lr=0.05, inner_steps=2),
+    lambda m: ANIL(m, inner_lr=0.05, inner_steps=2),
+    lambda m: Reptile(m, inner_lr=0.05, inner_steps=2),
+], ids=["maml", "anil", "reptile"])
+def test_a_bad_task_is_still_named_by_inner_step_after_the_unchecked_fast_pass(make):
+    from metaopt.params import NonFiniteError
+
+    sx, sy, qx, qy = regression_batch(tasks=4)
+    sy = sy.clone()
+    sy[2, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="inner step 0"):
+        make(mlp()).meta_loss(sx, sy, qx, qy, F.mse_loss)

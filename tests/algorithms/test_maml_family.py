@@ -444,7 +444,8 @@ def test_auto_strategy_rejects_vmap_that_disagrees_with_the_loop():
 
     w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
 
-    def task_fn(phi, x, *, batched):
+    def task_fn(phi, x, *, checks):
+        batched = torch._C._functorch.is_batchedtensor(x)
         scale = 1.5 if batched else 1.0  # a batching rule that is wrong
         return scale * (phi["w"] * x).sum()
 
