@@ -154,22 +154,36 @@ def run_loop(task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor], *, need_grad
     leaves = dict(phi)
     for k in keys:
         leaves[k] = phi[k].detach().requires_grad_()
+        leaves[k].grad = torch.zeros_like(phi[k])
     inputs = [leaves[k] for k in keys]
+    # Everything that outlives a task is allocated before the first one (the gradient
+    # accumulators above, the loss slots here): a small tensor allocated while a task's
+    # graph is alive would pin the heap there, and the next task would touch fresh pages.
+    values = torch.empty(2, n_tasks, dtype=inputs[0].dtype, device=inputs[0].device)
+    slotted: bool | None = None  # scalar losses and metrics of values' dtype (decided once)
     with torch.enable_grad():
         for i in range(n_tasks):
             loss, metric = _split(task_fn(leaves, *[t[i] for t in tasks], checks=False))
             if loss.requires_grad:
                 torch.autograd.backward(loss, inputs=inputs)
-            losses.append(loss.detach())
-            metrics.append(metric)
-    losses_t = torch.stack(losses)
-    grads = {k: torch.zeros_like(p) if p.grad is None else p.grad / n_tasks
-             for k, p in zip(keys, inputs)}
+            if slotted is None:
+                slotted = all(v.dim() == 0 and v.dtype == values.dtype for v in (loss, metric))
+            if slotted:
+                with torch.no_grad():
+                    values[0, i] = loss
+                    values[1, i] = metric
+            else:
+                losses.append(loss.detach())
+                metrics.append(metric)
+            del loss, metric
+    losses_t = values[0] if slotted else torch.stack(losses)
+    metrics_t = values[1] if slotted else torch.stack(metrics)
+    grads = {k: p.grad.div_(n_tasks) for k, p in zip(keys, inputs)}
     if check_finite and not (bool(torch.isfinite(losses_t).all()) and _finite(grads)):
         _diagnose(task_fn, phi, tasks)
         _check_grads(grads, "meta-gradient")
         raise NonFiniteError("a task's query loss is NaN/inf")
-    return MetaBatchResult(losses_t, grads, "loop", {"metrics": torch.stack(metrics)})
+    return MetaBatchResult(losses_t, grads, "loop", {"metrics": metrics_t})
 
 
 def _finite(grads: Params) -> bool:
