@@ -15,10 +15,20 @@ same initial weights and the same tasks (``scripts/peers/common.py``). Per conte
   same runs, as ``cpu_time_ratio``: on an oversubscribed machine wall time mostly measures
   waiting for a core, CPU time much less so;
 * peak memory of one steady-state meta-step. CPU: each contender runs in a fresh
-  subprocess; after a warm-up step it calls ``malloc_trim(0)``, resets the kernel's
-  peak-RSS mark (``/proc/self/clear_refs`` ← 5) and records ``VmHWM − VmRSS`` across one
-  more step (Linux only; otherwise not measured). CUDA: ``max_memory_allocated`` minus the
-  allocation before the step, in-process.
+  subprocess; after a warm-up step, for each of ``--memory-steps`` further steps it calls
+  ``malloc_trim(0)``, resets the kernel's peak-RSS mark (``/proc/self/clear_refs`` ← 5) and
+  records ``VmHWM − VmRSS`` across the step (Linux only; otherwise not measured); the
+  median is reported. For the small MLP a step peaks at ~50–250 KiB, a few dozen pages, and
+  one step's reading scatters by ±40% from allocator state alone (the same contender, same
+  process: 36–72 KiB), so a single reading cannot resolve the 1.2x bound; the median of 7
+  agrees to ~10% between runs. CUDA: ``max_memory_allocated`` minus the allocation before
+  the step, in-process.
+
+metaopt runs ``MAML(model, ...)`` with its defaults (``strategy="auto"`` within a memory
+budget of one task: the per-task loop). ``--metaopt-chunk-size N`` gives it a budget of
+``N`` tasks instead (``0``: the whole meta-batch), so ``auto`` may ``vmap`` over chunks of
+``N`` tasks: the speed-for-memory trade the library offers; records say which
+(``metaopt_chunk_size``).
 
 Ratios are metaopt/peer, so < 1 means metaopt is faster / leaner. While
 ``metaopt.algorithms.MAML`` is not importable the plain reference implementation stands in
@@ -75,6 +85,35 @@ def load_make_step(name: str) -> common.MakeStep:
     if name == "learn2learn":
         importlib.import_module("learn2learn")  # fail here, with the import error, if missing
     return getattr(importlib.import_module(module), attr)
+
+
+def metaopt_chunked(chunk_size: int) -> common.MakeStep:
+    """metaopt's contender with ``MAML(..., chunk_size=chunk_size)`` (a memory budget of
+    ``chunk_size`` tasks for ``strategy="auto"``)."""
+
+    def make_step(model: torch.nn.Module, inner_steps: int, inner_lr: float,
+                  loss_fn: common.LossFn) -> common.StepFn:
+        from metaopt.algorithms import MAML
+
+        maml = MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=False,
+                    chunk_size=chunk_size)
+
+        def step(tasks: common.Tasks) -> torch.Tensor:
+            model.zero_grad(set_to_none=True)
+            loss = maml.meta_loss(*tasks, loss_fn)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return make_step
+
+
+def metaopt_chunk_for(meta_batch: int, args: argparse.Namespace) -> int | None:
+    """The chunk size ``--metaopt-chunk-size`` asks for at this meta-batch (None: default)."""
+    if args.metaopt_chunk_size is None:
+        return None
+    return meta_batch if args.metaopt_chunk_size == 0 else args.metaopt_chunk_size
 
 
 def synchronize(device: torch.device) -> None:
@@ -134,11 +173,19 @@ def memory_child(spec: dict) -> dict:
     problem = common.make_problem(
         spec["model"], spec["meta_batch"], spec["inner_steps"], seed=spec["seed"], device=device
     )
-    make_step = load_make_step(spec["contender"])
+    chunk = spec.get("metaopt_chunk_size")
+    if spec["contender"] == "metaopt" and chunk is not None:
+        make_step = metaopt_chunked(chunk)
+    else:
+        make_step = load_make_step(spec["contender"])
     model = common.instantiate(problem.model_factory_state)
     step = make_step(model, problem.inner_steps, problem.inner_lr, problem.loss_fn)
     step(problem.tasks)
-    return {"mem_mb": measure_step_memory_mb(lambda: step(problem.tasks), device)}
+    samples = [measure_step_memory_mb(lambda: step(problem.tasks), device)
+               for _ in range(max(1, spec.get("memory_steps", 1)))]
+    if any(s is None for s in samples):
+        return {"mem_mb": None, "mem_samples_mb": []}
+    return {"mem_mb": statistics.median(samples), "mem_samples_mb": samples}
 
 
 def measure_memory(
@@ -152,6 +199,8 @@ def measure_memory(
         "seed": args.seed,
         "threads": args.threads,
         "device": args.device,
+        "metaopt_chunk_size": metaopt_chunk_for(meta_batch, args),
+        "memory_steps": args.memory_steps,
     }
     if torch.device(args.device).type == "cuda":  # in-process is exact on CUDA
         return memory_child(spec)["mem_mb"]
@@ -244,6 +293,7 @@ def records_for(model: str, meta_batch: int, inner_steps: int, results: dict[str
             "metaopt_runs_ms": ours["ms"],
             "peer_runs_ms": res["ms"],
             "metaopt_impl": metaopt_impl,
+            "metaopt_chunk_size": ours.get("chunk_size"),
         })
     return records
 
@@ -276,6 +326,8 @@ def write_json(path: Path, records: list[dict], metaopt_impl: str, skipped: dict
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "repeats": args.repeats,
+        "memory_steps": args.memory_steps,
+        "metaopt_chunk_size_arg": args.metaopt_chunk_size,
         "records": records,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,9 +347,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--meta-batches", default="8,32", help="comma-separated subset of 8,32")
     parser.add_argument("--inner-steps", default="1,5", help="comma-separated subset of 1,5")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--memory-steps", type=int, default=7,
+                        help="measured meta-steps per memory child; the median is reported")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: leave torch's default); on a busy "
                         "shared machine use 1, several threads per process then mostly wait")
+    parser.add_argument("--metaopt-chunk-size", type=int, default=None,
+                        help="give metaopt's MAML chunk_size=N (a memory budget of N tasks; "
+                        "0: the whole meta-batch) instead of its default of one task")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -348,7 +405,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     for model, batch, steps in configs:
         t0 = time.perf_counter()
+        chunk = metaopt_chunk_for(batch, args)
+        if chunk is not None:
+            contenders["metaopt"] = metaopt_chunked(chunk)
         results = bench_config(model, batch, steps, contenders, args)
+        results["metaopt"]["chunk_size"] = chunk
         new = records_for(model, batch, steps, results, metaopt_impl)
         records += new
         times = ", ".join(
