@@ -312,8 +312,8 @@ def print_table(records: list[dict]) -> None:
         print(f"{r['model']:5} {r['meta_batch']:>3} {r['inner_steps']:>5} {r['peer']:13} "
               f"{r['max_rel_diff']:>12.2e} {r['metaopt_ms']:>10.1f} {r['peer_ms']:>9.1f} "
               f"{r['time_ratio']:>10.2f} {r['cpu_time_ratio']:>9.2f} "
-              f"{_fmt(r['metaopt_mem_mb'], '11.1f'):>11} "
-              f"{_fmt(r['peer_mem_mb'], '8.1f'):>8} {_fmt(r['mem_ratio'], '9.2f'):>9}")
+              f"{_fmt(r['metaopt_mem_mb'], '11.3f'):>11} "
+              f"{_fmt(r['peer_mem_mb'], '8.3f'):>8} {_fmt(r['mem_ratio'], '9.2f'):>9}")
 
 
 def write_json(path: Path, records: list[dict], metaopt_impl: str, skipped: dict[str, str],

@@ -28,13 +28,20 @@ arguments (:class:`_TracedForward`), and that code is used whenever it is known 
 compute exactly what ``functional_call`` computes: the trace succeeded, no module has
 hooks or parametrizations, the graph writes into no tensor in place, every tensor it
 reads is given (no ``None`` buffer), and on its first call outside ``torch.func``
-transforms its output was bit-identical to ``functional_call``'s. Otherwise — and
-for every call under a mode (``train``/``eval`` flags) not yet verified —
+transforms its output was bit-identical to ``functional_call``'s. Only models built
+entirely from ``torch.nn``'s own modules (``nn.Sequential`` of ``Linear``, ``Conv2d``,
+``ReLU``, …) are traced: a user's own ``forward`` may have Python side effects that a
+trace would perform once, at trace time. A trace freezes the Python values the
+forward read (``training`` flags, a dropout rate, a stride), so it is kept per
+*configuration* — the modules' plain attributes and whether anything hooks into
+them, read on each call (a few µs) — and a changed configuration is traced and
+verified anew. Otherwise — and for every call in a configuration not yet verified —
 ``functional_call`` runs, so the trace is purely an optimisation.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 
 import torch
@@ -116,17 +123,49 @@ def _in_place(node: torch.fx.Node) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True
 
 
-def _traceable(model: nn.Module) -> bool:
-    """Modules whose ``__call__`` does more than ``forward`` are never traced."""
-    from torch.nn.modules import module as _module
-    from torch.nn.utils import parametrize
+_PLAIN = (bool, int, float, str, tuple, type(None))
 
-    if any((_module._global_forward_hooks, _module._global_forward_pre_hooks,
-            _module._global_backward_hooks)):
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                   or m._backward_pre_hooks or parametrize.is_parametrized(m)
-                   for m in model.modules())
+
+def _is_torch_module(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("torch.nn.")
+
+
+class _Configuration:
+    """What a trace of ``model`` bakes in, read cheaply on every call.
+
+    Only models built entirely from ``torch.nn``'s own modules are traced: their
+    forwards are known to have no Python side effects (a user's ``forward`` could
+    count calls or append to a list, which a trace would do once, at trace time).
+    For those, the Python values a forward reads are the modules' plain public
+    attributes (``training``, ``p``, ``stride``, …); their names are found once, their
+    values read per call. Hooks (per module or global) and parametrizations make
+    ``__call__`` do more than ``forward``, so they turn tracing off while present.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = list(model.modules())
+        self.traceable = all(_is_torch_module(m) for m in self.modules)
+        self.getters = [operator.attrgetter(*[k for k, v in m.__dict__.items()
+                                              if k[0] != "_" and isinstance(v, _PLAIN)])
+                        for m in self.modules]  # "training" is always among them
+
+    def __call__(self) -> tuple | None:
+        """The current configuration, or None if nothing may be traced now."""
+        if not self.traceable or _global_hooks():
+            return None
+        key = []
+        for m, get in zip(self.modules, self.getters):
+            if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                    or m._backward_pre_hooks or "parametrizations" in m._modules):
+                return None
+            key.append(get(m))
+        return tuple(key)
+
+
+def _global_hooks() -> bool:
+    module = nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks
+                or module._global_backward_hooks)
 
 
 class FunctionalModel:
@@ -141,17 +180,17 @@ class FunctionalModel:
         self.param_names = [n for n, _ in model.named_parameters()]
         if not self.param_names:
             raise ValueError(f"{type(model).__name__} has no parameters to meta-learn")
-        self._modules = list(model.modules())
+        self._configuration = _Configuration(model)
         # Where each buffer lives, found once (a walk over the modules per call costs
         # more than the forward of a small MLP); its current tensor is read per call.
         self._buffer_slots = []
         for name, _ in model.named_buffers():
             owner, _, attr = name.rpartition(".")
             self._buffer_slots.append((name, model.get_submodule(owner), attr))
-        # Per mode (the modules' training flags): the trace, or None where it cannot
-        # be used; ``_verified``: the modes whose trace matched functional_call.
-        self._traces: dict[tuple[bool, ...], _TracedForward | None] = {}
-        self._verified: set[tuple[bool, ...]] = set()
+        # Per configuration (see _Configuration): the trace, or None where it cannot be
+        # used; ``_verified``: the configurations whose trace matched functional_call.
+        self._traces: dict[tuple, _TracedForward | None] = {}
+        self._verified: set[tuple] = set()
 
     def buffers(self) -> dict[str, Tensor | None]:
         """The buffers to call the model with, following the rules above.
@@ -173,10 +212,13 @@ class FunctionalModel:
 
     def __call__(self, params: Mapping[str, Tensor], x: Tensor,
                  buffers: Mapping[str, Tensor | None] | None = None) -> Tensor:
-        mode = tuple(m.training for m in self._modules)
-        if mode not in self._traces:
-            self._traces[mode] = self._trace()
-        trace = self._traces[mode]
+        mode = self._configuration()
+        try:
+            trace = self._traces[mode] if mode is not None else None
+        except KeyError:
+            trace = self._traces[mode] = self._trace()
+        except TypeError:  # an unhashable attribute value: do not trace
+            trace = None
         if trace is None:
             return self._functional_call(params, x, buffers)
         if buffers is None and any(n not in params for n in trace.names):
@@ -195,14 +237,12 @@ class FunctionalModel:
         return torch.func.functional_call(self.model, tensors, (x,), strict=False)
 
     def _trace(self) -> _TracedForward | None:
-        if not _traceable(self.model):
-            return None
         try:
             return _TracedForward(self.model)
         except Exception:  # dynamic control flow, in-place writes, …: functional_call
             return None
 
-    def _verify(self, mode: tuple[bool, ...], trace: _TracedForward, args: list[Tensor],
+    def _verify(self, mode: tuple, trace: _TracedForward, args: list[Tensor],
                 params: Mapping[str, Tensor], x: Tensor,
                 buffers: Mapping[str, Tensor | None] | None) -> Tensor:
         """First call in ``mode``: keep the trace only if it reproduces functional_call.

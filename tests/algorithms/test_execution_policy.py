@@ -171,7 +171,7 @@ def test_imaml_is_unchanged_by_the_traced_forward():
     model, batch = mlp(), regression_batch(tasks=3)
     traced = iMAML(model, inner_lr=0.05, inner_steps=3, lam=2.0, cg_steps=4)
     plain = iMAML(model, inner_lr=0.05, inner_steps=3, lam=2.0, cg_steps=4)
-    plain._fmodel._traces[tuple(m.training for m in model.modules())] = None  # no trace
+    plain._fmodel._configuration.traceable = False  # functional_call only
     got, loss = _grads(traced, batch)
     ref, ref_loss = _grads(plain, batch)
     assert traced._fmodel._verified and loss == ref_loss
@@ -198,28 +198,19 @@ def test_traced_forward_is_used_for_a_plain_mlp_and_is_bit_identical():
     assert all(torch.equal(a, b) for a, b in zip(g, g_ref))
 
 
-class _Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(3, 3).double()
-        self.b = nn.Linear(3, 3).double()
-        self.b.weight = self.a.weight  # tied
-        self.register_buffer("scale", torch.tensor(2.0, dtype=torch.float64))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.b(torch.relu(self.a(x))) * self.scale
-
-
-def test_traced_forward_handles_tied_weights_and_buffers_without_touching_the_model():
-    model = _Tied()
-    attrs = set(vars(model)) | set(model._modules) | set(model._buffers)
+def test_traced_forward_handles_tied_weights_without_touching_the_model():
+    a, b = nn.Linear(3, 3).double(), nn.Linear(3, 3).double()
+    b.weight = a.weight  # tied: named_parameters() keeps "0.weight" only
+    model = nn.Sequential(a, nn.Tanh(), b)
+    attrs = {id(m): set(vars(m)) for m in model.modules()}
     fm = FunctionalModel(model)
     params = {k: v.detach() + 0.1 for k, v in model.named_parameters()}
+    assert "2.weight" not in params
     x = torch.randn(4, 3, dtype=torch.float64)
     for _ in range(2):
         assert torch.equal(fm(params, x), _functional_call(model, params, x))
     assert fm._verified
-    assert set(vars(model)) | set(model._modules) | set(model._buffers) == attrs
+    assert {id(m): set(vars(m)) for m in model.modules()} == attrs
 
 
 class _Hooked(nn.Module):
@@ -264,11 +255,33 @@ class _InPlace(nn.Module):
         return self.lin(x)
 
 
+def test_a_module_with_its_own_forward_is_not_traced():
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2).double()
+            self.calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1  # a Python side effect a trace would perform only once
+            return self.lin(x)
+
+    model = Counting()
+    fm = FunctionalModel(model)
+    for _ in range(3):
+        fm(dict(model.named_parameters()), torch.ones(1, 2, dtype=torch.float64))
+    assert model.calls == 3 and not fm._traces and not fm._verified
+
+
 @pytest.mark.parametrize("make", [_Hooked, _Branchy, _Constant, _InPlace],
                          ids=["hook", "branch", "constant", "inplace"])
 def test_models_the_trace_cannot_reproduce_use_functional_call(make):
+    """Modules with their own forward are never traced; here they are let through
+    that rule to exercise the checks behind it (hooks, control flow, plain tensor
+    attributes, in-place writes), each of which must fall back by itself."""
     model = make()
     fm = FunctionalModel(model)
+    fm._configuration.traceable = True
     params = dict(model.named_parameters())
     for sign in (1.0, -1.0, 1.0):
         x = sign * torch.ones(3, 2, dtype=torch.float64)
@@ -321,3 +334,21 @@ def test_a_bad_task_is_still_named_by_inner_step_after_the_unchecked_fast_pass(m
     sy[2, 0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="inner step 0"):
         make(mlp()).meta_loss(sx, sy, qx, qy, F.mse_loss)
+
+
+def test_a_changed_attribute_or_a_new_hook_after_tracing_is_honoured():
+    model = nn.Sequential(nn.Linear(2, 2), nn.LeakyReLU(0.1), nn.Linear(2, 2)).double()
+    fm = FunctionalModel(model)
+    params = dict(model.named_parameters())
+    x = torch.randn(3, 2, dtype=torch.float64)
+    for _ in range(2):
+        assert torch.equal(fm(params, x), _functional_call(model, params, x))
+    assert fm._verified
+    model[1].negative_slope = 0.5  # baked into the first trace: traced anew
+    for _ in range(2):
+        assert torch.equal(fm(params, x), _functional_call(model, params, x))
+    assert len(fm._verified) == 2
+    handle = model[0].register_forward_hook(lambda mod, inp, out: out + 1.0)
+    assert torch.equal(fm(params, x), _functional_call(model, params, x))
+    handle.remove()
+    assert torch.equal(fm(params, x), _functional_call(model, params, x))
