@@ -188,6 +188,12 @@ def _tensor_info(shape: tuple[int, ...]) -> _TensorInfo:
     return _TensorInfo(shape, shape1d, factored_dims(shape1d), _tensor_rank(shape))
 
 
+def _kernel_shape_ok(p: Tensor, g: Tensor) -> bool:
+    """Whether the fused C kernel steps this tensor: a float32 CPU vector or matrix."""
+    return (p.dim() in (1, 2) and p.dtype == torch.float32 and g.dtype == torch.float32
+            and p.device.type == "cpu" and p.numel() > 0)
+
+
 @functools.lru_cache(maxsize=8)
 def _kernel_mlp_gather(n_in: int, hidden: int, n_out: int, k: int) -> tuple[Tensor, Tensor, int]:
     """Where the fused kernel's MLP arguments sit in a row of mixed MLP weights.
@@ -653,7 +659,15 @@ class VeLO(LearnedOptimizer):
         """Per tensor, the MLP ``100 * mean_k(copy_k * controls_k)`` as one flat row
         ``[W0, b0, W1, b1, W2, b2]`` (n_tensors, n_weights)."""
         blocks = [t for pair in zip(self.ff_weights, self.ff_biases) for t in pair]
-        flat = torch.cat([t.reshape(self.param_inits, -1) for t in blocks], dim=1)
+        if torch.is_grad_enabled():
+            flat = torch.cat([t.reshape(self.param_inits, -1) for t in blocks], dim=1)
+        else:  # the concatenation, kept while no block changes
+            key = tuple((t.data_ptr(), t._version, t.device) for t in blocks)
+            cached = getattr(self, "_flat_mlps", None)
+            if cached is None or cached[0] != key:
+                cached = (key, torch.cat([t.reshape(self.param_inits, -1) for t in blocks], 1))
+                self._flat_mlps = cached
+            flat = cached[1]
         return (controls @ flat) * (100.0 / self.param_inits)
 
     def _mixed_mlps(self, controls: Tensor, mixed: Tensor | None = None
@@ -719,9 +733,11 @@ class VeLO(LearnedOptimizer):
             or any(t.requires_grad for t in self.parameters())))
         # Fused kernel, first half: accumulators and the old state's moments (no LSTM yet).
         # The kernel clips gradients itself; the PyTorch path clips here.
-        kernel = {key: self._kernel_pass1(params[key], grads[key], state, key, mom_d, rms_d,
-                                          fac_d, inplace is not None)
-                  for key in keys if fast and self._kernel_ok(params[key], grads[key])}
+        kern = self._kernels() if fast else None
+        kernel = {key: self._kernel_pass1(kern, params[key], grads[key], state, key, mom_d,
+                                          rms_d, fac_d, inplace is not None)
+                  for key in keys if kern is not None and _kernel_shape_ok(params[key],
+                                                                           grads[key])}
         grads = {k: g if k in kernel else torch.clamp(g.to(torch.float32), -1000.0, 1000.0)
                  for k, g in grads.items()}
 
@@ -778,7 +794,7 @@ class VeLO(LearnedOptimizer):
                 lr, wd = ((inplace[0].get(key, 1.0), inplace[1].get(key, 0.0))
                           if inplace is not None else (1.0, 0.0))
                 new_params[key], mom[key], rms[key], v_row[key], v_col[key], vd = \
-                    self._kernel_pass2(kernel[key], p, packed[j], split,
+                    self._kernel_pass2(kern, kernel[key], p, packed[j], split,
                                        coef_floats[j] * lr, 1.0 - lr * wd, inplace is not None)
                 v_diag[key] = state["v_diag"][key] if vd is None else vd
                 continue
@@ -829,24 +845,24 @@ class VeLO(LearnedOptimizer):
 
     # ----------------------------------------------------------- fused CPU kernel
 
-    def _kernel_ok(self, p: Tensor, g: Tensor) -> bool:
-        """Whether the fused C kernel applies: a float32 CPU vector or matrix, no
-        autograd, and the released MLP shape (3 decays, 2 hidden layers)."""
-        if not (p.dim() in (1, 2) and p.numel() > 0 and p.dtype == torch.float32
-                and p.device.type == "cpu" and g.dtype == torch.float32
-                and self.ff_hidden_layers == 2 and len(self.initial_rms_decays) == 1
+    def _kernels(self) -> cpu_kernels.LoptCpuKernels | None:
+        """The fused C kernels when they are available and built for this architecture's
+        shape (3 decays, 2 hidden layers of the released width); else None."""
+        if not (self.ff_hidden_layers == 2 and len(self.initial_rms_decays) == 1
                 and len(self.initial_adafactor_decays) == len(self.initial_momentum_decays)):
-            return False
+            return None
         kern = cpu_kernels.kernels()
-        return kern is not None and kern.supports(len(self.initial_momentum_decays),
-                                                  self.ff_hidden_size)
+        if kern is None or not kern.supports(len(self.initial_momentum_decays),
+                                             self.ff_hidden_size):
+            return None
+        return kern
 
-    def _kernel_pass1(self, p: Tensor, g: Tensor, state: LOptState, key: str, mom_d: Tensor,
-                      rms_d: Tensor, fac_d: Tensor, inplace: bool) -> dict[str, Any]:
+    def _kernel_pass1(self, kern: cpu_kernels.LoptCpuKernels, p: Tensor, g: Tensor,
+                      state: LOptState, key: str, mom_d: Tensor, rms_d: Tensor, fac_d: Tensor,
+                      inplace: bool) -> dict[str, Any]:
         """Kernel passes 0 and 1 for one vector or matrix: Adafactor statistics, new
         accumulators (into the old buffers when ``inplace`` and they are channel-first),
         the channels' sums of squares and the old state's moments for the LSTM input."""
-        kern = cpu_kernels.kernels()
         n, k = p.numel(), len(self.initial_momentum_decays)
         g_c, p_c = g.contiguous(), p.contiguous()
 
@@ -892,14 +908,14 @@ class VeLO(LearnedOptimizer):
         var_r = torch.clamp(sums[:, 2 * k + 1:2 * k + 2] - mean_r * mean_r, min=0.0)
         return sums[:, 2 * k + 2], var_m, mean_m, var_r, mean_r
 
-    def _kernel_pass2(self, pre: Mapping[str, Any], p: Tensor, packed: Tensor, split: int,
-                      coef: float, p_decay: float, inplace: bool
+    def _kernel_pass2(self, kern: cpu_kernels.LoptCpuKernels, pre: Mapping[str, Any],
+                      p: Tensor, packed: Tensor, split: int, coef: float, p_decay: float,
+                      inplace: bool
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Kernel pass 2 for one tensor: ``(p_new, mom, rms, v_row, v_col, v_diag)``,
         accumulators as channel-last views of channel-first storage. ``packed`` is the
         tensor's row of MLP arguments (:func:`_kernel_mlp_gather`). ``inplace`` writes
         into ``p``."""
-        kern = cpu_kernels.kernels()
         hidden, k = self.ff_hidden_size, len(self.initial_momentum_decays)
         diag = p.dim() == 1
         if diag:
