@@ -158,7 +158,10 @@ class _Configuration:
             if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                     or m._backward_pre_hooks or "parametrizations" in m._modules):
                 return None
-            key.append(get(m))
+            try:
+                key.append(get(m))
+            except AttributeError:  # an attribute was deleted since: do not trace
+                return None
         return tuple(key)
 
 
