@@ -42,7 +42,7 @@ Every algorithm has the same face::
   mode or LayerNorm are wrong under ``torch.func.vmap`` in torch 2.13
   (pytorch/functorch#534, reproduced in our tests), so such models always use the
   loop (``strategy="vmap"`` raises). On the sinusoid MLP, ``chunk_size`` = the
-  meta-batch is 2-7x faster than the loop at 4-20x its memory
+  meta-batch is 2-7x faster than the loop at 9-65x its peak memory
   (``scripts/bench_maml_peers.py``).
 * The model runs as ``torch.func.functional_call`` or, where it is provably the
   same computation, as a ``torch.fx`` trace of its forward with the parameters as
