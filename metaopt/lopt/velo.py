@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from metaopt.lopt import cpu_kernels
 from metaopt.lopt.base import LearnedOptimizer, LOptState, apply_step_, register_architecture
 from metaopt.lopt.release import ReleaseFormatError
+from metaopt.lopt.velo_plan import KernelPlan
 from metaopt.params import Params, StructureError
 
 __all__ = [
@@ -734,10 +735,19 @@ class VeLO(LearnedOptimizer):
         # Fused kernel, first half: accumulators and the old state's moments (no LSTM yet).
         # The kernel clips gradients itself; the PyTorch path clips here.
         kern = self._kernels() if fast else None
-        kernel = {key: self._kernel_pass1(kern, params[key], grads[key], state, key, mom_d,
-                                          rms_d, fac_d, inplace is not None)
-                  for key in keys if kern is not None and _kernel_shape_ok(params[key],
-                                                                           grads[key])}
+        kernel: dict[str, dict[str, Any]] = {}
+        for key in keys if kern is not None else ():
+            p, g = params[key], grads[key]
+            if not _kernel_shape_ok(p, g):
+                continue
+            # in place: the tensor's prepared kernel calls (see velo_plan)
+            plan = self._kernel_plan(kern, key, p, state) if inplace is not None else None
+            g_ptr = plan.grad_ptr(g) if plan is not None else None
+            if g_ptr is not None:
+                kernel[key] = plan.pass1(g_ptr, mom_d, float(rms_d), fac_d)
+            else:
+                kernel[key] = self._kernel_pass1(kern, p, g, state, key, mom_d, rms_d, fac_d,
+                                                 inplace is not None)
         grads = {k: g if k in kernel else torch.clamp(g.to(torch.float32), -1000.0, 1000.0)
                  for k, g in grads.items()}
 
@@ -793,6 +803,15 @@ class VeLO(LearnedOptimizer):
             if key in kernel:
                 lr, wd = ((inplace[0].get(key, 1.0), inplace[1].get(key, 0.0))
                           if inplace is not None else (1.0, 0.0))
+                plan = kernel[key].get("plan")
+                if plan is not None:
+                    plan.pass2(kernel[key]["g_ptr"], packed.data_ptr() + 4 * j * packed.shape[1],
+                               split, coef_floats[j] * lr, 1.0 - lr * wd, self.exp_mult)
+                    new_params[key] = p
+                    for group, out in (("mom", mom), ("rms", rms), ("v_row", v_row),
+                                       ("v_col", v_col), ("v_diag", v_diag)):
+                        out[key] = state[group][key]
+                    continue
                 new_params[key], mom[key], rms[key], v_row[key], v_col[key], vd = \
                     self._kernel_pass2(kern, kernel[key], p, packed[j], split,
                                        coef_floats[j] * lr, 1.0 - lr * wd, inplace is not None)
@@ -856,6 +875,20 @@ class VeLO(LearnedOptimizer):
                                              self.ff_hidden_size):
             return None
         return kern
+
+    def _kernel_plan(self, kern: cpu_kernels.LoptCpuKernels, key: str, p: Tensor,
+                     state: LOptState) -> KernelPlan | None:
+        """The prepared in-place kernel calls of tensor ``key`` (rebuilt when ``p`` or its
+        state are other tensors than last time); None when its state is not laid out
+        for them."""
+        plans = self.__dict__.setdefault("_kernel_plans", {})
+        plan = plans.get(key)
+        if plan is None or not plan.matches(p, state, key):
+            factored = self._info(p.shape).factored
+            plan = KernelPlan(kern, p, state, key, len(self.initial_momentum_decays),
+                              self.ff_hidden_size, factored[1] if factored else None)
+            plans[key] = plan
+        return plan if plan.ok else None
 
     def _kernel_pass1(self, kern: cpu_kernels.LoptCpuKernels, p: Tensor, g: Tensor,
                       state: LOptState, key: str, mom_d: Tensor, rms_d: Tensor, fac_d: Tensor,

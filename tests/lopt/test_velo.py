@@ -7,6 +7,7 @@ optimizer state after every step and VeLO's internals (LSTM input, controls, lr_
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import shutil
 from pathlib import Path
@@ -450,3 +451,71 @@ def test_no_grad_rnn_folds_mixing_into_lstm_and_tracks_weight_changes():
             torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             (lopt.mix_in.weight if change == 0 else lopt.lstm.weight_ih).mul_(1.5)
+
+
+def test_in_place_kernel_plans_match_the_checked_path(monkeypatch):
+    """The torch.optim shell's in-place steps go through prepared kernel plans (one per
+    tensor, reused while the tensors are the same); they give the same bits as the checked
+    per-call path, and a state dict loaded between steps (new state tensors) is planned
+    afresh."""
+    pytest.importorskip("ctypes")
+    from metaopt.lopt import cpu_kernels
+    if cpu_kernels.kernels() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    lopt = VeLO(lstm_hidden_size=16, param_inits=8)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def run(use_plans: bool, reload_at: int | None = None) -> dict[str, torch.Tensor]:
+        model.load_state_dict(init)
+        if not use_plans:
+            monkeypatch.setattr(VeLO, "_kernel_plan", lambda *a, **k: None)
+        opt = lopt.optimizer(model.parameters(), num_steps=20)
+        x, y = torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), torch.zeros(8, 3)
+        for t in range(6):
+            if t == reload_at:
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step(loss=loss)
+        monkeypatch.undo()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    planned = run(True)
+    plans = lopt.__dict__["_kernel_plans"]
+    assert len(plans) == 4 and all(plan.ok for plan in plans.values())
+    checked = run(False)
+    reloaded = run(True, reload_at=3)
+    for k in planned:
+        assert torch.equal(planned[k], checked[k]), k
+        assert torch.equal(reloaded[k], checked[k]), k
+
+
+def test_in_place_kernel_plans_are_reused_between_steps():
+    """A plan is prepared once per tensor and reused while the shell steps the same
+    parameters and state (the point of planning), and rebuilt after a state-dict load."""
+    from metaopt.lopt import cpu_kernels
+    if cpu_kernels.kernels() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    lopt = VeLO(lstm_hidden_size=16, param_inits=8)
+    model = torch.nn.Linear(6, 5)
+    opt = lopt.optimizer(model.parameters(), num_steps=20)
+
+    def step() -> dict:
+        opt.zero_grad()
+        loss = model(torch.ones(2, 6)).square().mean()
+        loss.backward()
+        opt.step(loss=loss)
+        return dict(lopt.__dict__["_kernel_plans"])
+
+    step()  # the first step moves the fresh (channel-last) state to channel-first buffers
+    first = step()
+    second = step()
+    assert first.keys() == second.keys() and len(first) == 2
+    assert all(first[k] is second[k] and first[k].ok for k in first)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new state tensors
+    third = step()
+    assert all(third[k] is not second[k] for k in first)
