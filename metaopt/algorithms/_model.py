@@ -36,7 +36,19 @@ forward read (``training`` flags, a dropout rate, a stride), so it is kept per
 *configuration* — the modules' plain attributes and whether anything hooks into
 them, read on each call (a few µs) — and a changed configuration is traced and
 verified anew. Otherwise — and for every call in a configuration not yet verified —
-``functional_call`` runs, so the trace is purely an optimisation.
+``functional_call`` runs, so the trace is purely an optimisation. ``torch.nn``'s
+BatchNorm layers are recorded as the ``F.batch_norm`` call their forward makes (their
+Python rank check defeats symbolic tracing), except in training mode with tracked
+running statistics, which writes in place and is not traced.
+
+**Rewrites.** The trace is also rewritten for speed (:mod:`~metaopt.algorithms._rewrites`:
+max-pool before ReLU, exact; thin CPU float32 convolutions as an im2col GEMM with a
+channels-last result, equal up to float rounding). The rewritten trace is used only if,
+on the same first call, the plain trace was bit-identical to ``functional_call`` and the
+rewritten one is within ``_rewrites.VERIFY_REL_TOL`` of it; if it ever raises later,
+the plain trace takes over. ``METAOPT_GRAPH_REWRITES=0`` (read when the
+``FunctionalModel`` is built) or ``FunctionalModel(model, rewrites=False)`` turns the
+rewrites off, for results bit-identical to ``functional_call``.
 """
 
 from __future__ import annotations
@@ -46,9 +58,11 @@ from collections.abc import Callable, Mapping
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from metaopt.algorithms import _rewrites
 from metaopt.params import Params
 
 __all__ = ["FunctionalModel"]
@@ -69,12 +83,63 @@ class _Root(nn.Module):
 
 class _FlatTracer(torch.fx.Tracer):
     """Traces through every submodule down to ``torch`` functions (no leaf modules);
-    buffers are proxies, so what the forward does with them is recorded, not run."""
+    buffers are proxies, so what the forward does with them is recorded, not run.
+
+    ``torch.nn``'s BatchNorm layers are the exception: their forward checks the input's
+    rank in Python (``if input.dim() != 4: raise``), which symbolic tracing cannot
+    follow, so they are recorded as :func:`_check_rank` and ``F.batch_norm`` calls with
+    the arguments their forward would pass (:func:`_batch_norm_call`).
+    """
 
     proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return False
+
+    def call_module(self, m: nn.Module, forward: Callable[..., object],
+                    args: tuple, kwargs: dict) -> object:
+        if type(m) in _BATCH_NORM_RANKS and len(args) == 1 and not kwargs:
+            return _batch_norm_call(self, m, args[0])
+        return super().call_module(m, forward, args, kwargs)
+
+
+_BATCH_NORM_RANKS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
+def _check_rank(x: Tensor, ranks: tuple[int, ...], expected: str) -> Tensor:
+    """``x``, after the rank check of a BatchNorm layer's forward (same error)."""
+    if x.dim() not in ranks:
+        raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
+    return x
+
+
+def _batch_norm_call(tracer: _FlatTracer, m: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
+    """Record what ``_BatchNorm.forward`` computes (torch 2.x) for the module's current
+    settings: ``F.batch_norm`` with the batch-statistics flag and buffers it would pass.
+
+    Training with tracked running statistics writes into them (``num_batches_tracked
+    += 1`` and the averages) and is not traced; the first call's bit-for-bit check
+    against ``functional_call`` guards the rest.
+    """
+    if m.training and m.track_running_stats:
+        raise TypeError(f"'{type(m).__name__}' in training mode updates its running "
+                        f"statistics in place")
+    path = tracer.path_of_module(m)
+
+    def attr(name: str) -> torch.fx.Proxy | None:
+        if getattr(m, name) is None:
+            return None
+        return tracer.create_proxy("get_attr", f"{path}.{name}", (), {})
+
+    ranks = _BATCH_NORM_RANKS[type(m)]
+    expected = "2D or 3D" if len(ranks) == 2 else f"{ranks[0]}D"
+    x = tracer.create_proxy("call_function", _check_rank, (x, ranks, expected), {})
+    bn_training = m.training or (m.running_mean is None and m.running_var is None)
+    momentum = 0.0 if m.momentum is None else m.momentum
+    return tracer.create_proxy(
+        "call_function", F.batch_norm,
+        (x, attr("running_mean"), attr("running_var"), attr("weight"), attr("bias"),
+         bn_training, momentum, m.eps), {})
 
 
 class _TracedForward:
@@ -82,11 +147,13 @@ class _TracedForward:
 
     ``names`` are the parameter/buffer names (as in ``named_parameters()`` /
     ``named_buffers()``; a tied alias maps to the name that ``named_parameters()``
-    keeps) whose values are passed, in order. Raises if the model cannot be traced
-    or the trace would not be a pure function of those tensors.
+    keeps) whose values are passed, in order. ``fast`` is the same function after the
+    speed rewrites of :mod:`~metaopt.algorithms._rewrites` (None when ``rewrites`` is
+    off or no rule applies). Raises if the model cannot be traced or the trace would
+    not be a pure function of those tensors.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, rewrites: bool = True) -> None:
         canonical = {id(t): n for n, t in model.named_parameters()}
         canonical.update({id(t): n for n, t in model.named_buffers()})
         tensors = dict(model.named_parameters(remove_duplicate=False))
@@ -116,6 +183,9 @@ class _TracedForward:
                     raise TypeError(f"'{node.target}' writes into a tensor in place")
                 env[node] = flat.node_copy(node, env.__getitem__)
         self.fn: Callable[..., object] = torch.fx.GraphModule(root, flat).forward
+        rewritten = _rewrites.rewrite(flat) if rewrites else None
+        self.fast: Callable[..., object] | None = (
+            None if rewritten is None else torch.fx.GraphModule(root, rewritten).forward)
 
 
 def _in_place(node: torch.fx.Node) -> bool:
@@ -174,7 +244,11 @@ def _global_hooks() -> bool:
 class FunctionalModel:
     """``model`` as ``f(params, x)``; see the module docstring for buffer rules."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, rewrites: bool | None = None) -> None:
+        """``rewrites``: run the trace with the speed rewrites of
+        :mod:`~metaopt.algorithms._rewrites` where they verify (None: on unless the
+        environment sets ``METAOPT_GRAPH_REWRITES=0``; False for results bit-identical
+        to ``functional_call``)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -184,6 +258,7 @@ class FunctionalModel:
         if not self.param_names:
             raise ValueError(f"{type(model).__name__} has no parameters to meta-learn")
         self._configuration = _Configuration(model)
+        self.rewrites = _rewrites.enabled_by_default() if rewrites is None else rewrites
         # Where each buffer lives, found once (a walk over the modules per call costs
         # more than the forward of a small MLP); its current tensor is read per call.
         self._buffer_slots = []
@@ -191,9 +266,10 @@ class FunctionalModel:
             owner, _, attr = name.rpartition(".")
             self._buffer_slots.append((name, model.get_submodule(owner), attr))
         # Per configuration (see _Configuration): the trace, or None where it cannot be
-        # used; ``_verified``: the configurations whose trace matched functional_call.
+        # used; ``_verified``: for the configurations whose trace matched
+        # functional_call, the function to run (the trace, or its verified rewrite).
         self._traces: dict[tuple, _TracedForward | None] = {}
-        self._verified: set[tuple] = set()
+        self._verified: dict[tuple, Callable[..., object]] = {}
 
     def buffers(self) -> dict[str, Tensor | None]:
         """The buffers to call the model with, following the rules above.
@@ -229,8 +305,9 @@ class FunctionalModel:
         args = [params[n] if n in params else buffers.get(n) for n in trace.names]
         if any(a is None for a in args):
             return self._functional_call(params, x, buffers)
-        if mode in self._verified:
-            return trace.fn(*args, x)
+        run = self._verified.get(mode)
+        if run is not None:
+            return run(*args, x)
         return self._verify(mode, trace, args, params, x, buffers)
 
     def _functional_call(self, params: Mapping[str, Tensor], x: Tensor,
@@ -241,7 +318,7 @@ class FunctionalModel:
 
     def _trace(self) -> _TracedForward | None:
         try:
-            return _TracedForward(self.model)
+            return _TracedForward(self.model, rewrites=self.rewrites)
         except Exception:  # dynamic control flow, in-place writes, …: functional_call
             return None
 
@@ -252,22 +329,54 @@ class FunctionalModel:
 
         The trace runs first under a forked RNG, so random ops (dropout) draw the same
         numbers in both and ``functional_call``'s result, returned, is the one the RNG
-        stream sees.
+        stream sees. The rewritten trace (``trace.fast``), if any, is then run the same
+        way and kept if it matches within the tolerance of
+        :func:`~metaopt.algorithms._rewrites.close_enough`; otherwise the plain trace runs.
         """
         if torch._C._functorch.peek_interpreter_stack() is not None:
             return self._functional_call(params, x, buffers)  # no values to compare here
-        devices = [x.device] if x.device.type == "cuda" else []
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                got = trace.fn(*[a.detach() for a in args], x)
-        except Exception:
-            got = None
+        got = self._run_detached(trace.fn, args, x)
         expected = self._functional_call(params, x, buffers)
         same = (isinstance(got, Tensor) and isinstance(expected, Tensor)
                 and got.shape == expected.shape and got.dtype == expected.dtype
                 and bool(torch.equal(got, expected.detach())))
-        if same:
-            self._verified.add(mode)
-        else:
+        if not same:
             self._traces[mode] = None
+            return expected
+        run = trace.fn
+        if trace.fast is not None and _rewrites.close_enough(
+                self._run_detached(trace.fast, args, x), expected):
+            run = _fall_back_on_error(trace.fast, trace.fn,
+                                      lambda: self._verified.__setitem__(mode, trace.fn))
+        self._verified[mode] = run
         return expected
+
+    @staticmethod
+    def _run_detached(fn: Callable[..., object], args: list[Tensor], x: Tensor) -> object:
+        """``fn``'s output without autograd under a forked RNG; None if it raised."""
+        devices = [x.device] if x.device.type == "cuda" else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                return fn(*[a.detach() for a in args], x)
+        except Exception:
+            return None
+
+
+def _fall_back_on_error(fast: Callable[..., object], plain: Callable[..., object],
+                        give_up: Callable[[], None]) -> Callable[..., object]:
+    """``fast``, except that if it raises a ``RuntimeError``, ``give_up()`` is called and
+    ``plain`` runs.
+
+    A rewritten trace is verified on one input; a later input may take a path it did not
+    (e.g. a ``.view`` that channels-last strides do not allow). ``plain`` computes the
+    same function, so its result — or its own error — is the answer.
+    """
+
+    def run(*args: object) -> object:
+        try:
+            return fast(*args)
+        except RuntimeError:  # what aten raises for layouts; a user's ValueError passes
+            give_up()
+            return plain(*args)
+
+    return run
