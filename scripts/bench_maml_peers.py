@@ -36,7 +36,9 @@ metaopt runs ``MAML(model, ...)`` with its defaults (``strategy="auto"`` within 
 budget of one task: the per-task loop). ``--metaopt-chunk-size N`` gives it a budget of
 ``N`` tasks instead (``0``: the whole meta-batch), so ``auto`` may ``vmap`` over chunks of
 ``N`` tasks: the speed-for-memory trade the library offers; records say which
-(``metaopt_chunk_size``).
+(``metaopt_chunk_size``). ``--metaopt-rewrites all`` runs it with the opt-in im2col-GEMM
+convolutions (faster conv rows, meta-gradients equal only up to float32 rounding);
+the default level, ``exact``, keeps them bit-identical (``metaopt_rewrites``).
 
 Ratios are metaopt/peer, so < 1 means metaopt is faster / leaner. While
 ``metaopt.algorithms.MAML`` is not importable the plain reference implementation stands in
@@ -350,6 +352,7 @@ def write_json(path: Path, records: list[dict], metaopt_impl: str, skipped: dict
         "repeats": args.repeats,
         "memory_steps": args.memory_steps,
         "metaopt_chunk_size_arg": args.metaopt_chunk_size,
+        "metaopt_rewrites": os.environ.get("METAOPT_GRAPH_REWRITES", "exact"),
         "records": records,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,6 +380,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metaopt-chunk-size", type=int, default=None,
                         help="give metaopt's MAML chunk_size=N (a memory budget of N tasks; "
                         "0: the whole meta-batch) instead of its default of one task")
+    parser.add_argument("--metaopt-rewrites", choices=("none", "exact", "all"), default=None,
+                        help="metaopt's graph-rewrite level (METAOPT_GRAPH_REWRITES; default: "
+                        "the library's, 'exact' = bit-identical meta-gradients; 'all' adds "
+                        "im2col-GEMM thin convolutions)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -388,6 +395,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.metaopt_rewrites is not None:  # read when metaopt's MAML is built; children inherit
+        os.environ["METAOPT_GRAPH_REWRITES"] = args.metaopt_rewrites
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return []

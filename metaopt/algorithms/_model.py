@@ -38,17 +38,17 @@ them, read on each call (a few µs) — and a changed configuration is traced an
 verified anew. Otherwise — and for every call in a configuration not yet verified —
 ``functional_call`` runs, so the trace is purely an optimisation. ``torch.nn``'s
 BatchNorm layers are recorded as the ``F.batch_norm`` call their forward makes (their
-Python rank check defeats symbolic tracing), except in training mode with tracked
-running statistics, which writes in place and is not traced.
+Python rank check defeats symbolic tracing); in training mode that is the call without
+running statistics, as ``functional_call`` makes it with the ``None`` buffers above.
 
 **Rewrites.** The trace is also rewritten for speed (:mod:`~metaopt.algorithms._rewrites`:
 max-pool before ReLU, exact; thin CPU float32 convolutions as an im2col GEMM with a
 channels-last result, equal up to float rounding). The rewritten trace is used only if,
 on the same first call, the plain trace was bit-identical to ``functional_call`` and the
 rewritten one is within ``_rewrites.VERIFY_REL_TOL`` of it; if it ever raises later,
-the plain trace takes over. ``METAOPT_GRAPH_REWRITES=0`` (read when the
-``FunctionalModel`` is built) or ``FunctionalModel(model, rewrites=False)`` turns the
-rewrites off, for results bit-identical to ``functional_call``.
+the plain trace takes over. By default only the exact rule runs (results stay
+bit-identical to ``functional_call``); ``rewrites="all"`` (or ``METAOPT_GRAPH_REWRITES=all``
+when the ``FunctionalModel`` is built) adds the GEMM convolutions, ``"none"`` neither.
 """
 
 from __future__ import annotations
@@ -117,24 +117,28 @@ def _batch_norm_call(tracer: _FlatTracer, m: nn.Module, x: torch.fx.Proxy) -> to
     """Record what ``_BatchNorm.forward`` computes (torch 2.x) for the module's current
     settings: ``F.batch_norm`` with the batch-statistics flag and buffers it would pass.
 
-    Training with tracked running statistics writes into them (``num_batches_tracked
-    += 1`` and the averages) and is not traced; the first call's bit-for-bit check
+    In training mode with tracked running statistics the forward would write into them;
+    :class:`FunctionalModel` passes ``None`` for those buffers there (batch statistics,
+    nothing updated — see the module docstring), so the trace records exactly that call:
+    ``F.batch_norm`` without running statistics. The first call's bit-for-bit check
     against ``functional_call`` guards the rest.
     """
-    if m.training and m.track_running_stats:
-        raise TypeError(f"'{type(m).__name__}' in training mode updates its running "
-                        f"statistics in place")
     path = tracer.path_of_module(m)
+    untracked = m.training and m.track_running_stats  # buffers passed as None
+
+    def tensor(name: str) -> Tensor | None:  # not getattr: the tracer records those reads
+        return m._parameters.get(name, m._buffers.get(name))
 
     def attr(name: str) -> torch.fx.Proxy | None:
-        if getattr(m, name) is None:
+        if (untracked and name in _NORM_BUFFERS) or tensor(name) is None:
             return None
         return tracer.create_proxy("get_attr", f"{path}.{name}", (), {})
 
     ranks = _BATCH_NORM_RANKS[type(m)]
     expected = "2D or 3D" if len(ranks) == 2 else f"{ranks[0]}D"
     x = tracer.create_proxy("call_function", _check_rank, (x, ranks, expected), {})
-    bn_training = m.training or (m.running_mean is None and m.running_var is None)
+    bn_training = m.training or (tensor("running_mean") is None
+                                 and tensor("running_var") is None)
     momentum = 0.0 if m.momentum is None else m.momentum
     return tracer.create_proxy(
         "call_function", F.batch_norm,
@@ -153,7 +157,7 @@ class _TracedForward:
     not be a pure function of those tensors.
     """
 
-    def __init__(self, model: nn.Module, rewrites: bool = True) -> None:
+    def __init__(self, model: nn.Module, rewrites: str = "all") -> None:
         canonical = {id(t): n for n, t in model.named_parameters()}
         canonical.update({id(t): n for n, t in model.named_buffers()})
         tensors = dict(model.named_parameters(remove_duplicate=False))
@@ -183,7 +187,7 @@ class _TracedForward:
                     raise TypeError(f"'{node.target}' writes into a tensor in place")
                 env[node] = flat.node_copy(node, env.__getitem__)
         self.fn: Callable[..., object] = torch.fx.GraphModule(root, flat).forward
-        rewritten = _rewrites.rewrite(flat) if rewrites else None
+        rewritten = _rewrites.rewrite(flat, rewrites)
         self.fast: Callable[..., object] | None = (
             None if rewritten is None else torch.fx.GraphModule(root, rewritten).forward)
 
@@ -244,11 +248,11 @@ def _global_hooks() -> bool:
 class FunctionalModel:
     """``model`` as ``f(params, x)``; see the module docstring for buffer rules."""
 
-    def __init__(self, model: nn.Module, rewrites: bool | None = None) -> None:
-        """``rewrites``: run the trace with the speed rewrites of
-        :mod:`~metaopt.algorithms._rewrites` where they verify (None: on unless the
-        environment sets ``METAOPT_GRAPH_REWRITES=0``; False for results bit-identical
-        to ``functional_call``)."""
+    def __init__(self, model: nn.Module, rewrites: str | bool | None = None) -> None:
+        """``rewrites``: the level of speed rewrites of the trace
+        (:mod:`~metaopt.algorithms._rewrites`: ``"none"``, ``"exact"`` — bit-identical
+        results, the default unless ``METAOPT_GRAPH_REWRITES`` says otherwise — or
+        ``"all"``; ``True``/``False`` mean ``"all"``/``"none"``)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -258,7 +262,7 @@ class FunctionalModel:
         if not self.param_names:
             raise ValueError(f"{type(model).__name__} has no parameters to meta-learn")
         self._configuration = _Configuration(model)
-        self.rewrites = _rewrites.enabled_by_default() if rewrites is None else rewrites
+        self.rewrites = _rewrites.level(rewrites)
         # Where each buffer lives, found once (a walk over the modules per call costs
         # more than the forward of a small MLP); its current tensor is read per call.
         self._buffer_slots = []

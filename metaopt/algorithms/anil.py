@@ -49,8 +49,8 @@ class ANIL(MAML):
                          **kwargs)
         # Slices of an nn.Sequential keep their children's names ("3.weight"), so the
         # model's parameter names address both halves.
-        self._body = FunctionalModel(body_mod)
-        self._head = FunctionalModel(head_mod)
+        self._body = FunctionalModel(body_mod, rewrites=self._fmodel.rewrites)
+        self._head = FunctionalModel(head_mod, rewrites=self._fmodel.rewrites)
         self.head_names = head_names
 
     def _head_unroll(self, phi: Params, feats: Tensor, y: Tensor, loss_fn: LossFn,

@@ -38,10 +38,10 @@ class MetaLearner(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, strategy: str = "auto",
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, rewrites: str | None = None) -> None:
         super().__init__()
         self.model = model
-        self._fmodel = FunctionalModel(model)
+        self._fmodel = FunctionalModel(model, rewrites=rewrites)
         self._chooser = StrategyChooser(strategy, chunk_size=chunk_size)
         self._label_cache: dict = {}
         self.last_task_losses: Tensor | None = None

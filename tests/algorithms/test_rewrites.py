@@ -147,7 +147,7 @@ def test_switch_off_gives_functional_call_bit_for_bit(monkeypatch):
     monkeypatch.setenv(_rewrites.ENV_VAR, "0")
     model = _conv_net()
     fm = FunctionalModel(model)
-    assert not fm.rewrites
+    assert fm.rewrites == "none"
     params = fm.parameters()
     x = torch.randn(10, 1, 8, 8)
     first, second = fm(params, x), fm(params, x)
@@ -218,15 +218,51 @@ def test_eval_mode_batchnorm_with_running_stats_is_traced_bit_for_bit():
     assert "running_mean" in " ".join(fm._traces[fm._configuration()].names)
 
 
-def test_training_batchnorm_with_tracked_stats_is_not_traced():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train()
-    fm = FunctionalModel(model)
-    fm(fm.parameters(), torch.randn(4, 1, 6, 6))
-    assert fm._traces[fm._configuration()] is None and not fm._verified
-
-
 def test_batchnorm_rank_error_survives_tracing():
     fm = FunctionalModel(nn.Sequential(nn.Conv2d(1, 2, 3),
                                        nn.BatchNorm2d(2, track_running_stats=False)))
     with pytest.raises(ValueError, match="expected 4D input"):
         fm(fm.parameters(), torch.randn(1, 6, 6))
+
+
+def test_levels_default_exact_and_the_switch(monkeypatch):
+    """The default level applies only the exact rule (bit-identical to functional_call,
+    GEMM convolutions left out); ``all`` adds them; bad levels are named."""
+    monkeypatch.delenv(_rewrites.ENV_VAR, raising=False)
+    assert _rewrites.level() == "exact"
+    assert _rewrites.level(True) == "all" and _rewrites.level(False) == "none"
+    monkeypatch.setenv(_rewrites.ENV_VAR, "all")
+    assert _rewrites.level() == "all"
+    monkeypatch.setenv(_rewrites.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="METAOPT_GRAPH_REWRITES"):
+        _rewrites.level()
+    monkeypatch.delenv(_rewrites.ENV_VAR)
+    model = _conv_net()
+    fm = FunctionalModel(model)
+    params = fm.parameters()
+    x = torch.randn(10, 1, 8, 8)
+    first, second = fm(params, x), fm(params, x)
+    (mode, run), = fm._verified.items()
+    fast = fm._traces[mode].fast
+    assert fast is not None and run is not fm._traces[mode].fn  # the exact rewrite is used
+    targets = {n.target for n in fast.__self__.graph.nodes}
+    assert _rewrites.conv2d_gemm not in targets  # ... without the GEMM convolutions
+    assert torch.equal(first, second)
+
+
+def test_default_batchnorm_with_tracked_stats_is_traced_in_training_mode():
+    """nn.BatchNorm2d's default (tracked running statistics) in training mode is traced as
+    the batch-statistics call functional_call makes with FunctionalModel's None buffers,
+    and the running statistics are left untouched."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.MaxPool2d(2)).train()
+    fm = FunctionalModel(model)
+    params = fm.parameters()
+    x = torch.randn(6, 1, 10, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    first, second = fm(params, x), fm(params, x)
+    assert fm._verified and torch.equal(first, second)
+    (_, run), = fm._verified.items()
+    assert run is not None
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k

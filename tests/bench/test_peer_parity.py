@@ -4,16 +4,17 @@ higher, TorchOpt (object-oriented and functional), learn2learn and a plain
 ``torch.autograd.grad`` reference must agree to 1e-5 relative; metaopt's ``MAML`` (when
 importable) to 1e-4, float32. learn2learn needs ``scripts/peers/install_learn2learn.sh``.
 
-metaopt's graph rewrites (``metaopt/algorithms/_rewrites.py``: the first conv as an im2col
-GEMM, channels-last after it) round differently from the peers' kernels. Its meta-gradient
-is therefore held to 1e-4 relative on every parameter *except* those whose reference
+By default metaopt's graph rewrites are exact (``metaopt/algorithms/_rewrites.py``, level
+``"exact"``) and its conv meta-gradient is bit-identical to the reference
+(``test_metaopt_default_and_without_rewrites_are_bit_identical``). The opt-in level
+``"all"`` (the first conv as an im2col GEMM, channels-last after it) rounds differently from
+the peers' kernels; with it the meta-gradient is held to 1e-4 relative on every parameter
+*except* those whose reference
 gradient is at float32 noise level (``max|g_ref,param| < common.NOISE_REL = 1e-5`` × the
 largest over all parameters; in the conv net: the conv biases, whose meta-gradient through
 training-mode BatchNorm is analytically zero, so relative differences are noise over noise).
 For those the *absolute* difference must itself stay at that noise level
-(``≤ NOISE_REL ×`` the model-wide gradient scale). With ``METAOPT_GRAPH_REWRITES=0``
-metaopt runs the peers' kernels and, on the conv net, matches the reference bit for bit
-on every parameter (``test_metaopt_without_rewrites_is_bit_identical``).
+(``≤ NOISE_REL ×`` the model-wide gradient scale).
 """
 
 from __future__ import annotations
@@ -103,11 +104,14 @@ def test_peer_matches_reference(problem_and_reference, peer):
     assert common.max_rel_diff(grads, ref_grads) <= PEER_TOL
 
 
-def test_metaopt_matches_reference_and_peers(problem_and_reference):
+@pytest.mark.parametrize("rewrites", ["exact", "all"])
+def test_metaopt_matches_reference_and_peers(problem_and_reference, rewrites, monkeypatch):
     ok, why = metaopt_available()
     if not ok:
         pytest.skip(f"metaopt.algorithms.MAML not importable: {why}")
     from peers import metaopt_peer
+
+    monkeypatch.setenv("METAOPT_GRAPH_REWRITES", rewrites)
 
     problem, ref_loss, ref_grads = problem_and_reference
     loss, grads = _run(metaopt_peer.make_step, problem)
@@ -130,13 +134,18 @@ def _assert_metaopt_close(grads, expected, who: str) -> None:
         assert diff <= common.NOISE_REL * scale, (who, name, diff)
 
 
-def test_metaopt_without_rewrites_is_bit_identical(problem_and_reference, monkeypatch):
+@pytest.mark.parametrize("rewrites", [None, "0"], ids=["default", "none"])
+def test_metaopt_default_and_without_rewrites_are_bit_identical(problem_and_reference,
+                                                                 rewrites, monkeypatch):
     ok, why = metaopt_available()
     if not ok:
         pytest.skip(f"metaopt.algorithms.MAML not importable: {why}")
     from peers import metaopt_peer
 
-    monkeypatch.setenv("METAOPT_GRAPH_REWRITES", "0")
+    if rewrites is None:
+        monkeypatch.delenv("METAOPT_GRAPH_REWRITES", raising=False)
+    else:
+        monkeypatch.setenv("METAOPT_GRAPH_REWRITES", rewrites)
     problem, ref_loss, ref_grads = problem_and_reference
     if problem.model != "conv":  # no rule applies to the MLP; its ~1e-7 relative
         pytest.skip("differences from the reference predate the rewrites")
