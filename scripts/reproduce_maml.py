@@ -202,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5], choices=(1, 5))
     parser.add_argument("--json", type=Path, default=None,
                         help="write one combined JSON here instead of results/maml/*.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config value in every run (repeatable, as for "
+                        "`metaopt train`: steps=500, settings.channels=32); use with --json "
+                        "so results with other budgets do not merge into the default files")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest on a shared, busy machine)")
     args = parser.parse_args(argv)
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "sinusoid"):
         sin: dict[str, Any] = {"seeds": seeds, "quick": args.quick,
                                "methods": previous("sinusoid", "methods")}
-        overrides = QUICK["sinusoid"] if args.quick else []
+        overrides = (QUICK["sinusoid"] if args.quick else []) + args.overrides
         for name in args.algorithms:
             if name != PRETRAINED[0] and not available(name):
                 sin["methods"][name] = {"missing": f"metaopt.algorithms has no "
@@ -289,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs = []
                 for seed in seeds:
                     try:
-                        run = run_config(path, seed, QUICK["glyph"] if args.quick else [],
-                                         ("test", "transfer"))
+                        run = run_config(path, seed, (QUICK["glyph"] if args.quick else [])
+                                         + args.overrides, ("test", "transfer"))
                     except Exception as e:  # record and go on: one broken algorithm
                         gly["runs"][key] = {"missing": f"failed: {type(e).__name__}: {e}"}
                         print(f"glyph {key} seed {seed}: FAILED {type(e).__name__}: {e}",
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "environment": env}
                     save("glyph", gly)
         cfg = load_run_config(CONFIGS / "maml_glyph_5way1shot.yaml",
-                              QUICK["glyph"] if args.quick else [])
+                              (QUICK["glyph"] if args.quick else []) + args.overrides)
         print(f"\nGlyph 5-way few-shot accuracy (%) after {max(cfg.settings.eval_steps)} "
               f"adaptation steps, {cfg.settings.eval_tasks} test episodes per seed, "
               f"{cfg.steps} meta-steps (mean ± std over seeds {seeds}):\n")
