@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from metaopt.lopt import cpu_kernels
 from metaopt.lopt.base import LearnedOptimizer, LOptState, apply_step_, register_architecture
 from metaopt.lopt.release import ReleaseFormatError
-from metaopt.lopt.velo_plan import KernelPlan
+from metaopt.lopt.velo_plan import KernelPlan, MLPSlots
 from metaopt.params import Params, StructureError
 
 __all__ = [
@@ -196,15 +196,16 @@ def _kernel_shape_ok(p: Tensor, g: Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _kernel_mlp_gather(n_in: int, hidden: int, n_out: int, k: int) -> tuple[Tensor, Tensor, int]:
+def _kernel_mlp_gather(n_in: int, hidden: int, n_out: int, k: int
+                       ) -> tuple[Tensor, Tensor, MLPSlots, MLPSlots]:
     """Where the fused kernel's MLP arguments sit in a row of mixed MLP weights.
 
     A mixed row is ``[W0 (n_in, hidden), b0, W1 (hidden, hidden), b1, W2 (hidden, n_out),
     b2]`` flattened (see :meth:`VeLO._mixed_mlps`); a zero is appended at index
-    ``len(row)``. Returns ``(first, second, split)``: ``row[first] + row[second]`` is, for
-    a matrix, ``[w_x (18, H), w_stat (4k, H), b0, w1, b1, w2[:, :2], b2[:2]]`` and after
-    ``split``, for a vector, ``[w_x (24, H), b0, w1, b1, w2[:, :2], b2[:2]]`` (the vector
-    kernel takes each row/column statistic's two weights summed).
+    ``len(row)``. Returns ``(first, second, matrix, vector)``: ``row[first] + row[second]``
+    packs, at the ``matrix`` slots, ``[w_x (18, H), w_stat (4k, H), b0, w1, b1, w2[:, :2],
+    b2[:2]]`` and then, at the ``vector`` slots, ``[w_x (24, H), b0, w1, b1, w2[:, :2],
+    b2[:2]]`` (the vector kernel takes each row/column statistic's two weights summed).
     """
     o_b0 = n_in * hidden
     o_w1 = o_b0 + hidden
@@ -228,7 +229,10 @@ def _kernel_mlp_gather(n_in: int, hidden: int, n_out: int, k: int) -> tuple[Tens
                    + [zero] * (3 * hidden + len(tail)))
     first = torch.tensor(matrix + diag_first, dtype=torch.long)
     second = torch.tensor([zero] * len(matrix) + diag_second, dtype=torch.long)
-    return first, second, len(matrix)
+    matrix_slots = MLPSlots.after(0, len(_FULL_CHANNELS), 4 * k, hidden)
+    vector_slots = MLPSlots.after(matrix_slots.end, len(_FULL_CHANNELS) + 2 * k, 0, hidden)
+    assert matrix_slots.end == len(matrix) and vector_slots.end == len(first)
+    return first, second, matrix_slots, vector_slots
 
 
 # ------------------------------------------------------------------------- loss buffer
@@ -783,14 +787,14 @@ class VeLO(LearnedOptimizer):
         if kernel:
             # the kernel's MLP arguments of every tensor in one gather, and the step
             # coefficients as Python floats in one conversion
-            first, second, split = _kernel_mlp_gather(
+            first, second, *slots = _kernel_mlp_gather(
                 _N_FF_IN, self.ff_hidden_size, self.ff_weights[-1].shape[-1],
                 len(self.initial_momentum_decays))
             ext = torch.cat([mixed, mixed.new_zeros(mixed.shape[0], 1)], dim=1)
             packed = torch.index_select(ext, 1, first) + torch.index_select(ext, 1, second)
             coefs = lr_mult * self.step_mult
             if self.param_scale_mult:
-                coefs = coefs * torch.sqrt(torch.stack([p_mean_sq[k] for k in keys]) + 1e-9)
+                coefs = coefs * torch.sqrt(torch.stack(list(p_mean_sq.values())) + 1e-9)
             if not all(isinstance(sc, float) and sc == 1.0 for sc in scales):
                 coefs = coefs * torch.stack([torch.as_tensor(sc, dtype=torch.float32)
                                              for sc in scales])
@@ -806,14 +810,15 @@ class VeLO(LearnedOptimizer):
                 plan = kernel[key].get("plan")
                 if plan is not None:
                     plan.pass2(kernel[key]["g_ptr"], packed.data_ptr() + 4 * j * packed.shape[1],
-                               split, coef_floats[j] * lr, 1.0 - lr * wd, self.exp_mult)
+                               slots[p.dim() == 1], coef_floats[j] * lr, 1.0 - lr * wd,
+                               self.exp_mult)
                     new_params[key] = p
                     for group, out in (("mom", mom), ("rms", rms), ("v_row", v_row),
                                        ("v_col", v_col), ("v_diag", v_diag)):
                         out[key] = state[group][key]
                     continue
                 new_params[key], mom[key], rms[key], v_row[key], v_col[key], vd = \
-                    self._kernel_pass2(kern, kernel[key], p, packed[j], split,
+                    self._kernel_pass2(kern, kernel[key], p, packed[j], slots[p.dim() == 1],
                                        coef_floats[j] * lr, 1.0 - lr * wd, inplace is not None)
                 v_diag[key] = state["v_diag"][key] if vd is None else vd
                 continue
@@ -942,36 +947,30 @@ class VeLO(LearnedOptimizer):
         return sums[:, 2 * k + 2], var_m, mean_m, var_r, mean_r
 
     def _kernel_pass2(self, kern: cpu_kernels.LoptCpuKernels, pre: Mapping[str, Any],
-                      p: Tensor, packed: Tensor, split: int, coef: float, p_decay: float,
+                      p: Tensor, packed: Tensor, slots: MLPSlots, coef: float, p_decay: float,
                       inplace: bool
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Kernel pass 2 for one tensor: ``(p_new, mom, rms, v_row, v_col, v_diag)``,
         accumulators as channel-last views of channel-first storage. ``packed`` is the
-        tensor's row of MLP arguments (:func:`_kernel_mlp_gather`). ``inplace`` writes
-        into ``p``."""
+        tensor's row of MLP arguments at ``slots`` (:func:`_kernel_mlp_gather`).
+        ``inplace`` writes into ``p``."""
         hidden, k = self.ff_hidden_size, len(self.initial_momentum_decays)
         diag = p.dim() == 1
+
+        def block(start: int, rows: int) -> Tensor:
+            return packed[start:start + rows * hidden].view(rows, hidden)
+
+        w_x = block(slots.w_x, slots.n_x)
+        b0 = packed[slots.b0:slots.b0 + hidden]
         if diag:
-            n_x = _N_FULL + 2 * k
-            w_x = packed[split:split + n_x * hidden].view(n_x, hidden)
-            tail = split + n_x * hidden
-            u_a = packed[tail:tail + hidden].view(hidden, 1)
-            u_b = None
+            u_a, u_b = b0.view(hidden, 1), None
         else:
-            w_x = packed[:_N_FULL * hidden].view(_N_FULL, hidden)
-            tail = (_N_FULL + 4 * k) * hidden
-            w_stat = packed[_N_FULL * hidden:tail].view(4 * k, hidden)
             _, _, u_a, u_b = kern.factored_prepare(
                 pre["g"], pre["dims"][1], pre["v_row"], pre["v_col"],
-                _constant((0.0,) * k, p.device), w_stat, packed[tail:tail + hidden],
+                _constant((0.0,) * k, p.device), block(slots.w_stat, 4 * k), b0,
                 channel_last=True, update_v=False)
-        tail += hidden
-        w1 = packed[tail:tail + hidden * hidden].view(hidden, hidden)
-        tail += hidden * hidden
-        b1 = packed[tail:tail + hidden]
-        tail += hidden
-        w2 = packed[tail:tail + 2 * hidden].view(hidden, 2)
-        b2 = packed[tail + 2 * hidden:tail + 2 * hidden + 2]
+        w1, b1 = block(slots.w1, hidden), packed[slots.b1:slots.b1 + hidden]
+        w2, b2 = packed[slots.w2:slots.b2].view(hidden, 2), packed[slots.b2:slots.end]
         out = p if inplace and p.is_contiguous() else None
         p_new = kern.pass2(
             "velo_diag" if diag else "velo", pre["g"], pre["p"], pre["m"], pre["rms"],

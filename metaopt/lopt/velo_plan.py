@@ -18,6 +18,7 @@ place and handed back unchanged, so they keep matching.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,12 +26,41 @@ from torch import Tensor
 
 from metaopt.lopt import cpu_kernels
 
-__all__ = ["KernelPlan"]
+__all__ = ["KernelPlan", "MLPSlots"]
 
 _F32 = torch.float32
 _F64 = torch.float64
 _CLIP = 1000.0  # VeLO clips gradients to [-1000, 1000]
 _GROUPS = ("mom", "rms", "v_row", "v_col", "v_diag")
+
+
+@dataclass(frozen=True)
+class MLPSlots:
+    """Where one kernel call's MLP arguments start in a packed row (in floats): first-layer
+    weights ``w_x`` (``n_x`` channels × H), for matrices the row/column-statistic weights
+    ``w_stat`` (4k × H), the first-layer bias ``b0``, ``w1`` (H × H), ``b1``, ``w2``
+    (H × 2) and ``b2`` (2)."""
+
+    n_x: int
+    w_x: int
+    w_stat: int | None
+    b0: int
+    w1: int
+    b1: int
+    w2: int
+    b2: int
+    end: int
+
+    @staticmethod
+    def after(start: int, n_x: int, n_stat: int, hidden: int) -> MLPSlots:
+        """The slots of a segment at ``start`` with ``n_stat`` statistic channels (0: none)."""
+        w_stat = start + n_x * hidden
+        b0 = w_stat + n_stat * hidden
+        w1 = b0 + hidden
+        b1 = w1 + hidden * hidden
+        w2 = b1 + hidden
+        b2 = w2 + 2 * hidden
+        return MLPSlots(n_x, start, w_stat if n_stat else None, b0, w1, b1, w2, b2, b2 + 2)
 
 
 def _owned_channel_first(t: Tensor, rows: int, n: int) -> Tensor | None:
@@ -95,7 +125,7 @@ class KernelPlan:
 
     def grad_ptr(self, g: Tensor) -> int | None:
         """The gradient's address when the kernel can read it directly."""
-        if g.dtype is _F32 and g.is_contiguous() and g.numel() == self.n and not g.is_cuda \
+        if g.dtype is _F32 and g.is_contiguous() and g.numel() == self.n \
                 and g.device.type == "cpu":
             return g.data_ptr()
         return None
@@ -126,40 +156,29 @@ class KernelPlan:
                            self.stats.data_ptr(), threads)
         return {"plan": self, "g_ptr": g_ptr, "stats": self.stats, "n": self.n}
 
-    def pass2(self, g_ptr: int, row_ptr: int, split: int, coef: float, p_decay: float,
+    def pass2(self, g_ptr: int, row_ptr: int, slots: MLPSlots, coef: float, p_decay: float,
               exp_mult: float) -> None:
         """Pass 2 (writes the parameter in place) with the tensor's row of mixed MLP
-        arguments at ``row_ptr`` (float32 address; layout of ``_kernel_mlp_gather``)."""
-        lib, k, hidden = self.lib, self.k, self.hidden
+        arguments at ``row_ptr`` (float32 address), laid out as ``slots`` says."""
+        lib, k = self.lib, self.k
         threads = self.threads()
+
+        def at(offset: int) -> int:
+            return row_ptr + 4 * offset
+
         if self.diag:
-            n_x = self.n_ch
-            w_x = row_ptr + 4 * split
-            tail = split + n_x * hidden
-            u_a, u_b = row_ptr + 4 * tail, None
-            fac_a = fac_b = None
-            v = self.v_ptr
+            u_a, u_b, fac_a, fac_b, v = at(slots.b0), None, None, None, self.v_ptr
         else:
-            w_x, n_full = row_ptr, self.n_ch
-            tail = (n_full + 4 * k) * hidden
             status = lib.lopt_factored_prepare(
                 self.a, self.b, self.d0, 0, g_ptr, 0.0, self.ptrs[3], 1, k, self.ptrs[4], 1, k,
-                self.zeros.data_ptr(), row_ptr + 4 * n_full * hidden, row_ptr + 4 * tail,
-                self.fac_a.data_ptr(), self.fac_b.data_ptr(), self.u_a.data_ptr(),
-                self.u_b.data_ptr(), threads)
+                self.zeros.data_ptr(), at(slots.w_stat), at(slots.b0), self.fac_a.data_ptr(),
+                self.fac_b.data_ptr(), self.u_a.data_ptr(), self.u_b.data_ptr(), threads)
             if status != 0:
                 raise MemoryError("lopt_factored_prepare could not allocate")
             u_a, u_b = self.u_a.data_ptr(), self.u_b.data_ptr()
-            fac_a, fac_b = self.fac_a.data_ptr(), self.fac_b.data_ptr()
-            v = None
-        tail += hidden
-        w1 = row_ptr + 4 * tail
-        tail += hidden * hidden
-        b1 = row_ptr + 4 * tail
-        tail += hidden
-        w2 = row_ptr + 4 * tail
-        b2 = row_ptr + 4 * (tail + 2 * hidden)
+            fac_a, fac_b, v = self.fac_a.data_ptr(), self.fac_b.data_ptr(), None
         p_ptr = self.ptrs[0]
         lib.lopt_pass2(self.mode, self.a, self.b, g_ptr, p_ptr, self.ptrs[1], self.ptrs[2],
-                       fac_a, fac_b, v, w_x, self.sumsq.data_ptr(), u_a, u_b, w1, b1, w2, b2,
-                       exp_mult, coef, p_decay, p_ptr, threads)
+                       fac_a, fac_b, v, at(slots.w_x), self.sumsq.data_ptr(), u_a, u_b,
+                       at(slots.w1), at(slots.b1), at(slots.w2), at(slots.b2), exp_mult, coef,
+                       p_decay, p_ptr, threads)
