@@ -11,7 +11,13 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["fsync_dir", "sha256_hex", "write_synced"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "sha256_hex",
+    "write_synced",
+]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -38,3 +44,27 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a synced temporary file beside it, then
+    ``os.replace``, then a sync of the directory. Readers see the old file or the new
+    one, never a partial write; a failed write leaves no temporary file behind.
+
+    This is the one atomic file write in metaopt: every writer (runner and learned-
+    optimizer checkpoints, the task cache, the kernel cache) goes through it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        write_synced(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Text (UTF-8) version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode())

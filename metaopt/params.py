@@ -1,16 +1,37 @@
-"""Parameters as name→tensor dicts, and the small tree algebra over them.
+"""Parameters as name→tensor dicts, and calling a module with them.
 
 Every part of metaopt speaks in ``Params`` — a plain ``dict[str, Tensor]`` keyed by
-the names ``nn.Module.named_parameters()`` gives. Any unmodified module becomes a
-pure function of such a dict through :func:`functional_call`; nothing is patched.
+the names ``nn.Module.named_parameters()`` gives (the tree algebra over such dicts,
+and over nested dicts, lives in :mod:`metaopt.tree` and is re-exported here). Any unmodified module
+becomes a pure function of such a dict through :func:`functional_call`; nothing is
+patched.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+
+from metaopt.errors import NonFiniteError, StructureError
+from metaopt.tree import (
+    check_same_structure,
+    tree_add,
+    tree_axpy,
+    tree_clone,
+    tree_detach,
+    tree_dot,
+    tree_flatten,
+    tree_map,
+    tree_norm,
+    tree_numel,
+    tree_requires_grad,
+    tree_scale,
+    tree_sub,
+    tree_unflatten,
+    tree_zeros_like,
+)
 
 Params = dict[str, Tensor]
 
@@ -38,14 +59,6 @@ __all__ = [
     "tree_unflatten",
     "tree_zeros_like",
 ]
-
-
-class StructureError(ValueError):
-    """Two parameter dicts that should match do not (keys, shapes or dtypes)."""
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or infinity appeared; the message names the tensor and where."""
 
 
 def parameters_of(module: nn.Module, *, detach: bool = False) -> Params:
@@ -92,109 +105,9 @@ def functional_call(
     return torch.func.functional_call(module, tensors, args, kwargs or {}, strict=False)
 
 
-def check_same_structure(a: Mapping[str, Tensor], b: Mapping[str, Tensor],
-                         names: tuple[str, str] = ("a", "b"), *, shapes: bool = True) -> None:
-    """Raise :class:`StructureError` naming the keys/shapes where ``a`` and ``b`` differ."""
-    missing = sorted(a.keys() - b.keys())
-    extra = sorted(b.keys() - a.keys())
-    problems = []
-    if missing:
-        problems.append(f"keys in {names[0]} but not {names[1]}: {missing}")
-    if extra:
-        problems.append(f"keys in {names[1]} but not {names[0]}: {extra}")
-    if shapes:
-        for k in sorted(a.keys() & b.keys()):
-            if a[k].shape != b[k].shape:
-                problems.append(
-                    f"'{k}' has shape {tuple(a[k].shape)} in {names[0]} "
-                    f"but {tuple(b[k].shape)} in {names[1]}"
-                )
-    if problems:
-        raise StructureError("; ".join(problems))
-
-
 def check_finite(tree: Mapping[str, Tensor], where: str) -> None:
     """Raise :class:`NonFiniteError` naming the first tensor holding NaN/inf."""
     for k, v in tree.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             kind = "NaN" if bool(torch.isnan(v).any()) else "inf"
             raise NonFiniteError(f"{kind} in '{k}' {where}")
-
-
-def tree_map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor],
-             *rest: Mapping[str, Tensor]) -> Params:
-    """Apply ``fn`` leaf-wise over dicts with identical keys."""
-    for i, other in enumerate(rest):
-        if other.keys() != tree.keys():
-            check_same_structure(tree, other, ("first tree", f"tree {i + 2}"), shapes=False)
-    return {k: fn(v, *(o[k] for o in rest)) for k, v in tree.items()}
-
-
-def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Params:
-    return tree_map(torch.add, a, b)
-
-
-def tree_sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Params:
-    return tree_map(torch.sub, a, b)
-
-
-def tree_scale(a: Mapping[str, Tensor], s: float | Tensor) -> Params:
-    return {k: v * s for k, v in a.items()}
-
-
-def tree_axpy(alpha: float | Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Params:
-    """``alpha * x + y`` leaf-wise."""
-    return tree_map(lambda xi, yi: yi + alpha * xi, x, y)
-
-
-def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """Sum over leaves of the elementwise products (the Euclidean inner product)."""
-    terms = [torch.sum(a[k] * b[k]) for k in a]
-    if len(a.keys() ^ b.keys()):
-        check_same_structure(a, b, shapes=False)
-    if not terms:
-        return torch.zeros(())
-    return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
-
-
-def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
-    """Euclidean norm of the concatenation of all leaves."""
-    return torch.sqrt(tree_dot(a, a))
-
-
-def tree_zeros_like(a: Mapping[str, Tensor]) -> Params:
-    return {k: torch.zeros_like(v) for k, v in a.items()}
-
-
-def tree_detach(a: Mapping[str, Tensor]) -> Params:
-    return {k: v.detach() for k, v in a.items()}
-
-
-def tree_clone(a: Mapping[str, Tensor]) -> Params:
-    return {k: v.clone() for k, v in a.items()}
-
-
-def tree_requires_grad(a: Mapping[str, Tensor], flag: bool = True) -> Params:
-    """Detached copies that are fresh autograd leaves (``requires_grad=flag``)."""
-    return {k: v.detach().clone().requires_grad_(flag) for k, v in a.items()}
-
-
-def tree_numel(a: Mapping[str, Tensor]) -> int:
-    return sum(v.numel() for v in a.values())
-
-
-def tree_flatten(a: Mapping[str, Tensor]) -> Tensor:
-    """Concatenate all leaves (in key order) into one vector."""
-    return torch.cat([v.reshape(-1) for v in a.values()])
-
-
-def tree_unflatten(vec: Tensor, like: Mapping[str, Tensor]) -> Params:
-    """Inverse of :func:`tree_flatten` with shapes taken from ``like``."""
-    out, i = {}, 0
-    for k, v in like.items():
-        n = v.numel()
-        out[k] = vec[i:i + n].reshape(v.shape)
-        i += n
-    if i != vec.numel():
-        raise StructureError(f"vector has {vec.numel()} elements, tree needs {i}")
-    return out

@@ -11,9 +11,8 @@ what second-order meta-gradients need (see :func:`inner_gradient`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,7 +20,7 @@ from torch import Tensor
 from metaopt.optim.base import GradientTransformation, State, apply_updates
 from metaopt.params import NonFiniteError, Params
 
-__all__ = ["InnerTrace", "flatten_state", "inner_gradient", "unflatten_state", "unroll"]
+__all__ = ["InnerTrace", "inner_gradient", "unroll"]
 
 #: ``loss_fn(theta, step) -> scalar``: the inner objective at inner step ``step``.
 StepLoss = Callable[[Params, int], Tensor]
@@ -78,37 +77,11 @@ def _step(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
           opt_state: State, step: int, stop_gradient: bool
           ) -> tuple[Params, State, Tensor]:
     grads, loss = inner_gradient(loss_fn, theta, step, stop_gradient=stop_gradient)
-    updates, opt_state = optimizer.update(grads, opt_state, theta)
+    if optimizer.needs_loss:
+        updates, opt_state = optimizer.update(grads, opt_state, theta, loss=loss)
+    else:
+        updates, opt_state = optimizer.update(grads, opt_state, theta)
     return apply_updates(theta, updates), opt_state, loss
-
-
-def flatten_state(tree: Any, prefix: str = "") -> tuple[list[str], list[Tensor]]:
-    keys, values = [], []
-    if isinstance(tree, Mapping):
-        for k in tree:
-            ks, vs = flatten_state(tree[k], f"{prefix}{k}/")
-            keys += ks
-            values += vs
-    elif isinstance(tree, Tensor):
-        keys.append(prefix.rstrip("/"))
-        values.append(tree)
-    elif tree is not None and not isinstance(tree, (bool, int, float, str)):
-        raise TypeError(f"optimizer state leaf '{prefix.rstrip('/')}' is a "
-                        f"{type(tree).__name__}; states must be dicts of tensors")
-    return keys, values
-
-
-def unflatten_state(like: Any, values: list[Tensor]) -> Any:
-    it = iter(values)
-
-    def build(t: Any) -> Any:
-        if isinstance(t, Mapping):
-            return {k: build(v) for k, v in t.items()}
-        if isinstance(t, Tensor):
-            return next(it)
-        return t
-
-    return build(like)
 
 
 def _check_step(loss: Tensor, theta: Params, step: int) -> None:

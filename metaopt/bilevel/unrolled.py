@@ -20,8 +20,9 @@ from torch import Tensor
 
 from metaopt.bilevel._common import collect_grad, initial_theta, outer_leaves, step_loss
 from metaopt.bilevel.problem import BilevelProblem, Hypergradient, InitialTheta
-from metaopt.bilevel.unroll import flatten_state, unflatten_state, unroll
+from metaopt.bilevel.unroll import unroll
 from metaopt.params import NonFiniteError, Params, tree_detach
+from metaopt.tree import tree_leaves, tree_rebuild
 
 __all__ = ["Unrolled"]
 
@@ -119,13 +120,13 @@ class Unrolled:
         for seg_start, n, th0, st0 in reversed(boundaries):
             with torch.enable_grad():
                 th_in = {k: v.detach().requires_grad_() for k, v in th0.items()}
-                _, st_values = flatten_state(st0)
+                _, st_values = tree_leaves(st0)
                 st_in_values = [v.detach().requires_grad_(v.is_floating_point())
                                 for v in st_values]
-                st_in = unflatten_state(st0, st_in_values)
+                st_in = tree_rebuild(st0, st_in_values)
                 trace = unroll(loss_fn, optimizer, th_in, n, opt_state=st_in, start=seg_start,
                                stop_gradient=self.first_order, check_finite=False)
-                _, st_out = flatten_state(trace.opt_state)
+                _, st_out = tree_leaves(trace.opt_state)
                 outs = [trace.theta[k] for k in theta_keys] + st_out
                 cots = adj_theta + (adj_state if adj_state is not None
                                     else [torch.zeros_like(v) for v in st_out])

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from metaopt.errors import CheckpointError
 from metaopt.fileio import sha256_hex, write_synced
 from metaopt.lopt.base import ARCHITECTURES, LearnedOptimizer
 from metaopt.registry import PRETRAINED_LOPTS
@@ -46,10 +47,6 @@ FORMAT_VERSION = 1
 FORMAT_NAME = "metaopt.lopt"
 META_FILE = "lopt.json"
 WEIGHTS_FILE = "meta_params.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, truncated or does not fit its architecture."""
 
 
 def save_checkpoint(lopt: LearnedOptimizer, path: str | os.PathLike,

@@ -40,6 +40,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from metaopt.errors import FormatError
+
 __all__ = [
     "RELEASE_CLASS_NAMES",
     "GinConfig",
@@ -73,7 +75,7 @@ _EXT_NPSCALAR = 3
 _CHUNKED = "__msgpack_chunked_array__"
 
 
-class ReleaseFormatError(ValueError):
+class ReleaseFormatError(FormatError):
     """A release file is unreadable, truncated, or does not match the architecture."""
 
 

@@ -36,10 +36,17 @@ __all__ = [
 
 
 class GradientTransformation(NamedTuple):
-    """A differentiable optimizer: ``init`` builds state, ``update`` maps grads to updates."""
+    """A differentiable optimizer: ``init`` builds state, ``update`` maps grads to updates.
+
+    ``needs_loss``: the optimizer also reads the current loss (learned optimizers with
+    loss features, e.g. VeLO). Its ``update`` is then called as
+    ``update(grads, state, params, loss=loss)`` by every inner loop in metaopt; plain
+    optimizers keep the three-argument form.
+    """
 
     init: Callable[[Params], State]
-    update: Callable[[Params, State, Params], tuple[Params, State]]
+    update: Callable[..., tuple[Params, State]]
+    needs_loss: bool = False
 
 
 def apply_updates(params: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -> Params:

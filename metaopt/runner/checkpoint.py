@@ -33,7 +33,14 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
-from metaopt.fileio import fsync_dir, sha256_hex, write_synced
+from metaopt.errors import CheckpointError
+from metaopt.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    sha256_hex,
+    write_synced,
+)
 
 __all__ = [
     "FORMAT",
@@ -53,10 +60,6 @@ TENSORS = "tensors.safetensors"
 STATE = "state.json"
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or does not match the run loading it."""
 
 
 @dataclass
@@ -109,20 +112,6 @@ def write_checkpoint(directory: str | Path, *, step: int, experiment: str,
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a synced temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    write_synced(tmp, data)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode())
 
 
 # --------------------------------------------------------------------------- reading

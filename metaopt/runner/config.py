@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from metaopt.errors import ConfigError
 from metaopt.runner.experiment import ExperimentConfig, get_experiment
 
 __all__ = [
@@ -49,10 +50,6 @@ __all__ = [
 T = TypeVar("T")
 
 DTYPES = ("float32", "float64")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
 
 
 @dataclass

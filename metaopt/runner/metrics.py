@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from metaopt.runner.checkpoint import atomic_write_text
+from metaopt.fileio import atomic_write_text
 
 __all__ = ["METRICS_FILE", "MetricsWriter", "read_metrics", "to_float_metrics"]
 

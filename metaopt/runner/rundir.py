@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from metaopt.runner.checkpoint import atomic_write_text
+from metaopt.errors import MetaoptError
+from metaopt.fileio import atomic_write_text
 from metaopt.runner.config import RunConfig, load_run_config, to_yaml
 
 __all__ = [
@@ -56,7 +57,7 @@ CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(MetaoptError, RuntimeError):
     """A run directory is missing, incomplete, or already used by another run."""
 
 
