@@ -3,7 +3,8 @@
 * :mod:`.hyperparams` — how φ enters the inner problem (sample weights, per-layer
   learning rates / weight decay, L2 strengths, a loss-weighting network);
 * :mod:`.constraints` — valid ranges, projected or rejected (:class:`Box`);
-* :mod:`.outer` — one outer step with any estimator, warm-started inner solutions;
+* :mod:`.outer` — the bilevel outer loop (:mod:`metaopt.bilevel.outer`) with those
+  ranges as its projection, warm-started by default;
 * :mod:`.cleaning` — the data-reweighting (hyper-cleaning) problem and its trainer;
 * :mod:`.online_lr` — hypergradient descent on per-layer learning rates during
   ordinary training (Baydin et al. 2018), as a ``torch.optim`` optimizer.
@@ -21,6 +22,7 @@ from metaopt.algorithms.hyper.constraints import (
     HyperparameterRangeError,
     constrain,
     constraint_for,
+    projection,
 )
 from metaopt.algorithms.hyper.hyperparams import (
     LossWeightNet,
@@ -56,6 +58,7 @@ __all__ = [
     "net_weights",
     "per_layer_groups",
     "prefixed",
+    "projection",
     "reweighting_problem",
     "sample_weights",
     "unprefixed",

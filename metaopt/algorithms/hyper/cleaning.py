@@ -19,6 +19,7 @@ from metaopt.algorithms.hyper.hyperparams import sample_weights, weighted_mean
 from metaopt.bilevel.problem import BilevelProblem
 from metaopt.optim import sgd
 from metaopt.params import Params
+from metaopt.tree import tree_axpy, tree_detach, tree_requires_grad
 
 __all__ = ["accuracy", "fit_weighted", "linear_logits", "logistic_theta0",
            "reweighting_problem"]
@@ -66,14 +67,14 @@ def fit_weighted(x: Tensor, y: Tensor, weights: Tensor, *, reg: float, lr: float
                  num_classes: int, theta0: Params | None = None) -> Params:
     """Full-batch gradient descent on the weighted, L2-regularised cross-entropy."""
     theta = (logistic_theta0(x.shape[1], num_classes, dtype=x.dtype, device=x.device)
-             if theta0 is None else {k: v.detach().clone() for k, v in theta0.items()})
+             if theta0 is None else tree_requires_grad(theta0, False))
     weights = weights.detach()
     for _ in range(steps):
         with torch.enable_grad():
-            th = {k: v.requires_grad_() for k, v in theta.items()}
+            th = tree_requires_grad(theta)
             loss = _inner(th, weights, x, y, reg)
-            grads = torch.autograd.grad(loss, list(th.values()))
-        theta = {k: (v - lr * g).detach() for (k, v), g in zip(th.items(), grads)}
+            grads = dict(zip(th, torch.autograd.grad(loss, list(th.values()))))
+        theta = tree_axpy(-lr, grads, tree_detach(th))
     return theta
 
 

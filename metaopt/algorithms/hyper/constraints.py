@@ -13,7 +13,7 @@ Constraints are keyed by φ's names; a key may be a glob pattern (``"lr/*"``).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from metaopt.params import NonFiniteError, Params
 
-__all__ = ["Box", "HyperparameterRangeError", "constrain", "constraint_for"]
+__all__ = ["Box", "HyperparameterRangeError", "constrain", "constraint_for", "projection"]
 
 
 class HyperparameterRangeError(ValueError):
@@ -104,3 +104,15 @@ def constrain(phi: Mapping[str, Tensor], constraints: Mapping[str, Box]) -> Para
         box = constraint_for(k, constraints)
         out[k] = v if box is None else box.apply(k, v)
     return out
+
+
+def projection(constraints: Mapping[str, Box] | None) -> Callable[[Params], Params] | None:
+    """The constraints as the outer loop's ``project`` argument (``None`` if there are none).
+
+    Use it with :func:`metaopt.bilevel.hypergradient_descent`
+    (``project=projection({"lr/*": Box(low=0)})``).
+    """
+    if not constraints:
+        return None
+    fixed = dict(constraints)
+    return lambda phi: constrain(phi, fixed)

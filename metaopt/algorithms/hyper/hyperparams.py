@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from metaopt.optim import GradientTransformation, sgd
 from metaopt.params import Params, functional_call
+from metaopt.tree import tree_map
 
 __all__ = [
     "LossWeightNet",
@@ -94,9 +95,9 @@ def learned_sgd(lr_prefix: str = "lr", wd_prefix: str | None = None, *,
         if wd_prefix is not None:
             wd = unprefixed(phi, wd_prefix)
         if log_space:
-            lr = {k: torch.exp(v) for k, v in lr.items()}
+            lr = tree_map(torch.exp, lr)
             if isinstance(wd, Mapping):
-                wd = {k: torch.exp(v) for k, v in wd.items()}
+                wd = tree_map(torch.exp, wd)
         return sgd(lr, momentum=momentum, weight_decay=wd)
 
     return build
