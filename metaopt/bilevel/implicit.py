@@ -38,7 +38,8 @@ def default_tol(dtype: torch.dtype) -> float:
     ``1e-10`` in float64; ``sqrt(eps)`` in lower precision (float32: 3.5e-4), where a
     residual of 1e-10 is below rounding and the solve would never report convergence.
     """
-    return max(1e-10, math.sqrt(torch.finfo(dtype).eps))
+    eps = torch.finfo(dtype).eps
+    return 1e-10 if eps <= torch.finfo(torch.float64).eps else math.sqrt(eps)
 
 
 @dataclass
