@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from maml_reference import call, max_rel_diff, maml_grad, mlp, regression_batch
+from maml_reference import call, maml_grad, max_rel_diff, mlp, regression_batch
 from torch import nn
 
 from metaopt.algorithms import ANIL, MAML, iMAML

@@ -20,6 +20,7 @@ from maml_reference import (
 from torch import nn
 
 from metaopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile, iMAML
+from metaopt.bilevel import Unrolled
 
 
 def grads_after(algo, batch, loss_fn, model=None):
@@ -36,16 +37,28 @@ CASES = [("mlp", mlp, regression_batch, F.mse_loss, 0.05),
          ("conv_bn", conv_bn, classification_batch, F.cross_entropy, 0.4)]
 
 
+EXECUTION = {"loop": {"strategy": "loop"}, "vmap": {"strategy": "vmap"},
+             "vmap-chunk2": {"strategy": "vmap", "chunk_size": 2}, "default": {},
+             "checkpointed": {"estimator": Unrolled(checkpoint_segment=2)}}
+
+
+@pytest.mark.parametrize("execution", list(EXECUTION))
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("name,make,data,loss_fn,lr", CASES)
-def test_maml_second_order_matches_autograd_and_higher(name, make, data, loss_fn, lr, steps):
+def test_maml_second_order_matches_autograd_and_higher(name, make, data, loss_fn, lr, steps,
+                                                       execution):
+    """float64: every execution setting within 1e-10 of autograd and of higher."""
+    if name == "conv_bn" and execution.startswith("vmap"):
+        pytest.skip("second order through BatchNorm is refused under vmap (tested below)")
     model, batch = make(), data()
-    ours, value = grads_after(MAML(model, inner_lr=lr, inner_steps=steps, strategy="loop"),
-                              batch, loss_fn)
+    maml = MAML(model, inner_lr=lr, inner_steps=steps, **EXECUTION[execution])
     ref, ref_value = maml_grad(model, *batch, loss_fn, lr, steps)
-    assert value == pytest.approx(ref_value, rel=1e-12)
-    assert max_rel_diff(ours, ref) < 1e-10
-    assert max_rel_diff(ours, higher_grad(model, *batch, loss_fn, lr, steps)) < 1e-10
+    peer = higher_grad(model, *batch, loss_fn, lr, steps)
+    for _ in range(2):  # the default decides on its first meta-batch and uses it later
+        ours, value = grads_after(maml, batch, loss_fn)
+        assert value == pytest.approx(ref_value, rel=1e-12)
+        assert max_rel_diff(ours, ref) < 1e-10
+        assert max_rel_diff(ours, peer) < 1e-10
     # second order matters here: the first-order gradient is far away
     fo, _ = maml_grad(model, *batch, loss_fn, lr, steps, first_order=True)
     assert max_rel_diff(fo, ref) > 1e-3
