@@ -218,7 +218,8 @@ class MetaTrainer:
 
         wanted = sorted(set(steps))
         memoryless = (type(self.learner) in (algorithms.MAML, algorithms.FOMAML)
-                      and self.learner.inner_optimizer is None)
+                      and self.learner.inner_optimizer is None
+                      and self.learner.proximal is None)
         if not memoryless:
             return {s: self.adapt(x, y, loss_fn, s) for s in wanted}
         out: dict[int, dict[str, Tensor]] = {}
