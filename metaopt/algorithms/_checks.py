@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = ["check_labels", "check_meta_batch", "check_outputs", "check_task"]
 
@@ -95,16 +96,30 @@ def _output_shape(forward: Callable[[Tensor], Tensor], example: Tensor,
     return cache[key]
 
 
+#: torch losses that compare output and target element by element (and broadcast them,
+#: with only a warning, when their shapes differ).
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, nn.MSELoss, nn.L1Loss,
+                nn.SmoothL1Loss, nn.HuberLoss)
+#: torch losses with the class axis at dim 1 of the output and class-index targets.
+_CLASSWISE = (F.cross_entropy, F.nll_loss, nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+def _is(loss_fn: object, kinds: tuple) -> bool:
+    return any(loss_fn is k or (isinstance(k, type) and isinstance(loss_fn, k)) for k in kinds)
+
+
 def check_outputs(forward: Callable[[Tensor], Tensor], example: Tensor,
-                  targets: list[tuple[str, Tensor]], cache: dict, *,
+                  targets: list[tuple[str, Tensor]], cache: dict, loss_fn: object = None, *,
                   task_axis: bool = True) -> None:
     """The model's output must line up with the targets, example by example.
 
     ``example`` is one task's inputs ``(examples, ...)``; each target has a leading
-    task axis when ``task_axis``. The output needs one row per example; floating
-    (regression) targets must have exactly the output's per-example shape (no
-    broadcasting: a 3-output model against 1-D targets is an error, not a warning);
-    integer (class) targets the output's shape without its class axis.
+    task axis when ``task_axis``. The output needs one row per example. For torch's
+    elementwise regression losses (``mse_loss``, ``l1_loss``, …), targets must have
+    exactly the output's per-example shape — a 3-output model against 1-D targets is
+    an error here, not a broadcasting warning; for ``cross_entropy``/``nll_loss`` with
+    class-index targets, the output's shape without its class axis (dim 1). Other loss
+    functions get only the row check.
     """
     out = _output_shape(forward, example, cache)
     n = example.shape[0]
@@ -114,16 +129,16 @@ def check_outputs(forward: Callable[[Tensor], Tensor], example: Tensor,
                          f"task axis of the inputs")
     for name, y in targets:
         per_example = _shape(y)[2:] if task_axis else _shape(y)[1:]
-        if y.is_floating_point():
-            if per_example != out[1:]:
-                raise ValueError(
-                    f"{name} has per-example shape {per_example} but the model outputs "
-                    f"{out[1:]} per example: regression targets must match the output "
-                    f"exactly (e.g. targets (tasks, examples, 1) for one output)")
-        elif per_example != out[1:-1]:
+        if _is(loss_fn, _ELEMENTWISE) and per_example != out[1:]:
+            raise ValueError(
+                f"{name} has per-example shape {per_example} but the model outputs "
+                f"{out[1:]} per example: regression targets must match the output "
+                f"exactly (e.g. targets (tasks, examples, 1) for one output)")
+        if (_is(loss_fn, _CLASSWISE) and not y.is_floating_point()
+                and per_example != out[2:]):
             raise ValueError(f"{name} has per-example shape {per_example} but the model "
                              f"outputs {out[1:]} per example: class labels need the output's "
-                             f"shape without its class axis {out[1:-1]}")
+                             f"shape without its class axis, {out[2:]}")
 
 
 def check_labels(forward: Callable[[Tensor], Tensor], example: Tensor,

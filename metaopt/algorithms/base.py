@@ -165,7 +165,8 @@ class MetaLearner(nn.Module):
         tensors. It supports one ``backward()``, not higher-order differentiation.
         """
         check_meta_batch(support_x, support_y, query_x, query_y)
-        self._check_outputs(support_x[0], [("support_y", support_y), ("query_y", query_y)])
+        self._check_outputs(support_x[0], [("support_y", support_y), ("query_y", query_y)],
+                            loss_fn)
         result, phi = self._run(support_x, support_y, query_x, query_y, loss_fn)
         self.last_task_losses = result.metrics
         self.last_strategy = result.strategy
@@ -182,7 +183,7 @@ class MetaLearner(nn.Module):
         ``steps`` defaults to the training ``inner_steps``.
         """
         check_task(x, y)
-        self._check_outputs(x, [("y", y)], task_axis=False)
+        self._check_outputs(x, [("y", y)], loss_fn, task_axis=False)
         steps = self.inner_steps if steps is None else steps
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
@@ -207,14 +208,15 @@ class MetaLearner(nn.Module):
         return dict(self._batcher.footprints)
 
     # -- plumbing --------------------------------------------------------------------
-    def _check_outputs(self, example: Tensor, targets: list[tuple[str, Tensor]], *,
-                       task_axis: bool = True) -> None:
+    def _check_outputs(self, example: Tensor, targets: list[tuple[str, Tensor]],
+                       loss_fn: LossFn, *, task_axis: bool = True) -> None:
         model_params = self._fmodel.parameters()
 
         def forward(x: Tensor) -> Tensor:
             return self._fmodel(model_params, x)
 
-        check_outputs(forward, example, targets, self._label_cache, task_axis=task_axis)
+        check_outputs(forward, example, targets, self._label_cache, loss_fn,
+                      task_axis=task_axis)
         check_labels(forward, example, targets, self._label_cache)
 
     def _run(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,

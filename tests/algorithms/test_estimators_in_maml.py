@@ -273,6 +273,22 @@ def test_class_labels_of_the_wrong_rank_raise():
     labels = torch.zeros(2, 6, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="class labels need"):
         MAML(model).meta_loss(sx, labels, sx, labels, F.cross_entropy)
+    with pytest.raises(ValueError, match="class labels need"):
+        MAML(model).meta_loss(sx, labels, sx, labels, nn.CrossEntropyLoss())
+
+
+def test_a_custom_loss_may_pair_other_shapes():
+    """Only torch's own elementwise/class losses get the strict shape rule: a Gaussian
+    NLL on (mean, log-variance) outputs against one target column is fine."""
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    sx = torch.randn(2, 6, 1, dtype=torch.float64)
+    y = torch.randn(2, 6, 1, dtype=torch.float64)
+
+    def gaussian_nll(out, target):
+        mean, log_var = out[:, :1], out[:, 1:]
+        return (0.5 * (log_var + (target - mean) ** 2 / log_var.exp())).mean()
+
+    MAML(model, inner_lr=0.01).meta_loss(sx, y, sx, y, gaussian_nll).backward()
 
 
 # --------------------------------------------------------------------------- Implicit's tol

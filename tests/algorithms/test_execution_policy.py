@@ -35,7 +35,7 @@ def _grads(algo, batch, loss_fn=F.mse_loss):
     loss.backward()
     out = {k: p.grad.clone() for k, p in algo.named_parameters()}
     algo.zero_grad()
-    return out, float(loss)
+    return out, float(loss.detach())
 
 
 # --------------------------------------------------------------------------- policy
