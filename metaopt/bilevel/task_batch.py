@@ -381,7 +381,9 @@ class TaskBatcher:
             with ``"vmap"``, None means the whole meta-batch).
 
     ``footprints`` maps each signature to its measured per-task bytes and ``chunks``
-    to the chosen chunk (None: loop), so the choice can be inspected.
+    to the chosen chunk (None: loop), so the choice can be inspected. The measuring
+    ``saved_tensors_hooks`` are innermost during that one task, so saved-tensor hooks
+    of the caller (e.g. ``save_on_cpu``) do not apply to it; numbers are unaffected.
     """
 
     strategy: str = "auto"
