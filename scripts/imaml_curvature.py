@@ -29,8 +29,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from metaopt.bilevel._common import step_loss  # noqa: E402
+from metaopt.bilevel.inner_loop import unroll  # noqa: E402
 from metaopt.bilevel.linear_solve import cg, lanczos, normal_cg  # noqa: E402
-from metaopt.bilevel.unroll import unroll  # noqa: E402
 from metaopt.params import tree_flatten, tree_unflatten  # noqa: E402
 from metaopt.runner.config import load_run_config  # noqa: E402
 from metaopt.runner.experiments import few_shot  # noqa: E402, F401  (register)

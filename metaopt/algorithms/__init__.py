@@ -14,10 +14,17 @@ Every algorithm has the same face::
   (``F.cross_entropy``, ``F.mse_loss``, …).
 * ``meta_loss`` returns the mean query loss over tasks. The meta-gradient is
   computed inside ``meta_loss`` task by task (so only one task's graph is alive at
-  a time) and ``backward()`` on the returned scalar deposits it into ``.grad``;
-  it does not support differentiating twice. Under ``torch.no_grad()`` it only
-  evaluates (inner steps still take gradients). ``last_task_losses`` holds the
+  a time, or one ``vmap`` chunk's) and the returned scalar behaves as a loss:
+  ``backward()`` on it, on a multiple of it or on a sum with a regulariser of φ or
+  another meta-loss deposits the right gradient into ``.grad``; it supports one
+  ``backward()``, not higher-order differentiation. Under ``torch.no_grad()`` it
+  only evaluates (inner steps still take gradients). ``last_task_losses`` holds the
   per-task query losses.
+* Each task is a :class:`metaopt.bilevel.BilevelProblem` and its meta-gradient
+  comes from an estimator: ``MAML(model)`` = ``Unrolled()``; switch in one line with
+  ``estimator=Unrolled(checkpoint_segment=4)`` (same numbers, memory ~K/S + S),
+  ``estimator=Unrolled(truncate=T)``, ``first_order=True`` (``FirstOrder()``) or
+  ``estimator=Implicit(...)`` (iMAML's proximal problem, ``proximal=λ``).
 * ``adapt(x, y, loss_fn, steps=None)`` takes one task without the task axis and
   returns detached adapted parameters (``differentiable=True`` keeps the graph);
   ``predict(params, x)`` runs the model with them.
@@ -30,20 +37,22 @@ Every algorithm has the same face::
 * The algorithm objects are ``nn.Module`` s wrapping the model: give
   ``algo.parameters()`` to the outer optimizer (that includes Meta-SGD's learned
   learning rates).
-* ``strategy="auto" | "loop" | "vmap"`` and ``chunk_size``: how the meta-batch
-  runs. ``chunk_size`` is the memory budget: how many tasks' autograd graphs may
-  be alive at once. ``auto`` (default) keeps to it — by default one task, the
-  per-task loop, with the peak memory of higher/learn2learn/TorchOpt — and within
-  it takes the faster strategy: with ``chunk_size=n > 1`` it times the loop
-  against ``vmap`` over chunks of ``n`` tasks on the first meta-batch of each
-  shape, checks that vmap reproduces the loop's numbers, and keeps the faster; a
-  model vmap cannot run (in-place buffer writes, …) falls back to the loop with a
-  warning. Second-order meta-gradients through BatchNorm/InstanceNorm in training
-  mode or LayerNorm are wrong under ``torch.func.vmap`` in torch 2.13
-  (pytorch/functorch#534, reproduced in our tests), so such models always use the
-  loop (``strategy="vmap"`` raises). On the sinusoid MLP, ``chunk_size`` = the
-  meta-batch is 2-7x faster than the loop at 9-65x its peak memory
-  (``scripts/bench_maml_peers.py``).
+* ``strategy="auto" | "loop" | "vmap"``, ``memory_budget`` and ``chunk_size``: how
+  the meta-batch runs (:mod:`metaopt.bilevel.task_batch`, the one task-batching
+  module). ``auto`` (default) decides from a memory budget in bytes
+  (``memory_budget="256MiB"``, or an int), never from timing: the first meta-batch
+  of each input shape runs the per-task loop and measures one task's footprint
+  (bytes of the tensors saved for backward); later meta-batches run
+  ``torch.func.vmap`` over chunks of as many tasks as fit the budget
+  (``chunk_size`` caps it), or the loop when fewer than two fit. Deterministic
+  rules come first: second-order meta-gradients through BatchNorm/InstanceNorm in
+  training mode or LayerNorm are wrong under vmap (pytorch/functorch#534), so
+  those models always loop (``strategy="vmap"`` raises); so do estimators that run
+  one task at a time (``Implicit``, checkpointed ``Unrolled``); convolutions on CPU
+  (grouped convolutions under vmap, slower) and modules of the user's own classes
+  (in-place buffer writes, data-dependent control flow) loop under ``auto`` — give
+  ``strategy="vmap"`` to use it anyway. On the sinusoid MLP the default therefore
+  runs vmap over the whole meta-batch, 2-7x faster than the loop.
 * The model runs as ``torch.func.functional_call`` or, where it is provably the
   same computation, as a ``torch.fx`` trace of its forward with the parameters as
   arguments (no per-call module patching; see ``_model``).

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn import functional as F
 
-__all__ = ["check_labels", "check_meta_batch", "check_task"]
+__all__ = ["check_labels", "check_meta_batch", "check_outputs", "check_task"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -44,6 +45,12 @@ def check_meta_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor | Non
                              f"support_x has {tasks} (shape {_shape(support_x)})")
     if tasks == 0:
         raise ValueError("support_x has no tasks (task axis of size 0)")
+    for name, t in named[::2]:
+        if t.dim() < 3:
+            raise ValueError(
+                f"{name} has shape {_shape(t)}: expected (tasks, examples, features...); "
+                f"a scalar input per example is (tasks, examples, 1) (x.unsqueeze(-1)), "
+                f"a single task is x.unsqueeze(0)")
     pairs = [("support", support_x, support_y)]
     if query_x is not None:
         pairs.append(("query", query_x, query_y))
@@ -73,6 +80,65 @@ def check_task(x: Tensor, y: Tensor, names: tuple[str, str] = ("x", "y")) -> Non
                          f"{_shape(y)}: they must agree on the leading (examples) axis")
     if x.shape[0] == 0:
         raise ValueError(f"{names[0]} has no examples (shape {_shape(x)})")
+    if x.dim() < 2:
+        raise ValueError(f"{names[0]} has shape {_shape(x)}: expected (examples, "
+                         f"features...); a scalar input per example is (examples, 1) "
+                         f"(x.unsqueeze(-1))")
+
+
+def _output_shape(forward: Callable[[Tensor], Tensor], example: Tensor,
+                  cache: dict) -> tuple[int, ...]:
+    """The model's output shape on one task's inputs (one forward per input signature)."""
+    key = (tuple(example.shape), example.dtype, example.device)
+    if key not in cache:
+        with torch.no_grad():
+            cache[key] = tuple(forward(example).shape)
+    return cache[key]
+
+
+#: torch losses that compare output and target element by element (and broadcast them,
+#: with only a warning, when their shapes differ).
+_ELEMENTWISE = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, nn.MSELoss, nn.L1Loss,
+                nn.SmoothL1Loss, nn.HuberLoss)
+#: torch losses with the class axis at dim 1 of the output and class-index targets.
+_CLASSWISE = (F.cross_entropy, F.nll_loss, nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+def _is(loss_fn: object, kinds: tuple) -> bool:
+    return any(loss_fn is k or (isinstance(k, type) and isinstance(loss_fn, k)) for k in kinds)
+
+
+def check_outputs(forward: Callable[[Tensor], Tensor], example: Tensor,
+                  targets: list[tuple[str, Tensor]], cache: dict, loss_fn: object = None, *,
+                  task_axis: bool = True) -> None:
+    """The model's output must line up with the targets, example by example.
+
+    ``example`` is one task's inputs ``(examples, ...)``; each target has a leading
+    task axis when ``task_axis``. The output needs one row per example. For torch's
+    elementwise regression losses (``mse_loss``, ``l1_loss``, …), targets must have
+    exactly the output's per-example shape — a 3-output model against 1-D targets is
+    an error here, not a broadcasting warning; for ``cross_entropy``/``nll_loss`` with
+    class-index targets, the output's shape without its class axis (dim 1). Other loss
+    functions get only the row check.
+    """
+    out = _output_shape(forward, example, cache)
+    n = example.shape[0]
+    if not out or out[0] != n:
+        raise ValueError(f"the model's output has shape {out} for a task's inputs of shape "
+                         f"{_shape(example)}: expected one row per example ({n}); check the "
+                         f"task axis of the inputs")
+    for name, y in targets:
+        per_example = _shape(y)[2:] if task_axis else _shape(y)[1:]
+        if _is(loss_fn, _ELEMENTWISE) and per_example != out[1:]:
+            raise ValueError(
+                f"{name} has per-example shape {per_example} but the model outputs "
+                f"{out[1:]} per example: regression targets must match the output "
+                f"exactly (e.g. targets (tasks, examples, 1) for one output)")
+        if (_is(loss_fn, _CLASSWISE) and not y.is_floating_point()
+                and per_example != out[2:]):
+            raise ValueError(f"{name} has per-example shape {per_example} but the model "
+                             f"outputs {out[1:]} per example: class labels need the output's "
+                             f"shape without its class axis, {out[2:]}")
 
 
 def check_labels(forward: Callable[[Tensor], Tensor], example: Tensor,
@@ -87,12 +153,8 @@ def check_labels(forward: Callable[[Tensor], Tensor], example: Tensor,
     int_labels = [(n, y) for n, y in labels if not y.is_floating_point() and not y.is_complex()]
     if not int_labels:
         return
-    key = (tuple(example.shape), example.dtype, example.device)
-    if key not in cache:
-        with torch.no_grad():
-            out = forward(example)
-        cache[key] = out.shape[-1] if out.dim() >= 1 else None
-    classes = cache[key]
+    out = _output_shape(forward, example, cache)
+    classes = out[-1] if out else None
     for name, y in int_labels:
         lo, hi = int(y.min()), int(y.max())
         if lo < 0:

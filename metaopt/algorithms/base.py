@@ -1,11 +1,13 @@
 """The thin stateful shell every algorithm shares.
 
-An algorithm is a pure per-task function (``task_loss``) of the meta-learned
-tensors φ and one task's ``(support_x, support_y, query_x, query_y)``. The shell
-owns the user's module (and any extra meta-learned tensors, e.g. Meta-SGD's
-learning rates), validates inputs, runs the per-task function over the meta-batch
-(loop or ``vmap``, see :mod:`metaopt.algorithms._execution`) and returns the mean
-query loss with the meta-gradient attached for ``backward()``.
+An algorithm states, for one task, a :class:`~metaopt.bilevel.BilevelProblem`
+(:meth:`MetaLearner.problem`: θ₀ from φ, the support loss inside, the query loss
+outside) and picks an estimator of :mod:`metaopt.bilevel` for its meta-gradient.
+The shell owns the user's module (and any extra meta-learned tensors, e.g.
+Meta-SGD's learning rates), validates inputs, runs the per-task problems over the
+meta-batch with :class:`metaopt.bilevel.task_batch.TaskBatcher` (per-task loop or
+``vmap`` chunks, chosen from a memory budget) and returns the mean query loss with
+the meta-gradient attached for ``backward()``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
 
-from metaopt.algorithms._checks import check_labels, check_meta_batch, check_task
-from metaopt.algorithms._execution import MetaBatchResult, StrategyChooser, attach_gradient
+from metaopt.algorithms._checks import check_labels, check_meta_batch, check_outputs, check_task
 from metaopt.algorithms._model import FunctionalModel
+from metaopt.bilevel.problem import BilevelProblem, TaskEstimator
+from metaopt.bilevel.task_batch import (
+    DEFAULT_MEMORY_BUDGET,
+    TaskBatcher,
+    TaskBatchResult,
+    attach_gradient,
+)
 from metaopt.params import Params
 
 __all__ = ["LossFn", "MetaLearner"]
@@ -28,39 +37,44 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class MetaLearner(nn.Module):
-    """Shared shell: inputs, strategy, the ``meta_loss``/``adapt`` API.
+    """Shared shell: inputs, execution, the ``meta_loss``/``adapt`` API.
 
-    Subclasses implement :meth:`task_loss` (one task, pure) and :meth:`adapt_task`.
+    Subclasses implement :meth:`problem`, :meth:`theta0` and :meth:`adapt_task`, and
+    set ``self.estimator``.
 
     Attributes after each :meth:`meta_loss` call:
         last_task_losses: the per-task query losses (detached, shape ``(tasks,)``).
         last_strategy: ``"loop"`` or ``"vmap"`` — how the meta-batch was run.
+        last_diagnostics: per-task estimator reports where the estimator gives them
+            in the loop (``Implicit``: linear-solve residual, iterations, …).
     """
 
+    estimator: TaskEstimator
+
     def __init__(self, model: nn.Module, *, strategy: str = "auto",
+                 memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
                  chunk_size: int | None = None, rewrites: str | None = None) -> None:
         super().__init__()
         self.model = model
         self._fmodel = FunctionalModel(model, rewrites=rewrites)
-        self._chooser = StrategyChooser(strategy, chunk_size=chunk_size)
+        self._batcher = TaskBatcher(strategy, memory_budget, chunk_size)
         self._label_cache: dict = {}
         self.last_task_losses: Tensor | None = None
         self.last_strategy: str | None = None
+        self.last_diagnostics: list[dict] = []
 
     # -- what subclasses provide -------------------------------------------------
     def outer_parameters(self) -> Params:
         """The meta-learned tensors φ by name (default: the model's parameters)."""
         return self._fmodel.parameters()
 
-    def task_loss(self, phi: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                  query_y: Tensor, loss_fn: LossFn, *, checks: bool) -> Tensor:
-        """The query loss of one task as a differentiable function of φ.
+    def problem(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                query_y: Tensor, loss_fn: LossFn) -> BilevelProblem:
+        """One task's bilevel problem (inner: support loss; outer: query loss)."""
+        raise NotImplementedError
 
-        ``checks``: run data-dependent checks (finite inner losses and parameters,
-        naming the step and tensor). False under ``vmap``, where they cannot run, and
-        in the loop's fast pass, which checks the results itself and re-runs a
-        failing task with checks on (see :func:`~metaopt.algorithms._execution.run_loop`).
-        """
+    def theta0(self, phi: Params) -> Params:
+        """The inner loop's starting point as a function of φ."""
         raise NotImplementedError
 
     def adapt_task(self, phi: Params, x: Tensor, y: Tensor, loss_fn: LossFn,
@@ -68,19 +82,34 @@ class MetaLearner(nn.Module):
         """Adapted parameters for one task (differentiable w.r.t. φ if grad is on)."""
         raise NotImplementedError
 
-    def strategy_key(self) -> tuple:
-        """Settings that change the cost of a meta-batch (part of the timing cache key)."""
-        return (self.model.training,)
+    def task_loss(self, phi: Params, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                  query_y: Tensor, loss_fn: LossFn, *, checks: bool = True,
+                  functional: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The meta-objective of one task as a differentiable function of φ.
+
+        Its gradient w.r.t. φ is the estimator's meta-gradient of that task.
+        ``checks``: run data-dependent checks (finite inner losses, naming the step);
+        ``functional``: running under ``torch.func.vmap`` (see
+        :mod:`metaopt.bilevel.task_batch`).
+        """
+        problem = self.problem(support_x, support_y, query_x, query_y, loss_fn)
+        objective = self.estimator.objective(problem, phi, self.theta0, functional=functional,
+                                             check_finite=checks)
+        if objective.diagnostics and not functional:
+            self.last_diagnostics.append(objective.diagnostics)
+        return objective.value
 
     def vmap_unsafe(self) -> str | None:
-        """Why ``vmap`` must not run this model now (None: it may).
+        """Why ``vmap`` must not run this problem (None: it may).
 
-        Second-order differentiation through the batching rules of BatchNorm/
-        InstanceNorm (training mode) and LayerNorm gives wrong numbers in
-        torch.func (pytorch/functorch#534; reproduced on torch 2.13), so those
-        models always run in the per-task loop when the algorithm differentiates
-        through inner gradients.
+        * the estimator differentiates with ``torch.autograd`` inside (``Implicit``,
+          ``Unrolled(checkpoint_segment=...)``);
+        * second-order differentiation through the batching rules of BatchNorm/
+          InstanceNorm (training mode) and LayerNorm gives wrong numbers in torch.func
+          (pytorch/functorch#534; reproduced on torch 2.13).
         """
+        if why := self._estimator_loop_only():
+            return why
         if not self.second_order:
             return None
         for name, mod in self.model.named_modules():
@@ -91,10 +120,36 @@ class MetaLearner(nn.Module):
                         f"(pytorch/functorch#534)")
         return None
 
+    def _estimator_loop_only(self) -> str | None:
+        if getattr(self.estimator, "vmappable", False):
+            return None
+        return (f"{type(self.estimator).__name__} runs one task at a time "
+                f"(it differentiates with torch.autograd inside)")
+
+    def vmap_slow(self, device: torch.device) -> str | None:
+        """Why ``strategy="auto"`` keeps the loop although ``vmap`` would be correct.
+
+        * convolutions on CPU: under ``vmap`` per-task weights become grouped
+          convolutions, slower than the loop (``scripts/bench_maml_peers.py``);
+        * modules of the user's own classes: only models built from ``torch.nn``'s
+          modules are known to run under ``vmap`` (no in-place buffer writes, no
+          data-dependent control flow). Give ``strategy="vmap"`` to use it anyway.
+        """
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, _ConvNd) and device.type == "cpu":
+                return f"convolution '{name}' on CPU"
+            if not type(mod).__module__.startswith("torch.nn."):
+                return f"module '{name}' is a {type(mod).__name__}, not a torch.nn module"
+        return None
+
     @property
     def second_order(self) -> bool:
         """Whether the meta-gradient differentiates through inner gradients."""
         return True
+
+    def strategy_key(self) -> tuple:
+        """Settings that change a task's memory footprint (part of the budget's cache key)."""
+        return (self.model.training,)
 
     # -- the public API ------------------------------------------------------------
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
@@ -102,16 +157,22 @@ class MetaLearner(nn.Module):
         """Mean query loss over the meta-batch; ``backward()`` gives the meta-gradient.
 
         All four tensors have a leading task axis: ``(tasks, examples, ...)``. The
-        returned scalar carries the meta-gradient computed task by task (or chunk
-        by chunk under ``vmap``); calling ``backward()`` on it (or on anything it is
-        scaled/summed into) accumulates that gradient into the ``.grad`` of the
-        model's parameters and of any other meta-learned tensors. It does not
-        support higher-order differentiation.
+        meta-gradient is computed here, task by task (or chunk by chunk under
+        ``vmap``), and the returned scalar carries it: it behaves as a loss —
+        ``backward()`` on it, on a multiple of it, or on a sum with other terms
+        (a regulariser of φ, another meta-loss) accumulates the right gradient
+        into the ``.grad`` of the model's parameters and other meta-learned
+        tensors. It supports one ``backward()``, not higher-order differentiation.
         """
         check_meta_batch(support_x, support_y, query_x, query_y)
-        self._check_labels(support_x[0], [("support_y", support_y), ("query_y", query_y)])
-        result = self._run(support_x, support_y, query_x, query_y, loss_fn)
-        return self._finish(result)
+        self._check_outputs(support_x[0], [("support_y", support_y), ("query_y", query_y)],
+                            loss_fn)
+        result, phi = self._run(support_x, support_y, query_x, query_y, loss_fn)
+        self.last_task_losses = result.metrics
+        self.last_strategy = result.strategy
+        if result.grads is None:
+            return result.mean
+        return attach_gradient(result.mean, phi, result.grads)
 
     def adapt(self, x: Tensor, y: Tensor, loss_fn: LossFn, *, steps: int | None = None,
               differentiable: bool = False) -> Params:
@@ -122,7 +183,7 @@ class MetaLearner(nn.Module):
         ``steps`` defaults to the training ``inner_steps``.
         """
         check_task(x, y)
-        self._check_labels(x, [("y", y)])
+        self._check_outputs(x, [("y", y)], loss_fn, task_axis=False)
         steps = self.inner_steps if steps is None else steps
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
@@ -141,39 +202,38 @@ class MetaLearner(nn.Module):
         """The wrapped model's output with the meta-learned (unadapted) weights."""
         return self.model(x)
 
-    # -- plumbing --------------------------------------------------------------------
-    def _check_labels(self, example: Tensor, labels: list[tuple[str, Tensor]]) -> None:
-        model_params = self._fmodel.parameters()
-        check_labels(lambda x: self._fmodel(model_params, x), example, labels,
-                     self._label_cache)
+    @property
+    def task_footprints(self) -> dict[tuple, int]:
+        """Measured bytes saved for backward by one task, per input signature."""
+        return dict(self._batcher.footprints)
 
-    def _need_grad(self, phi: Params) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in phi.values())
+    # -- plumbing --------------------------------------------------------------------
+    def _check_outputs(self, example: Tensor, targets: list[tuple[str, Tensor]],
+                       loss_fn: LossFn, *, task_axis: bool = True) -> None:
+        model_params = self._fmodel.parameters()
+
+        def forward(x: Tensor) -> Tensor:
+            return self._fmodel(model_params, x)
+
+        check_outputs(forward, example, targets, self._label_cache, loss_fn,
+                      task_axis=task_axis)
+        check_labels(forward, example, targets, self._label_cache)
 
     def _run(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
-             loss_fn: LossFn) -> MetaBatchResult:
+             loss_fn: LossFn) -> tuple[TaskBatchResult, Params]:
         phi = self.outer_parameters()
-        need_grad = self._need_grad(phi)
+        need_grad = torch.is_grad_enabled() and any(p.requires_grad for p in phi.values())
+        self.last_diagnostics = []
 
         def task_fn(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, *,
-                    checks: bool) -> Tensor:
-            return self.task_loss(p, sx, sy, qx, qy, loss_fn, checks=checks)
+                    functional: bool, checks: bool) -> Tensor | tuple[Tensor, Tensor]:
+            return self.task_loss(p, sx, sy, qx, qy, loss_fn, checks=checks,
+                                  functional=functional)
 
-        result = self._chooser.run(task_fn, phi, (support_x, support_y, query_x, query_y),
-                                   need_grad=need_grad, extra_key=self.strategy_key(),
-                                   vmap_unsafe=self.vmap_unsafe if need_grad else None)
-        result.extras["phi"] = phi
-        return result
-
-    def _finish(self, result: MetaBatchResult) -> Tensor:
-        self.last_task_losses = result.metrics
-        self.last_strategy = result.strategy
-        value = result.mean
-        if result.grads is None:
-            return value
-        return attach_gradient(value, result.extras["phi"], result.grads)
-
-    @property
-    def strategy_timings(self) -> dict:
-        """Seconds measured per strategy, per input signature (``strategy="auto"``)."""
-        return dict(self._chooser.timings)
+        batcher = self._batcher
+        loop_only = self.vmap_unsafe() if need_grad else self._estimator_loop_only()
+        slow = self.vmap_slow(support_x.device) if batcher.strategy == "auto" else None
+        result = batcher.run(task_fn, phi, (support_x, support_y, query_x, query_y),
+                             need_grad=need_grad, key=self.strategy_key(),
+                             loop_only=loop_only, vmap_slow=slow)
+        return result, phi

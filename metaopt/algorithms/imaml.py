@@ -9,9 +9,11 @@ L_query(θ*) comes from the implicit function theorem:
 
     dL_query/dφ = (I + H/λ)⁻¹ ∇L_query(θ*),   H = ∇²L_support(θ*),
 
-solved matrix-free with Hessian-vector products. The estimator is the bilevel
-core's :class:`metaopt.bilevel.Implicit`; this module only states the problem.
-Memory does not grow with K.
+solved matrix-free with Hessian-vector products. iMAML is :class:`MAML` with the
+proximal inner objective (``proximal=λ``) and the estimator
+:class:`metaopt.bilevel.Implicit`, run through the same task batching (the linear
+solve is data-dependent, so tasks run in the per-task loop); this module only
+chooses the solver. Memory does not grow with K.
 
 The formula assumes θ* minimises the proximal objective, so that ``H + λI ⪰ 0``. With
 a non-convex network and a few inner steps that fails badly. On the glyph conv net
@@ -41,16 +43,10 @@ floor λ, 1292 with 0.1 λ) where truncated CG trains, so it is not the default.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from metaopt.algorithms._execution import MetaBatchResult
-from metaopt.algorithms.base import LossFn
 from metaopt.algorithms.maml import MAML
-from metaopt.bilevel import BilevelProblem
 from metaopt.bilevel.implicit import Implicit
-from metaopt.bilevel.unroll import unroll
-from metaopt.params import Params
 
 __all__ = ["iMAML"]
 
@@ -61,14 +57,15 @@ MIN_EIG_RATIO = 1.0
 
 
 class iMAML(MAML):
-    """Implicit MAML with a proximal inner objective.
+    """Implicit MAML: ``MAML(model, estimator=Implicit(...), proximal=lam)``.
 
     Args:
         model: the network (its parameters are φ).
         inner_lr, inner_steps, inner_optimizer: the inner solver for θ* (SGD by default).
         lam: proximal strength λ (the paper's λ; larger keeps θ* closer to φ).
         cg_steps, cg_tol, damping: budget (Hessian-vector products), relative-residual
-            target and Tikhonov damping of the linear solve of (H + λI) u = ∇L_query.
+            target (default: :func:`~metaopt.bilevel.implicit.default_tol` of the dtype)
+            and Tikhonov damping of the linear solve of (H + λI) u = ∇L_query.
         solver: ``"cg"`` (default: truncated at the first negative curvature, see
             the module docstring), ``"lanczos"`` (saddle-free) or ``"normal_cg"``
             (exact solve of an indefinite system, two products per iteration).
@@ -81,83 +78,30 @@ class iMAML(MAML):
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 10,
-                 *, lam: float = 1.0, cg_steps: int = 10, cg_tol: float = 1e-10,
+                 *, lam: float = 1.0, cg_steps: int = 10, cg_tol: float | None = None,
                  damping: float = 0.0, solver: str = "cg", min_eig: float | None = None,
                  **kwargs) -> None:
         if kwargs.pop("first_order", False):
             raise ValueError("iMAML's meta-gradient is implicit, not first-order")
-        kwargs.setdefault("strategy", "loop")
-        if kwargs["strategy"] != "loop":
+        if "estimator" in kwargs or "proximal" in kwargs:
+            raise TypeError("iMAML sets estimator and proximal (lam); use MAML(model, "
+                            "estimator=Implicit(...), proximal=...) for other choices")
+        if kwargs.get("strategy", "auto") == "vmap":
             raise ValueError("iMAML runs tasks in a loop (CG is data-dependent)")
-        super().__init__(model, inner_lr, inner_steps, **kwargs)
         if not lam > 0:
             raise ValueError(f"lam must be > 0, got {lam!r}")
-        self.lam = float(lam)
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-        self.solver = solver
-        self.min_eig = MIN_EIG_RATIO * self.lam if min_eig is None else float(min_eig)
-        if not self.min_eig > 0:
+        lam = float(lam)
+        min_eig = MIN_EIG_RATIO * lam if min_eig is None else float(min_eig)
+        if not min_eig > 0:
             raise ValueError(f"min_eig must be > 0, got {min_eig!r}")
-        options = {"cg": {"first_step_fallback": 1.0 / (self.lam + damping)},
-                   "lanczos": {"min_eig": self.min_eig}}.get(solver)
-        self.estimator = Implicit(solver=solver, max_iter=cg_steps, tol=cg_tol, damping=damping,
-                                  warn=False, solver_options=options)
-        self.last_diagnostics: list[dict] = []
-
-    def problem(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                query_y: Tensor, loss_fn: LossFn) -> BilevelProblem:
-        """The proximal bilevel problem of one task (inner variables: ``inner_params``)."""
-        fmodel, buffers, lam = self._fmodel, self._fmodel.buffers(), self.lam
-        keys = self.inner_params
-
-        def full(theta: Params, phi: Params) -> Params:
-            return {**{k: v for k, v in phi.items() if k not in theta}, **theta}
-
-        def inner_loss(theta: Params, phi: Params) -> Tensor:
-            fit = loss_fn(fmodel(full(theta, phi), support_x, buffers), support_y)
-            prox = sum((theta[k] - phi[k]).square().sum() for k in keys)
-            return fit + 0.5 * lam * prox
-
-        def outer_loss(theta: Params, phi: Params) -> Tensor:
-            return loss_fn(fmodel(full(theta, phi), query_x, buffers), query_y)
-
-        return BilevelProblem(inner_loss, outer_loss, self.optimizer_for({}),
-                              self.inner_steps, name="imaml")
-
-    def _run(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
-             loss_fn: LossFn) -> MetaBatchResult:
-        phi = self.outer_parameters()
-        need_grad = self._need_grad(phi)
-        n = support_x.shape[0]
-        losses, total, self.last_diagnostics = [], None, []
-        for i in range(n):
-            problem = self.problem(support_x[i], support_y[i], query_x[i], query_y[i], loss_fn)
-            if need_grad:
-                hg = self.estimator(problem, phi, lambda p: {k: p[k] for k in self.inner_params})
-                total = hg.grad if total is None else {k: total[k] + hg.grad[k] for k in total}
-                losses.append(hg.outer_loss)
-                self.last_diagnostics.append(hg.diagnostics)
-            else:
-                theta = self.adapt_task(phi, support_x[i], support_y[i], loss_fn,
-                                        self.inner_steps)
-                losses.append(problem.outer_value(theta, phi).detach())
-        grads = None if total is None else {k: g / n for k, g in total.items()}
-        result = MetaBatchResult(torch.stack(losses), grads, "loop")
-        result.extras["phi"] = phi
-        return result
-
-    def adapt_task(self, phi: Params, x: Tensor, y: Tensor, loss_fn: LossFn,
-                   steps: int) -> Params:
-        """θ* of the proximal problem on ``(x, y)`` (the inner solver, no IFT needed)."""
-        fmodel, buffers, lam, keys = self._fmodel, self._fmodel.buffers(), self.lam, \
-            self.inner_params
-        anchor = {k: phi[k].detach() for k in keys}
-        fixed = {k: v for k, v in phi.items() if k not in keys}
-
-        def inner(theta: Params, step: int) -> Tensor:
-            fit = loss_fn(fmodel({**fixed, **theta}, x, buffers), y)
-            return fit + 0.5 * lam * sum((theta[k] - anchor[k]).square().sum() for k in keys)
-
-        theta = unroll(inner, self.optimizer_for(phi), dict(anchor), steps).theta
-        return {**fixed, **theta}
+        options = {"cg": {"first_step_fallback": 1.0 / (lam + damping)},
+                   "lanczos": {"min_eig": min_eig}}.get(solver)
+        estimator = Implicit(solver=solver, max_iter=cg_steps, tol=cg_tol, damping=damping,
+                             warn=False, solver_options=options)
+        super().__init__(model, inner_lr, inner_steps, estimator=estimator, proximal=lam,
+                         **kwargs)
+        self.lam = lam
+        self.solver = solver
+        self.min_eig = min_eig

@@ -1,9 +1,10 @@
 """Meta-SGD (Li et al. 2017): MAML with a learned inner learning rate per parameter entry.
 
 θ₁ = φ − α ⊙ ∇L_support(φ), where α has the shape of φ and is meta-learned with it.
-The learning rates are passed to the differentiable SGD of :mod:`metaopt.optim` as a
-per-parameter hyperparameter dict, so they receive their meta-gradient through the
-same :func:`~metaopt.bilevel.unroll` as MAML.
+The learning rates are part of φ and reach the differentiable SGD of
+:mod:`metaopt.optim` as a per-parameter hyperparameter dict: each task's problem has
+``inner_optimizer`` = a function of φ (:meth:`MetaSGD.optimizer_for`), so the rates
+receive their meta-gradient through the same estimator as MAML.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class MetaSGD(MAML):
     Args:
         model: the network.
         inner_lr: initial value of every learned rate.
-        inner_steps, first_order, strategy, chunk_size: as for :class:`MAML`.
+        inner_steps, first_order, estimator, strategy, memory_budget, chunk_size:
+            as for :class:`MAML`.
         scalar_lrs: one learned rate per parameter tensor instead of per entry.
     """
 
@@ -56,4 +58,5 @@ class MetaSGD(MAML):
         return phi
 
     def optimizer_for(self, phi: Params) -> GradientTransformation:
+        """SGD with the learned rates of φ."""
         return sgd({n: phi[_LR_PREFIX + n] for n in self.inner_params})

@@ -6,6 +6,11 @@ Describe the problem once (:class:`BilevelProblem`), then pick an estimator::
     hg = Unrolled(checkpoint_segment=32)(...)         # same numbers, bounded memory
     hg = Implicit(solver="cg")(problem, phi, theta0)  # implicit function theorem
     hg.grad, hg.theta, hg.diagnostics
+
+A batch of tasks, each its own bilevel problem (the MAML family), runs through
+:mod:`metaopt.bilevel.task_batch` with any estimator that gives an
+:class:`Objective` (``Unrolled``, ``FirstOrder``, ``Implicit``). The inner loop
+itself is :func:`unroll` in :mod:`metaopt.bilevel.inner_loop`.
 """
 
 from metaopt.bilevel.bome import BOME
@@ -18,10 +23,24 @@ from metaopt.bilevel.check import (
 from metaopt.bilevel.f2sa import F2SA, F2SAState
 from metaopt.bilevel.first_order import FirstOrder
 from metaopt.bilevel.implicit import Implicit, custom_fixed_point, custom_root
+from metaopt.bilevel.inner_loop import InnerTrace, inner_gradient, unroll
 from metaopt.bilevel.linear_solve import LinearSolveWarning, SolveInfo
 from metaopt.bilevel.outer import OuterResult, hypergradient_descent
-from metaopt.bilevel.problem import BilevelProblem, Estimator, Hypergradient
-from metaopt.bilevel.unroll import InnerTrace, inner_gradient, unroll
+from metaopt.bilevel.problem import (
+    BilevelProblem,
+    Estimator,
+    Hypergradient,
+    Objective,
+    TaskEstimator,
+)
+from metaopt.bilevel.task_batch import (
+    TaskBatcher,
+    TaskBatchResult,
+    attach_gradient,
+    merge_results,
+    run_loop,
+    run_vmap,
+)
 from metaopt.bilevel.unrolled import Unrolled
 from metaopt.registry import ESTIMATORS
 
@@ -43,14 +62,22 @@ __all__ = [
     "Implicit",
     "InnerTrace",
     "LinearSolveWarning",
+    "Objective",
     "OuterResult",
     "SolveInfo",
+    "TaskBatchResult",
+    "TaskBatcher",
+    "TaskEstimator",
     "Unrolled",
+    "attach_gradient",
     "custom_fixed_point",
     "custom_root",
     "finite_difference_hypergradient",
     "hypergradcheck",
     "hypergradient_descent",
     "inner_gradient",
+    "merge_results",
+    "run_loop",
+    "run_vmap",
     "unroll",
 ]

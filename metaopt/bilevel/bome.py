@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from metaopt.bilevel._common import initial_theta, outer_leaves, step_loss
+from metaopt.bilevel.inner_loop import unroll
 from metaopt.bilevel.problem import BilevelProblem, Hypergradient, InitialTheta
-from metaopt.bilevel.unroll import unroll
 from metaopt.params import (
     NonFiniteError,
     Params,

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from metaopt.bilevel._common import initial_theta, step_loss
+from metaopt.bilevel.inner_loop import unroll
 from metaopt.bilevel.problem import BilevelProblem, Estimator, InitialTheta
-from metaopt.bilevel.unroll import unroll
 from metaopt.params import Params, tree_detach, tree_flatten, tree_unflatten
 
 __all__ = ["HypergradCheck", "HypergradCheckError", "default_rtol", "default_step",

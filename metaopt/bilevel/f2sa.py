@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from metaopt.bilevel._common import initial_theta, outer_leaves
+from metaopt.bilevel.inner_loop import unroll
 from metaopt.bilevel.problem import BilevelProblem, Hypergradient, InitialTheta
-from metaopt.bilevel.unroll import unroll
 from metaopt.params import NonFiniteError, Params, check_finite, tree_clone, tree_detach
 
 __all__ = ["F2SA", "F2SAState"]

@@ -9,13 +9,14 @@ effect of φ on each update.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
 
-from metaopt.bilevel.problem import BilevelProblem, Hypergradient, InitialTheta
+from metaopt.bilevel.problem import BilevelProblem, Hypergradient, InitialTheta, Objective
 from metaopt.bilevel.unrolled import Unrolled
+from metaopt.params import Params
 
 __all__ = ["FirstOrder"]
 
@@ -25,8 +26,19 @@ class FirstOrder:
     """Unrolling with stop-gradient on every inner gradient (FOMAML-style)."""
 
     check_finite: bool = True
+    vmappable: bool = field(default=True, init=False)
+
+    @property
+    def unrolled(self) -> Unrolled:
+        """The same estimate as :class:`Unrolled` with ``first_order=True``."""
+        return Unrolled(first_order=True, check_finite=self.check_finite)
 
     def __call__(self, problem: BilevelProblem, phi: Mapping[str, Tensor],
                  theta0: InitialTheta, state: Any = None) -> Hypergradient:
-        return Unrolled(first_order=True, check_finite=self.check_finite)(
-            problem, phi, theta0, state)
+        return self.unrolled(problem, phi, theta0, state)
+
+    def objective(self, problem: BilevelProblem, phi: Params, theta0: InitialTheta, *,
+                  functional: bool = False, check_finite: bool | None = None) -> Objective:
+        """F(φ) whose gradient is the first-order estimate (see :meth:`Unrolled.objective`)."""
+        return self.unrolled.objective(problem, phi, theta0, functional=functional,
+                                       check_finite=check_finite)

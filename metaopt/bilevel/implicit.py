@@ -21,14 +21,25 @@ import torch
 from torch import Tensor
 
 from metaopt.bilevel._common import collect_grad, initial_theta, outer_leaves, step_loss
+from metaopt.bilevel.inner_loop import unroll
 from metaopt.bilevel.linear_solve import SOLVERS, SolveInfo, power_iteration
-from metaopt.bilevel.problem import BilevelProblem, Hypergradient, InitialTheta
-from metaopt.bilevel.unroll import unroll
+from metaopt.bilevel.problem import BilevelProblem, Hypergradient, InitialTheta, Objective
+from metaopt.bilevel.task_batch import attach_gradient
 from metaopt.params import NonFiniteError, Params, check_same_structure, tree_detach, tree_norm
 
-__all__ = ["Implicit", "custom_fixed_point", "custom_root"]
+__all__ = ["Implicit", "custom_fixed_point", "custom_root", "default_tol"]
 
 Optimality = Callable[[Params, Params], Params]
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """The default relative-residual target of the linear solve for ``dtype``.
+
+    ``1e-10`` in float64; ``sqrt(eps)`` in lower precision (float32: 3.5e-4), where a
+    residual of 1e-10 is below rounding and the solve would never report convergence.
+    """
+    eps = torch.finfo(dtype).eps
+    return 1e-10 if eps <= torch.finfo(torch.float64).eps else math.sqrt(eps)
 
 
 @dataclass
@@ -190,7 +201,9 @@ class Implicit:
             see :func:`~metaopt.bilevel.linear_solve.lanczos`), ``"normal_cg"`` (any
             non-singular system), ``"neumann"``, ``"fixed_point"``, or a callable with
             the :mod:`~metaopt.bilevel.linear_solve` signature.
-        max_iter, tol: linear-solve budget and relative-residual target.
+        max_iter, tol: linear-solve budget and relative-residual target (default
+            :func:`default_tol` of the inner parameters' dtype: 1e-10 in float64,
+            3.5e-4 in float32).
         damping: solve ``(A + damping·I)ᵀ u = v`` (Tikhonov); biases the answer.
         step_size: α for Neumann/Richardson (default: 1/λ_max by power iteration).
         optimality: custom condition ``F(theta, phi) -> dict`` (default ∇θ g).
@@ -203,7 +216,7 @@ class Implicit:
 
     solver: str | Callable = "cg"
     max_iter: int = 100
-    tol: float = 1e-10
+    tol: float | None = None
     damping: float = 0.0
     step_size: float | None = None
     optimality: Optimality | None = None
@@ -219,16 +232,46 @@ class Implicit:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.tol is not None and not self.tol > 0:
+            raise ValueError(f"tol must be > 0 (or None for the dtype's default), "
+                             f"got {self.tol}")
+
+    @property
+    def vmappable(self) -> bool:
+        """False: the linear solve runs in ``torch.autograd``, one task at a time."""
+        return False
 
     def __call__(self, problem: BilevelProblem, phi: Mapping[str, Tensor],
                  theta0: InitialTheta, state: Any = None) -> Hypergradient:
-        phi = outer_leaves(phi)
-        theta_init = tree_detach(initial_theta(theta0, phi))
-        detached_phi = tree_detach(phi)
-        optimizer = problem.optimizer_for(detached_phi)
+        return self._estimate(problem, outer_leaves(phi), theta0, state, self.check_finite)
+
+    def objective(self, problem: BilevelProblem, phi: Params, theta0: InitialTheta, *,
+                  functional: bool = False, check_finite: bool | None = None) -> Objective:
+        """F(φ) carrying this estimate (attached: one backward), for per-task loops.
+
+        Under ``torch.no_grad()`` only the inner problem is solved and F evaluated.
+        """
+        if functional:
+            raise ValueError("Implicit cannot run under torch.func.vmap; run tasks in a loop")
+        checks = self.check_finite if check_finite is None else check_finite
+        if not torch.is_grad_enabled():
+            theta = self._solve_inner(problem, tree_detach(phi), theta0, checks).theta
+            return Objective(problem.outer_value(theta, phi, problem.outer_batch(0)), theta)
+        hg = self._estimate(problem, phi, theta0, None, checks)
+        return Objective(attach_gradient(hg.outer_loss, phi, hg.grad), hg.theta,
+                         hg.diagnostics)
+
+    def _solve_inner(self, problem: BilevelProblem, detached_phi: Params,
+                     theta0: InitialTheta, checks: bool) -> Any:
+        theta_init = tree_detach(initial_theta(theta0, detached_phi))
         with torch.no_grad():
-            trace = unroll(step_loss(problem, detached_phi), optimizer, theta_init,
-                           problem.inner_steps, check_finite=self.check_finite)
+            return unroll(step_loss(problem, detached_phi), problem.optimizer_for(detached_phi),
+                          theta_init, problem.inner_steps, check_finite=checks)
+
+    def _estimate(self, problem: BilevelProblem, phi: Params, theta0: InitialTheta,
+                  state: Any, checks: bool) -> Hypergradient:
+        detached_phi = tree_detach(phi)
+        trace = self._solve_inner(problem, detached_phi, theta0, checks)
         theta_star = tree_detach(trace.theta)
 
         batch = problem.inner_batch(problem.inner_steps)
@@ -246,7 +289,9 @@ class Implicit:
                         for k, g in zip(keys, gs)}
             is_fixed = False
 
-        options: dict[str, Any] = {"max_iter": self.max_iter, "tol": self.tol,
+        tol = default_tol(next(iter(theta_star.values())).dtype) if self.tol is None \
+            else self.tol
+        options: dict[str, Any] = {"max_iter": self.max_iter, "tol": tol,
                                    "damping": self.damping, "warn": self.warn}
         if self.step_size is not None:
             options["step_size"] = self.step_size
@@ -254,7 +299,7 @@ class Implicit:
         spec = _make_spec(condition, theta_star, phi, self.solver, options, is_fixed)
         theta_diff = _root_layer(theta_star, phi, spec)
         outer = problem.outer_value(theta_diff, phi, problem.outer_batch(0))
-        if self.check_finite and not math.isfinite(float(outer.detach())):
+        if checks and not math.isfinite(float(outer.detach())):
             raise NonFiniteError(f"{problem.name}: outer loss is {float(outer.detach())} "
                                  "at the inner solution")
         grad = collect_grad(outer, phi)

@@ -5,7 +5,10 @@
 
 Estimators (unrolled, implicit, first-order, F2SA, …) all take the same
 :class:`BilevelProblem` and return a :class:`Hypergradient`, so switching
-estimator is a one-line change.
+estimator is a one-line change. Estimators that can serve a batch of tasks
+(:mod:`metaopt.bilevel.task_batch`: the MAML family) also give an :class:`Objective`:
+F(φ) as a tensor whose gradient with respect to φ is their estimate, so a per-task
+loop can backpropagate it task by task and ``vmap`` can differentiate it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ __all__ = [
     "Estimator",
     "Hypergradient",
     "InitialTheta",
+    "Objective",
+    "TaskEstimator",
 ]
 
 #: Initial inner parameters: a dict, or a function of φ (MAML: θ₀ = φ).
@@ -115,3 +120,34 @@ class Estimator(Protocol):
 
     def __call__(self, problem: BilevelProblem, phi: Mapping[str, Tensor],
                  theta0: InitialTheta, state: Any = None) -> Hypergradient: ...
+
+
+@dataclass
+class Objective:
+    """F(φ) as a differentiable tensor, for estimators that run per task in a batch.
+
+    Attributes:
+        value: the outer loss; its gradient w.r.t. φ (by autograd, or ``torch.func``
+            under ``vmap``) is the estimator's hypergradient.
+        theta: the inner solution reached (may carry the autograd graph).
+        diagnostics: estimator-specific numbers (empty where computing them would
+            cost a host synchronisation per task).
+    """
+
+    value: Tensor
+    theta: Params
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class TaskEstimator(Estimator, Protocol):
+    """An estimator that also gives its :class:`Objective` (see the module docstring).
+
+    ``vmappable``: whether :meth:`objective` may run under ``torch.func.vmap``
+    (``functional=True``); estimators that differentiate with ``torch.autograd``
+    inside (implicit, checkpointed) run only in a per-task loop.
+    """
+
+    vmappable: bool
+
+    def objective(self, problem: BilevelProblem, phi: Params, theta0: InitialTheta, *,
+                  functional: bool = False, check_finite: bool | None = None) -> Objective: ...

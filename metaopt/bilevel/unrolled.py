@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 
 from metaopt.bilevel._common import collect_grad, initial_theta, outer_leaves, step_loss
-from metaopt.bilevel.problem import BilevelProblem, Hypergradient, InitialTheta
-from metaopt.bilevel.unroll import unroll
+from metaopt.bilevel.inner_loop import unroll
+from metaopt.bilevel.problem import BilevelProblem, Hypergradient, InitialTheta, Objective
+from metaopt.bilevel.task_batch import attach_gradient
 from metaopt.params import NonFiniteError, Params, tree_detach
-from metaopt.tree import tree_leaves, tree_rebuild
+from metaopt.tree import tree_leaves, tree_map_nested, tree_rebuild
 
 __all__ = ["Unrolled"]
 
@@ -36,6 +37,10 @@ class Unrolled:
         checkpoint_segment: recompute segments of this many steps in backward.
         first_order: treat inner gradients as constants (see :class:`FirstOrder`).
         check_finite: stop with the step and tensor named when NaN/inf appears.
+
+    As a per-task estimator (:meth:`objective`, used by the MAML family through
+    :mod:`metaopt.bilevel.task_batch`) it runs under ``vmap`` except with
+    ``checkpoint_segment``, whose backward is its own.
     """
 
     truncate: int | None = None
@@ -49,56 +54,99 @@ class Unrolled:
         if self.checkpoint_segment is not None and self.checkpoint_segment < 1:
             raise ValueError(f"checkpoint_segment must be >= 1, got {self.checkpoint_segment}")
 
+    @property
+    def vmappable(self) -> bool:
+        """Whether :meth:`objective` runs under ``torch.func.vmap``."""
+        return self.checkpoint_segment is None
+
     def __call__(self, problem: BilevelProblem, phi: Mapping[str, Tensor],
                  theta0: InitialTheta, state: Any = None) -> Hypergradient:
         phi = outer_leaves(phi)
-        theta = initial_theta(theta0, phi)
-        optimizer = problem.optimizer_for(phi)
-        loss_fn = step_loss(problem, phi)
-        K = problem.inner_steps
-        T = K if self.truncate is None else min(self.truncate, K)
-        opt_state = None
-        losses = []
-        if K - T > 0:
-            with torch.no_grad():
-                prefix = unroll(loss_fn, optimizer, theta, K - T, check_finite=self.check_finite,
-                                stop_gradient=True)
-            theta, opt_state, losses = (tree_detach(prefix.theta),
-                                        _detach_state(prefix.opt_state), prefix.losses)
-        if self.checkpoint_segment is not None and T > 0:
-            grad, outer, final_theta, seg_losses = self._checkpointed(
-                problem, phi, theta, optimizer, loss_fn, K - T, T, opt_state)
-            losses = losses + seg_losses
-        else:
-            trace = unroll(loss_fn, optimizer, theta, T, opt_state=opt_state, start=K - T,
-                           stop_gradient=self.first_order, check_finite=self.check_finite)
-            outer = problem.outer_value(trace.theta, phi, problem.outer_batch(0))
-            grad = collect_grad(outer, phi)
-            final_theta = trace.theta
-            losses = losses + trace.losses
+        grad, outer, final_theta, losses = self._hypergradient(problem, phi, theta0,
+                                                               self.check_finite)
         return Hypergradient(
             grad=grad,
             theta=tree_detach(final_theta),
             outer_loss=outer.detach(),
-            diagnostics={
-                "estimator": "first_order" if self.first_order else "unrolled",
-                "inner_steps": K,
-                "differentiated_steps": T,
-                "final_inner_loss": float(losses[-1]) if losses else float("nan"),
-            },
+            diagnostics=self._diagnostics(problem, losses),
             state=state,
         )
 
+    def objective(self, problem: BilevelProblem, phi: Params, theta0: InitialTheta, *,
+                  functional: bool = False, check_finite: bool | None = None) -> Objective:
+        """F(φ) whose gradient is this estimate (φ: tensors, e.g. leaves that require grad).
+
+        Plain and truncated unrolling return the outer loss with its autograd graph
+        (``functional=True`` inside ``torch.func.vmap``); the checkpointed estimate is
+        computed here and attached to the returned value (one backward, see
+        :func:`~metaopt.bilevel.task_batch.attach_gradient`).
+        """
+        checks = self.check_finite if check_finite is None else check_finite
+        if self.checkpoint_segment is None or not torch.is_grad_enabled():
+            outer, theta, _ = self._forward(problem, phi, theta0, checks, functional)
+            return Objective(outer, theta)
+        if functional:
+            raise ValueError("Unrolled(checkpoint_segment=...) cannot run under "
+                             "torch.func.vmap; run tasks in a loop")
+        grad, outer, theta, losses = self._hypergradient(problem, phi, theta0, checks)
+        return Objective(attach_gradient(outer, phi, grad), theta,
+                         self._diagnostics(problem, losses))
+
+    def _diagnostics(self, problem: BilevelProblem, losses: list[Tensor]) -> dict[str, Any]:
+        K = problem.inner_steps
+        return {"estimator": "first_order" if self.first_order else "unrolled",
+                "inner_steps": K,
+                "differentiated_steps": K if self.truncate is None else min(self.truncate, K),
+                "final_inner_loss": float(losses[-1]) if losses else float("nan")}
+
+    def _prefix(self, problem: BilevelProblem, phi: Params, theta0: InitialTheta,
+                checks: bool, functional: bool) -> tuple[Params, Any, list[Tensor], int, int]:
+        """θ₀, and the K − T undifferentiated steps of truncated unrolling."""
+        theta = initial_theta(theta0, phi)
+        K = problem.inner_steps
+        T = K if self.truncate is None else min(self.truncate, K)
+        if K - T == 0:
+            return theta, None, [], K, T
+        with torch.no_grad():
+            prefix = unroll(step_loss(problem, phi), problem.optimizer_for(phi), theta, K - T,
+                            check_finite=checks, stop_gradient=True, functional=functional)
+        return (tree_detach(prefix.theta), tree_map_nested(torch.Tensor.detach, prefix.opt_state),
+                prefix.losses, K, T)
+
+    def _forward(self, problem: BilevelProblem, phi: Params, theta0: InitialTheta,
+                 checks: bool, functional: bool) -> tuple[Tensor, Params, list[Tensor]]:
+        """The outer loss after K inner steps, differentiable through the last T."""
+        theta, opt_state, losses, K, T = self._prefix(problem, phi, theta0, checks, functional)
+        trace = unroll(step_loss(problem, phi), problem.optimizer_for(phi), theta, T,
+                       opt_state=opt_state, start=K - T, stop_gradient=self.first_order,
+                       check_finite=checks, functional=functional)
+        outer = problem.outer_value(trace.theta, phi, problem.outer_batch(0))
+        return outer, trace.theta, losses + trace.losses
+
+    def _hypergradient(self, problem: BilevelProblem, phi: Params, theta0: InitialTheta,
+                       checks: bool) -> tuple[Params, Tensor, Params, list[Tensor]]:
+        if self.checkpoint_segment is None:
+            outer, theta, losses = self._forward(problem, phi, theta0, checks, False)
+            return collect_grad(outer, phi), outer.detach(), theta, losses
+        theta, opt_state, losses, K, T = self._prefix(problem, phi, theta0, checks, False)
+        if T == 0:
+            outer = problem.outer_value(theta, phi, problem.outer_batch(0))
+            return collect_grad(outer, phi), outer.detach(), theta, losses
+        grad, outer, theta, seg_losses = self._checkpointed(
+            problem, phi, theta, problem.optimizer_for(phi), step_loss(problem, phi), K - T, T,
+            opt_state, checks)
+        return grad, outer, theta, losses + seg_losses
 
     def _checkpointed(self, problem: BilevelProblem, phi: Params, theta: Params, optimizer: Any,
-                      loss_fn: Any, start: int, steps: int, opt_state: Any
+                      loss_fn: Any, start: int, steps: int, opt_state: Any, checks: bool
                       ) -> tuple[Params, Tensor, Params, list[Tensor]]:
         """Reverse mode through ``steps`` inner steps, storing only segment boundaries."""
         S = self.checkpoint_segment
         phi_keys = list(phi)
         theta_keys = list(theta)
         th = tree_detach(theta)
-        st = optimizer.init(th) if opt_state is None else _detach_state(opt_state)
+        st = (optimizer.init(th) if opt_state is None
+              else tree_map_nested(torch.Tensor.detach, opt_state))
         boundaries = []
         losses: list[Tensor] = []
         with torch.no_grad():
@@ -106,7 +154,7 @@ class Unrolled:
                 n = min(S, start + steps - seg_start)
                 boundaries.append((seg_start, n, th, st))
                 trace = unroll(loss_fn, optimizer, th, n, opt_state=st, start=seg_start,
-                               stop_gradient=self.first_order, check_finite=self.check_finite)
+                               stop_gradient=self.first_order, check_finite=checks)
                 th, st = trace.theta, trace.opt_state
                 losses += trace.losses
         with torch.enable_grad():
@@ -161,8 +209,3 @@ class Unrolled:
 def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g.detach()
 
-
-def _detach_state(state: Any) -> Any:
-    if isinstance(state, dict):
-        return {k: _detach_state(v) for k, v in state.items()}
-    return state.detach() if isinstance(state, Tensor) else state

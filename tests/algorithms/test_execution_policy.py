@@ -1,9 +1,10 @@
 """How a meta-batch is executed: the memory budget of ``strategy="auto"``, chunking,
 and the traced forward that replaces ``functional_call`` where it is exact.
 
-These fail if the default starts holding more than one task's graph at a time, if any
-strategy or chunk size changes a meta-gradient, or if the traced forward is used where
-it would compute something other than ``functional_call``.
+These fail if the budget's choice stops being deterministic or exceeds the budget, if
+the loop starts holding more than one task's graph at a time, if any strategy or chunk
+size changes a meta-gradient, or if the traced forward is used where it would compute
+something other than ``functional_call``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ from maml_reference import classification_batch, conv_bn, max_rel_diff, mlp, reg
 from torch import Tensor, nn
 
 from metaopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile, iMAML
-from metaopt.algorithms._execution import StrategyChooser, run_loop, run_vmap
 from metaopt.algorithms._model import FunctionalModel
+from metaopt.bilevel.task_batch import (
+    TaskBatcher,
+    merge_results,
+    parse_bytes,
+    run_loop,
+    run_vmap,
+    saved_tensor_bytes,
+)
 
 
 def _grads(algo, batch, loss_fn=F.mse_loss):
@@ -27,27 +35,99 @@ def _grads(algo, batch, loss_fn=F.mse_loss):
     loss.backward()
     out = {k: p.grad.clone() for k, p in algo.named_parameters()}
     algo.zero_grad()
-    return out, float(loss)
+    return out, float(loss.detach())
 
 
 # --------------------------------------------------------------------------- policy
-def test_auto_default_budget_is_one_task_so_it_runs_the_loop_without_measuring():
+def test_memory_budget_parses_bytes_and_units():
+    assert parse_bytes(1000) == 1000
+    assert parse_bytes("256MiB") == 256 * 2**20
+    assert parse_bytes("1.5 GB") == 1_500_000_000
+    assert parse_bytes("64kib") == 65536
+    for bad in ("lots", "12 parsecs", "-1MiB", 0.5, True):
+        with pytest.raises((ValueError, TypeError), match="memory_budget"):
+            parse_bytes(bad)
+    with pytest.raises(ValueError, match="memory_budget"):
+        MAML(mlp(), memory_budget="big")
+
+
+def test_auto_measures_one_task_then_vmaps_the_chunk_that_fits_the_budget():
+    """First meta-batch: the loop, measuring one task's saved bytes; later ones: vmap
+    over ``budget // footprint`` tasks (capped by the batch), the same choice every
+    time and in every run."""
     model, batch = mlp(), regression_batch(tasks=6)
     maml = MAML(model, inner_lr=0.05, inner_steps=2)
+    ref, _ = _grads(MAML(model, inner_lr=0.05, inner_steps=2, strategy="loop"), batch)
     _grads(maml, batch)
     assert maml.last_strategy == "loop"
-    assert maml.strategy_timings == {}  # nothing was timed: vmap is outside the budget
-    assert StrategyChooser("auto").auto_chunk(32) is None
-    assert StrategyChooser("auto", chunk_size=1).auto_chunk(32) is None
+    (sig, footprint), = maml.task_footprints.items()
+    # the footprint is the first task's saved-tensor bytes: the same in a fresh learner
+    # and what counting one task's forward and backward gives (within a few scalars)
+    fresh = MAML(model, inner_lr=0.05, inner_steps=2)
+    _grads(fresh, batch)
+    assert fresh.task_footprints == {sig: footprint}
+    task = [t[0] for t in batch]
+    phi = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    _, again = saved_tensor_bytes(lambda: maml.task_loss(phi, *task, F.mse_loss).backward())
+    assert footprint > 0 and abs(again - footprint) <= 64
+    got, _ = _grads(maml, batch)
+    assert maml.last_strategy == "vmap" and maml._batcher.chunks[sig] == 6
+    assert max_rel_diff(got, ref) < 1e-10
+    # a budget of 2.5 tasks gives chunks of 2; of 1.5 tasks the loop
+    two = MAML(model, inner_lr=0.05, inner_steps=2, memory_budget=int(2.5 * footprint))
+    for _ in range(2):
+        got, _ = _grads(two, batch)
+    assert two.last_strategy == "vmap" and two._batcher.chunks[sig] == 2
+    assert max_rel_diff(got, ref) < 1e-10
+    one = MAML(model, inner_lr=0.05, inner_steps=2, memory_budget=int(1.5 * footprint))
+    for _ in range(2):
+        _grads(one, batch)
+    assert one.last_strategy == "loop" and one._batcher.chunks[sig] is None
+    capped = MAML(model, inner_lr=0.05, inner_steps=2, chunk_size=4)
+    for _ in range(2):
+        _grads(capped, batch)
+    assert capped._batcher.chunks[sig] == 4
 
 
-def test_auto_with_a_budget_measures_vmap_in_chunks_of_that_size():
-    model, batch = mlp(), regression_batch(tasks=6)
-    maml = MAML(model, inner_lr=0.05, inner_steps=2, chunk_size=4)
-    _grads(maml, batch)
-    (key, timings), = maml.strategy_timings.items()
-    assert key[-1] == 4 and set(timings) == {"loop", "vmap"}
-    assert StrategyChooser("auto", chunk_size=64).auto_chunk(6) == 6  # capped at the batch
+@pytest.mark.parametrize("steps", [1, 3])
+def test_budget_choice_respects_the_budget(steps):
+    """chunk × measured footprint never exceeds the budget, for any budget, and the
+    choice depends on nothing but the inputs' signature and the settings."""
+    model, batch = mlp(), regression_batch(tasks=8)
+    probe = MAML(model, inner_lr=0.05, inner_steps=steps)
+    _grads(probe, batch)
+    (footprint,) = probe.task_footprints.values()
+    for tasks_worth in (0.5, 1.0, 2.0, 3.7, 8.0, 100.0):
+        budget = int(tasks_worth * footprint)
+        chunk = TaskBatcher("auto", budget).choose_chunk(8, footprint)
+        assert chunk is None or (2 <= chunk <= 8 and chunk * footprint <= budget)
+        assert chunk == (None if tasks_worth < 2 else min(8, int(tasks_worth)))
+
+
+def test_structural_rules_keep_the_loop():
+    from maml_reference import conv_bn
+
+    conv = MAML(conv_bn(), inner_lr=0.4)
+    assert conv.vmap_slow(torch.device("cpu")) is not None  # convolutions on CPU
+    assert conv.vmap_unsafe() is not None                   # second order through BN
+    assert MAML(mlp(), inner_lr=0.4).vmap_slow(torch.device("cpu")) is None
+    assert iMAML(mlp()).vmap_unsafe() is not None           # Implicit: one task at a time
+
+
+def test_merge_of_slices_is_the_whole_batch():
+    """What a sharded executor does: slices' mean gradients weighted by their sizes."""
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def task_fn(phi, x, *, functional, checks):
+        return (phi["w"] * x).sum() ** 2
+
+    x = torch.randn(7, 3, dtype=torch.float64)
+    whole = run_loop(task_fn, {"w": w}, (x,), need_grad=True)
+    parts = [run_loop(task_fn, {"w": w}, (x[:3],), need_grad=True),
+             run_vmap(task_fn, {"w": w}, (x[3:],), need_grad=True)]
+    merged = merge_results(parts)
+    assert torch.equal(merged.losses, whole.losses) and merged.strategy == "mixed"
+    assert torch.allclose(merged.grads["w"], whole.grads["w"], rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, "all"])
@@ -56,13 +136,19 @@ def test_chunk_size_is_validated(bad):
         MAML(mlp(), chunk_size=bad)
 
 
+def test_strategy_is_validated():
+    with pytest.raises(ValueError, match="strategy"):
+        TaskBatcher("threads")
+
+
 @pytest.mark.parametrize("n_tasks,chunk,calls", [(7, None, 1), (7, 3, 3), (7, 1, 7), (4, 9, 1)])
 def test_vmap_holds_at_most_chunk_size_tasks_per_call(n_tasks, chunk, calls):
     """The task function is traced once per vmap call, so calls = number of chunks."""
     seen = []
     w = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
-    def task_fn(phi, x, *, checks):
+    def task_fn(phi, x, *, functional, checks):
+        assert functional == torch._C._functorch.is_batchedtensor(x)
         seen.append(torch._C._functorch.is_batchedtensor(x))
         return (phi["w"] * x).sum() ** 2
 
@@ -110,17 +196,22 @@ def _peak_saved_bytes(algo, batch) -> int:
 
 
 @pytest.mark.parametrize("make", [
-    lambda m: MAML(m, inner_lr=0.05, inner_steps=3),
-    lambda m: MetaSGD(m, inner_lr=0.05, inner_steps=2),
-    lambda m: ANIL(m, inner_lr=0.05, inner_steps=2),
-], ids=["maml", "metasgd", "anil"])
-def test_default_memory_is_one_tasks_whatever_the_meta_batch(make):
-    """The default's peak autograd memory on 8 tasks is that of a single task (within
+    lambda m: MAML(m, inner_lr=0.05, inner_steps=3, strategy="loop"),
+    lambda m: MetaSGD(m, inner_lr=0.05, inner_steps=2, strategy="loop"),
+    lambda m: ANIL(m, inner_lr=0.05, inner_steps=2, strategy="loop"),
+    lambda m: MAML(m, inner_lr=0.05, inner_steps=3, memory_budget=1),
+], ids=["maml", "metasgd", "anil", "auto-small-budget"])
+def test_loop_memory_is_one_tasks_whatever_the_meta_batch(make):
+    """The loop's peak autograd memory on 8 tasks is that of a single task (within
     1.2x, the benchmark's bound); a loop that kept every task's graph would be ~8x."""
     torch.manual_seed(0)
     model = mlp()
-    one = _peak_saved_bytes(make(model), regression_batch(tasks=1))
-    eight = _peak_saved_bytes(make(model), regression_batch(tasks=8))
+    single = make(model)
+    _grads(single, regression_batch(tasks=1))  # "auto" measures on its first meta-batch
+    one = _peak_saved_bytes(single, regression_batch(tasks=1))
+    learner = make(model)
+    _grads(learner, regression_batch(tasks=8))
+    eight = _peak_saved_bytes(learner, regression_batch(tasks=8))
     assert one > 0
     assert eight <= 1.2 * one, (eight, one)
 
@@ -129,7 +220,7 @@ def test_the_memory_proxy_sees_a_meta_batch_whose_graphs_are_alive_together():
     """The check above is not vacuous: one graph over all 8 tasks (what a chunk of 8
     would hold) measures several times one task."""
     model, batch = mlp(), regression_batch(tasks=8)
-    maml = MAML(model, inner_lr=0.05, inner_steps=3)
+    maml = MAML(model, inner_lr=0.05, inner_steps=3, strategy="loop")
     one = _peak_saved_bytes(maml, regression_batch(tasks=1))
     probe, phi = _SavedBytes(), dict(model.named_parameters())
     with torch.autograd.graph.saved_tensors_hooks(probe.pack, probe.unpack):
@@ -150,7 +241,7 @@ ALGOS = {
 SETTINGS = {
     "auto": {},
     "auto-chunk2": {"chunk_size": 2},
-    "auto-all": {"chunk_size": 5},
+    "auto-budget-loop": {"memory_budget": 1},
     "vmap": {"strategy": "vmap"},
     "vmap-chunk2": {"strategy": "vmap", "chunk_size": 2},
     "vmap-chunk1": {"strategy": "vmap", "chunk_size": 1},
@@ -162,9 +253,11 @@ SETTINGS = {
 def test_every_strategy_and_chunk_size_gives_the_loops_meta_gradient(algo, setting):
     model, batch = mlp(), regression_batch(tasks=5)
     ref, ref_loss = _grads(ALGOS[algo](model, strategy="loop"), batch)
-    got, loss = _grads(ALGOS[algo](model, **SETTINGS[setting]), batch)
-    assert loss == pytest.approx(ref_loss, rel=1e-12)
-    assert max_rel_diff(got, ref) < 1e-10
+    learner = ALGOS[algo](model, **SETTINGS[setting])
+    for _ in range(2):  # under "auto" the second meta-batch runs the budget's choice
+        got, loss = _grads(learner, batch)
+        assert loss == pytest.approx(ref_loss, rel=1e-12)
+        assert max_rel_diff(got, ref) < 1e-10
 
 
 def test_imaml_is_unchanged_by_the_traced_forward():

@@ -20,6 +20,7 @@ from maml_reference import (
 from torch import nn
 
 from metaopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile, iMAML
+from metaopt.bilevel import Unrolled
 
 
 def grads_after(algo, batch, loss_fn, model=None):
@@ -36,16 +37,28 @@ CASES = [("mlp", mlp, regression_batch, F.mse_loss, 0.05),
          ("conv_bn", conv_bn, classification_batch, F.cross_entropy, 0.4)]
 
 
+EXECUTION = {"loop": {"strategy": "loop"}, "vmap": {"strategy": "vmap"},
+             "vmap-chunk2": {"strategy": "vmap", "chunk_size": 2}, "default": {},
+             "checkpointed": {"estimator": Unrolled(checkpoint_segment=2)}}
+
+
+@pytest.mark.parametrize("execution", list(EXECUTION))
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("name,make,data,loss_fn,lr", CASES)
-def test_maml_second_order_matches_autograd_and_higher(name, make, data, loss_fn, lr, steps):
+def test_maml_second_order_matches_autograd_and_higher(name, make, data, loss_fn, lr, steps,
+                                                       execution):
+    """float64: every execution setting within 1e-10 of autograd and of higher."""
+    if name == "conv_bn" and execution.startswith("vmap"):
+        pytest.skip("second order through BatchNorm is refused under vmap (tested below)")
     model, batch = make(), data()
-    ours, value = grads_after(MAML(model, inner_lr=lr, inner_steps=steps, strategy="loop"),
-                              batch, loss_fn)
+    maml = MAML(model, inner_lr=lr, inner_steps=steps, **EXECUTION[execution])
     ref, ref_value = maml_grad(model, *batch, loss_fn, lr, steps)
-    assert value == pytest.approx(ref_value, rel=1e-12)
-    assert max_rel_diff(ours, ref) < 1e-10
-    assert max_rel_diff(ours, higher_grad(model, *batch, loss_fn, lr, steps)) < 1e-10
+    peer = higher_grad(model, *batch, loss_fn, lr, steps)
+    for _ in range(2):  # the default decides on its first meta-batch and uses it later
+        ours, value = grads_after(maml, batch, loss_fn)
+        assert value == pytest.approx(ref_value, rel=1e-12)
+        assert max_rel_diff(ours, ref) < 1e-10
+        assert max_rel_diff(ours, peer) < 1e-10
     # second order matters here: the first-order gradient is far away
     fo, _ = maml_grad(model, *batch, loss_fn, lr, steps, first_order=True)
     assert max_rel_diff(fo, ref) > 1e-3
@@ -98,7 +111,7 @@ def test_auto_strategy_never_vmaps_batchnorm_second_order():
     assert max_rel_diff(fo_vmap, fo_loop) < 1e-10
 
 
-def test_auto_strategy_falls_back_when_vmap_fails():
+def test_auto_keeps_the_loop_for_modules_of_the_users_own_classes():
     class Counting(nn.Module):
         """Writes into a buffer in place on every call: impossible under vmap."""
 
@@ -112,14 +125,17 @@ def test_auto_strategy_falls_back_when_vmap_fails():
             return self.lin(x)
 
     model, batch = Counting(), regression_batch()
-    algo = MAML(model, inner_lr=0.05, chunk_size=4)  # a budget that lets auto try vmap
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        g, _ = grads_after(algo, batch, F.mse_loss)
-    assert algo.last_strategy == "loop"
-    assert any("vmap over tasks failed" in str(w.message) for w in caught)
+    algo = MAML(model, inner_lr=0.05)  # the default budget would fit every task
     ref, _ = maml_grad(model, *batch, F.mse_loss, 0.05, 1)
-    assert max_rel_diff(g, ref) < 1e-10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # the second meta-batch would use the budget's choice
+            g, _ = grads_after(algo, batch, F.mse_loss)
+            assert algo.last_strategy == "loop"
+            assert max_rel_diff(g, ref) < 1e-10
+    assert algo.task_footprints == {}  # decided by the rule, nothing measured
+    with pytest.raises(RuntimeError):
+        grads_after(MAML(model, inner_lr=0.05, strategy="vmap"), batch, F.mse_loss)
 
 
 def test_anil_equals_maml_restricted_to_head():
@@ -437,25 +453,6 @@ def test_bad_adapt_input_and_constructor_arguments():
         MAML(model, strategy="threads")
     with pytest.raises(TypeError, match="nn.Sequential"):
         ANIL(nn.Module())
-
-
-def test_auto_strategy_rejects_vmap_that_disagrees_with_the_loop():
-    from metaopt.algorithms._execution import StrategyChooser
-
-    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-
-    def task_fn(phi, x, *, checks):
-        batched = torch._C._functorch.is_batchedtensor(x)
-        scale = 1.5 if batched else 1.0  # a batching rule that is wrong
-        return scale * (phi["w"] * x).sum()
-
-    chooser = StrategyChooser("auto", chunk_size=4)
-    x = torch.randn(4, 2, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="different numbers"):
-        result = chooser.run(task_fn, {"w": w}, (x,), need_grad=True)
-    assert result.strategy == "loop"
-    assert torch.allclose(result.grads["w"], x.mean(0))
-    assert chooser.run(task_fn, {"w": w}, (x,), need_grad=True).strategy == "loop"
 
 
 def test_meta_loss_backward_scales_and_runs_once():

@@ -180,3 +180,40 @@ def test_max_rel_diff_detects_a_wrong_gradient(problem_and_reference):
     name = next(iter(wrong))
     wrong[name] += 1e-3 * ref_grads[name].abs().max()
     assert common.max_rel_diff(wrong, ref_grads) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_metaopt_default_after_its_first_meta_batch_matches_reference(problem_and_reference):
+    """The default runs the first meta-batch of a shape in the per-task loop and later
+    ones as the memory budget decides (``vmap`` for the MLP, the loop for the conv
+    net): every meta-batch matches the reference and the peers."""
+    ok, why = metaopt_available()
+    if not ok:
+        pytest.skip(f"metaopt.algorithms.MAML not importable: {why}")
+    from metaopt.algorithms import MAML
+
+    problem, ref_loss, ref_grads = problem_and_reference
+    seen = []
+
+    def make_step(model, inner_steps, inner_lr, loss_fn):
+        maml = MAML(model, inner_lr=inner_lr, inner_steps=inner_steps)
+
+        def step(tasks):
+            for _ in range(2):  # the second meta-batch runs the budget's choice
+                model.zero_grad(set_to_none=True)
+                loss = maml.meta_loss(*tasks, loss_fn)
+                loss.backward()
+                seen.append(maml.last_strategy)
+            return loss.detach()
+
+        return step
+
+    loss, grads = _run(make_step, problem)
+    assert seen == ["loop", "vmap" if problem.model == "mlp" else "loop"]
+    assert abs(loss.item() - ref_loss.item()) <= METAOPT_TOL * abs(ref_loss.item())
+    _assert_metaopt_close(grads, ref_grads, "reference")
+    for peer in ("higher", "torchopt", "learn2learn"):
+        try:
+            _, peer_grads = _run_peer(peer, problem)
+        except pytest.skip.Exception:
+            continue
+        _assert_metaopt_close(grads, peer_grads, peer)

@@ -39,6 +39,7 @@ from metaopt.runner.experiment import (
     StateDict,
     register_experiment,
 )
+from metaopt.tree import tree_detach, tree_map_nested
 
 __all__ = [
     "ALGORITHMS",
@@ -78,9 +79,12 @@ class MetaLearningSettings(ExperimentConfig):
             curvature), ``lanczos`` (saddle-free: |curvature| floored at
             ``imaml_min_eig``) or ``normal_cg`` (exact solve).
         imaml_min_eig: the ``lanczos`` solve's curvature floor (``None``: λ).
-        strategy: how the learner runs a meta-batch: ``loop`` over tasks or ``vmap``.
-            ``auto`` times both once and picks the faster — quicker, but the choice
-            (and so the last bits of the numbers) may differ between runs.
+        strategy: how the learner runs a meta-batch: ``auto`` (default: chosen from
+            ``memory_budget`` and a measured per-task footprint, deterministically, so
+            two runs with one seed compute bit-identical numbers), ``loop`` over tasks
+            or ``vmap``.
+        memory_budget: bytes a ``vmap`` chunk may hold under ``auto`` (e.g. ``256MiB``
+            or an int); see :class:`metaopt.algorithms.MAML`.
     """
 
     algorithm: AlgorithmName = "maml"
@@ -95,7 +99,8 @@ class MetaLearningSettings(ExperimentConfig):
     imaml_cg_steps: int = 5
     imaml_solver: Literal["cg", "lanczos", "normal_cg"] = "cg"
     imaml_min_eig: float | None = None
-    strategy: Literal["loop", "vmap", "auto"] = "loop"
+    strategy: Literal["loop", "vmap", "auto"] = "auto"
+    memory_budget: int | str = "256MiB"
 
     def __post_init__(self) -> None:
         if self.inner_lr <= 0 or self.outer_lr <= 0:
@@ -111,6 +116,9 @@ class MetaLearningSettings(ExperimentConfig):
             raise ValueError(f"imaml_lambda must be > 0, got {self.imaml_lambda}")
         if self.imaml_min_eig is not None and not self.imaml_min_eig > 0:
             raise ValueError(f"imaml_min_eig must be > 0, got {self.imaml_min_eig}")
+        from metaopt.bilevel.task_batch import parse_bytes
+
+        parse_bytes(self.memory_budget)
 
 
 def build_algorithm(name: str, model: nn.Module, settings: MetaLearningSettings, *,
@@ -118,27 +126,25 @@ def build_algorithm(name: str, model: nn.Module, settings: MetaLearningSettings,
     """The :mod:`metaopt.algorithms` learner called ``name`` wrapping ``model``.
 
     ``head`` is the name prefix of the output layer's parameters (ANIL adapts only
-    those). The execution strategy is fixed by ``settings.strategy`` rather than timed,
-    so that two runs with one seed compute bit-identical numbers.
+    those). The execution choice (``settings.strategy``, ``settings.memory_budget``)
+    is deterministic, so two runs with one seed compute bit-identical numbers.
     """
     from metaopt import algorithms
 
     common = dict(inner_lr=settings.inner_lr, inner_steps=settings.inner_steps,
-                  strategy=settings.strategy)
+                  strategy=settings.strategy, memory_budget=settings.memory_budget)
     if name == "maml":
         return algorithms.MAML(model, first_order=False, **common)
     if name == "fomaml":
         return algorithms.FOMAML(model, **common)
     if name == "anil":
-        # ANIL is MAML whose inner loop adapts only the head (``inner_params``).
-        head_params = [k for k, _ in model.named_parameters() if k.startswith(head + ".")]
-        return algorithms.MAML(model, first_order=False, inner_params=head_params, **common)
+        return algorithms.ANIL(model, head=head, **common)
     if name == "metasgd":
         return algorithms.MetaSGD(model, **common)
     if name == "reptile":
         return algorithms.Reptile(model, **common)
     if name == "imaml":
-        # iMAML's conjugate-gradient solve is data-dependent: it always loops over tasks.
+        # iMAML's linear solve is data-dependent: "auto" runs it in the per-task loop.
         return algorithms.iMAML(model, lam=settings.imaml_lambda,
                                 cg_steps=settings.imaml_cg_steps, solver=settings.imaml_solver,
                                 min_eig=settings.imaml_min_eig,
@@ -212,7 +218,8 @@ class MetaTrainer:
 
         wanted = sorted(set(steps))
         memoryless = (type(self.learner) in (algorithms.MAML, algorithms.FOMAML)
-                      and self.learner.inner_optimizer is None)
+                      and self.learner.inner_optimizer is None
+                      and self.learner.proximal is None)
         if not memoryless:
             return {s: self.adapt(x, y, loss_fn, s) for s in wanted}
         out: dict[int, dict[str, Tensor]] = {}
@@ -248,15 +255,11 @@ class MetaTrainer:
 
 
 def _detached(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: p.detach() for k, p in params.items()}
+    return tree_detach(params)
 
 
 def _clone_tree(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.detach().clone()
-    if isinstance(tree, Mapping):
-        return {k: _clone_tree(v) for k, v in tree.items()}
-    return tree
+    return tree_map_nested(lambda t: t.detach().clone(), tree)
 
 
 # --------------------------------------------------------------------------- model

@@ -1,9 +1,12 @@
-"""Running an inner optimizer for K steps, differentiably or not.
+"""The inner loop: running an inner optimizer for K steps, differentiably or not.
 
-This is the one implementation of "unrolling" in metaopt: the unrolled and
-first-order estimators, MAML and friends all call :func:`unroll`. It is a pure
-function of tensors, so it runs under ``torch.func.vmap`` over a meta-batch (pass
-``check_finite=False`` there: a data-dependent check cannot run under vmap).
+This is the one implementation of "unrolling" in metaopt (the primitive; the
+estimator that differentiates through it is :mod:`metaopt.bilevel.unrolled`). Every
+estimator calls :func:`unroll`. It is a pure function of tensors, so it runs under
+``torch.func.vmap`` over a meta-batch: the caller that vmaps (the task batching of
+:mod:`metaopt.bilevel.task_batch`) passes ``functional=True``, which takes inner
+gradients with ``torch.func`` instead of ``torch.autograd``, and
+``check_finite=False`` (a data-dependent check cannot run under vmap).
 
 Inner gradients stay connected to the outer autograd graph (θ₀ and φ), which is
 what second-order meta-gradients need (see :func:`inner_gradient`).
@@ -39,23 +42,19 @@ class InnerTrace:
     losses: list[Tensor] = field(default_factory=list)
 
 
-def _under_functorch() -> bool:
-    """True inside a torch.func transform (vmap, grad, …)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def inner_gradient(loss_fn: StepLoss, theta: Params, step: int, *,
-                   stop_gradient: bool = False) -> tuple[Params, Tensor]:
+                   stop_gradient: bool = False,
+                   functional: bool = False) -> tuple[Params, Tensor]:
     """∇θ of the inner loss at ``theta`` and the loss itself.
 
     The gradient stays connected to the outer autograd graph (through θ and
     anything ``loss_fn`` closes over) when grad mode is on, which second-order
     meta-gradients need. With ``stop_gradient`` it is treated as a constant — the
-    first-order (FOMAML-style) approximation. Inside ``torch.func`` transforms
-    (``vmap`` over a meta-batch) ``torch.func.grad_and_value`` is used; elsewhere
-    ``torch.autograd.grad``.
+    first-order (FOMAML-style) approximation. ``functional=True`` (required inside
+    ``torch.func`` transforms such as ``vmap`` over a meta-batch) uses
+    ``torch.func.grad_and_value``; the default uses ``torch.autograd.grad``.
     """
-    if _under_functorch():
+    if functional:
         grads, loss = torch.func.grad_and_value(lambda th: loss_fn(th, step))(dict(theta))
         if stop_gradient:
             grads = {k: g.detach() for k, g in grads.items()}
@@ -74,9 +73,10 @@ def inner_gradient(loss_fn: StepLoss, theta: Params, step: int, *,
 
 
 def _step(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
-          opt_state: State, step: int, stop_gradient: bool
+          opt_state: State, step: int, stop_gradient: bool, functional: bool
           ) -> tuple[Params, State, Tensor]:
-    grads, loss = inner_gradient(loss_fn, theta, step, stop_gradient=stop_gradient)
+    grads, loss = inner_gradient(loss_fn, theta, step, stop_gradient=stop_gradient,
+                                 functional=functional)
     if optimizer.needs_loss:
         updates, opt_state = optimizer.update(grads, opt_state, theta, loss=loss)
     else:
@@ -100,7 +100,8 @@ def _check_step(loss: Tensor, theta: Params, step: int) -> None:
 
 def unroll(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
            steps: int, *, opt_state: State | None = None, start: int = 0,
-           stop_gradient: bool = False, check_finite: bool = True) -> InnerTrace:
+           stop_gradient: bool = False, check_finite: bool = True,
+           functional: bool = False) -> InnerTrace:
     """Run ``steps`` optimizer steps on ``loss_fn`` from ``theta``.
 
     Args:
@@ -113,6 +114,8 @@ def unroll(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
         stop_gradient: treat inner gradients as constants (first-order approximation).
         check_finite: raise :class:`NonFiniteError` naming the step and tensor if
             a NaN/inf appears (turn off under ``vmap``).
+        functional: take inner gradients with ``torch.func`` (set it when calling
+            from inside a ``torch.func`` transform such as ``vmap``).
 
     Whether the result is differentiable follows autograd's usual rules: run it under
     ``torch.no_grad()`` for a plain (non-differentiable) inner solve. (For bounded
@@ -123,7 +126,8 @@ def unroll(loss_fn: StepLoss, optimizer: GradientTransformation, theta: Params,
         opt_state = optimizer.init(theta)
     losses: list[Tensor] = []
     for k in range(start, start + steps):
-        theta, opt_state, loss = _step(loss_fn, optimizer, theta, opt_state, k, stop_gradient)
+        theta, opt_state, loss = _step(loss_fn, optimizer, theta, opt_state, k, stop_gradient,
+                                       functional)
         losses.append(loss.detach())
         if check_finite:
             _check_step(loss, theta, k)
