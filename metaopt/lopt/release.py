@@ -126,6 +126,14 @@ class UnsupportedReleaseError(ReleaseFormatError, NotImplementedError):
 
 
 def _short(value: Any, limit: int = 40) -> str:
+    """A bounded description of ``value`` (never the repr of a container: it may be
+    nested thousands deep)."""
+    if isinstance(value, list | tuple | dict | set):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, str | bytes):
+        value = value[:limit]
+    elif not isinstance(value, int | float | bool | None):
+        return f"a {type(value).__name__}"
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
