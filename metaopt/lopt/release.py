@@ -93,7 +93,7 @@ CONFIG_FILE = "config.gin"
 #: Largest ``params`` file read (the released VeLO is 9 MB).
 MAX_PARAMS_BYTES = 1 << 30
 #: Largest ``config.gin`` read (released ones are a few kB).
-MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 1 << 18
 #: Deepest map nesting accepted in a msgpack tree (theta trees are about 5 deep).
 MAX_DEPTH = 64
 #: Deepest bracket nesting accepted in a gin value.
