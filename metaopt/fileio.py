@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
+
+from metaopt.errors import FormatError
 
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "fsync_dir",
+    "read_regular_file",
     "sha256_hex",
     "write_synced",
 ]
@@ -68,3 +72,52 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Text (UTF-8) version of :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode())
+
+
+def read_regular_file(path: str | os.PathLike, *, max_bytes: int,
+                      expected_size: int | None = None, follow_symlinks: bool = True,
+                      error: type[FormatError] = FormatError, what: str = "file") -> bytes:
+    """The bytes of the regular file ``path``, read with bounds checked before reading.
+
+    Refuses (raising ``error`` naming ``path``) anything that is not a regular file (a
+    FIFO would block, ``/dev/zero`` never ends), a file larger than ``max_bytes`` or of
+    another size than ``expected_size``, a symlink when ``follow_symlinks`` is false, and
+    a file that changes size while it is read. The size is taken from the open file
+    descriptor, so a swap between check and read cannot slip through.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+        if os.path.islink(path):
+            raise error(f"{path}: {what} is a symlink, which is not allowed here")
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise error(f"{path}: cannot open {what}: {err.strerror or err}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: {what} is not a regular file")
+        size = info.st_size
+        if expected_size is not None and size != expected_size:
+            raise error(f"{path}: {what} holds {size} bytes, expected {expected_size} "
+                        "(truncated, extended or replaced)")
+        if size > max_bytes:
+            raise error(f"{path}: {what} holds {size} bytes, more than the {max_bytes} "
+                        "this reader accepts")
+        chunks, remaining = [], size + 1  # one more byte detects a file that grew
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as err:
+        raise error(f"{path}: cannot read {what}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) != size:
+        raise error(f"{path}: {what} changed size while being read "
+                    f"({size} bytes expected, {len(data)} read)")
+    return data

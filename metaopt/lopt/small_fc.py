@@ -100,39 +100,13 @@ class SmallFCLOpt(LearnedOptimizer):
                 "initial_adafactor_decays": list(self.initial_adafactor_decays)}
 
     # ------------------------------------------------------------------ release import
-    _GIN_ARGS = ("exp_mult", "step_mult", "hidden_size", "hidden_layers",
-                 "initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays")
-
     @classmethod
     def from_release(cls, tree: Mapping[str, Any], bindings: Mapping[str, Any]) -> SmallFCLOpt:
-        """Build from a learned_optimization ``AdafacMLPLOpt`` theta tree + gin bindings."""
-        from metaopt.lopt.release import check_tree
+        """Build from a learned_optimization ``AdafacMLPLOpt`` theta tree + gin bindings
+        (see :func:`metaopt.lopt.release_arch.small_fc_from_release`)."""
+        from metaopt.lopt.release_arch import small_fc_from_release
 
-        kwargs = {}
-        for key, value in bindings.items():
-            if key in cls._GIN_ARGS:
-                kwargs[key] = value
-            elif key == "concat_weights" or key == "split_weights":
-                continue  # same function and same stored weights either way
-            elif key == "make_separate_weights" and not value:
-                continue
-            else:
-                raise NotImplementedError(f"AdafacMLPLOpt.{key} = {value!r} is not supported")
-        lopt = cls(**kwargs)
-        expected: dict[tuple[str, ...], tuple[int, ...]] = {
-            ("momentum_decays",): (len(lopt.initial_momentum_decays),),
-            ("rms_decays",): (len(lopt.initial_rms_decays),),
-            ("adafactor_decays",): (len(lopt.initial_adafactor_decays),),
-        }
-        for i in range(lopt.n_layers):
-            expected[("nn", "~", f"w{i}")] = tuple(getattr(lopt, f"w{i}").shape)
-            expected[("nn", "~", f"b{i}")] = tuple(getattr(lopt, f"b{i}").shape)
-        leaves = check_tree(tree, expected, what="AdafacMLPLOpt (small_fc_lopt) params")
-        with torch.no_grad():
-            for path, value in leaves.items():
-                target = getattr(lopt, path[-1])
-                target.copy_(torch.from_numpy(value.astype("float32", copy=True)))
-        return lopt
+        return small_fc_from_release(cls, tree, bindings)
 
     # ------------------------------------------------------------------ functional core
     def decays(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -57,12 +57,10 @@ from torch import Tensor, nn
 
 from metaopt.lopt import cpu_kernels
 from metaopt.lopt.base import LearnedOptimizer, LOptState, apply_step_, register_architecture
-from metaopt.lopt.release import ReleaseFormatError
 from metaopt.lopt.velo_plan import KernelPlan, MLPSlots
 from metaopt.params import Params, StructureError
 
 __all__ = [
-    "RELEASE_DEFAULTS",
     "VeLO",
     "factored_dims",
     "loss_buffer_features",
@@ -87,39 +85,6 @@ _COL_CHANNELS = list(range(_GROUP_START[10], _GROUP_START[10] + 3)) + list(
 _N_RNN_IN = 30
 _FRACTION_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
 _N_LOSS_DECAYS = 10
-
-#: ``HyperV2``'s own constructor defaults (what a gin file that binds nothing means).
-RELEASE_DEFAULTS: dict[str, Any] = {
-    "lstm_hidden_size": 128,
-    "ff_hidden_size": 4,
-    "ff_hidden_layers": 2,
-    "initial_momentum_decays": (0.9, 0.99, 0.999),
-    "initial_rms_decays": (0.999,),
-    "initial_adafactor_decays": (0.9, 0.99, 0.999),
-    "param_inits": 64,
-    "mix_layers": True,
-    "exp_mult": 0.001,
-    "step_mult": 0.001,
-    "param_scale_mult": True,
-    "use_bugged_next_lstm_state": False,
-    "use_bugged_loss_features": True,
-    "rnn_state_decay": 0.0,
-}
-#: HyperV2 arguments whose non-default values this port does not implement.
-_UNSUPPORTED = {
-    "validation_mode": False, "with_validation_feature_dim": False,
-    "with_g": True, "with_m": True, "with_m_feat": True, "with_rms": True,
-    "with_rms_feat": True, "with_rms_norm_g": True, "with_rsqrt_rms": True, "with_p": True,
-    "with_fac_norm_g": True, "with_fac_rms": True, "with_fac_rsqrt": True,
-    "with_grad_clip_feat": True, "with_fac_mom_mult": True, "with_rms_only_norm_g": True,
-    "adafactor_accumulator": True, "precondition_output": False, "constant_loss": False,
-    "clip_param_scale_amount": None,
-    # MuHyperV2 (μLO) extras.
-    "interp_mult": 100.0, "identity_lstm_controls": False, "identity_lr_mult": False,
-}
-#: Arguments that only change logging or nothing at all in the reference.
-_IGNORED = {"summarize_each_layer", "summarize_all_control", "reparam_decay"}
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -394,145 +359,31 @@ class VeLO(LearnedOptimizer):
             "rnn_state_decay": self.rnn_state_decay,
         }
 
+    # ------------------------------------------------------------------ release import
+    # The release format lives in metaopt.lopt.release_arch; these delegate to it.
+
     @classmethod
     def release_config(cls, gin_bindings: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Constructor arguments meant by a release's gin bindings.
+        """Constructor arguments meant by a release's gin bindings (see
+        :func:`metaopt.lopt.release_arch.velo_release_config`)."""
+        from metaopt.lopt.release_arch import velo_release_config
 
-        Keys may be bare (``lstm_hidden_size``) or scoped (``HyperV2.lstm_hidden_size``);
-        bindings for other configurables are ignored. Unbound arguments take HyperV2's
-        own defaults (so an unbound ``use_bugged_loss_features`` means True).
-        """
-        cfg = dict(RELEASE_DEFAULTS)
-        for key, value in (gin_bindings or {}).items():
-            name = key
-            if "." in key:
-                scope, name = key.rsplit(".", 1)
-                if scope.split("/")[-1] not in ("HyperV2", "MuHyperV2"):
-                    continue
-            if name in cfg:
-                cfg[name] = tuple(value) if isinstance(value, list) else value
-            elif name in _UNSUPPORTED:
-                if value != _UNSUPPORTED[name]:
-                    raise NotImplementedError(
-                        f"HyperV2.{name}={value!r} is not supported by this port "
-                        f"(only the default {_UNSUPPORTED[name]!r})")
-            elif name not in _IGNORED:
-                raise ValueError(f"unknown HyperV2 binding '{key}'")
-        return cfg
+        return velo_release_config(gin_bindings)
 
     @classmethod
     def from_release(cls, params_tree: Mapping[str, Any],
                      gin_bindings: Mapping[str, Any] | None = None) -> VeLO:
-        """Build from a learned_optimization release: its theta pytree and gin bindings.
+        """Build from a learned_optimization release: its theta pytree and gin bindings
+        (see :func:`metaopt.lopt.release_arch.velo_from_release`)."""
+        from metaopt.lopt.release_arch import velo_from_release
 
-        ``params_tree`` is the decoded ``params`` map of the msgpack (nested dicts of
-        arrays; the whole checkpoint container, or a flat ``"a/b/c"``-keyed dict are
-        accepted too). Every leaf is checked: missing, unexpected or mis-shaped keys are
-        listed in one :class:`~metaopt.lopt.release.ReleaseFormatError`.
-        """
-        lopt = cls(**cls.release_config(gin_bindings), seed=None)
-        lopt.load_release_params(params_tree)
-        return lopt
-
-    def release_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Expected ``/``-joined leaf paths and shapes of this configuration's theta."""
-        h, k, w = self.lstm_hidden_size, self.param_inits, self.ff_hidden_size
-        shapes: dict[str, tuple[int, ...]] = {}
-        for gi, width in enumerate(_GROUP_WIDTHS):
-            shapes[f"ff_mod_stack/~/w0__{gi}"] = (k, width, w)
-        sizes = [w] * self.ff_hidden_layers + [3]
-        for li, fan_out in enumerate(sizes):
-            shapes[f"ff_mod_stack/~/b{li}"] = (k, fan_out)
-            if li > 0:
-                shapes[f"ff_mod_stack/~/w{li}"] = (k, sizes[li - 1], fan_out)
-        shapes["lstm_init_state/hidden"] = (1, h)
-        shapes["lstm_init_state/cell"] = (1, h)
-        for name in ("linear", "linear_1", "linear_2"):
-            shapes[f"rnn_params/{name}/w"] = (_N_RNN_IN, h)
-            shapes[f"rnn_params/{name}/b"] = (h,)
-        shapes["rnn_params/rnn/linear/w"] = (2 * h, 4 * h)
-        shapes["rnn_params/rnn/linear/b"] = (4 * h,)
-        shapes["rnn_params/rnn_to_controls/w"] = (h, k)
-        shapes["rnn_params/rnn_to_controls/b"] = (k,)
-        shapes["rnn_params/step_size/w"] = (h, 1)
-        shapes["rnn_params/step_size/b"] = (1,)
-        return shapes
-
-    @torch.no_grad()
-    def load_release_params(self, params_tree: Mapping[str, Any]) -> None:
-        """Copy a release theta (Haiku layout) into this module (PyTorch layout)."""
-        flat = flatten_release_tree(params_tree)
-        expected = self.release_shapes()
-        missing = sorted(expected.keys() - flat.keys())
-        unexpected = sorted(flat.keys() - expected.keys())
-        misshaped = [f"{key}: expected {expected[key]}, got {tuple(np.shape(flat[key]))}"
-                     for key in sorted(expected.keys() & flat.keys())
-                     if tuple(np.shape(flat[key])) != expected[key]]
-        if missing or unexpected or misshaped:
-            raise ReleaseFormatError(
-                "VeLO release theta does not match the configuration "
-                f"(lstm_hidden_size={self.lstm_hidden_size}, param_inits={self.param_inits}): "
-                f"missing keys {missing}; unexpected keys {unexpected}; "
-                f"mis-shaped keys {misshaped}")
-
-        def t(key: str) -> Tensor:
-            return torch.from_numpy(np.array(flat[key], dtype=np.float32, copy=True))
-
-        h = self.lstm_hidden_size
-        for name, layer in (("linear", self.mix_dead), ("linear_1", self.mix_pool),
-                            ("linear_2", self.mix_in), ("rnn_to_controls", self.rnn_to_controls),
-                            ("step_size", self.step_size)):
-            layer.weight.copy_(t(f"rnn_params/{name}/w").T)
-            layer.bias.copy_(t(f"rnn_params/{name}/b"))
-        # Haiku LSTM: z = [x, h] @ W + b, gate blocks (i, g, f, o), forget gate + 1.
-        w, b = t("rnn_params/rnn/linear/w"), t("rnn_params/rnn/linear/b")
-        i, g, f, o = (slice(j * h, (j + 1) * h) for j in range(4))
-        reorder = lambda m: torch.cat([m[..., i], m[..., f], m[..., g], m[..., o]], -1)  # noqa: E731
-        w, b = reorder(w), reorder(b)
-        self.lstm.weight_ih.copy_(w[:h].T)
-        self.lstm.weight_hh.copy_(w[h:].T)
-        self.lstm.bias_ih.copy_(b)
-        forget_one = torch.zeros(4 * h)
-        forget_one[h:2 * h] = 1.0
-        self.lstm.bias_hh.copy_(forget_one)
-        self.lstm_init_hidden.copy_(t("lstm_init_state/hidden"))
-        self.lstm_init_cell.copy_(t("lstm_init_state/cell"))
-        self.ff_weights[0].copy_(torch.cat(
-            [t(f"ff_mod_stack/~/w0__{gi}") for gi in range(len(_GROUP_WIDTHS))], dim=1))
-        for li in range(1, len(self.ff_weights)):
-            self.ff_weights[li].copy_(t(f"ff_mod_stack/~/w{li}"))
-        for li in range(len(self.ff_biases)):
-            self.ff_biases[li].copy_(t(f"ff_mod_stack/~/b{li}"))
+        return velo_from_release(cls, params_tree, gin_bindings)
 
     def release_params(self) -> dict[str, np.ndarray]:
-        """Inverse of :meth:`load_release_params`: theta as ``/``-keyed Haiku arrays."""
-        h = self.lstm_hidden_size
-        out: dict[str, np.ndarray] = {}
-        with torch.no_grad():
-            for name, layer in (("linear", self.mix_dead), ("linear_1", self.mix_pool),
-                                ("linear_2", self.mix_in),
-                                ("rnn_to_controls", self.rnn_to_controls),
-                                ("step_size", self.step_size)):
-                out[f"rnn_params/{name}/w"] = layer.weight.T.numpy().copy()
-                out[f"rnn_params/{name}/b"] = layer.bias.numpy().copy()
-            w = torch.cat([self.lstm.weight_ih.T, self.lstm.weight_hh.T], 0)
-            forget_one = torch.zeros(4 * h)
-            forget_one[h:2 * h] = 1.0
-            b = self.lstm.bias_ih + (self.lstm.bias_hh - forget_one)  # exact when bias_hh=+1
-            i, f, g, o = (slice(j * h, (j + 1) * h) for j in range(4))
-            out["rnn_params/rnn/linear/w"] = torch.cat(
-                [w[:, i], w[:, g], w[:, f], w[:, o]], 1).numpy()
-            out["rnn_params/rnn/linear/b"] = torch.cat([b[i], b[g], b[f], b[o]]).numpy()
-            out["lstm_init_state/hidden"] = self.lstm_init_hidden.numpy().copy()
-            out["lstm_init_state/cell"] = self.lstm_init_cell.numpy().copy()
-            for gi, start in enumerate(_GROUP_START):
-                out[f"ff_mod_stack/~/w0__{gi}"] = self.ff_weights[0][
-                    :, start:start + _GROUP_WIDTHS[gi]].numpy().copy()
-            for li in range(1, len(self.ff_weights)):
-                out[f"ff_mod_stack/~/w{li}"] = self.ff_weights[li].numpy().copy()
-            for li in range(len(self.ff_biases)):
-                out[f"ff_mod_stack/~/b{li}"] = self.ff_biases[li].numpy().copy()
-        return out
+        """Theta in the release's ``/``-keyed Haiku layout (inverse of the import)."""
+        from metaopt.lopt.release_arch import velo_release_params
+
+        return velo_release_params(self)
 
     # ------------------------------------------------------------------ functional core
 
@@ -1169,33 +1020,3 @@ class VeLO(LearnedOptimizer):
         scale = torch.rsqrt(1e-5 + torch.mean(x2 * x2, dim=0))
         return (x2 @ (scale.unsqueeze(1) * w)).reshape(*x.shape[:-1], w.shape[1])
 
-
-# ------------------------------------------------------------------ release tree helpers
-
-
-def flatten_release_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Flatten a decoded release pytree to ``"a/b/c"`` keys.
-
-    Accepts the checkpoint container (``{"params": ..., "gen_id": ..., "step": ...}``),
-    the ``params`` map itself, or an already flat dict. Haiku ``LSTMState`` leaves in
-    the pre-2022 flax layout (``{"name", "fields", "values"}``) are turned into
-    ``{"hidden", "cell"}``.
-    """
-    if "params" in tree and isinstance(tree["params"], Mapping) and "rnn_params" not in tree:
-        tree = tree["params"]
-    flat: dict[str, Any] = {}
-
-    def visit(node: Any, prefix: str) -> None:
-        if isinstance(node, Mapping):
-            if {"fields", "values"} <= set(node.keys()):
-                values = node["values"]
-                if isinstance(values, Mapping):
-                    values = [values[k] for k in sorted(values, key=lambda s: int(s))]
-                node = dict(zip(node["fields"], values))
-            for k, v in node.items():
-                visit(v, f"{prefix}/{k}" if prefix else str(k))
-        else:
-            flat[prefix] = node
-
-    visit(tree, "")
-    return flat

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from metaopt.lopt.release import (
     GinMacro,
     GinReference,
     GinUnparsed,
+    UnsupportedReleaseError,
     architecture_for_release,
     check_tree,
     parse_gin,
@@ -220,3 +222,138 @@ def test_gin_arguments_reach_the_architecture(tmp_path):
     gin_bad = gin + "AdafacMLPLOpt.make_separate_weights = True\n"
     with pytest.raises(NotImplementedError, match="make_separate_weights"):
         load_checkpoint(write_release(tmp_path / "rel2", container(tree), gin_bad))
+
+
+# ----------------------------------------------------------------- hostile input
+
+
+def small_container(**leaf_overrides) -> bytes:
+    tree = small_fc_tree()
+    tree["nn"]["~"].update(leaf_overrides)
+    return container(tree)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "bool", "complex64", "uint8"])
+def test_non_float_leaves_are_refused_not_cast(tmp_path, dtype):
+    w1 = small_fc_tree()["nn"]["~"]["w1"]
+    value = (w1 > 0) if dtype == "bool" else (w1 + 1j if dtype == "complex64" else w1).astype(
+        dtype)
+    folder = write_release(tmp_path / "rel", small_container(w1=value))
+    with pytest.raises(ReleaseFormatError, match=rf"key nn/~/w1 has dtype {dtype}; only "
+                                                 "floating-point"):
+        load_release(folder)
+
+
+def test_float64_leaves_are_converted_and_checked_for_overflow(tmp_path):
+    w1 = small_fc_tree()["nn"]["~"]["w1"]
+    lopt = load_release(write_release(tmp_path / "ok", small_container(
+        w1=w1.astype(np.float64))))
+    np.testing.assert_array_equal(lopt.w1.detach().numpy(), w1)
+    with pytest.raises(ReleaseFormatError, match="nn/~/w1 holds 16 NaN or infinite"):
+        load_release(write_release(tmp_path / "big", small_container(
+            w1=np.full((4, 4), 1e300))))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused(tmp_path, value):
+    w0 = small_fc_tree()["nn"]["~"]["w0"].copy()
+    w0[2, 1] = value
+    with pytest.raises(ReleaseFormatError, match=r"params .*nn/~/w0 holds 1 NaN or infinite"):
+        load_release(write_release(tmp_path / "rel", small_container(w0=w0)))
+
+
+@pytest.mark.parametrize("name", ["<U1", "M8[s]", "V4", "object", "f4", 7])
+def test_unknown_dtype_names_are_refused_with_the_field(name):
+    bad = msgpack.ExtType(1, msgpack.packb(([1], name, b"\0" * 4), use_bin_type=True))
+    with pytest.raises(ReleaseFormatError, match=r"<bytes>: field 'params/w'"):
+        read_flax_msgpack(msgpack.packb({"params": {"w": bad}}, use_bin_type=True))
+
+
+@pytest.mark.parametrize("depth", [100, 500, 1000, 100_000])
+def test_deep_nesting_is_refused_without_recursion_error(depth):
+    data = b"\x81\xa6params" + b"\x81\xa1a" * depth + b"\xc0"
+    with pytest.raises(ReleaseFormatError, match=r"nest deeper than 64|not a complete"):
+        read_flax_msgpack(data)
+
+
+@pytest.mark.parametrize(("node", "message"), [
+    ({"__msgpack_chunked_array__": True, "chunks": {"0": 1}}, "shape must be an indexed map"),
+    ({"__msgpack_chunked_array__": True, "shape": {"0": 10**9}, "chunks": {"0": np.zeros(
+        3, np.float32)}}, r"chunks hold 3 numbers, shape \(1000000000,\) needs"),
+    ({"name": "T", "fields": {"0": "a", "1": "b"}, "values": {"0": 1}}, "one per value"),
+    ({"name": "T", "fields": {"0": "a", "2": "b"}, "values": {"0": 1}}, "must have keys"),
+])
+def test_malformed_containers_name_the_field(node, message):
+    def enc(n):
+        if isinstance(n, dict):
+            return {k: enc(v) for k, v in n.items()}
+        return ext_array(n) if isinstance(n, np.ndarray) else n
+    data = msgpack.packb({"params": {"x": enc(node)}}, use_bin_type=True)
+    with pytest.raises(ReleaseFormatError, match=rf"field 'params/x.*{message}"):
+        read_flax_msgpack(data)
+
+
+def test_huge_shape_is_refused_before_allocating():
+    bad = msgpack.ExtType(1, msgpack.packb(([2**40, 2**40], "float32", b""), use_bin_type=True))
+    with pytest.raises(ReleaseFormatError, match="needs 4835703278458516698824704 bytes"):
+        read_flax_msgpack(msgpack.packb({"w": bad}, use_bin_type=True))
+
+
+def test_non_utf8_config_is_refused(tmp_path):
+    folder = write_release(tmp_path / "rel", small_container())
+    (folder / "config.gin").write_bytes(b"run_train.lopt = @AdafacMLPLOpt()\n# \xff\n")
+    with pytest.raises(ReleaseFormatError, match=r"config.gin: release config is not UTF-8"):
+        load_release(folder)
+
+
+def test_special_files_are_not_read(tmp_path):
+    folder = write_release(tmp_path / "rel", small_container())
+    (folder / "config.gin").unlink()
+    os.mkfifo(folder / "config.gin")  # open().read() would block forever
+    with pytest.raises(ReleaseFormatError, match="release config not found|not a regular"):
+        load_release(folder)
+    with pytest.raises(ReleaseFormatError, match="not a regular file"):
+        read_flax_msgpack("/dev/zero")
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("AdafacMLPLOpt.hidden_layers = 1000000", r"'AdafacMLPLOpt.hidden_layers' must lie in"),
+    ("AdafacMLPLOpt.hidden_size = 100000", r"'AdafacMLPLOpt.hidden_size' must lie in"),
+    ("AdafacMLPLOpt.hidden_size = 0", r"hidden_size' must lie in \[1, 1024\], got 0"),
+    ("AdafacMLPLOpt.hidden_size = 4.5", r"hidden_size' must be an integer, got float"),
+    ("AdafacMLPLOpt.exp_mult = 'yes'", r"exp_mult' must be a number, got str"),
+    ("AdafacMLPLOpt.exp_mult = nan", r"exp_mult' must be finite"),
+    ("AdafacMLPLOpt.concat_weights = 'yes'", r"concat_weights' must be True or False"),
+    ("AdafacMLPLOpt.hidden_size = lambda: 4", r"hidden_size' must be an integer, got "
+                                              "GinUnparsed"),
+    ("AdafacMLPLOpt.hidden_size = " + "[" * 2000 + "]" * 2000,
+     r"hidden_size' must be an integer, got GinUnparsed"),
+])
+def test_gin_values_are_type_checked_and_bounded(tmp_path, line, message):
+    folder = write_release(tmp_path / "rel", small_container(),
+                           gin=f"run_train.lopt = @AdafacMLPLOpt()\n{line}\n")
+    with pytest.raises(ReleaseFormatError, match=message):
+        load_release(folder)
+
+
+def test_velo_gin_booleans_and_sizes_are_checked():
+    from metaopt.lopt.velo import VeLO
+
+    with pytest.raises(ReleaseFormatError, match="use_bugged_loss_features' must be True"):
+        VeLO.release_config({"HyperV2.use_bugged_loss_features": "yes"})
+    with pytest.raises(ReleaseFormatError, match=r"lstm_hidden_size' must lie in \[1, 4096\]"):
+        VeLO.release_config({"HyperV2.lstm_hidden_size": 10**5})
+    with pytest.raises(ReleaseFormatError, match="initial_rms_decays' must hold 1 decays"):
+        VeLO.release_config({"HyperV2.initial_rms_decays": [0.9, 0.99]})
+    with pytest.raises(UnsupportedReleaseError):  # also a NotImplementedError
+        VeLO.release_config({"HyperV2.precondition_output": True})
+
+
+def test_macro_expansion_is_bounded():
+    gin = "x.y = %M0\n" + "".join(f"M{i} = [%M{i + 1}, %M{i + 1}]\n" for i in range(40))
+    config = parse_gin(gin + "M40 = 1\n")
+    with pytest.raises(ReleaseFormatError, match="expands to more than 100000 values"):
+        config.query("x", "y")
+    cyclic = parse_gin("x.y = %A\nA = %B\nB = %A\n")
+    with pytest.raises(ReleaseFormatError, match="cycle"):
+        cyclic.query("x", "y")
