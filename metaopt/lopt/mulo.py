@@ -77,8 +77,9 @@ class MuVeLO(VeLO):
     def _update_scales(self, state: LOptState, keys: list[str]) -> list[Tensor | float]:
         return [state["mup_scale"][k] for k in keys]
 
-    def _step(self, grads, state, params, loss, inplace=None):
-        new_params, new_state, internals = super()._step(grads, state, params, loss, inplace)
+    def _step(self, grads, state, params, loss, kern, inplace=None, workspace=None):
+        new_params, new_state, internals = super()._step(grads, state, params, loss, kern,
+                                                         inplace, workspace)
         new_state["mup_scale"] = {k: state["mup_scale"][k] for k in params}
         return new_params, new_state, internals
 
