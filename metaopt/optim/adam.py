@@ -8,11 +8,11 @@ from metaopt.optim.base import (
     GradientTransformation,
     Hyper,
     State,
-    _zeros_like_tree,
     hyper_for,
     validate_hyper,
 )
 from metaopt.params import Params
+from metaopt.tree import tree_zeros_like
 
 
 def _adam(lr: Hyper, betas: tuple[Hyper, Hyper], eps: Hyper, weight_decay: Hyper,
@@ -28,8 +28,8 @@ def _adam(lr: Hyper, betas: tuple[Hyper, Hyper], eps: Hyper, weight_decay: Hyper
         some = next(iter(params.values()))
         return {
             "step": torch.zeros((), dtype=some.dtype, device=some.device),
-            "exp_avg": _zeros_like_tree(params),
-            "exp_avg_sq": _zeros_like_tree(params),
+            "exp_avg": tree_zeros_like(params),
+            "exp_avg_sq": tree_zeros_like(params),
         }
 
     def update(grads: Params, state: State, params: Params) -> tuple[Params, State]:

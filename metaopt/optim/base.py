@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-import torch
 from torch import Tensor
 
 from metaopt.params import Params, StructureError
@@ -96,7 +95,3 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return grads, new_state
 
     return GradientTransformation(init, update)
-
-
-def _zeros_like_tree(params: Params) -> Params:
-    return {k: torch.zeros_like(v) for k, v in params.items()}

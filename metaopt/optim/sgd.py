@@ -6,11 +6,11 @@ from metaopt.optim.base import (
     GradientTransformation,
     Hyper,
     State,
-    _zeros_like_tree,
     hyper_for,
     validate_hyper,
 )
 from metaopt.params import Params
+from metaopt.tree import tree_zeros_like
 
 
 def sgd(lr: Hyper, momentum: Hyper = 0.0, *, nesterov: bool = False,
@@ -28,7 +28,7 @@ def sgd(lr: Hyper, momentum: Hyper = 0.0, *, nesterov: bool = False,
         raise ValueError("nesterov=True needs a non-zero momentum")
 
     def init(params: Params) -> State:
-        return {"momentum": _zeros_like_tree(params)} if use_momentum else {}
+        return {"momentum": tree_zeros_like(params)} if use_momentum else {}
 
     def update(grads: Params, state: State, params: Params) -> tuple[Params, State]:
         updates, new_buf = {}, {}
