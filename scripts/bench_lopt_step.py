@@ -2,15 +2,16 @@
 
     python scripts/bench_lopt_step.py [--json PATH] [--quick] [--device cpu|cuda|all]
 
-For MLPs of ~1M and ~10M parameters, one backward pass makes the gradients; then only
+For MLPs of ~100k, ~1M and ~10M parameters, one backward pass makes the gradients; then only
 ``opt.step`` is timed (warm-up steps first, then the optimizers interleaved, one step
 each per round, median over rounds; CUDA is synchronised around each step; wall and
 thread-CPU time). Every row records ``optimizer, n_params, device, ms_per_step,
 ratio_vs_adamw`` (AdamW(foreach=True) measured in the same run on the same model) and
 ``state_bytes_per_param`` (optimizer state tensors, per-tensor and global, divided by
 the number of parameters). Meta-parameters are random: speed does not depend on them.
-On CPU the learned optimizers run their fused C kernels (``metaopt.lopt.cpu_kernels``);
-rows named ``…[pytorch]`` run the same optimizer on its PyTorch no-grad path instead.
+Every learned optimizer is built with an explicit backend: ``backend="cpu_kernels"``
+(the fused C kernels, ``metaopt.lopt.cpu_kernels``) on CPU, ``"reference"`` elsewhere;
+rows named ``…[pytorch]`` run the same optimizer with ``backend="reference"``.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from metaopt.lopt.cpu_kernels import use_cpu_kernels
 from metaopt.lopt.mulo import MuSmallFC, MuVeLO
 from metaopt.lopt.small_fc import SmallFCLOpt
 from metaopt.lopt.velo import VeLO
 
 #: name → (hidden width, number of hidden layers); input 256, output 10.
-SIZES = {"1M": (640, 3), "10M": (2176, 3)}
+SIZES = {"100k": (160, 3), "1M": (640, 3), "10M": (2176, 3)}
 
 
 def make_mlp(width: int, depth: int, d_in: int = 256, d_out: int = 10) -> nn.Module:
@@ -85,43 +85,43 @@ def time_steps(steps: dict[str, Callable[[], None]], device: torch.device, warmu
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in steps}
 
 
-def optimizers() -> dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]:
-    """Name → factory; learned optimizers go through ``lopt.optimizer(...)``. Names ending
-    in ``[pytorch]`` step without the fused CPU kernels (the PyTorch no-grad path)."""
+def optimizers(device: str = "cpu"
+               ) -> dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]:
+    """Name → factory; learned optimizers go through ``lopt.optimizer(...)`` with an
+    explicit backend. Names ending in ``[pytorch]`` use ``backend="reference"``."""
     velo, mulo_velo = VeLO(), MuVeLO()
     small_fc, mulo_small_fc = SmallFCLOpt(), MuSmallFC()
+    fast = "cpu_kernels" if device == "cpu" else "reference"
+
+    def shell(lopt, backend):
+        return lambda ps: lopt.to(ps[0].device).optimizer(ps, num_steps=10_000,
+                                                          backend=backend)
+
     return {
         "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
-        "small_fc_lopt": lambda ps: small_fc.to(ps[0].device).optimizer(ps, num_steps=10_000),
-        "velo": lambda ps: velo.to(ps[0].device).optimizer(ps, num_steps=10_000),
-        "mulo_small_fc": lambda ps: mulo_small_fc.to(ps[0].device).optimizer(
-            ps, num_steps=10_000),
-        "mulo_velo": lambda ps: mulo_velo.to(ps[0].device).optimizer(ps, num_steps=10_000),
-        "small_fc_lopt[pytorch]": lambda ps: small_fc.to(ps[0].device).optimizer(
-            ps, num_steps=10_000),
-        "velo[pytorch]": lambda ps: velo.to(ps[0].device).optimizer(ps, num_steps=10_000),
+        "small_fc_lopt": shell(small_fc, fast),
+        "velo": shell(velo, fast),
+        "mulo_small_fc": shell(mulo_small_fc, fast),
+        "mulo_velo": shell(mulo_velo, fast),
+        "small_fc_lopt[pytorch]": shell(small_fc, "reference"),
+        "velo[pytorch]": shell(velo, "reference"),
     }
 
 
 def _step_fn(name: str, opt: torch.optim.Optimizer, loss: torch.Tensor) -> Callable[[], None]:
     if name == "adamw":
         return opt.step
-    if name.endswith("[pytorch]"):
-        def step() -> None:
-            with use_cpu_kernels(False):
-                opt.step(loss=loss)
-        return step
     return lambda: opt.step(loss=loss)
 
 
 def bench(sizes: list[str], devices: list[str], warmup: int, repeats: int,
           names: list[str] | None = None) -> list[dict]:
     rows = []
-    factories = optimizers()
-    names = names or list(factories)
-    if "adamw" not in names:
-        names = ["adamw", *names]
     for dev_name in devices:
+        factories = optimizers(dev_name)
+        names = names or list(factories)
+        if "adamw" not in names:
+            names = ["adamw", *names]
         device = torch.device(dev_name)
         for size in sizes:
             width, depth = SIZES[size]
@@ -177,7 +177,10 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the rows to this JSON file")
-    ap.add_argument("--quick", action="store_true", help="~1M parameters only, few repeats")
+    ap.add_argument("--quick", action="store_true",
+                    help="~100k and ~1M parameters only, few repeats")
+    ap.add_argument("--sizes", nargs="*", default=None, choices=sorted(SIZES),
+                    help="model sizes (default: all; --quick: 100k 1M)")
     ap.add_argument("--device", default="all", help="cpu, cuda or all (cuda if available)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d != "cuda" or torch.cuda.is_available()]
-    sizes = ["1M"] if args.quick else ["1M", "10M"]
+    sizes = args.sizes or (["100k", "1M"] if args.quick else ["100k", "1M", "10M"])
     repeats = args.repeats or (5 if args.quick else 15)
     warmup = args.warmup or (2 if args.quick else 3)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "

@@ -7,51 +7,98 @@ fuse the MLP across hidden units (it either stores the hidden activations or rec
 them per consumer). The C source beside this module (``kernels/lopt_cpu.c``) does the
 same math in three passes over memory with explicit SIMD (see its header).
 
+This module is the learned optimizers' one fast backend. It is chosen once per
+optimizer instance (:func:`select_backend`: ``"reference"``, ``"cpu_kernels"`` or
+``"auto"``), never by an environment variable or by timing.
+
 The library is compiled on first use with the system C compiler (``$CC``, else ``cc``)
-into ``$METAOPT_CACHE/kernels`` (else ``~/.cache/metaopt/kernels``), keyed by a hash of
-the source, the compiler, the flags and the CPU (``-march=native``), and loaded with
-:mod:`ctypes` — no Python extension build, no pickle. Without a working compiler, with
-``METAOPT_CPU_KERNELS=0`` or inside ``use_cpu_kernels(False)``, :func:`kernels` returns
-``None`` and the optimizers use their PyTorch path (same math, tested equal). The
-wrappers check dtype, device, shape and contiguity of every tensor before a pointer
+into a private cache directory — ``cache_dir`` if given, else ``$METAOPT_CACHE/kernels``,
+else ``~/.cache/metaopt/kernels`` (only the *location* comes from the environment) —
+keyed by a hash of the source, the compiler, the flags and the CPU (``-march=native``),
+and loaded with :mod:`ctypes` (no Python extension build, no pickle). The cache is
+trusted only as far as it is private: the directory is created ``0700`` and refused
+when another user owns it or it is group/world-writable; every build records the
+library's sha256 beside it (both written atomically) and the loader verifies the digest
+before ``CDLL`` runs any code of it; a missing, foreign or garbage file is rebuilt.
+The wrappers check dtype, device, shape and contiguity of every tensor before a pointer
 crosses into C.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["LoptCpuKernels", "kernels", "kernels_available", "use_cpu_kernels"]
+from metaopt.errors import MetaoptError
+from metaopt.fileio import atomic_write_bytes, atomic_write_text, sha256_hex
+
+__all__ = ["BACKENDS", "KernelBuildError", "KernelCacheError", "LoptCpuKernels", "MLPSlots",
+           "VeLOTensorPlan",
+           "kernels", "kernels_available", "load_kernels", "select_backend"]
 
 _ABI_VERSION = 7
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
 _MODES = {"small_fc": 0, "velo": 1, "small_fc_diag": 2, "velo_diag": 3}
+#: Names accepted by :func:`select_backend`.
+BACKENDS = ("reference", "cpu_kernels", "auto")
 
 _lock = threading.Lock()
-_loaded: LoptCpuKernels | None = None
-_tried = False
-_disabled = threading.local()  # set by use_cpu_kernels(False)
+_loaded: dict[Path, LoptCpuKernels] = {}
+_failed: dict[Path, str] = {}
 
 
-def _cache_dir() -> Path:
+class KernelBuildError(MetaoptError, RuntimeError):
+    """The CPU kernels could not be compiled or loaded (the message says why)."""
+
+
+class KernelCacheError(KernelBuildError):
+    """The kernel cache directory is not private to this user; nothing is loaded from it."""
+
+
+def default_cache_dir() -> Path:
+    """``$METAOPT_CACHE/kernels``, else ``~/.cache/metaopt/kernels``."""
     env = os.environ.get("METAOPT_CACHE")
     root = Path(env).expanduser() if env else Path.home() / ".cache" / "metaopt"
     return root / "kernels"
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` as a ``0700`` directory (parents as usual) and check it is ours.
+
+    Raises :class:`KernelCacheError` when it is not a directory, is owned by another
+    user, or is writable by group or others: a library planted there would run its
+    constructor in this process.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise KernelCacheError(f"kernel cache {path} is not a directory")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise KernelCacheError(f"kernel cache {path} is owned by uid {st.st_uid}, not by "
+                               f"this user (uid {os.getuid()}); refusing to load from it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KernelCacheError(f"kernel cache {path} is group/world-writable "
+                               f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 700 it or remove it")
+    return path
 
 
 def _cpu_signature() -> bytes:
@@ -72,80 +119,147 @@ def _source() -> bytes:
     return resources.files("metaopt.lopt").joinpath("kernels/lopt_cpu.c").read_bytes()
 
 
+def _digest_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
 def _compile(cc: str, src: bytes, out: Path, openmp: bool) -> None:
-    """Compile ``src`` into the shared library ``out`` atomically (temp file + rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Compile ``src`` into ``out``, then record its sha256 beside it (both atomic)."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         c_file = Path(tmp) / "lopt_cpu.c"
         c_file.write_bytes(src)
         so_tmp = Path(tmp) / out.name
         cmd = [cc, *_FLAGS, *(("-fopenmp",) if openmp else ()), str(c_file), "-o", str(so_tmp),
                "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                  check=False)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise KernelBuildError(f"{' '.join(cmd)} could not run: {err}") from err
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(so_tmp, out)
+            raise KernelBuildError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        data = so_tmp.read_bytes()
+    atomic_write_bytes(out, data)
+    atomic_write_text(_digest_path(out), sha256_hex(data) + "\n")
 
 
-def _build() -> ctypes.CDLL:
+def _verified(lib: Path) -> bool:
+    """Whether ``lib`` exists and matches the sha256 recorded beside it at build time."""
+    digest = _digest_path(lib)
+    if not (lib.is_file() and digest.is_file()):
+        return False
+    recorded = digest.read_text(encoding="ascii", errors="replace").strip()
+    return recorded == sha256_hex(lib.read_bytes())
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    version = lib.lopt_abi_version()
+    if version != _ABI_VERSION:
+        raise KernelBuildError(f"{path} has ABI {version}, need {_ABI_VERSION}")
+    return lib
+
+
+def _build(cache: Path) -> ctypes.CDLL:
     cc = os.environ.get("CC") or "cc"
     if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler '{cc}' on PATH")
+        raise KernelBuildError(f"no C compiler '{cc}' on PATH")
     src = _source()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    last_error: Exception | None = None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                                 timeout=60, check=False).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise KernelBuildError(f"C compiler '{cc}' does not run: {err}") from err
+    errors = []
     for openmp in (True, False):  # OpenMP threads when the compiler has them
         key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(_FLAGS).encode(),
                                          str(openmp).encode(), _cpu_signature()])
                              ).hexdigest()[:16]
-        path = _cache_dir() / f"lopt_cpu_{key}.so"
+        path = cache / f"lopt_cpu_{key}.so"
         try:
-            if not path.exists():
+            if not _verified(path):  # missing, unrecorded, foreign or garbage: rebuild
                 _compile(cc, src, path, openmp)
-            lib = ctypes.CDLL(str(path))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            last_error = err
-            continue
-        if lib.lopt_abi_version() != _ABI_VERSION:
-            raise RuntimeError(f"{path} has ABI {lib.lopt_abi_version()}, need {_ABI_VERSION}")
-        return lib
-    raise RuntimeError(f"could not build the learned-optimizer CPU kernels: {last_error}")
-
-
-def kernels() -> LoptCpuKernels | None:
-    """The fused kernels, built on first call; ``None`` when unavailable (warns once)."""
-    global _loaded, _tried
-    if os.environ.get("METAOPT_CPU_KERNELS", "1") == "0" or getattr(_disabled, "on", False):
-        return None
-    if _tried:
-        return _loaded
-    with _lock:
-        if not _tried:
             try:
-                _loaded = LoptCpuKernels(_build())
-            except Exception as err:  # any failure means "use the PyTorch path"
-                warnings.warn(f"learned-optimizer CPU kernels unavailable, using the PyTorch "
-                              f"path (slower): {err}", RuntimeWarning, stacklevel=2)
-                _loaded = None
-            _tried = True
-    return _loaded
+                return _open(path)
+            except OSError:  # recorded but unloadable (e.g. truncated by a full disk)
+                _compile(cc, src, path, openmp)
+                return _open(path)
+        except (OSError, KernelBuildError) as err:
+            errors.append(f"{'with' if openmp else 'without'} OpenMP: {err}")
+    raise KernelBuildError("could not build the learned-optimizer CPU kernels: "
+                           + "; ".join(errors))
 
 
-@contextlib.contextmanager
-def use_cpu_kernels(enabled: bool) -> Iterator[None]:
-    """Within the block (this thread), run learned optimizers with (default) or without the
-    fused kernels — e.g. to compare against the PyTorch path."""
-    before = getattr(_disabled, "on", False)
-    _disabled.on = not enabled
+def load_kernels(cache_dir: str | os.PathLike | None = None) -> LoptCpuKernels:
+    """The fused kernels, compiled into (and verified from) the private ``cache_dir``.
+
+    Loaded once per cache directory and process. Raises :class:`KernelCacheError` for a
+    cache directory that is not private and :class:`KernelBuildError` when the library
+    cannot be built or loaded.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = cache.expanduser().absolute()
+    with _lock:
+        if cache in _loaded:
+            return _loaded[cache]
+        if cache in _failed:
+            raise KernelBuildError(_failed[cache])
+        private_dir(cache)
+        try:
+            kern = _loaded[cache] = LoptCpuKernels(_build(cache))
+        except KernelBuildError as err:
+            _failed[cache] = str(err)
+            raise
+        return kern
+
+
+def kernels(cache_dir: str | os.PathLike | None = None) -> LoptCpuKernels | None:
+    """:func:`load_kernels`, or ``None`` with a warning (once per cache) when they cannot
+    be built — what ``backend="auto"`` uses."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    known_failure = cache.expanduser().absolute() in _failed
     try:
-        yield
-    finally:
-        _disabled.on = before
+        return load_kernels(cache_dir)
+    except KernelBuildError as err:
+        if not known_failure:
+            warnings.warn(f"learned-optimizer CPU kernels unavailable, using the PyTorch "
+                          f"reference path (slower): {err}", RuntimeWarning, stacklevel=2)
+        return None
 
 
-def kernels_available() -> bool:
-    """Whether :func:`kernels` can run (builds them if needed)."""
-    return kernels() is not None
+def kernels_available(cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the kernels can be built and loaded here (builds them if needed)."""
+    try:
+        load_kernels(cache_dir)
+    except KernelBuildError:
+        return False
+    return True
+
+
+def select_backend(backend: str | LoptCpuKernels | None, *,
+                   cache_dir: str | os.PathLike | None = None) -> LoptCpuKernels | None:
+    """Resolve a backend choice once: the kernels, or ``None`` for the reference path.
+
+    * ``"reference"`` (or ``None``): the pure PyTorch step, everywhere.
+    * ``"cpu_kernels"``: the fused kernels, built now; :class:`KernelBuildError` if they
+      cannot be.
+    * ``"auto"``: the fused kernels when a C compiler is on ``PATH`` and the build works
+      (a failed build warns once and gives the reference path).
+
+    Either way the kernels only step tensors they are built for (float32 CPU vectors and
+    matrices, no autograd graph); every other tensor takes the reference step.
+    """
+    if backend is None or isinstance(backend, LoptCpuKernels):
+        return backend
+    if backend == "reference":
+        return None
+    if backend == "cpu_kernels":
+        return load_kernels(cache_dir)
+    if backend == "auto":
+        if shutil.which(os.environ.get("CC") or "cc") is None:
+            return None
+        return kernels(cache_dir)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _f32(name: str, t: Tensor, numel: int | None = None) -> int:
@@ -334,3 +448,193 @@ class LoptCpuKernels:
             float(exp_mult), float(coef), float(p_decay), _f32("p_new", p_new, n),
             self._threads())
         return p_new
+
+    def __reduce__(self) -> tuple:
+        """Pickled (e.g. with a deep-copied optimizer) as "load the kernels again"."""
+        return (load_kernels, ())
+
+    def velo_plan(self, p: Tensor, mom: Tensor, rms: Tensor, v_row: Tensor, v_col: Tensor,
+                  v_diag: Tensor, d0: int | None) -> VeLOTensorPlan | None:
+        """Prepared in-place VeLO calls for one float32 CPU vector or matrix and its state
+        (see :class:`VeLOTensorPlan`), or ``None`` when the state is not laid out for
+        them (not stored channel-first, not contiguous)."""
+        return VeLOTensorPlan.build(self, p, mom, rms, v_row, v_col, v_diag, d0)
+
+
+_CLIP = 1000.0  # VeLO clips gradients to [-1000, 1000]
+
+
+class MLPSlots(NamedTuple):
+    """Where one kernel call's MLP arguments start in a packed row (in floats): first-layer
+    weights ``w_x`` (``n_x`` channels × H), for matrices the row/column-statistic weights
+    ``w_stat`` (4k × H), the first-layer bias ``b0``, ``w1`` (H × H), ``b1``, ``w2``
+    (H × 2) and ``b2`` (2)."""
+
+    n_x: int
+    w_x: int
+    w_stat: int | None
+    b0: int
+    w1: int
+    b1: int
+    w2: int
+    b2: int
+    end: int
+
+    @staticmethod
+    def after(start: int, n_x: int, n_stat: int, hidden: int) -> MLPSlots:
+        """The slots of a segment at ``start`` with ``n_stat`` statistic channels (0: none)."""
+        w_stat = start + n_x * hidden
+        b0 = w_stat + n_stat * hidden
+        w1 = b0 + hidden
+        b1 = w1 + hidden * hidden
+        w2 = b1 + hidden
+        b2 = w2 + 2 * hidden
+        return MLPSlots(n_x, start, w_stat if n_stat else None, b0, w1, b1, w2, b2, b2 + 2)
+
+
+def _owned_channel_first(t: Tensor, rows: int, n: int) -> Tensor | None:
+    """``t`` (``shape + (rows,)``) as a contiguous (rows, n) view of its own storage, or
+    None when it is not stored channel-first."""
+    if t.dtype is not torch.float32 or not t.is_cpu:
+        return None
+    view = t.movedim(-1, 0).reshape(rows, n)
+    if view.is_contiguous() and view.data_ptr() == t.data_ptr():
+        return view
+    return None
+
+
+class VeLOTensorPlan:
+    """VeLO's fused-kernel calls for one tensor stepped in place, checked once.
+
+    The torch.optim shell steps the same parameters with the same state tensors every
+    step. Checking every argument, finding the accumulators' channel-first views and
+    allocating the kernel's scratch is then the same work each step; a plan does it at
+    construction (through the same checks as the other wrappers) and keeps **strong**
+    references to the tensors it writes, so their addresses stay valid. Per step only
+    the gradient, the decays and the packed MLP row are checked.
+
+    A plan belongs to the optimizer state it was built for (the shell keeps it in its
+    workspace, dropped on ``load_state_dict``); :meth:`matches` tells whether the
+    tensors handed in are still those (state by identity, the parameter — a fresh
+    ``detach()`` view each step — by storage, shape and strides).
+    """
+
+    def __init__(self, kern: LoptCpuKernels, p: Tensor, state: tuple[Tensor, ...],
+                 m_cf: Tensor, r_cf: Tensor, v_cf: Tensor | None, d0: int | None) -> None:
+        self.kern = kern
+        k, hidden = kern.decays, kern.hidden
+        self.p, self.state = p, state
+        self.shape, self.stride = tuple(p.shape), p.stride()
+        self.n = n = p.numel()
+        self.diag = p.dim() == 1
+        self.mode = "velo_diag" if self.diag else "velo"
+        self.n_ch = kern.n_channels(self.mode)
+        self.m_cf, self.r_cf, self.v_cf = m_cf, r_cf, v_cf
+        self.sumsq = torch.empty(self.n_ch, dtype=torch.float64)
+        self.stats = torch.empty(2 * k + 3, dtype=torch.float64)
+        self.zeros = torch.zeros(4 * k * hidden + hidden + k, dtype=torch.float32)
+        self.ptr = {"p": _f32("p", p, n), "m": _f32("mom", m_cf, k * n),
+                    "rms": _f32("rms", r_cf, n), "sumsq": _f64("sumsq", self.sumsq, self.n_ch),
+                    "stats": _f64("stats", self.stats, 2 * k + 3),
+                    "zeros": _f32("zeros", self.zeros)}
+        if self.diag:
+            self.a, self.b = 1, n
+            self.ptr["v"] = _f32("v_diag", v_cf, k * n)
+        else:
+            self.a, self.b = self.shape
+            self.d0 = int(d0)
+            self.fac_a = torch.empty(k, self.a, dtype=torch.float32)
+            self.fac_b = torch.empty(k, self.b, dtype=torch.float32)
+            self.u_a = torch.empty(hidden, self.a, dtype=torch.float32)
+            self.u_b = torch.empty(hidden, self.b, dtype=torch.float32)
+            self.ptr.update(v_row=_f32("v_row", state[2]), v_col=_f32("v_col", state[3]),
+                            fac_a=_f32("fac_a", self.fac_a), fac_b=_f32("fac_b", self.fac_b),
+                            u_a=_f32("u_a", self.u_a), u_b=_f32("u_b", self.u_b))
+
+    @classmethod
+    def build(cls, kern: LoptCpuKernels, p: Tensor, mom: Tensor, rms: Tensor, v_row: Tensor,
+              v_col: Tensor, v_diag: Tensor, d0: int | None) -> VeLOTensorPlan | None:
+        k, n = kern.decays, p.numel()
+        if not (p.dtype is torch.float32 and p.is_cpu and p.is_contiguous() and n > 0
+                and p.dim() in (1, 2)):
+            return None
+        m_cf = _owned_channel_first(mom, k, n)
+        r_cf = _owned_channel_first(rms, 1, n)
+        if m_cf is None or r_cf is None:
+            return None
+        v_cf = None
+        if p.dim() == 1:
+            v_cf = _owned_channel_first(v_diag, k, n)
+            if v_cf is None:
+                return None
+        else:
+            a, b = p.shape
+            len_r, len_c = (b, a) if d0 == 0 else (a, b)
+            for v, length in ((v_row, len_r), (v_col, len_c)):
+                if not (v.dtype is torch.float32 and v.is_cpu and v.is_contiguous()
+                        and tuple(v.shape) == (length, k)):
+                    return None
+        return cls(kern, p, (mom, rms, v_row, v_col, v_diag), m_cf, r_cf, v_cf, d0)
+
+    def matches(self, p: Tensor, state: tuple[Tensor, ...]) -> bool:
+        """Whether ``p`` and its state tensors are still the ones planned for."""
+        return (all(a is b for a, b in zip(self.state, state))
+                and p.data_ptr() == self.ptr["p"] and tuple(p.shape) == self.shape
+                and p.stride() == self.stride and p.dtype is torch.float32)
+
+    def pass1(self, g: Tensor, mom_decay: Tensor, rms_decay: float, fac_decay: Tensor
+              ) -> None:
+        """Passes 0 and 1 in place (gradient clipped to ±1000); the channel sums and the
+        old state's moments land in :attr:`sumsq` and :attr:`stats`."""
+        lib, k, ptr = self.kern._lib, self.kern.decays, self.ptr
+        threads = self.kern._threads()
+        g_ptr = _f32("g", g, self.n)
+        mom_ptr, fac_ptr = _f32("mom_decay", mom_decay, k), _f32("fac_decay", fac_decay, k)
+        if self.diag:
+            lib.lopt_pass1(_MODES["velo_diag"], 1, self.n, g_ptr, ptr["p"], ptr["m"],
+                           ptr["rms"], ptr["m"], ptr["rms"], mom_ptr, float(rms_decay), None,
+                           None, ptr["v"], ptr["v"], fac_ptr, ptr["sumsq"], ptr["stats"],
+                           threads)
+            return
+        z = ptr["zeros"]
+        status = lib.lopt_factored_prepare(
+            self.a, self.b, self.d0, 1, g_ptr, _CLIP, ptr["v_row"], 1, k, ptr["v_col"], 1, k,
+            fac_ptr, z, z, ptr["fac_a"], ptr["fac_b"], ptr["u_a"], ptr["u_b"], threads)
+        if status != 0:
+            raise MemoryError("lopt_factored_prepare could not allocate its row/column sums")
+        lib.lopt_pass1(_MODES["velo"], self.a, self.b, g_ptr, ptr["p"], ptr["m"], ptr["rms"],
+                       ptr["m"], ptr["rms"], mom_ptr, float(rms_decay), ptr["fac_a"],
+                       ptr["fac_b"], None, None, None, ptr["sumsq"], ptr["stats"], threads)
+
+    def pass2(self, g: Tensor, row: Tensor, slots: MLPSlots, coef: float, p_decay: float,
+              exp_mult: float) -> None:
+        """Pass 2, writing the parameter in place, with the tensor's packed row of mixed
+        MLP arguments ``row`` (float32, laid out as ``slots`` says)."""
+        lib, k, hidden, ptr = self.kern._lib, self.kern.decays, self.kern.hidden, self.ptr
+        threads = self.kern._threads()
+        g_ptr = _f32("g", g, self.n)
+        row_ptr = _f32("mlp_row", row)
+        if row.numel() < slots.end:
+            raise ValueError(f"kernel argument 'mlp_row' has {row.numel()} elements, "
+                             f"needs {slots.end}")
+        if slots.n_x != self.n_ch or (slots.w_stat is None) != self.diag:
+            raise ValueError(f"MLP slots for {slots.n_x} channels do not fit mode {self.mode}")
+
+        def at(offset: int) -> int:
+            return row_ptr + 4 * offset
+
+        if self.diag:
+            u_a, u_b, fac_a, fac_b, v = at(slots.b0), None, None, None, ptr["v"]
+        else:
+            status = lib.lopt_factored_prepare(
+                self.a, self.b, self.d0, 0, g_ptr, 0.0, ptr["v_row"], 1, k, ptr["v_col"], 1, k,
+                ptr["zeros"], at(slots.w_stat), at(slots.b0), ptr["fac_a"], ptr["fac_b"],
+                ptr["u_a"], ptr["u_b"], threads)
+            if status != 0:
+                raise MemoryError("lopt_factored_prepare could not allocate")
+            u_a, u_b, fac_a, fac_b, v = ptr["u_a"], ptr["u_b"], ptr["fac_a"], ptr["fac_b"], None
+        del hidden
+        lib.lopt_pass2(_MODES[self.mode], self.a, self.b, g_ptr, ptr["p"], ptr["m"], ptr["rms"],
+                       fac_a, fac_b, v, at(slots.w_x), ptr["sumsq"], u_a, u_b, at(slots.w1),
+                       at(slots.b1), at(slots.w2), at(slots.b2), float(exp_mult), float(coef),
+                       float(p_decay), ptr["p"], threads)

@@ -13,11 +13,11 @@ rule ``mup.MuAdam`` applies to learning rates:
 With this, the per-coordinate change of every pre-activation is width-independent, so an
 optimizer meta-trained at width 128 keeps working at width 8192 (the paper's claim).
 
-Where a tensor's scale comes from, in order: the ``mup_scales`` argument of ``init``;
-the :class:`~metaopt.lopt.mup.MuPInfo` attached to the tensor by
-:func:`~metaopt.lopt.mup.attach_mup_info` (so ``lopt.optimizer(model.parameters())``
-works for a :class:`~metaopt.lopt.mup.MuMLP` as is); else 1 (standard parametrisation).
-Scales are stored per tensor in ``state["mup_scale"]`` and so follow ``state_dict``.
+A tensor's scale comes from the ``mup_scales`` argument of ``init`` (a float or a
+:class:`~metaopt.lopt.mup.MuPInfo` per name; e.g. :meth:`~metaopt.lopt.mup.MuMLP.mup_scales`),
+else 1 (standard parametrisation); the torch.optim shell takes them in parameter order
+(``lopt.optimizer(model.parameters(), n, mup_scales=[...])``). Scales are stored per
+tensor in ``state["mup_scale"]`` and so follow ``state_dict``.
 
 Architectures: ``mulo_velo`` (exactly ``new_p = p - lr_mult * step * scale`` as
 ``MuHyperV2`` in the authors' code; imports ``MuHyperV2`` releases) and
@@ -26,13 +26,14 @@ Architectures: ``mulo_velo`` (exactly ``new_p = p - lr_mult * step * scale`` as
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from metaopt.lopt.base import LOptState, register_architecture
-from metaopt.lopt.mup import MuPInfo, mup_info_of
+from metaopt.lopt.mup import MuPInfo
 from metaopt.lopt.small_fc import SmallFCLOpt
 from metaopt.lopt.velo import VeLO
 from metaopt.params import Params
@@ -42,18 +43,29 @@ __all__ = ["MuSmallFC", "MuVeLO", "resolve_mup_scales"]
 
 def resolve_mup_scales(params: Params, mup_scales: Mapping[str, float | MuPInfo] | None = None
                        ) -> dict[str, float]:
-    """Per-tensor μP update scale: explicit value, attached :class:`MuPInfo`, or 1."""
+    """Per-tensor μP update scale: the given value (or :class:`MuPInfo`), else 1."""
     out = {}
-    for key, p in params.items():
+    for key in params:
         given = None if mup_scales is None else mup_scales.get(key)
-        if given is None:
-            given = mup_info_of(p)
         if isinstance(given, MuPInfo):
             given = given.update_scale
         out[key] = 1.0 if given is None else float(given)
         if not out[key] > 0:
             raise ValueError(f"μP update scale of '{key}' must be positive, got {out[key]}")
     return out
+
+
+def _shell_init_kwargs(kw: dict[str, Any], mup_scales: Sequence[float | MuPInfo] | None
+                       ) -> dict[str, Any]:
+    """The shell's ``init_kwargs`` with scales given in parameter order (names "0", "1", …)."""
+    if mup_scales is None:
+        return kw
+    if isinstance(mup_scales, Mapping):
+        raise TypeError("optimizer(mup_scales=...) takes one scale per parameter, in the "
+                        "order of params (e.g. list(model.mup_scales().values()))")
+    init_kwargs = dict(kw.pop("init_kwargs", None) or {})
+    init_kwargs["mup_scales"] = {str(i): s for i, s in enumerate(mup_scales)}
+    return {**kw, "init_kwargs": init_kwargs}
 
 
 def _scale_state(params: Params, scales: Mapping[str, float]) -> dict[str, Tensor]:
@@ -74,11 +86,17 @@ class MuVeLO(VeLO):
         state["mup_scale"] = _scale_state(params, resolve_mup_scales(params, mup_scales))
         return state
 
+    def optimizer(self, params: Any, num_steps: int, *,
+                  mup_scales: Sequence[float | MuPInfo] | None = None, **kw: Any):
+        """The torch.optim shell; ``mup_scales``: one μP scale per parameter, in order."""
+        return super().optimizer(params, num_steps, **_shell_init_kwargs(kw, mup_scales))
+
     def _update_scales(self, state: LOptState, keys: list[str]) -> list[Tensor | float]:
         return [state["mup_scale"][k] for k in keys]
 
-    def _step(self, grads, state, params, loss, inplace=None):
-        new_params, new_state, internals = super()._step(grads, state, params, loss, inplace)
+    def _step(self, grads, state, params, loss, kern, inplace=None, workspace=None):
+        new_params, new_state, internals = super()._step(grads, state, params, loss, kern,
+                                                         inplace, workspace)
         new_state["mup_scale"] = {k: state["mup_scale"][k] for k in params}
         return new_params, new_state, internals
 
@@ -95,6 +113,11 @@ class MuSmallFC(SmallFCLOpt):
         state = dict(super().init(params, num_steps))
         state["mup_scale"] = _scale_state(params, resolve_mup_scales(params, mup_scales))
         return state
+
+    def optimizer(self, params: Any, num_steps: int, *,
+                  mup_scales: Sequence[float | MuPInfo] | None = None, **kw: Any):
+        """The torch.optim shell; ``mup_scales``: one μP scale per parameter, in order."""
+        return super().optimizer(params, num_steps, **_shell_init_kwargs(kw, mup_scales))
 
     def _step_scale(self, state: LOptState, name: str) -> Tensor | float:
         return state["mup_scale"][name]

@@ -21,7 +21,8 @@ update must shrink like ``1/fan_in`` because ``fan_in`` coordinates add up coher
 the last layer (this is what ``mup.MuReadout`` and ``MuAdam`` do, and what μLO
 meta-trains under).
 
-This module gives the shape bookkeeping (:func:`infer_mup_info`), the update scales
+The scales reach μLO explicitly, through ``init`` (its state), never through attributes
+on parameters. This module gives the shape bookkeeping (:func:`infer_mup_info`), the update scales
 μLO multiplies into each tensor's step (:func:`mup_update_scales`), a readout layer
 (:class:`MuReadout`) and a μP MLP builder (:class:`MuMLP`).
 """
@@ -29,7 +30,6 @@ This module gives the shape bookkeeping (:func:`infer_mup_info`), the update sca
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -41,18 +41,9 @@ __all__ = [
     "MuMLP",
     "MuPInfo",
     "MuReadout",
-    "attach_mup_info",
     "infer_mup_info",
-    "mup_info_of",
     "mup_update_scales",
 ]
-
-#: Attribute name under which :func:`attach_mup_info` stores a tensor's :class:`MuPInfo`.
-MUP_ATTR = "mup_info"
-#: data pointer → (weak ref to the parameter, info): finds the info again for detached
-#: views of a parameter (``p.detach()`` shares storage but drops Python attributes).
-_BY_STORAGE: dict[int, tuple[weakref.ref, MuPInfo]] = {}
-
 
 @dataclass(frozen=True)
 class MuPInfo:
@@ -144,40 +135,6 @@ def mup_update_scales(infos: Mapping[str, MuPInfo]) -> dict[str, float]:
     return {name: info.update_scale for name, info in infos.items()}
 
 
-def attach_mup_info(module: nn.Module, infos: Mapping[str, MuPInfo]) -> nn.Module:
-    """Store each parameter's :class:`MuPInfo` on the parameter itself.
-
-    μLO's ``init`` reads it from there, so ``lopt.optimizer(model.parameters())`` needs no
-    extra arguments (like ``mup.set_base_shapes`` does with ``infshape``).
-    """
-    for name, p in module.named_parameters():
-        if name not in infos:
-            raise KeyError(f"no μP info for parameter '{name}'")
-        setattr(p, MUP_ATTR, infos[name])
-        if p.numel():
-            _BY_STORAGE[p.data_ptr()] = (weakref.ref(p), infos[name])
-    return module
-
-
-def mup_info_of(tensor: Tensor) -> MuPInfo | None:
-    """The :class:`MuPInfo` attached by :func:`attach_mup_info`, or None.
-
-    Works on the parameter itself and on detached aliases of it (same storage, shape and
-    strides, while the parameter is alive).
-    """
-    info = getattr(tensor, MUP_ATTR, None)
-    if info is not None or not tensor.numel():
-        return info
-    entry = _BY_STORAGE.get(tensor.data_ptr())
-    if entry is None:
-        return None
-    owner = entry[0]()
-    if owner is None or owner.data_ptr() != tensor.data_ptr() \
-            or owner.shape != tensor.shape or owner.stride() != tensor.stride():
-        return None
-    return entry[1]
-
-
 class MuReadout(nn.Linear):
     """Readout layer under μP: zero init and output multiplied by ``1/width_mult``."""
 
@@ -203,7 +160,7 @@ class MuMLP(nn.Module):
     ``width_mult = width / base_width``. Hidden and input weights get the standard
     ``N(0, 1/fan_in)`` init, biases zero, the readout zero init (``zero_readout``) and
     the ``1/width_mult`` output multiplier. :meth:`mup_info` gives the per-tensor
-    :class:`MuPInfo` (and :func:`attach_mup_info` is applied on construction).
+    :class:`MuPInfo` and :meth:`mup_scales` the update scales μLO's ``init`` takes.
     """
 
     def __init__(self, in_features: int, width: int, out_features: int, *, depth: int = 2,
@@ -230,7 +187,6 @@ class MuMLP(nn.Module):
         if not zero_readout:
             with torch.no_grad():
                 self.readout.weight.normal_(0.0, 1.0 / math.sqrt(width), generator=generator)
-        attach_mup_info(self, self.mup_info())
 
     def forward(self, x: Tensor) -> Tensor:
         return self.readout(self.body(x))
@@ -262,3 +218,9 @@ class MuMLP(nn.Module):
             {n: self._axes(n, p, self.width) for n, p in self.named_parameters()},
             self.base_shapes(),
             {n: self._axes(n, p, self.base_width + 1) for n, p in self.named_parameters()})
+
+    def mup_scales(self) -> dict[str, float]:
+        """Per-parameter μP update scales (``named_parameters()`` names and order), for
+        μLO: ``lopt.init(params, n, mup_scales=...)`` or, in parameter order,
+        ``lopt.optimizer(model.parameters(), n, mup_scales=list(....values()))``."""
+        return mup_update_scales(self.mup_info())

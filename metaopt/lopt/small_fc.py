@@ -135,25 +135,30 @@ class SmallFCLOpt(LearnedOptimizer):
         state["num_steps"] = int(num_steps)
         return state
 
-    def update(self, grads: Params, state: LOptState, params: Params,
-               loss: Tensor | None = None) -> tuple[Params, LOptState]:
-        """One step for every tensor; pure (returns new params and a new state)."""
-        del loss  # small_fc_lopt does not look at the loss
-        return self._step(grads, state, params, None)
-
-    def update_(self, grads: Params, state: LOptState, params: Params,
-                loss: Tensor | None = None, *, lr: Mapping[str, float] | None = None,
-                weight_decay: Mapping[str, float] | None = None) -> LOptState:
-        """In-place step (see :meth:`LearnedOptimizer.update_`): float32 CPU matrices go
-        through the fused kernel, which writes into the parameters and the accumulators."""
+    def _update(self, grads: Params, state: LOptState, params: Params, loss: Tensor | None,
+                backend: cpu_kernels.LoptCpuKernels | None) -> tuple[Params, LOptState]:
+        """One step for every tensor; pure (returns new params and a new state). The loss
+        is not used. With ``backend``, float32 CPU vectors/matrices outside autograd go
+        through the fused kernel; everything else takes the reference
+        :meth:`_update_tensor`."""
         del loss
-        _, new_state = self._step(grads, state, params, (lr or {}, weight_decay or {}))
+        return self._step(grads, state, params, None, backend)
+
+    def _update_(self, grads: Params, state: LOptState, params: Params, loss: Tensor | None,
+                 lr: Mapping[str, float], weight_decay: Mapping[str, float],
+                 backend: cpu_kernels.LoptCpuKernels | None, workspace: dict | None
+                 ) -> LOptState:
+        """In-place step: the fused kernel writes into the parameters and accumulators."""
+        del loss, workspace
+        _, new_state = self._step(grads, state, params, (lr, weight_decay), backend)
         return new_state
 
     def _step(self, grads: Params, state: LOptState, params: Params,
-              inplace: tuple[Mapping[str, float], Mapping[str, float]] | None
+              inplace: tuple[Mapping[str, float], Mapping[str, float]] | None,
+              kern: cpu_kernels.LoptCpuKernels | None
               ) -> tuple[Params, LOptState]:
-        """Shared loop of :meth:`update` and (``inplace=(lr, weight_decay)``) :meth:`update_`."""
+        """Shared loop of :meth:`_update` and (``inplace=(lr, weight_decay)``) :meth:`_update_`:
+        per tensor, the fused kernel (:meth:`_kernel_update_tensor`) or the reference."""
         iteration = state["iteration"]
         new_state: LOptState = {k: {} for k in _ACCUMULATORS}
         new_params: Params = {}
@@ -166,25 +171,19 @@ class SmallFCLOpt(LearnedOptimizer):
                 cache[key] = self._prepare(iteration, *key)
             acc = {k: state[k][name] for k in _ACCUMULATORS}
             scale = self._step_scale(state, name)
-            kernel = self._kernel_ok(p, g, acc)
-            if kernel and kernel_const is None:  # float32 CPU only: one set per step
-                kernel_const = self._kernel_constants(*cache[key])
-            if inplace is not None and kernel:
-                lr, wd = inplace[0].get(name, 1.0), inplace[1].get(name, 0.0)
-                new_p, new_acc = self._kernel_update_tensor(p, g, acc, kernel_const,
-                                                            inplace=(lr, wd), scale=float(scale))
+            if kern is not None and self._kernel_ok(kern, p, g, acc):
+                if kernel_const is None:  # one set per step
+                    kernel_const = self._kernel_constants(*cache[key])
+                new_p, new_acc = self._kernel_update_tensor(
+                    kern, p, g, acc, kernel_const,
+                    inplace=None if inplace is None else (inplace[0].get(name, 1.0),
+                                                          inplace[1].get(name, 0.0)),
+                    scale=float(scale))
             else:
-                if kernel:
-                    new_p, new_acc = self._kernel_update_tensor(p, g, acc, kernel_const,
-                                                                scale=float(scale))
-                else:
-                    if self._fast_ok(p, g, acc):
-                        new_p, new_acc = self._fast_update_tensor(p, g, acc, *cache[key])
-                    else:
-                        new_p, new_acc = self._update_tensor(p, g, acc, *cache[key])
-                    if not (isinstance(scale, float) and scale == 1.0):
-                        # p - p_new is exact in float32 (Sterbenz): one more rounding only
-                        new_p = p - scale.to(p.dtype) * (p - new_p)
+                new_p, new_acc = self._update_tensor(p, g, acc, *cache[key])
+                if not (isinstance(scale, float) and scale == 1.0):
+                    # p - p_new is exact in float32 (Sterbenz): one more rounding only
+                    new_p = p - scale.to(p.dtype) * (p - new_p)
                 if inplace is not None:
                     apply_step_(p, new_p, inplace[0].get(name, 1.0), inplace[1].get(name, 0.0))
                     new_p = p
@@ -303,220 +302,21 @@ class SmallFCLOpt(LearnedOptimizer):
                        for k, v in new_acc.items()}
         return new_p, {k: v.to(out_dtype) for k, v in new_acc.items()}
 
-    # ------------------------------------------------------------------ no-grad fast path
-    def _fast_ok(self, p: Tensor, g: Tensor, acc: dict[str, Tensor]) -> bool:
-        """Whether :meth:`_fast_update_tensor` applies (same math, no autograd).
-
-        It runs when autograd is off (the ``torch.optim`` shell, evaluation) for rank-1/2
-        float32/float64 tensors with the default decay counts (one rms decay, as many
-        momentum as adafactor decays); everything else takes :meth:`_update_tensor`.
-        """
+    # ------------------------------------------------------------------ fused CPU kernel
+    def _kernel_ok(self, kern: cpu_kernels.LoptCpuKernels, p: Tensor, g: Tensor,
+                   acc: dict[str, Tensor]) -> bool:
+        """Whether the fused C kernel steps this tensor (decided by structure alone): no
+        autograd graph is recorded, a non-empty float32 CPU vector or matrix with float32
+        gradient and accumulators, and the architecture shape the library is built for
+        (two hidden layers, one rms decay, as many momentum as adafactor decays)."""
         k = len(self.initial_momentum_decays)
         return (not torch.is_grad_enabled() and p.dim() in (1, 2) and p.numel() > 0
-                and p.dtype in (torch.float32, torch.float64) and g.dtype == p.dtype
-                and len(self.initial_rms_decays) == 1 and len(self.initial_adafactor_decays) == k
-                and all(v.dtype == p.dtype for v in acc.values()))
-
-    def _fast_update_tensor(self, p: Tensor, g: Tensor, acc: dict[str, Tensor], decays: tuple,
-                            w0_feat: Tensor, bias0: Tensor, weights: list[Tensor],
-                            biases: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`_update_tensor` without autograd, in cache-sized chunks of rows.
-
-        The tensor is viewed as an (a, b) matrix (rank 1: (n, 1)). Only the genuinely
-        per-element channels go through the first-layer matmul; the Adafactor row/column
-        channels (and the bias) enter as an (H, a) plus an (H, b) term broadcast into
-        the hidden pre-activations, and the per-channel normalisation is folded into the
-        weights. Pass 0 (factored tensors) reduces g² along both axes; pass 1 writes the
-        new accumulators and sums each channel's squares; pass 2 rebuilds the channels
-        of a chunk (unless there is only one) and runs the MLP. All big buffers are
-        allocated once per tensor; new state tensors are fresh (the update stays pure).
-        """
-        k = len(self.initial_momentum_decays)
-        dtype, shape = p.dtype, p.shape
-        a, b = (shape[0], shape[1]) if p.dim() == 2 else (shape[0], 1)
-        n = a * b
-        g_f, p_f = g.contiguous().view(n), p.contiguous().view(n)
-        m_old = acc["m"].contiguous().view(k, n)
-        rms_old = acc["rms"].contiguous().view(1, n)
-        mom_d, rms_d, fac_d = (d.reshape(-1, 1) for d in decays)
-        rms_d = torch.clamp(rms_d, 0.0, 1.0)
-        fac_d = torch.clamp(fac_d, 0.0, 1.0)
-        mom_c, rms_c, fac_c = 1 - mom_d, 1 - rms_d, 1.0 - fac_d
-        dims = F.factored_dims(shape)
-        factored = dims is not None
-        # channel layout of the per-element matrix X and the matching rows of w0
-        i_m, i_rms, i_mr, i_r = 2, 2 + k, 3 + k, 3 + 2 * k
-        i_fg = 4 + 2 * k
-        ref_rows = list(range(4 + 3 * k))
-        if factored:
-            n_ch = 4 + 4 * k
-            i_mf = 4 + 3 * k
-            ref_rows += list(range(4 + 7 * k, 4 + 8 * k))  # mfac
-        else:
-            n_ch = 4 + 6 * k
-            i_v, i_rv, i_mf = 4 + 3 * k, 4 + 4 * k, 4 + 5 * k
-            ref_rows += list(range(4 + 7 * k, 4 + 8 * k))  # mfac
-        rows_per = max(1, min(a, _BLOCK_ELEMENTS // b))
-        chunks = [(r, min(r + rows_per, a)) for r in range(0, a, rows_per)]
-        cap = rows_per * b
-        xbuf = torch.empty(n_ch * cap, dtype=dtype, device=p.device)
-        sbuf = torch.empty(k * cap, dtype=dtype, device=p.device)
-
-        v_row, v_col, v_diag = acc["v_row"], acc["v_col"], acc["v_diag"]
-        if factored:
-            _, d0 = dims
-            row_sum = torch.empty(a, dtype=dtype, device=p.device)
-            col_sum = torch.zeros(b, dtype=dtype, device=p.device)
-            for r0, r1 in chunks:
-                gs = sbuf[: (r1 - r0) * b].view(r1 - r0, b)
-                torch.mul(g_f[r0 * b: r1 * b].view(r1 - r0, b), g_f[r0 * b: r1 * b].view(
-                    r1 - r0, b), out=gs)
-                gs.add_(F.FACTORED_EPS)
-                torch.sum(gs, dim=1, out=row_sum[r0:r1])
-                col_sum.add_(gs.sum(dim=0))
-            mean_ax1, mean_ax0 = row_sum / b, col_sum / a  # index axis 0 / axis 1
-            # v_row is the mean over d0, v_col the mean over d1
-            v_row = fac_d * v_row + fac_c * (mean_ax1 if d0 == 1 else mean_ax0)
-            v_col = fac_d * v_col + fac_c * (mean_ax0 if d0 == 1 else mean_ax1)
-            row_factor = F.safe_rsqrt(v_row / (torch.mean(v_row, dim=1, keepdim=True) + 1e-9))
-            col_factor = F.safe_rsqrt(v_col)
-            fac_a, fac_b = (row_factor, col_factor) if d0 == 1 else (col_factor, row_factor)
-            v_diag_new = v_diag
-        else:
-            v_old = v_diag.contiguous().view(k, n)
-            v_diag_new = torch.empty((k, n), dtype=dtype, device=p.device)
-
-        m_new = torch.empty((k, n), dtype=dtype, device=p.device)
-        rms_new = torch.empty((1, n), dtype=dtype, device=p.device)
-
-        def build(r0: int, r1: int) -> Tensor:
-            nb = (r1 - r0) * b
-            e0, e1 = r0 * b, r1 * b
-            x = xbuf[: n_ch * nb].view(n_ch, nb)
-            g_c = g_f[e0:e1]
-            m_c = x[i_m:i_m + k]
-            x[0].copy_(g_c)
-            x[1].copy_(p_f[e0:e1])
-            m_c.copy_(m_new[:, e0:e1])
-            x[i_rms].copy_(rms_new[0, e0:e1])
-            r = x[i_r]
-            torch.add(rms_new[0, e0:e1], 1e-6, out=r).rsqrt_()
-            torch.mul(m_c, r, out=x[i_mr:i_mr + k])
-            if factored:
-                pc = sbuf[: k * nb].view(k, r1 - r0, b)
-                torch.mul(fac_a[:, r0:r1, None], fac_b[:, None, :], out=pc)
-                pc = pc.view(k, nb)
-                torch.mul(pc, g_c, out=x[i_fg:i_fg + k])
-                torch.mul(pc, m_c, out=x[i_mf:i_mf + k])
-            else:
-                v_c = v_diag_new[:, e0:e1]
-                fg = x[i_fg:i_fg + k]
-                torch.add(v_c, 1e-9, out=fg).clamp_min_(1e-9).rsqrt_().mul_(g_c)
-                x[i_v:i_v + k].copy_(v_c)
-                torch.add(v_c, 1e-8, out=x[i_rv:i_rv + k]).rsqrt_()
-                torch.add(v_c, 1e-6, out=x[i_mf:i_mf + k]).pow_(-0.5).mul_(m_c)
-            return x
-
-        norms = torch.empty((len(chunks), n_ch), dtype=dtype, device=p.device)
-        x = None
-        for i, (r0, r1) in enumerate(chunks):
-            e0, e1 = r0 * b, r1 * b
-            g_c = g_f[e0:e1]
-            mn = torch.mul(m_old[:, e0:e1], mom_d, out=m_new[:, e0:e1])
-            mn.addcmul_(g_c, mom_c)
-            gs = sbuf[: e1 - e0]
-            torch.mul(g_c, g_c, out=gs)
-            rn = torch.mul(rms_old[:, e0:e1], rms_d, out=rms_new[:, e0:e1])
-            rn.addcmul_(gs, rms_c)
-            if not factored:
-                vn = torch.mul(v_old[:, e0:e1], fac_d, out=v_diag_new[:, e0:e1])
-                vn.addcmul_(gs.add_(F.FACTORED_EPS), fac_c)
-            x = build(r0, r1)
-            torch.linalg.vector_norm(x, dim=1, out=norms[i])
-        sumsq = (norms * norms).sum(dim=0)
-
-        if factored:
-            w_x, u_a, u_b = self._fold_factored(w0_feat.to(dtype), bias0, sumsq, v_row, v_col,
-                                                dims, shape, n)
-            w_x = w_x.T.contiguous()
-        else:
-            w0 = w0_feat.to(dtype)
-            w_x = w0[ref_rows[: 4 + 3 * k]]
-            w_v = w0[4 + 3 * k: 4 + 4 * k] + w0[4 + 4 * k: 4 + 5 * k]
-            w_rv = w0[4 + 5 * k: 4 + 6 * k] + w0[4 + 6 * k: 4 + 7 * k]
-            w_x = torch.cat([w_x, w_v, w_rv, w0[4 + 7 * k:]])
-            scale = torch.rsqrt(1e-5 + sumsq / n)
-            w_x = (scale.unsqueeze(-1) * w_x).T.contiguous()
-        hidden = w_x.shape[0]
-        mids = [(w.T.contiguous(), bb.unsqueeze(1)) for w, bb in zip(weights, biases)]
-        hbuf = torch.empty((2, max(hidden, *(w.shape[0] for w, _ in mids)) * cap),
-                           dtype=dtype, device=p.device)
-        new_p = torch.empty(n, dtype=dtype, device=p.device)
-        bias_col = bias0.unsqueeze(1)
-        for r0, r1 in chunks:
-            nb = (r1 - r0) * b
-            if len(chunks) > 1:
-                x = build(r0, r1)
-            h = hbuf[0, : hidden * nb].view(hidden, nb)
-            if factored:
-                torch.add(u_a[:, r0:r1, None], u_b[:, None, :],
-                          out=h.view(hidden, r1 - r0, b))
-                h.addmm_(w_x, x)
-            else:
-                torch.addmm(bias_col, w_x, x, out=h)
-            for j, (wt, bc) in enumerate(mids):
-                h.relu_()
-                out = hbuf[(j + 1) % 2, : wt.shape[0] * nb].view(wt.shape[0], nb)
-                h = torch.addmm(bc, wt, h, out=out)
-            direction, magnitude = h[0], h[1]
-            magnitude.mul_(self.exp_mult).exp_()
-            direction.mul_(magnitude).mul_(self.step_mult)
-            torch.sub(p_f[r0 * b: r1 * b], direction, out=new_p[r0 * b: r1 * b])
-
-        new_acc = {"m": m_new.view(acc["m"].shape), "rms": rms_new.view(acc["rms"].shape),
-                   "v_row": v_row, "v_col": v_col, "v_diag": v_diag_new.view(v_diag.shape)}
-        return new_p.view(shape), new_acc
-
-
-    def _fold_factored(self, w0: Tensor, bias0: Tensor, sumsq: Tensor, v_row: Tensor,
-                       v_col: Tensor, dims: tuple[int, int], shape: torch.Size, n: int
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """First layer of a factored rank-2 tensor with the normalisation folded in.
-
-        Returns ``(w_in, u_a, u_b)``: ``w_in`` (C, H) acts on the per-element channels
-        (``g, p, m, rms, m·r, r, fac_g, m·fac``, ``sumsq`` their sums of squares); the
-        row/column channels (``v_row, v_col`` and their rsqrt, constant along one axis)
-        become hidden biases ``u_a`` (H, shape[0]) — bias0 included — and ``u_b``
-        (H, shape[1]).
-        """
-        k = len(self.initial_momentum_decays)
-        d1, d0 = dims
-        r_row, r_col, rr_row, rr_col = 4 + 3 * k, 4 + 4 * k, 4 + 5 * k, 4 + 6 * k
-
-        def folded(v: Tensor, count: int, row0: int) -> Tensor:
-            # row channels take shape[d0] copies of v_row, column channels shape[d1] of v_col
-            scale = torch.rsqrt(1e-5 + (v * v).sum(dim=1) * count / n)
-            return (scale.unsqueeze(-1) * w0[row0:row0 + k]).T @ v
-
-        u_row = folded(v_row, shape[d0], r_row) + folded(torch.rsqrt(v_row + 1e-8), shape[d0],
-                                                          rr_row)
-        u_col = folded(v_col, shape[d1], r_col) + folded(torch.rsqrt(v_col + 1e-8), shape[d1],
-                                                          rr_col)
-        u_a, u_b = (u_row, u_col) if d0 == 1 else (u_col, u_row)
-        rows = list(range(4 + 3 * k)) + list(range(4 + 7 * k, 4 + 8 * k))
-        scale = torch.rsqrt(1e-5 + sumsq.to(w0.dtype) / n)
-        return scale.unsqueeze(-1) * w0[rows], u_a + bias0.unsqueeze(1), u_b
-
-    # ------------------------------------------------------------------ fused CPU kernel
-    def _kernel_ok(self, p: Tensor, g: Tensor, acc: dict[str, Tensor]) -> bool:
-        """Whether the fused C kernel applies: the fast path's conditions, a float32 CPU
-        vector or matrix, and the reference MLP shape (two hidden layers)."""
-        if not (p.dtype == torch.float32 and p.device.type == "cpu"
-                and self.hidden_layers == 2 and self._fast_ok(p, g, acc)):
-            return False
-        kern = cpu_kernels.kernels()
-        return kern is not None and kern.supports(len(self.initial_momentum_decays),
-                                                  self.hidden_size)
+                and p.dtype == torch.float32 and g.dtype == torch.float32
+                and p.device.type == "cpu" and g.device.type == "cpu"
+                and self.hidden_layers == 2 and len(self.initial_rms_decays) == 1
+                and len(self.initial_adafactor_decays) == k
+                and all(v.dtype == torch.float32 for v in acc.values())
+                and kern.supports(k, self.hidden_size))
 
     def _kernel_constants(self, decays: tuple, w0_feat: Tensor, bias0: Tensor,
                           weights: list[Tensor], biases: list[Tensor]) -> dict[str, Any]:
@@ -539,24 +339,24 @@ class SmallFCLOpt(LearnedOptimizer):
             "mlp": [t.contiguous() for t in (weights[0], biases[0], weights[1], biases[1])],
         }
 
-    def _kernel_update_tensor(self, p: Tensor, g: Tensor, acc: dict[str, Tensor],
+    def _kernel_update_tensor(self, kern: cpu_kernels.LoptCpuKernels, p: Tensor, g: Tensor,
+                              acc: dict[str, Tensor],
                               const: dict[str, Any], inplace: tuple[float, float] | None = None,
                               scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`_fast_update_tensor` for a float32 CPU vector or matrix, in the fused C
+        """:meth:`_update_tensor` for a float32 CPU vector or matrix, in the fused C
         kernel (diagonal second moments for vectors, factored ones for matrices).
 
         ``const`` comes from :meth:`_kernel_constants`. ``inplace=(lr, weight_decay)``
         writes ``p + lr·(p_learned − p) − lr·wd·p`` into ``p`` and the new accumulators
         into the old ones (``p``/``acc`` contiguous); ``scale`` multiplies the learned step
         (μLO)."""
-        kern = cpu_kernels.kernels()
         k = len(self.initial_momentum_decays)
         n = p.numel()
         diag = p.dim() == 1
         if inplace is not None and not (p.is_contiguous() and acc["m"].is_contiguous()
                                         and acc["rms"].is_contiguous()
                                         and acc["v_diag"].is_contiguous()):
-            new_p, new_acc = self._kernel_update_tensor(p, g, acc, const, scale=scale)
+            new_p, new_acc = self._kernel_update_tensor(kern, p, g, acc, const, scale=scale)
             apply_step_(p, new_p, *inplace)
             return p, new_acc
         own = inplace is not None

@@ -30,12 +30,13 @@ rely on the order or spelling of parameter names.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from metaopt.lopt.base import LearnedOptimizer
+from metaopt.lopt.cpu_kernels import LoptCpuKernels, select_backend
+from metaopt.tree import tree_map_nested
 
 __all__ = ["LearnedOptimizerShell", "MissingLossError", "learned_torch_optimizer"]
 
@@ -46,6 +47,19 @@ _EXTRA_KEY = "learned_optimizer"
 
 class MissingLossError(ValueError):
     """``step()`` was called without a loss for an architecture that needs one."""
+
+
+class _Steppable(Protocol):
+    """What the shell needs of a learned optimizer (:class:`~metaopt.lopt.base.
+    LearnedOptimizer`; a protocol, so this module does not import the base class)."""
+
+    architecture: str
+    needs_loss: bool
+
+    def init(self, params: dict[str, Tensor], num_steps: int) -> Any: ...
+
+    def update_(self, grads: dict[str, Tensor], state: Any, params: dict[str, Tensor],
+                loss: Tensor | None = None, **kwargs: Any) -> Any: ...
 
 
 def _split(tree: Any, names: set[str], path: tuple[str, ...] = ()
@@ -80,13 +94,7 @@ def _merge(tree: Any, per_tensor: Mapping[str, Mapping[str, Any]],
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.detach().to(device, copy=True)
-    if isinstance(tree, Mapping):
-        return {k: _to_device(v, device) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_to_device(v, device) for v in tree)
-    return tree
+    return tree_map_nested(lambda t: t.detach().to(device, copy=True), tree)
 
 
 class LearnedOptimizerShell(torch.optim.Optimizer):
@@ -98,20 +106,37 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
         num_steps: planned length of training; learned optimizers condition on it.
         lr: default step multiplier of the learned update (1.0 = as meta-trained).
         weight_decay: default decoupled weight decay (fraction of ``p`` per step × lr).
+        backend: ``"auto"`` (default: the fused CPU kernels for float32 CPU tensors when
+            a C compiler is available), ``"cpu_kernels"`` or ``"reference"`` — chosen
+            once, here (:func:`~metaopt.lopt.cpu_kernels.select_backend`).
+        nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose loss or gradients are
+            not finite; either way nothing is written first.
+        init_kwargs: extra arguments of ``lopt.init`` (e.g. μLO's ``mup_scales``, keyed
+            by the shell's parameter names ``"0"``, ``"1"``, …).
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
-                 lopt: LearnedOptimizer, num_steps: int, *, lr: float = 1.0,
-                 weight_decay: float = 0.0) -> None:
-        if not isinstance(lopt, LearnedOptimizer):
+                 lopt: _Steppable, num_steps: int, *, lr: float = 1.0,
+                 weight_decay: float = 0.0, backend: str | LoptCpuKernels | None = "auto",
+                 nonfinite: str = "raise", init_kwargs: Mapping[str, Any] | None = None
+                 ) -> None:
+        if not (hasattr(lopt, "init") and hasattr(lopt, "update_")
+                and hasattr(lopt, "architecture")):
             raise TypeError(f"lopt must be a LearnedOptimizer, got {type(lopt).__name__}")
         if int(num_steps) <= 0:
             raise ValueError(f"num_steps must be positive, got {num_steps}")
         if lr < 0 or weight_decay < 0:
             raise ValueError("lr and weight_decay must be non-negative")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.lopt = lopt
         self.num_steps = int(num_steps)
+        self.backend = select_backend(backend)
+        self.nonfinite = nonfinite
+        self.init_kwargs = dict(init_kwargs or {})
         self._global: Any = None  # global part of the learned optimizer's state
+        #: prepared backend calls (kernel plans) for this shell's state; reset with it
+        self._workspace: dict[str, Any] = {}
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
 
     # ------------------------------------------------------------------ helpers
@@ -128,7 +153,11 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
         fresh = [(n, p) for n, p, _ in named if not self.state[p]]
         if not fresh:
             return
-        state = self.lopt.init({n: p.detach() for n, p in fresh}, self.num_steps)
+        kwargs = self.init_kwargs
+        if "mup_scales" in kwargs:
+            kwargs = {**kwargs, "mup_scales": {n: kwargs["mup_scales"][n] for n, _ in fresh
+                                               if n in kwargs["mup_scales"]}}
+        state = self.lopt.init({n: p.detach() for n, p in fresh}, self.num_steps, **kwargs)
         global_tree, per_tensor = _split(state, {n for n, _ in fresh})
         if self._global is None:
             self._global = global_tree
@@ -175,7 +204,8 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
         lrs = {n: group["lr"] for n, _, group in named}
         wds = {n: group["weight_decay"] for n, _, group in named}
         new_state = self.lopt.update_(grads, state, params, loss=loss_t, lr=lrs,
-                                      weight_decay=wds)
+                                      weight_decay=wds, backend=self.backend,
+                                      workspace=self._workspace, nonfinite=self.nonfinite)
 
         new_global, new_per_tensor = _split(new_state, set(names))
         self._global = new_global
@@ -201,6 +231,7 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
                 f"state dict is for learned optimizer '{extra.get('architecture')}', "
                 f"this optimizer runs '{self.lopt.architecture}'")
         super().load_state_dict(state_dict)
+        self._workspace = {}
         if extra is None:
             self._global = None
             return
@@ -211,7 +242,9 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(lopt=self.lopt, num_steps=self.num_steps, _global=self._global)
+        state.update(lopt=self.lopt, num_steps=self.num_steps, _global=self._global,
+                     backend=self.backend, nonfinite=self.nonfinite,
+                     init_kwargs=self.init_kwargs, _workspace={})
         return state
 
     def __repr__(self) -> str:
@@ -219,7 +252,7 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
                 f"groups={len(self.param_groups)})")
 
 
-def learned_torch_optimizer(lopt: LearnedOptimizer, params: Iterable[Any], num_steps: int,
+def learned_torch_optimizer(lopt: _Steppable, params: Iterable[Any], num_steps: int,
                             **kwargs: Any) -> LearnedOptimizerShell:
     """``lopt.optimizer(params, num_steps, ...)`` as a function: the torch optimizer shell."""
     return LearnedOptimizerShell(params, lopt, num_steps=num_steps, **kwargs)

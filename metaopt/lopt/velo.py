@@ -55,10 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaopt.lopt import cpu_kernels
+from metaopt.lopt import cpu_kernels, velo_kernels
 from metaopt.lopt.base import LearnedOptimizer, LOptState, apply_step_, register_architecture
-from metaopt.lopt.velo_plan import KernelPlan, MLPSlots
-from metaopt.params import Params, StructureError
+from metaopt.params import Params
+from metaopt.tree import tree_leaves
 
 __all__ = [
     "VeLO",
@@ -154,50 +154,20 @@ def _tensor_info(shape: tuple[int, ...]) -> _TensorInfo:
     return _TensorInfo(shape, shape1d, factored_dims(shape1d), _tensor_rank(shape))
 
 
-def _kernel_shape_ok(p: Tensor, g: Tensor) -> bool:
-    """Whether the fused C kernel steps this tensor: a float32 CPU vector or matrix."""
-    return (p.dim() in (1, 2) and p.dtype == torch.float32 and g.dtype == torch.float32
-            and p.device.type == "cpu" and p.numel() > 0)
-
-
-@functools.lru_cache(maxsize=8)
-def _kernel_mlp_gather(n_in: int, hidden: int, n_out: int, k: int
-                       ) -> tuple[Tensor, Tensor, MLPSlots, MLPSlots]:
-    """Where the fused kernel's MLP arguments sit in a row of mixed MLP weights.
-
-    A mixed row is ``[W0 (n_in, hidden), b0, W1 (hidden, hidden), b1, W2 (hidden, n_out),
-    b2]`` flattened (see :meth:`VeLO._mixed_mlps`); a zero is appended at index
-    ``len(row)``. Returns ``(first, second, matrix, vector)``: ``row[first] + row[second]``
-    packs, at the ``matrix`` slots, ``[w_x (18, H), w_stat (4k, H), b0, w1, b1, w2[:, :2],
-    b2[:2]]`` and then, at the ``vector`` slots, ``[w_x (24, H), b0, w1, b1, w2[:, :2],
-    b2[:2]]`` (the vector kernel takes each row/column statistic's two weights summed).
-    """
-    o_b0 = n_in * hidden
-    o_w1 = o_b0 + hidden
-    o_b1 = o_w1 + hidden * hidden
-    o_w2 = o_b1 + hidden
-    o_b2 = o_w2 + hidden * n_out
-    zero = o_b2 + n_out
-
-    def w0_rows(rows: Sequence[int]) -> list[int]:
-        return [c * hidden + o for c in rows for o in range(hidden)]
-
-    tail = (list(range(o_b0, o_b0 + hidden)) + list(range(o_w1, o_w1 + hidden * hidden))
-            + list(range(o_b1, o_b1 + hidden))
-            + [o_w2 + c * n_out + o for c in range(hidden) for o in range(2)]
-            + [o_b2, o_b2 + 1])
-    stat_rows = _ROW_CHANNELS[:k] + _COL_CHANNELS[:k] + _ROW_CHANNELS[k:] + _COL_CHANNELS[k:]
-    matrix = w0_rows(_FULL_CHANNELS) + w0_rows(stat_rows) + tail
-    diag_first = (w0_rows(_FULL_CHANNELS[:-3]) + w0_rows(_ROW_CHANNELS)
-                  + w0_rows(_FULL_CHANNELS[-3:]) + tail)
-    diag_second = ([zero] * (len(_FULL_CHANNELS[:-3]) * hidden) + w0_rows(_COL_CHANNELS)
-                   + [zero] * (3 * hidden + len(tail)))
-    first = torch.tensor(matrix + diag_first, dtype=torch.long)
-    second = torch.tensor([zero] * len(matrix) + diag_second, dtype=torch.long)
-    matrix_slots = MLPSlots.after(0, len(_FULL_CHANNELS), 4 * k, hidden)
-    vector_slots = MLPSlots.after(matrix_slots.end, len(_FULL_CHANNELS) + 2 * k, 0, hidden)
-    assert matrix_slots.end == len(matrix) and vector_slots.end == len(first)
-    return first, second, matrix_slots, vector_slots
+def _cached(workspace: dict | None, name: str, tensors: tuple[Tensor, ...],
+             compute: Any) -> Tensor:
+    """``compute()``, kept in the caller's ``workspace`` (the shell's, never the module's)
+    while ``tensors`` are the same objects with the same storage, dtype, device and
+    in-place version; recomputed without a workspace or under autograd."""
+    if workspace is None or torch.is_grad_enabled():
+        return compute()
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    entry = workspace.get(name)
+    if entry is not None and entry[1] == key and all(a is b for a, b in zip(entry[0], tensors)):
+        return entry[2]
+    value = compute()
+    workspace[name] = (tensors, key, value)
+    return value
 
 
 # ------------------------------------------------------------------------- loss buffer
@@ -477,10 +447,25 @@ class VeLO(LearnedOptimizer):
         shared = torch.cat([fraction_left, loss_features]).expand(per_tensor.shape[0], -1)
         return torch.cat([shared, per_tensor], dim=1)
 
-    def rnn(self, x: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Per-tensor network: ``(controls, lr_mult, next_hidden, next_cell)``."""
-        if self.mix_layers and not torch.is_grad_enabled():
-            h, c = self._mixed_lstm_no_grad(x, hidden, cell)
+    def rnn(self, x: Tensor, hidden: Tensor, cell: Tensor, workspace: dict | None = None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-tensor network: ``(controls, lr_mult, next_hidden, next_cell)``.
+
+        With a ``workspace`` (the torch.optim shell's) and no autograd, ``mix_in`` is
+        folded into the LSTM's input weights: ``W_ih (A x + b + pooled) = (W_ih A) x +
+        W_ih (b + pooled)``, so the (n, 512) @ (512, 2048) input product becomes a (n, 30)
+        @ (30, 2048) one; ``W_ih A`` is kept in the workspace while both weights are
+        unchanged. Equal to the plain path up to float32 rounding (re-association)."""
+        if self.mix_layers and workspace is not None and not torch.is_grad_enabled():
+            w_ih, w_in = self.lstm.weight_ih, self.mix_in.weight
+            folded = _cached(workspace, "lstm_fold", (w_ih, w_in), lambda: w_ih @ w_in)
+            pooled = torch.relu(self.mix_pool(x)).amax(dim=0)
+            shared = F.linear(self.mix_in.bias + pooled, w_ih, self.lstm.bias_ih)
+            gates = torch.addmm(shared + self.lstm.bias_hh, x, folded.T)
+            gates = torch.addmm(gates, hidden, self.lstm.weight_hh.T)
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
         else:
             if self.mix_layers:
                 # The reference computes relu(linear(x)) here and overwrites it (dead weights).
@@ -489,41 +474,12 @@ class VeLO(LearnedOptimizer):
             h, c = self.lstm(x, (hidden, cell))
         return self.rnn_to_controls(h), self.step_size(h).squeeze(-1), h, c
 
-    def _mixed_lstm_no_grad(self, x: Tensor, hidden: Tensor, cell: Tensor
-                            ) -> tuple[Tensor, Tensor]:
-        """The mixing layers and the LSTM step without autograd, with ``mix_in`` folded
-        into the LSTM's input weights: ``W_ih (A x + b + pooled) = (W_ih A) x +
-        W_ih (b + pooled)``. The (n_tensors, 512) @ (512, 2048) input product becomes a
-        (n, 30) @ (30, 2048) one plus one shared matrix-vector product; ``W_ih A`` is
-        recomputed whenever either weight changes. Equal to :meth:`rnn`'s autograd path up
-        to float32 rounding (re-association)."""
-        w_ih, w_in = self.lstm.weight_ih, self.mix_in.weight
-        key = (w_ih.data_ptr(), w_ih._version, w_in.data_ptr(), w_in._version, w_ih.device)
-        cached = getattr(self, "_folded_input", None)
-        if cached is None or cached[0] != key:
-            cached = (key, w_ih @ w_in)
-            self._folded_input = cached
-        pooled = torch.relu(self.mix_pool(x)).amax(dim=0)
-        shared = F.linear(self.mix_in.bias + pooled, w_ih, self.lstm.bias_ih)
-        gates = torch.addmm(shared + self.lstm.bias_hh, x, cached[1].T)
-        gates = torch.addmm(gates, hidden, self.lstm.weight_hh.T)
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-
-    def _mixed_flat(self, controls: Tensor) -> Tensor:
+    def _mixed_flat(self, controls: Tensor, workspace: dict | None = None) -> Tensor:
         """Per tensor, the MLP ``100 * mean_k(copy_k * controls_k)`` as one flat row
         ``[W0, b0, W1, b1, W2, b2]`` (n_tensors, n_weights)."""
-        blocks = [t for pair in zip(self.ff_weights, self.ff_biases) for t in pair]
-        if torch.is_grad_enabled():
-            flat = torch.cat([t.reshape(self.param_inits, -1) for t in blocks], dim=1)
-        else:  # the concatenation, kept while no block changes
-            key = tuple((t.data_ptr(), t._version, t.device) for t in blocks)
-            cached = getattr(self, "_flat_mlps", None)
-            if cached is None or cached[0] != key:
-                cached = (key, torch.cat([t.reshape(self.param_inits, -1) for t in blocks], 1))
-                self._flat_mlps = cached
-            flat = cached[1]
+        blocks = tuple(t for pair in zip(self.ff_weights, self.ff_biases) for t in pair)
+        flat = _cached(workspace, "flat_mlps", blocks,
+                       lambda: torch.cat([t.reshape(self.param_inits, -1) for t in blocks], 1))
         return (controls @ flat) * (100.0 / self.param_inits)
 
     def _mixed_mlps(self, controls: Tensor, mixed: Tensor | None = None
@@ -542,80 +498,83 @@ class VeLO(LearnedOptimizer):
             out.append(parts)
         return out
 
-    def update(self, grads: Params, state: LOptState, params: Params,
-               loss: Tensor | float | None = None) -> tuple[Params, LOptState]:
-        new_params, new_state, _ = self._step(grads, state, params, loss)
+    def _update(self, grads: Params, state: LOptState, params: Params, loss: Tensor | None,
+                backend: cpu_kernels.LoptCpuKernels | None) -> tuple[Params, LOptState]:
+        new_params, new_state, _ = self._step(grads, state, params, loss, backend)
         return new_params, new_state
 
-    def update_(self, grads: Params, state: LOptState, params: Params,
-                loss: Tensor | float | None = None, *, lr: Mapping[str, float] | None = None,
-                weight_decay: Mapping[str, float] | None = None) -> LOptState:
-        """In-place step (see :meth:`LearnedOptimizer.update_`): float32 CPU matrices go
-        through the fused kernel, which writes into the parameters and the accumulators."""
-        _, new_state, _ = self._step(grads, state, params, loss,
-                                     inplace=(lr or {}, weight_decay or {}))
+    def _update_(self, grads: Params, state: LOptState, params: Params, loss: Tensor | None,
+                 lr: Mapping[str, float], weight_decay: Mapping[str, float],
+                 backend: cpu_kernels.LoptCpuKernels | None, workspace: dict | None
+                 ) -> LOptState:
+        """In-place step: with the kernels, float32 CPU tensors are written in place (and
+        their accumulators into the old buffers, through plans kept in ``workspace``)."""
+        _, new_state, _ = self._step(grads, state, params, loss, backend,
+                                     inplace=(lr, weight_decay), workspace=workspace)
         return new_state
 
     def update_with_internals(self, grads: Params, state: LOptState, params: Params,
                               loss: Tensor | float | None = None
                               ) -> tuple[Params, LOptState, dict[str, Tensor]]:
-        """:meth:`update` plus the internals (LSTM input, controls, lr_mult, loss features)."""
-        return self._step(grads, state, params, loss)
+        """:meth:`update` (reference backend) plus the internals (LSTM input, controls,
+        lr_mult, loss features)."""
+        checked = self._guard(grads, state, params, loss, "raise")
+        return self._step(grads, state, params, checked[1], None)
 
     def _update_scales(self, state: LOptState, keys: list[str]) -> list[Tensor | float]:
         """Extra per-tensor step multiplier (1 for VeLO; μP scales for μLO)."""
         return [1.0] * len(keys)
 
-    def _step(self, grads: Params, state: LOptState, params: Params,
-              loss: Tensor | float | None,
-              inplace: tuple[Mapping[str, float], Mapping[str, float]] | None = None
+    def _step(self, grads: Params, state: LOptState, params: Params, loss: Tensor,
+              kern: cpu_kernels.LoptCpuKernels | None,
+              inplace: tuple[Mapping[str, float], Mapping[str, float]] | None = None,
+              workspace: dict | None = None
               ) -> tuple[Params, LOptState, dict[str, Tensor]]:
-        if loss is None:
-            raise ValueError("VeLO needs the training loss: call update(..., loss=loss) "
-                             "(or opt.step(loss=loss) / opt.step(closure))")
+        """One step on checked inputs. Per tensor: kernel pass 1 or the reference
+        accumulators; the shared LSTM; kernel pass 2 or :meth:`_tensor_step`."""
         keys = list(params.keys())
-        if keys != list(grads.keys()):
-            raise StructureError(f"grads keys {list(grads)} differ from params keys {keys}")
         device = state["iteration"].device
-        loss_t = torch.as_tensor(loss, dtype=torch.float32, device=device).detach() \
-            if not isinstance(loss, Tensor) else loss.to(torch.float32)
+        loss_t = loss.to(device=device, dtype=torch.float32)
         next_buffer = loss_buffer_update(state["loss_buffer"], loss_t)
         loss_features = loss_buffer_features(next_buffer)
         mom_d = self._decays(self.initial_momentum_decays, device)
         rms_d = torch.clamp(self._decays(self.initial_rms_decays, device), 0.0, 1.0)
         fac_d = torch.clamp(self._decays(self.initial_adafactor_decays, device), 0.0, 1.0)
-        fast = not (torch.is_grad_enabled() and (
-            self._any_requires_grad(grads, state, params)
-            or any(t.requires_grad for t in self.parameters())))
+        if kern is not None and (not velo_kernels.supports(self, kern) or (
+                torch.is_grad_enabled() and self._needs_graph(grads, state, params))):
+            kern = None  # the kernels never run where an autograd graph is needed
         # Fused kernel, first half: accumulators and the old state's moments (no LSTM yet).
-        # The kernel clips gradients itself; the PyTorch path clips here.
-        kern = self._kernels() if fast else None
+        # The kernel clips gradients itself; the reference path clips here.
         kernel: dict[str, dict[str, Any]] = {}
         for key in keys if kern is not None else ():
             p, g = params[key], grads[key]
-            if not _kernel_shape_ok(p, g):
+            if not velo_kernels.kernel_ok(p, g):
                 continue
-            # in place: the tensor's prepared kernel calls (see velo_plan)
-            plan = self._kernel_plan(kern, key, p, state) if inplace is not None else None
-            g_ptr = plan.grad_ptr(g) if plan is not None else None
-            if g_ptr is not None:
-                kernel[key] = plan.pass1(g_ptr, mom_d, float(rms_d), fac_d)
+            plan = (velo_kernels.plan_for(self, kern, workspace, key, p, state)
+                    if inplace is not None and workspace is not None and g.is_contiguous()
+                    else None)
+            if plan is not None:
+                plan.pass1(g, mom_d, float(rms_d), fac_d)
+                kernel[key] = {"plan": plan, "g": g, "stats": plan.stats, "n": plan.n}
             else:
-                kernel[key] = self._kernel_pass1(kern, p, g, state, key, mom_d, rms_d, fac_d,
-                                                 inplace is not None)
+                kernel[key] = velo_kernels.pass1(self, kern, p, g, state, key, mom_d, rms_d,
+                                                 fac_d, inplace is not None)
         grads = {k: g if k in kernel else torch.clamp(g.to(torch.float32), -1000.0, 1000.0)
                  for k, g in grads.items()}
 
         # Per-tensor LSTM over all tensors at once.
+        k_dec = len(self.initial_momentum_decays)
         if kernel and len(kernel) == len(keys):
             # every tensor went through the kernel: its sums give all moments at once
-            msq, var_m, mean_m, var_r, mean_r = self._kernel_moments([kernel[k] for k in keys])
+            msq, var_m, mean_m, var_r, mean_r = velo_kernels.kernel_moments(
+                k_dec, [kernel[k] for k in keys])
             p_mean_sq = dict(zip(keys, msq.unbind(0)))
             x = self._lstm_features([p.shape for p in params.values()], state, loss_features,
                                     msq, var_m, mean_m, var_r, mean_r)
         else:
             for pre in kernel.values():
-                msq1, var_m1, mean_m1, var_r1, mean_r1 = self._kernel_moments([pre])
+                msq1, var_m1, mean_m1, var_r1, mean_r1 = velo_kernels.kernel_moments(k_dec,
+                                                                                      [pre])
                 pre["p_mean_sq"] = msq1[0]
                 pre["moments"] = (var_m1[0], mean_m1[0], var_r1[0], mean_r1[0])
             p_mean_sq = {k: kernel[k]["p_mean_sq"] if k in kernel else _mean_sq(p)
@@ -624,7 +583,7 @@ class VeLO(LearnedOptimizer):
                                  {k: pre["moments"] for k, pre in kernel.items()})
         h_prev = torch.stack([state["lstm_hidden"][k] for k in keys])
         c_prev = torch.stack([state["lstm_cell"][k] for k in keys])
-        controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev)
+        controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev, workspace)
         internals = {"lstm_input": x, "controls": controls, "lr_mult": lr_mult,
                      "loss_features": loss_features, "next_lstm_hidden": h,
                      "next_lstm_cell": c}
@@ -632,15 +591,15 @@ class VeLO(LearnedOptimizer):
             h, c = h_prev, c_prev
         if self.rnn_state_decay > 0.0:
             h, c = h * (1.0 - self.rnn_state_decay), c * (1.0 - self.rnn_state_decay)
-        mixed = self._mixed_flat(controls)
+        mixed = self._mixed_flat(controls, workspace)
         mlps = self._mixed_mlps(controls, mixed) if len(kernel) < len(keys) else None
         scales = self._update_scales(state, keys)
         if kernel:
             # the kernel's MLP arguments of every tensor in one gather, and the step
             # coefficients as Python floats in one conversion
-            first, second, *slots = _kernel_mlp_gather(
-                _N_FF_IN, self.ff_hidden_size, self.ff_weights[-1].shape[-1],
-                len(self.initial_momentum_decays))
+            first, second, *slots = velo_kernels.kernel_mlp_gather(
+                _N_FF_IN, self.ff_hidden_size, self.ff_weights[-1].shape[-1], k_dec,
+                tuple(_FULL_CHANNELS), tuple(_ROW_CHANNELS), tuple(_COL_CHANNELS))
             ext = torch.cat([mixed, mixed.new_zeros(mixed.shape[0], 1)], dim=1)
             packed = torch.index_select(ext, 1, first) + torch.index_select(ext, 1, second)
             coefs = lr_mult * self.step_mult
@@ -660,32 +619,20 @@ class VeLO(LearnedOptimizer):
                           if inplace is not None else (1.0, 0.0))
                 plan = kernel[key].get("plan")
                 if plan is not None:
-                    plan.pass2(kernel[key]["g_ptr"], packed.data_ptr() + 4 * j * packed.shape[1],
-                               slots[p.dim() == 1], coef_floats[j] * lr, 1.0 - lr * wd,
-                               self.exp_mult)
+                    plan.pass2(g, packed[j], slots[p.dim() == 1], coef_floats[j] * lr,
+                               1.0 - lr * wd, self.exp_mult)
                     new_params[key] = p
                     for group, out in (("mom", mom), ("rms", rms), ("v_row", v_row),
                                        ("v_col", v_col), ("v_diag", v_diag)):
                         out[key] = state[group][key]
                     continue
                 new_params[key], mom[key], rms[key], v_row[key], v_col[key], vd = \
-                    self._kernel_pass2(kern, kernel[key], p, packed[j], slots[p.dim() == 1],
-                                       coef_floats[j] * lr, 1.0 - lr * wd, inplace is not None)
+                    velo_kernels.pass2(self, kern, kernel[key], p, packed[j],
+                                       slots[p.dim() == 1], coef_floats[j] * lr,
+                                       1.0 - lr * wd, inplace is not None)
                 v_diag[key] = state["v_diag"][key] if vd is None else vd
                 continue
             info = self._info(p.shape)
-            coef = lr_mult[j] * self.step_mult
-            if self.param_scale_mult:
-                coef = coef * torch.sqrt(p_mean_sq[key] + 1e-9)
-            if not (isinstance(scales[j], float) and scales[j] == 1.0):
-                coef = coef * scales[j]
-            if fast and info.factored is not None and p.dtype == torch.float32:
-                new_params[key], mom[key], rms[key], v_row[key], v_col[key] = \
-                    self._fast_factored_step(
-                        info, p, g, state["mom"][key], state["rms"][key], state["v_row"][key],
-                        state["v_col"][key], mom_d, rms_d, fac_d, mlps[j], coef)
-                v_diag[key] = state["v_diag"][key]
-                continue
             m_new = mom_d * state["mom"][key] + (1.0 - mom_d) * g.unsqueeze(-1)
             r_new = rms_d * state["rms"][key] + (1.0 - rms_d) * (g * g).unsqueeze(-1)
             mom[key], rms[key] = m_new, r_new
@@ -702,12 +649,10 @@ class VeLO(LearnedOptimizer):
             if not (isinstance(scales[j], float) and scales[j] == 1.0):
                 step = step * scales[j]
             new_params[key] = (p - step.reshape(info.shape).to(p.dtype))
-        if inplace is not None:
-            for key, p in params.items():
-                if key not in kernel:
-                    apply_step_(p, new_params[key], inplace[0].get(key, 1.0),
-                                inplace[1].get(key, 0.0))
-                    new_params[key] = p
+            if inplace is not None:
+                apply_step_(p, new_params[key], inplace[0].get(key, 1.0),
+                            inplace[1].get(key, 0.0))
+                new_params[key] = p
         new_state = {
             "mom": mom, "rms": rms, "v_row": v_row, "v_col": v_col, "v_diag": v_diag,
             "lstm_hidden": dict(zip(keys, h.unbind(0))),
@@ -718,135 +663,11 @@ class VeLO(LearnedOptimizer):
             new_state[extra] = state[extra]
         return new_params, new_state, internals
 
-    # ----------------------------------------------------------- fused CPU kernel
+    def _needs_graph(self, *trees: Any) -> bool:
+        """Whether any task tensor, state tensor or meta-parameter requires grad."""
+        return (any(t.requires_grad for tree in trees for t in tree_leaves(tree)[1])
+                or any(t.requires_grad for t in self.parameters()))
 
-    def _kernels(self) -> cpu_kernels.LoptCpuKernels | None:
-        """The fused C kernels when they are available and built for this architecture's
-        shape (3 decays, 2 hidden layers of the released width); else None."""
-        if not (self.ff_hidden_layers == 2 and len(self.initial_rms_decays) == 1
-                and len(self.initial_adafactor_decays) == len(self.initial_momentum_decays)):
-            return None
-        kern = cpu_kernels.kernels()
-        if kern is None or not kern.supports(len(self.initial_momentum_decays),
-                                             self.ff_hidden_size):
-            return None
-        return kern
-
-    def _kernel_plan(self, kern: cpu_kernels.LoptCpuKernels, key: str, p: Tensor,
-                     state: LOptState) -> KernelPlan | None:
-        """The prepared in-place kernel calls of tensor ``key`` (rebuilt when ``p`` or its
-        state are other tensors than last time); None when its state is not laid out
-        for them."""
-        plans = self.__dict__.setdefault("_kernel_plans", {})
-        plan = plans.get(key)
-        if plan is None or not plan.matches(p, state, key):
-            factored = self._info(p.shape).factored
-            plan = KernelPlan(kern, p, state, key, len(self.initial_momentum_decays),
-                              self.ff_hidden_size, factored[1] if factored else None)
-            plans[key] = plan
-        return plan if plan.ok else None
-
-    def _kernel_pass1(self, kern: cpu_kernels.LoptCpuKernels, p: Tensor, g: Tensor,
-                      state: LOptState, key: str, mom_d: Tensor, rms_d: Tensor, fac_d: Tensor,
-                      inplace: bool) -> dict[str, Any]:
-        """Kernel passes 0 and 1 for one vector or matrix: Adafactor statistics, new
-        accumulators (into the old buffers when ``inplace`` and they are channel-first),
-        the channels' sums of squares and the old state's moments for the LSTM input."""
-        n, k = p.numel(), len(self.initial_momentum_decays)
-        g_c, p_c = g.contiguous(), p.contiguous()
-
-        def channel_first(t: Tensor, rows: int) -> tuple[Tensor, bool]:
-            view = t.movedim(-1, 0).reshape(rows, n)  # a view when stored channel-first
-            return view.contiguous(), view.is_contiguous() and view.data_ptr() == t.data_ptr()
-
-        m_old, own_m = channel_first(state["mom"][key], k)
-        r_old, own_r = channel_first(state["rms"][key], 1)
-        pre: dict[str, Any] = {"g": g_c, "p": p_c}
-        if p.dim() == 1:
-            v_old, own_v = channel_first(state["v_diag"][key], k)
-            m_new, r_new, v_new, sumsq, stats = kern.pass1(
-                "velo_diag", g_c, p_c, m_old, r_old, mom_d, float(rms_d), v_old=v_old,
-                fac_decay=fac_d.contiguous(), with_stats=True,
-                inplace=inplace and own_m and own_r and own_v)
-            pre.update(v=v_new, v_row=state["v_row"][key], v_col=state["v_col"][key])
-        else:
-            d1, d0 = self._info(p.shape).factored
-            # the row/column statistics are small: updated in place (copies when pure)
-            v_row = state["v_row"][key].contiguous() if inplace else state["v_row"][key].clone()
-            v_col = state["v_col"][key].contiguous() if inplace else state["v_col"][key].clone()
-            zeros = _constant((0.0,) * (4 * k * self.ff_hidden_size), p.device)
-            fac_a, fac_b, _, _ = kern.factored_prepare(  # hidden biases come after the LSTM
-                g_c, d0, v_row, v_col, fac_d, zeros.view(4 * k, self.ff_hidden_size),
-                zeros[:self.ff_hidden_size], channel_last=True, clip=1000.0)
-            m_new, r_new, _, sumsq, stats = kern.pass1(
-                "velo", g_c, p_c, m_old, r_old, mom_d, float(rms_d), fac_a, fac_b,
-                with_stats=True, inplace=inplace and own_m and own_r)
-            pre.update(v_row=v_row, v_col=v_col, fac_a=fac_a, fac_b=fac_b, dims=(d1, d0))
-        pre.update(m=m_new, rms=r_new, sumsq=sumsq, stats=stats, n=n)
-        return pre
-
-    def _kernel_moments(self, pres: Sequence[Mapping[str, Any]]
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``mean(p²)`` (n,), variance and mean of the old momenta (n, 3) and of the old
-        second moment (n, 1) of the tensors whose first kernel pass returned ``pres``."""
-        k = len(self.initial_momentum_decays)
-        counts = torch.tensor([pre["n"] for pre in pres], dtype=torch.float64)
-        sums = (torch.stack([pre["stats"] for pre in pres]) / counts.unsqueeze(1)).float()
-        mean_m, mean_r = sums[:, 0:2 * k:2], sums[:, 2 * k:2 * k + 1]
-        var_m = torch.clamp(sums[:, 1:2 * k:2] - mean_m * mean_m, min=0.0)
-        var_r = torch.clamp(sums[:, 2 * k + 1:2 * k + 2] - mean_r * mean_r, min=0.0)
-        return sums[:, 2 * k + 2], var_m, mean_m, var_r, mean_r
-
-    def _kernel_pass2(self, kern: cpu_kernels.LoptCpuKernels, pre: Mapping[str, Any],
-                      p: Tensor, packed: Tensor, slots: MLPSlots, coef: float, p_decay: float,
-                      inplace: bool
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Kernel pass 2 for one tensor: ``(p_new, mom, rms, v_row, v_col, v_diag)``,
-        accumulators as channel-last views of channel-first storage. ``packed`` is the
-        tensor's row of MLP arguments at ``slots`` (:func:`_kernel_mlp_gather`).
-        ``inplace`` writes into ``p``."""
-        hidden, k = self.ff_hidden_size, len(self.initial_momentum_decays)
-        diag = p.dim() == 1
-
-        def block(start: int, rows: int) -> Tensor:
-            return packed[start:start + rows * hidden].view(rows, hidden)
-
-        w_x = block(slots.w_x, slots.n_x)
-        b0 = packed[slots.b0:slots.b0 + hidden]
-        if diag:
-            u_a, u_b = b0.view(hidden, 1), None
-        else:
-            _, _, u_a, u_b = kern.factored_prepare(
-                pre["g"], pre["dims"][1], pre["v_row"], pre["v_col"],
-                _constant((0.0,) * k, p.device), block(slots.w_stat, 4 * k), b0,
-                channel_last=True, update_v=False)
-        w1, b1 = block(slots.w1, hidden), packed[slots.b1:slots.b1 + hidden]
-        w2, b2 = packed[slots.w2:slots.b2].view(hidden, 2), packed[slots.b2:slots.end]
-        out = p if inplace and p.is_contiguous() else None
-        p_new = kern.pass2(
-            "velo_diag" if diag else "velo", pre["g"], pre["p"], pre["m"], pre["rms"],
-            pre.get("fac_a"), pre.get("fac_b"), pre.get("v"), w_x, pre["sumsq"],
-            u_a, u_b, w1, b1, w2, b2, self.exp_mult, coef, p_decay, out=out)
-        if inplace and out is None:
-            p.copy_(p_new)
-            p_new = p
-        shape = tuple(p.shape)
-        mom = pre["m"].view(-1, *shape).movedim(0, -1)
-        rms = pre["rms"].view(1, *shape).movedim(0, -1)
-        v_diag = pre["v"].view(-1, *shape).movedim(0, -1) if diag else None
-        return p_new, mom, rms, pre["v_row"], pre["v_col"], v_diag
-
-    @staticmethod
-    def _any_requires_grad(*trees: Any) -> bool:
-        def visit(t: Any) -> bool:
-            if isinstance(t, Tensor):
-                return t.requires_grad
-            if isinstance(t, Mapping):
-                return any(visit(v) for v in t.values())
-            if isinstance(t, list | tuple):
-                return any(visit(v) for v in t)
-            return False
-        return any(visit(t) for t in trees)
 
     def _tensor_step(self, info: _TensorInfo, p: Tensor, g: Tensor, m: Tensor, rms: Tensor,
                      v_row: Tensor, v_col: Tensor, v_diag: Tensor, fac_d: Tensor,
@@ -910,108 +731,6 @@ class VeLO(LearnedOptimizer):
             step = step * torch.sqrt(torch.mean(p * p) + 1e-9)
         step = step * self.step_mult
         return step, *v_out
-
-    # ----------------------------------------------------------- fast (no-grad) path
-
-    #: Fast path: elements whose 18 input channels are materialised at once (larger
-    #: tensors take two passes, the first for the channels' mean squares) ...
-    fast_block = 1 << 21
-    #: ... and elements per block of the per-parameter MLP (its rows stay in cache).
-    fast_mlp_block = 32768
-
-    def _fast_factored_step(self, info: _TensorInfo, p: Tensor, g: Tensor, m_old: Tensor,
-                            r_old: Tensor, v_row: Tensor, v_col: Tensor, mom_d: Tensor,
-                            rms_d: Tensor, fac_d: Tensor, mlp: list[Tensor], coef: Tensor
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`_tensor_step` for a factored tensor without autograd, channel-first.
-
-        Accumulators live as ``(channels, n)`` rows; the 18 per-element input channels
-        are written block by block into one reused buffer (two passes when the tensor
-        is larger than a block: the first only gathers each channel's mean square),
-        and the MLP runs on each block while it is in cache. ``coef`` is the tensor's
-        whole scalar step multiplier. Returns ``(p_new, mom, rms, v_row, v_col)`` with
-        the accumulators as channel-last views of channel-first storage.
-        """
-        shape, n = info.shape1d, p.numel()
-        d1, d0 = info.factored
-        pf = p.reshape(n).to(torch.float32)
-        gf = g.reshape(n)
-        mom = torch.empty(3, n, dtype=torch.float32, device=p.device)
-        torch.mul(m_old.movedim(-1, 0).reshape(3, n), mom_d.view(3, 1), out=mom)
-        mom.addcmul_((1.0 - mom_d).view(3, 1), gf.view(1, n))
-        g2 = gf * gf
-        rms = torch.mul(r_old.reshape(1, n), rms_d.view(1, 1))
-        rms.addcmul_(g2.view(1, n), (1.0 - rms_d).view(1, 1))
-        g2.add_(1e-30)
-        g2s = g2.view(shape).unsqueeze(-1)
-        v_row = fac_d * v_row + (1.0 - fac_d) * g2s.mean(dim=d0)
-        v_col = fac_d * v_col + (1.0 - fac_d) * g2s.mean(dim=d1)
-        del g2, g2s
-        reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_col_mean = v_row.mean(dim=reduced_d1, keepdim=True)
-        row_factor = _safe_rsqrt(v_row / (row_col_mean + 1e-9)).unsqueeze(d0).movedim(-1, 0)
-        col_factor = _safe_rsqrt(v_col).unsqueeze(d1).movedim(-1, 0)
-        fac = torch.mul(row_factor, col_factor).reshape(3, n)  # channel-first: fast
-
-        w0, b0 = mlp[0], mlp[1]
-        row_in = torch.cat([v_row, torch.rsqrt(v_row + 1e-8)], dim=-1)
-        col_in = torch.cat([v_col, torch.rsqrt(v_col + 1e-8)], dim=-1)
-        row_h = self._normalised_matmul(row_in, w0[_ROW_CHANNELS]).unsqueeze(d0)
-        col_h = self._normalised_matmul(col_in, w0[_COL_CHANNELS]).unsqueeze(d1) + b0
-        bias = torch.add(row_h.movedim(-1, 0), col_h.movedim(-1, 0)).reshape(-1, n)
-
-        block = max(1, min(n, int(self.fast_block)))
-        x = torch.empty(_N_FULL, block, dtype=torch.float32, device=p.device)
-
-        def fill(lo: int, hi: int) -> Tensor:
-            xb = x[:, :hi - lo]
-            gb, mb, rb = gf[lo:hi], mom[:, lo:hi], rms[:, lo:hi]
-            xb[0].copy_(gb)
-            torch.clamp(gb, -0.1, 0.1, out=xb[1])
-            xb[2].copy_(pf[lo:hi])
-            xb[3:6].copy_(mb)
-            xb[6:7].copy_(rb)
-            torch.add(rb, 1e-6, out=xb[10:11])
-            xb[10:11].rsqrt_()
-            torch.mul(mb, xb[10:11], out=xb[7:10])
-            torch.mul(fac[:, lo:hi], gb, out=xb[11:14])
-            torch.mul(gb, xb[10], out=xb[14])
-            torch.mul(mb, fac[:, lo:hi], out=xb[15:18])
-            return xb
-
-        def sumsq(xb: Tensor) -> Tensor:
-            return torch.square(torch.linalg.vector_norm(xb, dim=1))
-
-        chunks = [(lo, min(n, lo + block)) for lo in range(0, n, block)]
-        if len(chunks) == 1:
-            ss = sumsq(fill(0, n))
-        else:  # first pass only for the channels' mean squares
-            ss = sum(sumsq(fill(lo, hi)) for lo, hi in chunks)
-        scale = torch.rsqrt(1e-5 + ss / n)
-        w_in = (scale.unsqueeze(1) * w0[_FULL_CHANNELS]).t().contiguous()
-        n_layers = len(mlp) // 2
-        layers = [(mlp[2 * li][:, :2] if li == n_layers - 1 else mlp[2 * li],
-                   mlp[2 * li + 1][:2] if li == n_layers - 1 else mlp[2 * li + 1])
-                  for li in range(1, n_layers)]
-        layers = [(w.t().contiguous(), b.unsqueeze(1)) for w, b in layers]
-        p_new = torch.empty_like(pf)
-        mlp_block = max(1, int(self.fast_mlp_block))
-        for lo, hi in chunks:
-            xc = fill(lo, hi) if len(chunks) > 1 else x
-            # The MLP in cache-sized blocks (one big (4, 18) @ (18, n) matmul is slow).
-            for blo in range(lo, hi, mlp_block):
-                bhi = min(hi, blo + mlp_block)
-                h = torch.mm(w_in, xc[:, blo - lo:bhi - lo])
-                h.add_(bias[:, blo:bhi])  # (addmm's copy of a strided input is slow)
-                for w, b in layers:
-                    h.relu_()
-                    h = torch.mm(w, h).add_(b)
-                step = h[1].mul_(self.exp_mult).exp_()
-                step.mul_(h[0]).mul_(coef)
-                torch.sub(pf[blo:bhi], step, out=p_new[blo:bhi])
-        mom_v = mom.view(3, *info.shape).movedim(0, -1)
-        rms_v = rms.view(1, *info.shape).movedim(0, -1)
-        return p_new.view(info.shape), mom_v, rms_v, v_row, v_col
 
     @staticmethod
     def _normalised_matmul(x: Tensor, w: Tensor) -> Tensor:

@@ -95,4 +95,3 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return grads, new_state
 
     return GradientTransformation(init, update)
-

@@ -2,9 +2,10 @@
 
 Every entry point of ``metaopt/lopt/kernels/lopt_cpu.c`` runs here: through
 ``update`` (pure), through ``update_`` (in place, with lr and weight decay), against the
-PyTorch no-grad path (``METAOPT_CPU_KERNELS=0``) on matrices of both orientations and
+PyTorch reference path (``backend="reference"``) on matrices of both orientations and
 with row lengths that are not a multiple of the vector width; plus the fallback when no
-compiler is available and the argument checks of the ctypes wrappers.
+compiler is available, the private, digest-checked kernel cache and the argument checks
+of the ctypes wrappers.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def _grads(params, t: int) -> dict[str, torch.Tensor]:
     return {k: torch.sin(3 * v + t) * (1 + t) for k, v in params.items()}
 
 
-def _run(lopt, steps: int = 4, inplace: bool = False, lr=None, wd=None):
+KERNELS = cpu_kernels.kernels() if cpu_kernels.kernels_available() else None
+
+
+def _run(lopt, steps: int = 4, inplace: bool = False, lr=None, wd=None, backend=KERNELS):
     params = {k: v.clone() for k, v in _params().items()}
     state = lopt.init(params, 20)
     ptrs = {k: v.data_ptr() for k, v in params.items()}
@@ -55,9 +59,10 @@ def _run(lopt, steps: int = 4, inplace: bool = False, lr=None, wd=None):
         for t in range(steps):
             if inplace:
                 state = lopt.update_(_grads(params, t), state, params, loss=float(5 - t),
-                                     lr=lr, weight_decay=wd)
+                                     lr=lr, weight_decay=wd, backend=backend)
             else:
-                params, state = lopt.update(_grads(params, t), state, params, loss=float(5 - t))
+                params, state = lopt.update(_grads(params, t), state, params, loss=float(5 - t),
+                                            backend=backend)
     if inplace:
         assert all(params[k].data_ptr() == ptrs[k] for k in params), "update_ must write in place"
     return params, state
@@ -69,11 +74,10 @@ def _close(a, b, scale_like=None, tol=2e-6):
 
 
 @pytest.mark.parametrize("cls", [SmallFCLOpt, VeLO])
-def test_kernel_path_equals_pytorch_fast_path(cls, monkeypatch):
+def test_kernel_path_equals_pytorch_fast_path(cls):
     lopt = _lopt(cls)
     p_kernel, s_kernel = _run(lopt)
-    monkeypatch.setenv("METAOPT_CPU_KERNELS", "0")
-    p_torch, s_torch = _run(lopt)
+    p_torch, s_torch = _run(lopt, backend="reference")
     start = _params()
     for k in SHAPES:
         step = p_torch[k] - start[k]
@@ -105,52 +109,133 @@ def test_inplace_update_equals_pure_update_with_lr_and_weight_decay(cls):
         _close(p_inplace[k], params[k], params[k] - start[k], tol=1e-4)
 
 
-def test_shell_uses_the_kernels_and_matches_the_pytorch_path(monkeypatch):
+@pytest.mark.parametrize("cls", [SmallFCLOpt, VeLO])
+def test_shell_uses_the_kernels_and_matches_the_pytorch_path(cls):
     """The torch.optim shell (update_ in place) against the same run without kernels."""
     from torch import nn
 
-    def train() -> list[torch.Tensor]:
+    def train(backend) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(10, 37), nn.ReLU(), nn.Linear(37, 3))
-        opt = _lopt(SmallFCLOpt).optimizer(model.parameters(), num_steps=10, lr=0.7)
+        opt = _lopt(cls).optimizer(model.parameters(), num_steps=10, lr=0.7, backend=backend)
+        assert (opt.backend is None) == (backend == "reference")
         x, y = torch.randn(16, 10), torch.randn(16, 3)
         for _ in range(5):
             opt.zero_grad()
             loss = ((model(x) - y) ** 2).mean()
             loss.backward()
-            opt.step()
+            opt.step(loss=loss)
         return [p.detach().clone() for p in model.parameters()]
 
-    with_kernels = train()
-    monkeypatch.setenv("METAOPT_CPU_KERNELS", "0")
-    without = train()
+    with_kernels = train("cpu_kernels")
+    without = train("reference")
     for a, b in zip(with_kernels, without, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_missing_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_tried", False)
-    monkeypatch.setattr(cpu_kernels, "_loaded", None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("METAOPT_CACHE", str(tmp_path / "cache"))
-    with pytest.warns(RuntimeWarning, match="PyTorch path"):
-        assert cpu_kernels.kernels() is None
-    params, _ = _run(_lopt(SmallFCLOpt), steps=2)  # still runs, on the PyTorch path
+    cache = tmp_path / "cache"
+    with pytest.raises(cpu_kernels.KernelBuildError, match="no C compiler"):
+        cpu_kernels.load_kernels(cache)
+    with pytest.warns(RuntimeWarning, match="PyTorch reference path"):
+        assert cpu_kernels.kernels(tmp_path / "cache2") is None
+    assert cpu_kernels.select_backend("auto") is None  # no compiler on PATH: the reference
+    with pytest.raises(cpu_kernels.KernelBuildError):
+        cpu_kernels.select_backend("cpu_kernels", cache_dir=cache)
+    params, _ = _run(_lopt(SmallFCLOpt), steps=2, backend=None)  # the reference still runs
     assert all(torch.isfinite(v).all() for v in params.values())
 
 
-def test_kernels_build_into_the_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_kernels, "_tried", False)
-    monkeypatch.setattr(cpu_kernels, "_loaded", None)
-    monkeypatch.setenv("METAOPT_CACHE", str(tmp_path))
-    assert cpu_kernels.kernels() is not None
-    built = list((tmp_path / "kernels").glob("lopt_cpu_*.so"))
+def _fresh(monkeypatch):
+    """Forget the kernels loaded in this process (so a new cache dir is really used)."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_failed", {})
+
+
+def test_kernels_build_into_a_private_cache_dir_with_a_digest(monkeypatch, tmp_path):
+    _fresh(monkeypatch)
+    cache = tmp_path / "kernels"
+    assert cpu_kernels.load_kernels(cache) is not None
+    built = list(cache.glob("lopt_cpu_*.so"))
     assert len(built) == 1
+    assert (cache.stat().st_mode & 0o777) == 0o700
+    digest = built[0].with_name(built[0].name + ".sha256").read_text().strip()
+    import hashlib
+    assert digest == hashlib.sha256(built[0].read_bytes()).hexdigest()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp")]
 
 
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("METAOPT_CPU_KERNELS", "0")
-    assert cpu_kernels.kernels() is None
+def test_the_cache_location_may_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("METAOPT_CACHE", str(tmp_path))
+    assert cpu_kernels.default_cache_dir() == tmp_path / "kernels"
+
+
+def test_a_group_or_world_writable_cache_is_refused(monkeypatch, tmp_path):
+    _fresh(monkeypatch)
+    cache = tmp_path / "shared"
+    cache.mkdir()
+    cache.chmod(0o777)
+    with pytest.raises(cpu_kernels.KernelCacheError, match="world-writable"):
+        cpu_kernels.load_kernels(cache)
+    cache.chmod(0o720)
+    _fresh(monkeypatch)
+    with pytest.raises(cpu_kernels.KernelCacheError, match="group/world-writable"):
+        cpu_kernels.load_kernels(cache)
+    assert not list(cache.iterdir())  # nothing was built or loaded there
+
+
+def test_a_cache_owned_by_another_user_is_refused(monkeypatch, tmp_path):
+    _fresh(monkeypatch)
+    cache = tmp_path / "theirs"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setattr(cpu_kernels.os, "getuid", lambda: cache.stat().st_uid + 1)
+    with pytest.raises(cpu_kernels.KernelCacheError, match="owned by uid"):
+        cpu_kernels.load_kernels(cache)
+
+
+def _replace(path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", pytest.param("planted", marks=pytest.mark.slow),
+                                    pytest.param("no_digest", marks=pytest.mark.slow)])
+def test_a_cached_library_that_fails_its_digest_is_rebuilt_not_loaded(monkeypatch, tmp_path,
+                                                                      damage):
+    _fresh(monkeypatch)
+    cache = cpu_kernels.private_dir(tmp_path / "kernels")
+    for built in cpu_kernels.default_cache_dir().glob("lopt_cpu_*"):  # the session's build
+        (cache / built.name).write_bytes(built.read_bytes())
+    if not list(cache.glob("lopt_cpu_*.so")):
+        cpu_kernels.load_kernels(cache)
+    (lib,) = [p for p in cache.glob("lopt_cpu_*.so") if cpu_kernels._verified(p)]
+    good = lib.read_bytes()
+    digest = lib.with_name(lib.name + ".sha256")
+    # (replaced, not rewritten: this process has the library mapped)
+    if damage == "garbage":
+        _replace(lib, b"not a shared library")
+    elif damage == "planted":  # a different library at the computable path: never loaded
+        _replace(lib, good[:-1] + bytes([good[-1] ^ 1]))
+    else:
+        digest.unlink()
+    _fresh(monkeypatch)
+    opened = []
+    real_open = cpu_kernels._open
+    monkeypatch.setattr(cpu_kernels, "_open", lambda path: opened.append(
+        path.read_bytes()) or real_open(path))
+    kern = cpu_kernels.load_kernels(cache)
+    assert kern.decays == 3
+    assert opened and all(data == good for data in opened)  # only the rebuilt library
+    assert lib.read_bytes() == good and digest.read_text().strip()
+
+
+def test_backend_names_are_checked():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        cpu_kernels.select_backend("fast")
+    assert cpu_kernels.select_backend("reference") is None
+    assert isinstance(cpu_kernels.select_backend("cpu_kernels"), cpu_kernels.LoptCpuKernels)
 
 
 def test_wrappers_reject_bad_tensors():
@@ -174,10 +259,3 @@ def test_sq_rowcol_matches_torch():
     g2 = g.double() ** 2
     torch.testing.assert_close(row, g2.sum(1), rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(col, g2.sum(0), rtol=1e-6, atol=1e-12)
-
-
-def test_use_cpu_kernels_context_switches_them_off_and_back():
-    assert cpu_kernels.kernels() is not None
-    with cpu_kernels.use_cpu_kernels(False):
-        assert cpu_kernels.kernels() is None
-    assert cpu_kernels.kernels() is not None

@@ -74,12 +74,11 @@ def test_per_coordinate_hidden_update_shrinks_with_width():
     ratios = {}
     for width in (64, 128, 512):
         model = MuMLP(8, width, 3, depth=2, base_width=64, zero_readout=False)
-        # detached aliases (not clones): μLO finds the attached μP info through them
         params = {k: v.detach() for k, v in parameters_of(model).items()}
         base, mu = _pair("velo")
         with torch.no_grad():
             ref, _ = _steps(base, params, n=1)
-            got, _ = _steps(mu, params, n=1)  # scales read from the attached μP info
+            got, _ = _steps(mu, params, n=1, mup_scales=model.mup_scales())  # through init
         k = "body.2.weight"
         ratios[width] = float(got[0][k].abs().mean() / ref[0][k].abs().mean())
     assert ratios[64] == pytest.approx(1.0, rel=1e-4)
@@ -87,7 +86,7 @@ def test_per_coordinate_hidden_update_shrinks_with_width():
     assert ratios[512] == pytest.approx(0.125, rel=1e-4)
 
 
-def test_scale_resolution_order():
+def test_scales_come_only_through_init():
     model = MuMLP(4, 128, 2, depth=1, base_width=32)
     params = dict(model.named_parameters())
     scales = resolve_mup_scales(params)
@@ -98,11 +97,13 @@ def test_scale_resolution_order():
         resolve_mup_scales({"x": torch.zeros(3)}, {"x": 0.0})
 
 
-def test_through_torch_optimizer_shell_uses_attached_info():
+def test_through_torch_optimizer_shell_takes_scales_through_init():
     torch.manual_seed(0)
     model = MuMLP(6, 128, 2, depth=2, base_width=32)
     mu = MuSmallFC()
-    opt = mu.optimizer(model.parameters(), num_steps=10)
+    assert not [k for p in model.parameters() for k in vars(p) if "mup" in k]
+    opt = mu.optimizer(model.parameters(), num_steps=10,
+                       mup_scales=list(model.mup_scales().values()))
     x, y = torch.randn(16, 6), torch.randn(16, 2)
     for _ in range(2):
         opt.zero_grad()

@@ -72,7 +72,7 @@ def test_shell_equals_functional_update():
     grads = {str(i): p.grad.clone() for i, p in enumerate(model.parameters())}
     opt.step(loss=loss)
     with torch.no_grad():
-        expected, _ = lopt.update(grads, lopt.init(params, 50), params)
+        expected, _ = lopt.update(grads, lopt.init(params, 50), params, backend=opt.backend)
     for i, p in enumerate(model.parameters()):
         assert torch.equal(p.detach(), expected[str(i)])
 
