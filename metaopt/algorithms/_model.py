@@ -74,11 +74,11 @@ class FunctionalModel:
             owner, _, attr = name.rpartition(".")
             self._buffer_slots.append((name, model.get_submodule(owner), attr))
         # Per configuration (see _trace.Configuration): the trace, or None where tracing
-        # raised Untraceable/TraceError; ``_verified``: the trace's function for the
-        # configurations where it passed verification; ``_untraced``: the configurations
+        # raised Untraceable/TraceError; ``_verified``: the trace's tensor names and function
+        # for the configurations where it passed verification; ``_untraced``: those
         # decided for functional_call (tracing raised, or verification failed).
         self._traces: dict[tuple, _trace.TracedForward | None] = {}
-        self._verified: dict[tuple, Callable[..., object]] = {}
+        self._verified: dict[tuple, tuple[list[str], Callable[..., object]]] = {}
         self._untraced: set[tuple] = set()
 
     def buffers(self) -> dict[str, Tensor | None]:
@@ -114,12 +114,12 @@ class FunctionalModel:
         mode = self._configuration() if self.trace else None
         if mode is None:
             return self._functional_call(params, x, buffers)
-        run = self._verified.get(mode)
-        if run is None and mode not in self._untraced:
-            run = self._decide(mode, x)
-        if run is None:
+        verified = self._verified.get(mode)
+        if verified is None and mode not in self._untraced:
+            verified = self._decide(mode, x)
+        if verified is None:
             return self._functional_call(params, x, buffers)
-        names = self._traces[mode].names
+        names, run = verified
         if buffers is None and any(n not in params for n in names):
             buffers = self.buffers()
         args = [params[n] if n in params else buffers.get(n) for n in names]
@@ -133,7 +133,7 @@ class FunctionalModel:
                                buffers=self.buffers() if buffers is None else buffers,
                                strict=False)
 
-    def _decide(self, mode: tuple, x: Tensor) -> Callable[..., object] | None:
+    def _decide(self, mode: tuple, x: Tensor) -> tuple[list[str], Callable[..., object]] | None:
         """First call in ``mode``: trace the model (once), keep the trace only if it is
         bit-identical to ``functional_call`` on the probe input (``_trace.verify``)."""
         if mode not in self._traces:
@@ -141,14 +141,14 @@ class FunctionalModel:
                 self._traces[mode] = _trace.TracedForward(self.model, self.rewrites)
             except (_trace.Untraceable, _trace.TraceError):
                 self._traces[mode] = None
-        trace, run = self._traces[mode], None
+        trace, verified = self._traces[mode], None
         if trace is not None:
             own = {**self.buffers(), **self.parameters()}
             tensors = [own.get(n) for n in trace.names]
             if all(t is not None for t in tensors) and _trace.verify(
                     trace.fn, lambda probe: self._functional_call({}, probe, None),
                     tensors, x):
-                run = self._verified[mode] = trace.fn
-        if run is None:
+                verified = self._verified[mode] = (trace.names, trace.fn)
+        if verified is None:
             self._untraced.add(mode)
-        return run
+        return verified

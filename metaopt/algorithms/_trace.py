@@ -16,7 +16,8 @@ only where it computes exactly what ``functional_call`` computes:
 * **Which configurations** (read on every call, :class:`Configuration`): a trace freezes
   the Python values the forward read (``training`` flags, a stride, a slope), so it is
   kept per configuration — the modules' plain attributes. Hooks or parametrizations on
-  any module, or an active dropout (``training`` and ``p > 0``: random numbers), make a
+  any module (a parametrized module's class is no longer a ``TRACEABLE`` type), or an
+  active dropout (``training`` and ``p > 0``: random numbers), make a
   configuration untraced: ``functional_call`` runs it.
 * **Tracing** (once per configuration): :class:`TracedForward` raises
   :class:`Untraceable` where the graph would not be a pure function of the tensors it is
@@ -57,7 +58,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.proxy import TraceError
-from torch.nn.utils import parametrize
 
 from metaopt.errors import ConfigError
 
@@ -99,9 +99,12 @@ def rewrite_level(rewrites: str | None) -> str:
     return rewrites
 
 
+_TRACEABLE_TYPES = frozenset(TRACEABLE)
+
+
 def traceable(model: nn.Module) -> bool:
     """Whether ``model`` is built only from the module types of :data:`TRACEABLE`."""
-    return all(type(m) in TRACEABLE for m in model.modules())
+    return all(type(m) in _TRACEABLE_TYPES for m in model.modules())
 
 
 # --------------------------------------------------------------------------- tracing
@@ -282,9 +285,11 @@ class Configuration:
     For a model of :data:`TRACEABLE` modules the Python values a forward reads are the
     modules' plain public attributes (``training``, ``p``, ``stride``, …); their names are
     found once, their values read per call (a few µs). Calling returns the key of the
-    current configuration, or None where it must not be traced: a hook (per module or
-    global) or a parametrization (``__call__`` would do more than ``forward``), an
-    active dropout (random numbers), or an attribute value that is not hashable.
+    current configuration, or None where it must not be traced: a module no longer of a
+    :data:`TRACEABLE` type (``torch.nn.utils.parametrize`` swaps a parametrized module's
+    class for a generated subclass), a hook (per module or global; ``__call__`` would do
+    more than ``forward``), an active dropout (random numbers), or an attribute value that
+    is not hashable.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -298,25 +303,28 @@ class Configuration:
     def __call__(self) -> tuple | None:
         if not self.traceable or _global_hooks():
             return None
-        if any(m.training and m.p > 0 for m in self.dropouts):
-            return None
+        for m in self.dropouts:
+            if m.training and m.p > 0:
+                return None
         key = []
         for m, get in zip(self.modules, self.getters):
-            if _has_hooks(m) or parametrize.is_parametrized(m):
+            if type(m) not in _TRACEABLE_TYPES or _has_hooks(m):
                 return None
             try:
                 key.append(get(m))
             except AttributeError:  # an attribute was deleted since: do not trace
                 return None
+        key = tuple(key)
         try:
-            hash(key := tuple(key))
-        except TypeError:  # e.g. a list-valued tuple entry: cannot key a cache
+            hash(key)
+        except TypeError:  # e.g. a list inside a tuple-valued attribute: cannot key a cache
             return None
         return key
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    return any(getattr(m, registry) for registry in _HOOK_REGISTRIES)
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)  # the registries of _HOOK_REGISTRIES
 
 
 def _global_hooks() -> bool:
