@@ -37,9 +37,10 @@ only where it computes exactly what ``functional_call`` computes:
 3-d max pooling without indices). ReLU is monotone, so it commutes with a maximum:
 values, first- and second-order gradients are bit-identical, and the ReLU touches a
 quarter of the elements after 2×2 pooling (second-order MAML on the 4-block conv net,
-one thread: about 25 % less time at 1 inner step, 11 % at 5). ``rewrites="none"`` keeps
-the plain trace. (An earlier inexact im2col-GEMM level, ``"all"``, was removed: its gain
-at 5 inner steps was below 15 % and it broke bit-identity with the peers.)
+B=8, one thread, loaded machine: 19–25 % less time at 1 inner step, 1–11 % at 5).
+``rewrites="none"`` keeps the plain trace. (An earlier inexact im2col-GEMM level,
+``"all"``, was removed: its gain at 5 inner steps was below 15 % and it broke
+bit-identity with the peers.)
 
 Private torch state read here: the hook registries of ``nn.Module`` (``_forward_hooks``
 and friends, and the global ones in ``torch.nn.modules.module``) — torch has no public
