@@ -80,13 +80,17 @@ def functional_call(
     args: tuple | Tensor,
     kwargs: dict | None = None,
     *,
-    buffers: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor | None] | None = None,
     strict: bool = True,
 ):
     """Call ``module`` with ``params`` (and ``buffers``) in place of its own tensors.
 
-    With ``strict`` every parameter of the module must be supplied, so a typo in a
-    key fails loudly instead of silently using the module's own weights.
+    The one wrapper of ``torch.func.functional_call`` in metaopt (the algorithms'
+    ``FunctionalModel`` calls it too). ``buffers`` may map a buffer to None: the module
+    then runs without it (how training-mode BatchNorm is kept from updating running
+    statistics). Where a name is in both, ``params`` wins. Tensors not given are the
+    module's own. With ``strict`` every parameter of the module must be supplied, so a
+    typo in a key fails loudly instead of silently using the module's own weights.
     """
     if strict:
         expected = {name for name, _ in module.named_parameters()}
@@ -97,9 +101,8 @@ def functional_call(
                 f"functional_call on {type(module).__name__}: "
                 f"missing parameters {missing}, unexpected {unexpected}"
             )
-    tensors = dict(params)
-    if buffers is not None:
-        tensors.update(buffers)
+    tensors = {} if buffers is None else dict(buffers)
+    tensors.update(params)
     if isinstance(args, Tensor):
         args = (args,)
     return torch.func.functional_call(module, tensors, args, kwargs or {}, strict=False)

@@ -36,9 +36,24 @@ metaopt runs ``MAML(model, ...)`` with its defaults (``strategy="auto"`` within 
 budget of one task: the per-task loop). ``--metaopt-chunk-size N`` gives it a budget of
 ``N`` tasks instead (``0``: the whole meta-batch), so ``auto`` may ``vmap`` over chunks of
 ``N`` tasks: the speed-for-memory trade the library offers; records say which
-(``metaopt_chunk_size``). ``--metaopt-rewrites all`` runs it with the opt-in im2col-GEMM
-convolutions (faster conv rows, meta-gradients equal only up to float32 rounding);
-the default level, ``exact``, keeps them bit-identical (``metaopt_rewrites``).
+(``metaopt_chunk_size``). ``--metaopt-rewrites none`` passes ``rewrites="none"`` (the
+plain trace, without the exact pool-before-ReLU rewrite). Every setting reaches metaopt
+as an argument (no environment variable).
+
+Parity (issue 11 §3), unless ``--no-parity``: per configuration, a float64 reference
+meta-gradient (``peers/reference.py``, plain ``functional_call`` + ``autograd.grad`` on
+the same weights and tasks cast to float64), then
+
+* ``f64_rel_diff``: metaopt's float64 meta-gradient vs the peer's float64 one (the rule
+  asks ≤ 1e-10 relative, ``parity_f64_ok``);
+* ``metaopt_f32_err`` / ``peer_f32_err``: each float32 meta-gradient (the warm-up step
+  above) against the float64 reference; ``worst_peer_f32_err`` is the largest over the
+  peer libraries (not ``reference``), and ``parity_f32_ok`` says whether
+  ``metaopt_f32_err ≤ 1.5 × worst_peer_f32_err``.
+
+All three are ``max_rel_diff_signal``-style figures (parameters at noise level in the
+reference are left out and listed with their absolute difference in
+``*_noise_abs``); ``f64_rel_diff_all`` is the figure over every parameter.
 
 Ratios are metaopt/peer, so < 1 means metaopt is faster / leaner. While
 ``metaopt.algorithms.MAML`` is not importable the plain reference implementation stands in
@@ -69,7 +84,8 @@ for _path in (ROOT, ROOT / "scripts"):
         sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
-from peers import common  # noqa: E402
+from peers import common, reference  # noqa: E402
+from peers.metaopt_peer import configured as metaopt_configured  # noqa: E402
 from peers.metaopt_peer import resolve as resolve_metaopt  # noqa: E402
 
 PEERS: dict[str, tuple[str, str]] = {
@@ -85,6 +101,10 @@ FULL_CONFIGS = [
     (model, batch, steps) for model in ("mlp", "conv") for batch in (8, 32) for steps in (1, 5)
 ]
 QUICK_CONFIGS = [("mlp", 8, 5), ("conv", 8, 1)]
+F64_TOL = 1e-10
+"""Float64 parity: metaopt vs each peer, relative (issue 11 §3)."""
+F32_FACTOR = 1.5
+"""Float32 parity: metaopt's error vs the float64 reference ≤ this × the worst peer's."""
 
 
 def load_make_step(name: str) -> common.MakeStep:
@@ -95,28 +115,6 @@ def load_make_step(name: str) -> common.MakeStep:
     if name == "learn2learn":
         importlib.import_module("learn2learn")  # fail here, with the import error, if missing
     return getattr(importlib.import_module(module), attr)
-
-
-def metaopt_chunked(chunk_size: int) -> common.MakeStep:
-    """metaopt's contender with ``MAML(..., chunk_size=chunk_size)`` (a memory budget of
-    ``chunk_size`` tasks for ``strategy="auto"``)."""
-
-    def make_step(model: torch.nn.Module, inner_steps: int, inner_lr: float,
-                  loss_fn: common.LossFn) -> common.StepFn:
-        from metaopt.algorithms import MAML
-
-        maml = MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=False,
-                    chunk_size=chunk_size)
-
-        def step(tasks: common.Tasks) -> torch.Tensor:
-            model.zero_grad(set_to_none=True)
-            loss = maml.meta_loss(*tasks, loss_fn)
-            loss.backward()
-            return loss.detach()
-
-        return step
-
-    return make_step
 
 
 def metaopt_chunk_for(meta_batch: int, args: argparse.Namespace) -> int | None:
@@ -183,9 +181,9 @@ def memory_child(spec: dict) -> dict:
     problem = common.make_problem(
         spec["model"], spec["meta_batch"], spec["inner_steps"], seed=spec["seed"], device=device
     )
-    chunk = spec.get("metaopt_chunk_size")
-    if spec["contender"] == "metaopt" and chunk is not None:
-        make_step = metaopt_chunked(chunk)
+    if spec["contender"] == "metaopt" and spec.get("metaopt_impl_is_metaopt", True):
+        make_step = metaopt_configured(spec.get("metaopt_chunk_size"),
+                                       spec.get("metaopt_rewrites"))
     else:
         make_step = load_make_step(spec["contender"])
     model = common.instantiate(problem.model_factory_state)
@@ -210,6 +208,8 @@ def measure_memory(
         "threads": args.threads,
         "device": args.device,
         "metaopt_chunk_size": metaopt_chunk_for(meta_batch, args),
+        "metaopt_rewrites": args.metaopt_rewrites,
+        "metaopt_impl_is_metaopt": args.metaopt_is_metaopt,
         "memory_steps": args.memory_steps,
     }
     if torch.device(args.device).type == "cuda":  # in-process is exact on CUDA
@@ -261,6 +261,8 @@ def bench_config(
             results[name]["cpu_ms"].append(1e3 * (time.process_time() - cpu_start))
     del steps
     gc.collect()
+    if not args.no_parity:
+        parity(problem, contenders, results)
     for name in names:
         res = results[name]
         res["median_ms"] = statistics.median(res["ms"])
@@ -270,6 +272,30 @@ def bench_config(
             else measure_memory(name, model_name, meta_batch, inner_steps, args)
         )
     return results
+
+
+def parity(problem: common.Problem, contenders: dict[str, common.MakeStep],
+           results: dict[str, dict]) -> None:
+    """Add the float64/float32 parity figures (module docstring) to ``results``."""
+    p64 = common.to_float64(problem)
+
+    def grads64(make_step: common.MakeStep) -> dict[str, torch.Tensor]:
+        return common.run_meta_gradient(make_step, p64.model_factory_state, p64.tasks,
+                                        p64.inner_steps, p64.inner_lr, p64.loss_fn)[1]
+
+    ref64 = grads64(reference.make_step)
+    for name, make_step in contenders.items():
+        res = results[name]
+        res["f32_err"], res["f32_noise_abs"] = common.signal_rel_diff(res["grads"], ref64)
+        res["grads64"] = ref64 if name == "reference" else grads64(make_step)
+    ours = results["metaopt"]["grads64"]
+    for res in results.values():
+        res["f64_rel_diff"], res["f64_noise_abs"] = common.signal_rel_diff(ours, res["grads64"])
+        res["f64_rel_diff_all"] = common.max_rel_diff(ours, res["grads64"])
+    peers = [results[n]["f32_err"] for n in results if n not in ("metaopt", "reference")]
+    worst = max(peers) if peers else None
+    for res in results.values():
+        res["worst_peer_f32_err"] = worst
 
 
 def records_for(model: str, meta_batch: int, inner_steps: int, results: dict[str, dict],
@@ -308,8 +334,29 @@ def records_for(model: str, meta_batch: int, inner_steps: int, results: dict[str
             "peer_runs_ms": res["ms"],
             "metaopt_impl": metaopt_impl,
             "metaopt_chunk_size": ours.get("chunk_size"),
+            "metaopt_rewrites": ours.get("rewrites"),
+            **parity_fields(ours, res),
         })
     return records
+
+
+def parity_fields(ours: dict, res: dict) -> dict:
+    """The parity figures of one metaopt/peer record (empty when not computed)."""
+    if "f32_err" not in ours:
+        return {}
+    worst = ours["worst_peer_f32_err"]
+    return {
+        "f64_rel_diff": res["f64_rel_diff"],
+        "f64_rel_diff_all": res["f64_rel_diff_all"],
+        "f64_noise_abs": res["f64_noise_abs"],
+        "parity_f64_ok": res["f64_rel_diff"] <= F64_TOL,
+        "metaopt_f32_err": ours["f32_err"],
+        "peer_f32_err": res["f32_err"],
+        "metaopt_f32_noise_abs": ours["f32_noise_abs"],
+        "peer_f32_noise_abs": res["f32_noise_abs"],
+        "worst_peer_f32_err": worst,
+        "parity_f32_ok": None if worst is None else ours["f32_err"] <= F32_FACTOR * worst,
+    }
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -320,7 +367,8 @@ def print_table(records: list[dict]) -> None:
     header = (f"{'model':5} {'B':>3} {'steps':>5} {'peer':13} {'max_rel_diff':>12} "
               f"{'signal_rel':>10} "
               f"{'metaopt ms':>10} {'peer ms':>9} {'time_ratio':>10} {'cpu_ratio':>9} "
-              f"{'metaopt MiB':>11} {'peer MiB':>8} {'mem_ratio':>9}")
+              f"{'metaopt MiB':>11} {'peer MiB':>8} {'mem_ratio':>9} "
+              f"{'f64_rel':>8} {'f32 ours':>8} {'f32 peer':>8}")
     print(header)
     print("-" * len(header))
     for r in records:
@@ -329,7 +377,10 @@ def print_table(records: list[dict]) -> None:
               f"{r['metaopt_ms']:>10.1f} {r['peer_ms']:>9.1f} "
               f"{r['time_ratio']:>10.2f} {r['cpu_time_ratio']:>9.2f} "
               f"{_fmt(r['metaopt_mem_mb'], '11.3f'):>11} "
-              f"{_fmt(r['peer_mem_mb'], '8.3f'):>8} {_fmt(r['mem_ratio'], '9.2f'):>9}")
+              f"{_fmt(r['peer_mem_mb'], '8.3f'):>8} {_fmt(r['mem_ratio'], '9.2f'):>9} "
+              f"{_fmt(r.get('f64_rel_diff'), '8.1e'):>8} "
+              f"{_fmt(r.get('metaopt_f32_err'), '8.1e'):>8} "
+              f"{_fmt(r.get('peer_f32_err'), '8.1e'):>8}")
     noisy = {(r["model"], r["meta_batch"], r["inner_steps"], r["peer"]): r["noise_params_abs_diff"]
              for r in records if r["noise_params_abs_diff"]}
     if noisy:
@@ -338,6 +389,23 @@ def print_table(records: list[dict]) -> None:
         for (model, batch, steps, peer), diffs in noisy.items():
             listed = ", ".join(f"{name} {diff:.1e}" for name, diff in diffs.items())
             print(f"  {model} B={batch} steps={steps} {peer}: {listed}")
+    parity_rows = [r for r in records if "parity_f64_ok" in r]
+    if parity_rows:
+        print(f"\nparity: f64_rel = metaopt vs peer in float64 (<= {F64_TOL:g}); f32 = error vs "
+              f"the float64 reference (metaopt <= {F32_FACTOR} x worst peer library):")
+        seen = set()
+        for r in parity_rows:
+            key = (r["model"], r["meta_batch"], r["inner_steps"])
+            f64_ok = all(q["parity_f64_ok"] for q in parity_rows
+                         if (q["model"], q["meta_batch"], q["inner_steps"]) == key
+                         and q["peer"] != "reference")
+            if key not in seen:
+                seen.add(key)
+                print(f"  {key[0]} B={key[1]} steps={key[2]}: float64 "
+                      f"{'ok' if f64_ok else 'FAIL'}; float32 metaopt "
+                      f"{r['metaopt_f32_err']:.2e} vs worst peer "
+                      f"{_fmt(r['worst_peer_f32_err'], '.2e')}: "
+                      f"{ {True: 'ok', False: 'FAIL', None: '—'}[r['parity_f32_ok']] }")
 
 
 def write_json(path: Path, records: list[dict], metaopt_impl: str, skipped: dict[str, str],
@@ -352,7 +420,8 @@ def write_json(path: Path, records: list[dict], metaopt_impl: str, skipped: dict
         "repeats": args.repeats,
         "memory_steps": args.memory_steps,
         "metaopt_chunk_size_arg": args.metaopt_chunk_size,
-        "metaopt_rewrites": os.environ.get("METAOPT_GRAPH_REWRITES", "exact"),
+        "metaopt_rewrites": args.metaopt_rewrites or "exact (library default)",
+        "parity": not args.no_parity,
         "records": records,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +431,8 @@ def write_json(path: Path, records: list[dict], metaopt_impl: str, skipped: dict
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="small subset (mlp B=8 5 steps, conv B=8 1 step), 3 repeats")
+                        help="small subset (mlp B=8 5 steps, conv B=8 1 step), 3 repeats, "
+                        "3 memory steps")
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed meta-steps per contender (default 5; 3 with --quick)")
@@ -372,37 +442,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--meta-batches", default="8,32", help="comma-separated subset of 8,32")
     parser.add_argument("--inner-steps", default="1,5", help="comma-separated subset of 1,5")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    parser.add_argument("--memory-steps", type=int, default=7,
-                        help="measured meta-steps per memory child; the median is reported")
+    parser.add_argument("--memory-steps", type=int, default=None,
+                        help="measured meta-steps per memory child; the median is reported "
+                        "(default 7; 3 with --quick)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: leave torch's default); on a busy "
                         "shared machine use 1, several threads per process then mostly wait")
     parser.add_argument("--metaopt-chunk-size", type=int, default=None,
                         help="give metaopt's MAML chunk_size=N (a memory budget of N tasks; "
                         "0: the whole meta-batch) instead of its default of one task")
-    parser.add_argument("--metaopt-rewrites", choices=("none", "exact", "all"), default=None,
-                        help="metaopt's graph-rewrite level (METAOPT_GRAPH_REWRITES; default: "
-                        "the library's, 'exact' = bit-identical meta-gradients; 'all' adds "
-                        "im2col-GEMM thin convolutions)")
+    parser.add_argument("--metaopt-rewrites", choices=("none", "exact"), default=None,
+                        help="give metaopt's MAML rewrites=LEVEL (default: the library's, "
+                        "'exact'; both are bit-identical to functional_call)")
+    parser.add_argument("--no-parity", action="store_true",
+                        help="skip the float64 runs of the parity figures")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
+    if args.memory_steps is None:
+        args.memory_steps = 3 if args.quick else 7
     return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    if args.metaopt_rewrites is not None:  # read when metaopt's MAML is built; children inherit
-        os.environ["METAOPT_GRAPH_REWRITES"] = args.metaopt_rewrites
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return []
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     metaopt_step, metaopt_impl = resolve_metaopt()
+    args.metaopt_is_metaopt = metaopt_impl == "metaopt.algorithms.MAML"
     contenders: dict[str, common.MakeStep] = {"metaopt": metaopt_step}
     skipped: dict[str, str] = {}
     for name in filter(None, args.peers.split(",")):
@@ -437,10 +510,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for model, batch, steps in configs:
         t0 = time.perf_counter()
         chunk = metaopt_chunk_for(batch, args)
-        if chunk is not None:
-            contenders["metaopt"] = metaopt_chunked(chunk)
+        if args.metaopt_is_metaopt:
+            contenders["metaopt"] = metaopt_configured(chunk, args.metaopt_rewrites)
         results = bench_config(model, batch, steps, contenders, args)
         results["metaopt"]["chunk_size"] = chunk
+        results["metaopt"]["rewrites"] = args.metaopt_rewrites
         new = records_for(model, batch, steps, results, metaopt_impl)
         records += new
         times = ", ".join(

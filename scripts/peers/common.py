@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -132,11 +132,21 @@ def make_problem(
     return Problem(model, meta_batch, inner_steps, inner_lr, loss_fn, factory, tasks, state)
 
 
+def to_float64(problem: Problem) -> Problem:
+    """The same problem in float64: weights and floating task tensors cast, labels kept."""
+    def cast(t: Tensor) -> Tensor:
+        return t.double() if t.is_floating_point() else t
+
+    return replace(problem, tasks=tuple(cast(t) for t in problem.tasks),
+                   state={k: cast(v) for k, v in problem.state.items()})
+
+
 def instantiate(model_factory_state: ModelFactoryState) -> nn.Module:
-    """A fresh model in training mode holding a copy of the given state."""
+    """A fresh model in training mode holding a copy of the given state (on its device,
+    in the dtype of its floating tensors)."""
     factory, state = model_factory_state
-    device = next(iter(state.values())).device
-    model = factory().to(device)
+    first = next(v for v in state.values() if v.is_floating_point())
+    model = factory().to(device=first.device, dtype=first.dtype)
     model.load_state_dict(state)
     return model.train()
 

@@ -21,19 +21,31 @@ def metaopt_available() -> tuple[bool, str]:
     return True, ""
 
 
+def configured(chunk_size: int | None = None, rewrites: str | None = None) -> MakeStep:
+    """metaopt's ``make_step`` with explicit settings: ``MAML(..., chunk_size=chunk_size,
+    rewrites=rewrites)`` (None: the library's defaults)."""
+
+    def make(model: nn.Module, inner_steps: int, inner_lr: float, loss_fn: LossFn) -> StepFn:
+        from metaopt.algorithms import MAML
+
+        kwargs = {} if rewrites is None else {"rewrites": rewrites}
+        maml = MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=False,
+                    chunk_size=chunk_size, **kwargs)
+
+        def step(tasks: Tasks) -> Tensor:
+            model.zero_grad(set_to_none=True)
+            loss = maml.meta_loss(*tasks, loss_fn)
+            loss.backward()
+            return loss.detach()
+
+        return step
+
+    return make
+
+
 def make_step(model: nn.Module, inner_steps: int, inner_lr: float, loss_fn: LossFn) -> StepFn:
-    """``MAML(model, ...).meta_loss(*tasks, loss_fn).backward()``."""
-    from metaopt.algorithms import MAML
-
-    maml = MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, first_order=False)
-
-    def step(tasks: Tasks) -> Tensor:
-        model.zero_grad(set_to_none=True)
-        loss = maml.meta_loss(*tasks, loss_fn)
-        loss.backward()
-        return loss.detach()
-
-    return step
+    """``MAML(model, ...).meta_loss(*tasks, loss_fn).backward()`` with the defaults."""
+    return configured()(model, inner_steps, inner_lr, loss_fn)
 
 
 def resolve() -> tuple[MakeStep, str]:
