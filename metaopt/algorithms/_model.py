@@ -35,10 +35,10 @@ from torch import Tensor, nn
 from metaopt.algorithms import _trace
 from metaopt.params import Params, functional_call
 
-__all__ = ["FunctionalModel"]
+__all__ = ["NORM_LAYERS", "FunctionalModel"]
 
 _NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
           nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
           nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
           nn.LazyInstanceNorm1d, nn.LazyInstanceNorm2d, nn.LazyInstanceNorm3d)
@@ -60,7 +60,7 @@ class FunctionalModel:
             raise TypeError(f"trace must be a bool, got {type(trace).__name__}")
         self.model = model
         self.norm_modules = [(prefix, mod) for prefix, mod in model.named_modules()
-                             if isinstance(mod, _NORMS)]
+                             if isinstance(mod, NORM_LAYERS)]
         self.param_names = [n for n, _ in model.named_parameters()]
         if not self.param_names:
             raise ValueError(f"{type(model).__name__} has no parameters to meta-learn")

@@ -16,11 +16,10 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 from metaopt.algorithms._checks import check_labels, check_meta_batch, check_outputs, check_task
-from metaopt.algorithms._model import FunctionalModel
+from metaopt.algorithms._model import NORM_LAYERS, FunctionalModel
 from metaopt.bilevel.problem import BilevelProblem, TaskEstimator
 from metaopt.bilevel.task_batch import (
     DEFAULT_MEMORY_BUDGET,
@@ -53,10 +52,11 @@ class MetaLearner(nn.Module):
 
     def __init__(self, model: nn.Module, *, strategy: str = "auto",
                  memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
-                 chunk_size: int | None = None, rewrites: str | None = None) -> None:
+                 chunk_size: int | None = None, rewrites: str | None = None,
+                 trace: bool = True) -> None:
         super().__init__()
         self.model = model
-        self._fmodel = FunctionalModel(model, rewrites=rewrites)
+        self._fmodel = FunctionalModel(model, rewrites=rewrites, trace=trace)
         self._batcher = TaskBatcher(strategy, memory_budget, chunk_size)
         self._label_cache: dict = {}
         self.last_task_losses: Tensor | None = None
@@ -113,7 +113,7 @@ class MetaLearner(nn.Module):
         if not self.second_order:
             return None
         for name, mod in self.model.named_modules():
-            if (isinstance(mod, _NormBase) and mod.training) or isinstance(
+            if (isinstance(mod, NORM_LAYERS) and mod.training) or isinstance(
                     mod, nn.LayerNorm):
                 return (f"second-order gradients through {type(mod).__name__} "
                         f"('{name}') are wrong under torch.func.vmap "

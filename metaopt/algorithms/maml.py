@@ -73,13 +73,12 @@ class MAML(MetaLearner):
             use the loop under ``"auto"``. See :mod:`metaopt.bilevel.task_batch`.
         chunk_size: the most tasks per ``vmap`` call (with ``"vmap"``, default the
             whole meta-batch; with ``"auto"``, a further cap on the budget's chunk).
-        rewrites: speed rewrites of the model's traced forward
-            (:mod:`metaopt.algorithms._rewrites`): ``"exact"`` (default, unless
-            ``METAOPT_GRAPH_REWRITES`` says otherwise: meta-gradients bit-identical to
-            ``functional_call`` and to higher/TorchOpt/learn2learn), ``"all"`` (adds
-            im2col-GEMM thin convolutions: ~0.7x the time of a conv MAML meta-step with
-            one inner step on CPU, meta-gradients equal up to float32 rounding, which
-            the second-order unroll amplifies to ~1e-4-4e-3 relative) or ``"none"``.
+        rewrites: exact rewrites of the model's traced forward
+            (:mod:`metaopt.algorithms._trace`): ``"exact"`` (default: max-pooling before
+            the ReLU that feeds it, meta-gradients bit-identical to ``functional_call``
+            and to higher/TorchOpt) or ``"none"`` (the plain trace).
+        trace: run models built from ``torch.nn``'s own layers as a verified
+            ``torch.fx`` trace (default True; False always uses ``functional_call``).
 
     Example::
 
@@ -98,9 +97,10 @@ class MAML(MetaLearner):
                  inner_optimizer: GradientTransformation | None = None,
                  inner_params: Collection[str] | None = None,
                  strategy: str = "auto", memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
-                 chunk_size: int | None = None, rewrites: str | None = None) -> None:
+                 chunk_size: int | None = None, rewrites: str | None = None,
+                 trace: bool = True) -> None:
         super().__init__(model, strategy=strategy, memory_budget=memory_budget,
-                         chunk_size=chunk_size, rewrites=rewrites)
+                         chunk_size=chunk_size, rewrites=rewrites, trace=trace)
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ValueError(f"inner_steps must be an int >= 0, got {inner_steps!r}")
         if inner_optimizer is None and not (isinstance(inner_lr, (int, float)) and inner_lr >= 0):

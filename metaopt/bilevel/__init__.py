@@ -25,7 +25,13 @@ from metaopt.bilevel.first_order import FirstOrder
 from metaopt.bilevel.implicit import Implicit, custom_fixed_point, custom_root
 from metaopt.bilevel.inner_loop import InnerTrace, inner_gradient, unroll
 from metaopt.bilevel.linear_solve import LinearSolveWarning, SolveInfo
-from metaopt.bilevel.outer import OuterResult, hypergradient_descent
+from metaopt.bilevel.outer import (
+    OuterResult,
+    OuterState,
+    hypergradient_descent,
+    outer_init,
+    outer_step,
+)
 from metaopt.bilevel.problem import (
     BilevelProblem,
     Estimator,
@@ -64,6 +70,7 @@ __all__ = [
     "LinearSolveWarning",
     "Objective",
     "OuterResult",
+    "OuterState",
     "SolveInfo",
     "TaskBatchResult",
     "TaskBatcher",
@@ -75,6 +82,8 @@ __all__ = [
     "finite_difference_hypergradient",
     "hypergradcheck",
     "hypergradient_descent",
+    "outer_init",
+    "outer_step",
     "inner_gradient",
     "merge_results",
     "run_loop",
