@@ -23,12 +23,6 @@ from metaopt.bilevel.outer import OuterResult, hypergradient_descent
 from metaopt.bilevel.problem import BilevelProblem, Estimator, Hypergradient
 from metaopt.bilevel.unroll import InnerTrace, inner_gradient, unroll
 from metaopt.bilevel.unrolled import Unrolled
-from metaopt.registry import ESTIMATORS
-
-ESTIMATORS.register("unrolled", Unrolled, replace=True)
-ESTIMATORS.register("first_order", FirstOrder, replace=True)
-ESTIMATORS.register("implicit", Implicit, replace=True)
-ESTIMATORS.register("f2sa", F2SA, replace=True)
 
 __all__ = [
     "BOME",

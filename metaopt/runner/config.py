@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from metaopt.errors import ConfigError
+from metaopt.runner.builtins import register_builtins
 from metaopt.runner.experiment import ExperimentConfig, get_experiment
 
 __all__ = [
@@ -59,16 +60,17 @@ class LogConfig:
     Attributes:
         progress: show a tqdm bar (only when stderr is a terminal).
         tensorboard: also write TensorBoard event files when tensorboard is installed.
-        print_every: without a bar, print a one-line summary every this many steps
-            (0: only evaluations and the end).
+        print_every: without a bar (output not a terminal), print a one-line summary
+            every this many steps (``None``: every ``steps // 20``; 0: only
+            evaluations and the end).
     """
 
     progress: bool = True
     tensorboard: bool = True
-    print_every: int = 0
+    print_every: int | None = None
 
     def __post_init__(self) -> None:
-        if self.print_every < 0:
+        if self.print_every is not None and self.print_every < 0:
             raise ValueError("must be >= 0")
 
 
@@ -143,7 +145,9 @@ def parse_run_config(data: Mapping[str, Any], *, source: str = "<dict>",
     """Validate a plain mapping (e.g. parsed YAML) into a :class:`RunConfig`.
 
     The ``settings`` section is typed by the ``Config`` of the experiment that
-    ``experiment`` names.
+    ``experiment`` names (the built-in experiments are registered first). Semantic
+    checks — registry names, options accepted by the named class — run in the
+    settings dataclass's ``__post_init__``, so every problem surfaces here.
     """
     ctx = _Context(source, dict(overridden or {}))
     if not isinstance(data, Mapping):
@@ -155,6 +159,7 @@ def parse_run_config(data: Mapping[str, Any], *, source: str = "<dict>",
     if not isinstance(name, str):
         raise ConfigError(f"{ctx.where('experiment')}: key 'experiment': expected str, "
                           f"got {_show(name)}")
+    register_builtins()
     try:
         exp_cls = get_experiment(name)
     except KeyError as e:

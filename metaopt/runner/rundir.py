@@ -12,11 +12,19 @@
       checkpoints/step_00000100/{tensors.safetensors, state.json, MANIFEST.json}
       tensorboard/         TensorBoard event files (when tensorboard is installed)
       plots/metrics.png    written by `metaopt plot`
+      run.lock             held (fcntl.flock) by the one process writing the run; its PID
+
+Only one process at a time writes a run directory: ``train`` and ``resume`` hold an
+exclusive :class:`RunLock` for their whole life, and a second one is refused with
+:class:`RunDirError` naming the holder's PID. The lock is released by the kernel when
+the holder exits, however it exits, so a killed run never leaves a stale lock.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import json
 import os
 import platform
@@ -38,9 +46,11 @@ __all__ = [
     "CHECKPOINTS",
     "CONFIG_FILE",
     "ENV_FILE",
+    "LOCK_FILE",
     "PLOTS",
     "STATUS_FILE",
     "RunDirError",
+    "RunLock",
     "create_run_dir",
     "default_run_dir",
     "environment_info",
@@ -55,10 +65,62 @@ ENV_FILE = "env.json"
 STATUS_FILE = "status.json"
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
+LOCK_FILE = "run.lock"
 
 
 class RunDirError(MetaoptError, RuntimeError):
     """A run directory is missing, incomplete, or already used by another run."""
+
+
+class RunLock:
+    """Exclusive, non-blocking lock of a run directory (``fcntl.flock`` on run.lock).
+
+    Use as a context manager, or :meth:`acquire` / :meth:`release`. Acquiring fails at
+    once with :class:`RunDirError` naming the PID written by the current holder.
+    The directory is created if needed.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        if self._fd is not None:
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise RunDirError(f"{self.run_dir} is in use by another metaopt process "
+                              f"(PID {holder}); wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
