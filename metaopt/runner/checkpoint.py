@@ -439,7 +439,8 @@ def _parse_json(data: bytes, ckpt: Path, name: str) -> Any:
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"checkpoint {ckpt}: {name} is unreadable (not valid JSON: {e})") from None
+        raise CheckpointError(f"checkpoint {ckpt}: {name} is unreadable (not valid JSON: "
+                              f"{e})") from None
 
 
 def _has_tensor(node: Any) -> bool:

@@ -44,6 +44,7 @@ __all__ = [
     "from_dict",
     "load_run_config",
     "parse_run_config",
+    "resume_overrides",
     "to_dict",
     "to_yaml",
 ]
@@ -51,6 +52,9 @@ __all__ = [
 T = TypeVar("T")
 
 DTYPES = ("float32", "float64")
+#: Top-level keys ``metaopt resume RUN_DIR KEY=VALUE`` may change (the others define
+#: the run: changing them would not continue the same run).
+RESUMABLE_KEYS = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log")
 
 
 @dataclass
@@ -211,6 +215,26 @@ def apply_overrides(data: Mapping[str, Any],
         node[parts[-1]] = value
         overridden[key] = text
     return out, overridden
+
+
+def resume_overrides(cfg: RunConfig, overrides: Sequence[str]
+                     ) -> tuple[RunConfig, dict[str, tuple[Any, Any]]]:
+    """``cfg`` with ``key=value`` overrides given to ``metaopt resume`` applied.
+
+    Only :data:`RESUMABLE_KEYS` (and keys under ``log``) may change, e.g.
+    ``steps=600`` extends a finished 300-step run. Returns the new config and
+    ``{key: (old, new)}`` for each top-level key whose value changed.
+    """
+    data, overridden = apply_overrides(to_dict(cfg), overrides)
+    for key, text in overridden.items():
+        if key.split(".")[0] not in RESUMABLE_KEYS:
+            raise ConfigError(f"override '{text}': '{key}' cannot change when resuming (it "
+                              f"defines the run); resume may change: "
+                              f"{', '.join(RESUMABLE_KEYS)}")
+    new = parse_run_config(data, source="resume", overridden=overridden)
+    before, after = to_dict(cfg), to_dict(new)
+    changes = {k: (before[k], after[k]) for k in after if before.get(k) != after[k]}
+    return new, changes
 
 
 # --------------------------------------------------------------------------- dumping

@@ -31,7 +31,7 @@ import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ __all__ = [
     "load_run_dir_config",
     "read_status",
     "record_resume",
+    "update_run_config",
     "write_status",
 ]
 
@@ -159,14 +160,28 @@ def load_run_dir_config(run_dir: str | Path) -> RunConfig:
     return load_run_config(path)
 
 
-def record_resume(run_dir: str | Path, device: str, argv: Sequence[str]) -> None:
-    """Append this session's environment to env.json's ``resumes`` list."""
+def update_run_config(run_dir: str | Path, cfg: RunConfig) -> None:
+    """Replace the run's config.yaml (atomically) by ``cfg``, e.g. after ``steps=N``."""
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, to_yaml(cfg))
+
+
+def record_resume(run_dir: str | Path, device: str, argv: Sequence[str],
+                  changes: Mapping[str, tuple[Any, Any]] | None = None) -> None:
+    """Append this session's environment to env.json's ``resumes`` list.
+
+    ``changes`` (``{key: (old, new)}``, e.g. ``{"steps": (300, 600)}``) records config
+    values this resume changed, under ``config_changes``.
+    """
     path = Path(run_dir) / ENV_FILE
     try:
         env = json.loads(path.read_text())
     except (OSError, ValueError):
         env = {}
-    env.setdefault("resumes", []).append(environment_info(device, argv))
+    info = environment_info(device, argv)
+    if changes:
+        info["config_changes"] = {k: {"old": old, "new": new}
+                                  for k, (old, new) in changes.items()}
+    env.setdefault("resumes", []).append(info)
     atomic_write_text(path, json.dumps(env, indent=1) + "\n")
 
 
