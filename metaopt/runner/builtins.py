@@ -12,24 +12,22 @@ when its module is imported; import that module before loading a config naming i
 
 from __future__ import annotations
 
-import importlib
-
 from metaopt.runner.estimators import register_estimators
 
-__all__ = ["BUILTIN_EXPERIMENT_MODULES", "register_builtins"]
-
-#: Modules whose import registers metaopt's experiments (each with its decorator).
-BUILTIN_EXPERIMENT_MODULES = (
-    "metaopt.runner.experiments.ridge_hyper",
-    "metaopt.runner.experiments.hypercleaning",
-    "metaopt.runner.experiments.few_shot",
-    "metaopt.runner.experiments.sinusoid",
-)
+__all__ = ["register_builtins"]
 
 
 def register_builtins() -> None:
-    """Register every built-in estimator, task family and experiment (idempotent)."""
+    """Register every built-in estimator, task family and experiment (idempotent).
+
+    The experiment modules register themselves with their ``register_experiment``
+    decorator when first imported here (importing them again changes nothing).
+    """
     register_estimators()
-    importlib.import_module("tasks")  # its package registers the task families in TASKS
-    for module in BUILTIN_EXPERIMENT_MODULES:
-        importlib.import_module(module)
+    import tasks  # noqa: F401  (the package registers its task families in TASKS)
+    from metaopt.runner.experiments import (  # noqa: F401
+        few_shot,
+        hypercleaning,
+        ridge_hyper,
+        sinusoid,
+    )
