@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Writes under the git-ignored out/demo/; the README figure results/maml/demo.png is
+# regenerated only on purpose: $(PY) scripts/maml_sinusoid_demo.py --out results/maml/demo.png
 demo: $(STAMP)
-	$(PY) scripts/maml_sinusoid_demo.py
+	$(PY) scripts/maml_sinusoid_demo.py --out out/demo/maml_sinusoid.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@
 
     metaopt train configs/ridge_hyper.yaml settings.estimator=first_order --run-dir runs/a
     metaopt resume runs/a                 # continue after Ctrl-C / SIGTERM / a crash
+    metaopt resume runs/a steps=600       # extend a run (recorded in env.json)
     metaopt eval runs/a --split test      # evaluate the newest checkpoint
     metaopt plot runs/a runs/b --out cmp.png
     metaopt list                          # experiments, tasks, estimators, pretrained lopts
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -20,10 +20,8 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-#: Packages whose import fills the registries ``metaopt list`` shows (optional ones
-#: may be missing or broken while under development; they are skipped with a note).
-REGISTERING_MODULES = ("metaopt.bilevel", "metaopt.algorithms", "metaopt.lopt",
-                       "metaopt.runner.experiments", "tasks")
+#: Commands that take ``KEY=VALUE`` overrides after their positional arguments.
+OVERRIDABLE = ("train", "resume")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,18 +31,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Overrides may also follow options (`train CFG --run-dir D a.b=1`).
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
-    if stray or (extra and args.command != "train"):
+    if stray or (extra and args.command not in OVERRIDABLE):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from metaopt.runner.checkpoint import CheckpointError
-    from metaopt.runner.config import ConfigError
-    from metaopt.runner.rundir import RunDirError
+    from metaopt.errors import MetaoptError
 
     try:
         return args.func(args, ["metaopt", *argv])
-    except (ConfigError, CheckpointError, RunDirError) as e:
+    except MetaoptError as e:  # every error metaopt raises on purpose: one line
         print(f"metaopt: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (permissions, disk full, ...)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"metaopt: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metaopt: aborted", file=sys.stderr)
@@ -63,8 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
-    r = sub.add_parser("resume", help="continue a run from its newest checkpoint")
+    r = sub.add_parser("resume", help="continue (or extend) a run from its newest checkpoint")
     r.add_argument("run_dir")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="change steps, eval_every, checkpoint_every, keep_checkpoints or "
+                        "log.* (e.g. steps=600 extends the run)")
     r.add_argument("--checkpoint", help="a specific checkpoint directory to resume from")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=_cmd_resume)
@@ -89,35 +92,81 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from metaopt.runner.config import load_run_config
-    from metaopt.runner.rundir import create_run_dir, default_run_dir
+    from metaopt.runner.loop import build_experiment
+    from metaopt.runner.rundir import (
+        CONFIG_FILE,
+        RunDirError,
+        RunLock,
+        create_run_dir,
+        default_run_dir,
+    )
 
+    # Everything that can fail on the config or the environment fails here, before
+    # the run directory exists: settings (parsed and checked), extras, the experiment.
     cfg = load_run_config(args.config, args.overrides)
     if args.run_dir:
         cfg.run_dir = args.run_dir
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     cfg.run_dir = str(run_dir)
-    create_run_dir(run_dir, cfg, argv)
-    print(f"run directory: {run_dir}", flush=True)
-    return _run(cfg, run_dir, None, progress=not args.no_progress)
+    if (run_dir / CONFIG_FILE).exists():  # checked again under the lock
+        raise RunDirError(f"{run_dir} already holds a run; continue it with "
+                          f"`metaopt resume {run_dir}` or choose another --run-dir")
+    _require_extras(cfg)
+    experiment = build_experiment(cfg)
+    with RunLock(run_dir) as lock:
+        create_run_dir(run_dir, cfg, argv)
+        print(f"run directory: {run_dir}", flush=True)
+        return _run(cfg, run_dir, None, progress=not args.no_progress,
+                    experiment=experiment, lock=lock)
 
 
 def _cmd_resume(args: argparse.Namespace, argv: list[str]) -> int:
     from metaopt.runner.checkpoint import latest_checkpoint
-    from metaopt.runner.rundir import CHECKPOINTS, load_run_dir_config, record_resume
+    from metaopt.runner.config import resume_overrides
+    from metaopt.runner.loop import build_experiment
+    from metaopt.runner.rundir import (
+        CHECKPOINTS,
+        RunLock,
+        load_run_dir_config,
+        record_resume,
+        update_run_config,
+    )
 
     run_dir = Path(args.run_dir)
-    cfg = load_run_dir_config(run_dir)
-    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir / CHECKPOINTS)
-    if ckpt is None:
-        print(f"{run_dir}: no checkpoint yet; starting from step 0", flush=True)
-    record_resume(run_dir, cfg.device, argv)
-    return _run(cfg, run_dir, ckpt, progress=not args.no_progress)
+    load_run_dir_config(run_dir)  # a run directory? (before the lock creates anything)
+    with RunLock(run_dir) as lock:
+        cfg = load_run_dir_config(run_dir)
+        cfg, changes = resume_overrides(cfg, args.overrides)
+        _require_extras(cfg)
+        ckpt = Path(args.checkpoint) if args.checkpoint else \
+            latest_checkpoint(run_dir / CHECKPOINTS)
+        experiment = build_experiment(cfg)
+        if ckpt is None:
+            print(f"{run_dir}: no checkpoint yet; starting from step 0", flush=True)
+        if changes:
+            update_run_config(run_dir, cfg)
+            print("changed: " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                          for k, (old, new) in changes.items()), flush=True)
+        record_resume(run_dir, cfg.device, argv, changes)
+        return _run(cfg, run_dir, ckpt, progress=not args.no_progress,
+                    experiment=experiment, lock=lock)
 
 
-def _run(cfg, run_dir: Path, ckpt: Path | None, *, progress: bool) -> int:
+def _require_extras(cfg) -> None:
+    """Fail now, naming the extra, if the configured experiment needs a missing one."""
+    from metaopt.runner.experiment import get_experiment
+    from metaopt.runner.extras import require_extras
+
+    needs = get_experiment(cfg.experiment).required_extras(cfg.settings)
+    require_extras(needs, f"experiment '{cfg.experiment}'")
+
+
+def _run(cfg, run_dir: Path, ckpt: Path | None, *, progress: bool, experiment=None,
+         lock=None) -> int:
     from metaopt.runner.loop import train
 
-    result = train(cfg, run_dir, resume=ckpt, progress=progress)
+    result = train(cfg, run_dir, resume=ckpt, progress=progress, experiment=experiment,
+                   lock=lock)
     if result.status == "interrupted":
         print(f"interrupted at step {result.step}/{cfg.steps}; checkpoint {result.checkpoint}\n"
               f"continue with: metaopt resume {run_dir}", flush=True)
@@ -155,9 +204,11 @@ def _cmd_eval(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace, argv: list[str]) -> int:
+    from metaopt.runner.extras import PLOT, require_extras
     from metaopt.runner.plots import plot_runs
     from metaopt.runner.rundir import PLOTS
 
+    require_extras(PLOT, "metaopt plot")
     if args.out:
         out = Path(args.out)
     elif len(args.run_dirs) == 1:
@@ -175,13 +226,9 @@ def _cmd_plot(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
     from metaopt.registry import ESTIMATORS, EXPERIMENTS, PRETRAINED_LOPTS, TASKS
+    from metaopt.runner.builtins import register_builtins
 
-    notes = []
-    for module in REGISTERING_MODULES:
-        try:
-            importlib.import_module(module)
-        except Exception as e:  # an optional or in-progress package must not break `list`
-            notes.append(f"  (skipped {module}: {type(e).__name__}: {e})")
+    register_builtins()
     for title, reg in (("experiments", EXPERIMENTS), ("tasks", TASKS),
                        ("estimators", ESTIMATORS), ("pretrained learned optimizers",
                                                     PRETRAINED_LOPTS)):
@@ -191,8 +238,6 @@ def _cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
         for name in reg.names():
             doc = reg.describe(name)
             print(f"  {name:<24} {doc}".rstrip())
-    for note in notes:
-        print(note, file=sys.stderr)
     return 0
 
 

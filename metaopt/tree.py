@@ -37,6 +37,7 @@ __all__ = [
     "tree_flatten",
     "tree_leaves",
     "tree_map",
+    "tree_map_like",
     "tree_map_nested",
     "tree_norm",
     "tree_numel",
@@ -121,6 +122,23 @@ def tree_map_nested(fn: Callable[[Tensor], Any], tree: Any) -> Any:
         return {k: tree_map_nested(fn, v) for k, v in tree.items()}
     if isinstance(tree, Tensor):
         return fn(tree)
+    return tree
+
+
+def tree_map_like(fn: Callable[[Tensor, Tensor], Any], tree: Any, like: Any) -> Any:
+    """``fn(leaf, like_leaf)`` on every tensor leaf of ``tree`` whose counterpart in
+    ``like`` (same path through dicts and lists) is a tensor; everything else is kept.
+
+    The two trees are expected to have one structure (check it first, e.g. with the
+    runner's ``check_state_matches``); where they differ, ``tree`` is kept as is.
+    """
+    if isinstance(tree, Tensor):
+        return fn(tree, like) if isinstance(like, Tensor) else tree
+    if isinstance(tree, Mapping) and isinstance(like, Mapping):
+        return {k: tree_map_like(fn, v, like[k]) if k in like else v for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and isinstance(like, (list, tuple)) \
+            and len(tree) == len(like):
+        return [tree_map_like(fn, a, b) for a, b in zip(tree, like)]
     return tree
 
 

@@ -32,14 +32,17 @@ from metaopt.runner.experiments.hypercleaning import (
     HyperCleaning,
     HyperCleaningConfig,
     baseline_metrics,
+    method_settings,
 )
 
 #: Outer steps per estimator in the full benchmark (sized so that each run takes
 #: roughly the same, modest wall time on a busy 2-core CPU).
 OUTER_STEPS = {"unrolled": 15, "truncated": 15, "ift_cg": 15, "ift_neumann": 15,
                "f2sa": 15, "bome": 15}
-#: Settings shared by every estimator in the benchmark (see HyperCleaningConfig).
-BENCH_SETTINGS = {"outer_lr": 0.3, "inner_steps": 10, "linear_iters": 10, "truncate": 5,
+#: Settings shared by every estimator in the benchmark (see HyperCleaningConfig); the
+#: estimators' own options come from ``method_settings`` (linear_iters, truncate).
+METHOD_OPTIONS = {"linear_iters": 10, "truncate": 5}
+BENCH_SETTINGS = {"outer_lr": 0.3, "inner_steps": 10,
                   "final_steps": 200}
 
 
@@ -52,7 +55,9 @@ def run_one(p: float, estimator: str, seed: int, steps: int, curve_every: int,
     given p and seed), passed in to avoid refitting it per estimator.
     """
     torch.manual_seed(seed)
-    cfg = HyperCleaningConfig(p=p, estimator=estimator, **overrides)
+    method = method_settings(estimator, **METHOD_OPTIONS,
+                             inner_lr=overrides.get("inner_lr", 1.0))
+    cfg = HyperCleaningConfig(p=p, **method, **overrides)
     exp = HyperCleaning(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=seed)
     if start_acc is None:
         start_acc = exp.evaluate("test")["acc"]
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.ps, args.seeds = [0.5], [0]
         args.steps = args.steps or 3
-        overrides.update(final_steps=100, inner_steps=5, linear_iters=5)
+        overrides.update(final_steps=100, inner_steps=5)
+        METHOD_OPTIONS["linear_iters"] = 5
     records, curves, baselines = [], {}, {}
     for p in args.ps:
         for seed in args.seeds:

@@ -7,12 +7,14 @@ The cache directory is ``$METAOPT_CACHE`` when set, else ``~/.cache/metaopt``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from metaopt.fileio import atomic_write_bytes
 
 __all__ = ["cache_dir", "cache_key", "load_arrays", "save_arrays"]
 
@@ -32,16 +34,11 @@ def cache_key(config: dict) -> str:
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` (``.npz``) atomically: temp file, then ``os.replace``."""
+    """Write ``arrays`` to ``path`` (``.npz``) atomically (via ``atomic_write_bytes``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray] | None:

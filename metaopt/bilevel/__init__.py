@@ -48,12 +48,6 @@ from metaopt.bilevel.task_batch import (
     run_vmap,
 )
 from metaopt.bilevel.unrolled import Unrolled
-from metaopt.registry import ESTIMATORS
-
-ESTIMATORS.register("unrolled", Unrolled, replace=True)
-ESTIMATORS.register("first_order", FirstOrder, replace=True)
-ESTIMATORS.register("implicit", Implicit, replace=True)
-ESTIMATORS.register("f2sa", F2SA, replace=True)
 
 __all__ = [
     "BOME",

@@ -42,7 +42,6 @@ from metaopt.params import (
     tree_dot,
     tree_requires_grad,
 )
-from metaopt.registry import ESTIMATORS
 
 __all__ = ["BOME"]
 
@@ -132,5 +131,3 @@ def _grads(value: Tensor, phi: Params, theta: Params) -> Params:
     return {f"{w}:{k}": (torch.zeros_like(v) if g is None else g.detach())
             for (w, k, v), g in zip(keys, gs)}
 
-
-ESTIMATORS.register("bome", BOME, replace=True)

@@ -9,11 +9,16 @@ A checkpoint is a directory ``checkpoints/step_00000042/`` holding
 
 It is built in a hidden temporary directory, each file fsync'ed, and becomes visible
 only through the final ``rename`` — so a directory named ``step_*`` is always
-complete. :func:`read_checkpoint` verifies sizes and checksums before parsing
-anything, and :func:`check_state_matches` compares a loaded tree with a freshly built
-experiment's (keys, tensor shapes, dtypes), so a corrupt, truncated or mismatched
-checkpoint raises :class:`CheckpointError` instead of loading partially. Nothing is
-ever unpickled.
+complete (old checkpoints are pruned by renaming them away first, and
+:func:`clean_stale` removes what a killed writer left behind).
+
+:func:`read_checkpoint` opens regular files only (no symlinks, FIFOs or devices),
+checks each file's size against the manifest *before* reading it, verifies checksums
+before parsing anything, and checks that the recorded step is a non-negative int equal
+to the directory's. :func:`check_state_matches` compares a loaded tree with a freshly
+built experiment's (keys, tensor shapes, dtypes). So a corrupt, truncated or
+mismatched checkpoint raises :class:`CheckpointError` instead of loading partially.
+Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import math
 import os
 import re
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
@@ -49,8 +56,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_state_matches",
+    "clean_stale",
     "latest_checkpoint",
     "list_checkpoints",
+    "prune_checkpoints",
     "read_checkpoint",
     "write_checkpoint",
 ]
@@ -60,6 +69,10 @@ TENSORS = "tensors.safetensors"
 STATE = "state.json"
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+#: Prefixes of the hidden directories a writer uses; a killed writer may leave them.
+_TMP, _OLD, _TRASH = ".tmp-", ".old-", ".trash-"
+#: Upper bound on MANIFEST.json (it lists two files; anything larger is not ours).
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 @dataclass
@@ -83,6 +96,8 @@ def write_checkpoint(directory: str | Path, *, step: int, experiment: str,
     Returns the checkpoint's path. An existing checkpoint of the same step is
     replaced only after the new one is complete.
     """
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     skeleton, tensors = _flatten(state)
@@ -95,7 +110,7 @@ def write_checkpoint(directory: str | Path, *, step: int, experiment: str,
         STATE: {"sha256": sha256_hex(state_bytes), "bytes": len(state_bytes)},
     }}
     final = directory / f"step_{step:08d}"
-    tmp = directory / f".tmp-{final.name}-{os.getpid()}"
+    tmp = directory / f"{_TMP}{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -105,7 +120,7 @@ def write_checkpoint(directory: str | Path, *, step: int, experiment: str,
     fsync_dir(tmp)
     old = None
     if final.exists():
-        old = directory / f".old-{final.name}-{os.getpid()}"
+        old = directory / f"{_OLD}{final.name}-{os.getpid()}"
         os.rename(final, old)
     os.rename(tmp, final)
     fsync_dir(directory)
@@ -114,18 +129,90 @@ def write_checkpoint(directory: str | Path, *, step: int, experiment: str,
     return final
 
 
-# --------------------------------------------------------------------------- reading
+def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints under ``directory``.
 
-
-def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """Complete-looking checkpoints under ``directory`` as ``(step, path)``, oldest first."""
+    Each old checkpoint is first renamed to a hidden ``.trash-*`` name (one atomic
+    step), then deleted, so a kill at any moment leaves every ``step_*`` directory
+    complete; leftovers are removed by :func:`clean_stale`. Returns what was pruned.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
     directory = Path(directory)
+    pruned = []
+    for _, old in list_checkpoints(directory)[:-keep]:
+        trash = directory / f"{_TRASH}{old.name}-{os.getpid()}"
+        os.rename(old, trash)
+        pruned.append(old)
+    if pruned:
+        fsync_dir(directory)
+    for _, path in _hidden(directory, _TRASH):
+        shutil.rmtree(path, ignore_errors=True)
+    return pruned
+
+
+def clean_stale(directory: str | Path) -> list[Path]:
+    """Remove what killed writers left under ``directory``; returns the removed paths.
+
+    Call it only while holding the run directory's lock (no writer is active then).
+    ``.tmp-step_*`` (a checkpoint never completed) and ``.trash-step_*`` (one being
+    pruned) are deleted; an ``.old-step_*`` (the previous version of a checkpoint
+    that was being replaced) is renamed back if the new one never appeared, else
+    deleted.
+    """
+    directory = Path(directory)
+    removed = []
+    for prefix in (_TMP, _TRASH, _OLD):
+        for name, path in _hidden(directory, prefix):
+            final = directory / name
+            if prefix == _OLD and not os.path.lexists(final):
+                os.rename(path, final)
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        fsync_dir(directory)
+    return removed
+
+
+def _hidden(directory: Path, prefix: str) -> list[tuple[str, Path]]:
+    """``(step_* name, path)`` of the hidden directories with ``prefix``."""
     if not directory.is_dir():
         return []
     found = []
     for p in directory.iterdir():
+        if p.name.startswith(prefix) and not p.is_symlink():
+            name = p.name[len(prefix):].rsplit("-", 1)[0]
+            if _STEP_DIR.match(name):
+                found.append((name, p))
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """Complete-looking checkpoints under ``directory`` as ``(step, path)``, oldest first.
+
+    A ``step_*`` symlink whose target lies outside the run directory (the parent of
+    ``directory``) is refused with :class:`CheckpointError`: the runner never makes
+    one, so it is tampering or a mistake, and following it would load foreign files.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    root = directory.resolve().parent
+    found = []
+    for p in directory.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir():
+        if not m:
+            continue
+        if p.is_symlink():
+            target = p.resolve()
+            if not target.is_relative_to(root):
+                raise CheckpointError(f"checkpoint {p} is a symlink to {target}, outside "
+                                      f"the run directory {root}; refusing to follow it")
+        if p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -137,43 +224,50 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and verify one checkpoint directory (sizes, sha256, format, structure)."""
+    """Read and verify one checkpoint directory (sizes, sha256, format, step, structure).
+
+    Raises :class:`CheckpointError` naming the file and field for anything that is not
+    a complete checkpoint written by :func:`write_checkpoint`.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    manifest_doc = _read_json(path / MANIFEST, path)
+    manifest_doc = _parse_json(_read_bounded(path, MANIFEST, None), path, MANIFEST)
     files = manifest_doc.get("files") if isinstance(manifest_doc, dict) else None
-    if manifest_doc.get("format") != FORMAT or not isinstance(files, dict):
+    if not isinstance(files, dict) or manifest_doc.get("format") != FORMAT:
+        found = manifest_doc.get("format") if isinstance(manifest_doc, dict) else None
         raise CheckpointError(f"checkpoint {path}: {MANIFEST} has unknown format "
-                              f"{manifest_doc.get('format')!r} (expected {FORMAT!r})")
+                              f"{found!r} (expected {FORMAT!r})")
     blobs = {}
     for name in (TENSORS, STATE):
         entry = files.get(name)
         if not isinstance(entry, dict):
             raise CheckpointError(f"checkpoint {path}: {MANIFEST} lists no '{name}'")
-        try:
-            data = (path / name).read_bytes()
-        except OSError as e:
-            raise CheckpointError(f"checkpoint {path}: cannot read {name}: {e.strerror}") \
-                from None
-        if len(data) != entry.get("bytes"):
-            raise CheckpointError(f"checkpoint {path}: {name} has {len(data)} bytes, the "
-                                  f"manifest says {entry.get('bytes')} (truncated or "
-                                  "overwritten file)")
+        size = entry.get("bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise CheckpointError(f"checkpoint {path}: {MANIFEST} field files.{name}.bytes "
+                                  f"must be a non-negative int, got {size!r}")
+        data = _read_bounded(path, name, size)
         if sha256_hex(data) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint {path}: sha256 of {name} does not match "
                                   "the manifest (corrupt file)")
         blobs[name] = data
+    doc = _parse_json(blobs[STATE], path, STATE)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"checkpoint {path}: {STATE} has unknown format {found!r}")
+    step = _checked_step(doc.get("step"), path)
+    for key, kind in (("experiment", str), ("config", dict), ("state", dict)):
+        if not isinstance(doc.get(key), kind):
+            raise CheckpointError(f"checkpoint {path}: {STATE} field '{key}' must be a "
+                                  f"{kind.__name__}, got {_describe(doc.get(key))}")
     try:
-        doc = json.loads(blobs[STATE])
         tensors = load_safetensors_bytes(blobs[TENSORS])
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: cannot parse: {e}") from None
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: unknown format {doc.get('format')!r}")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot parse {TENSORS}: {e}") from None
     tensors = {k: v.to(map_location) for k, v in tensors.items()}
     state = _unflatten(doc["state"], tensors, path)
-    return Checkpoint(path=path, step=int(doc["step"]), experiment=str(doc["experiment"]),
+    return Checkpoint(path=path, step=step, experiment=doc["experiment"],
                       config=doc["config"], state=state)
 
 
@@ -279,14 +373,74 @@ def _unflatten(node: Any, tensors: Mapping[str, Tensor], path: Path) -> Any:
     return node
 
 
-def _read_json(file: Path, ckpt: Path) -> Any:
+def _checked_step(step: Any, path: Path) -> int:
+    """The recorded step: a non-negative int equal to the directory name's step."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint {path}: {STATE} field 'step' must be a "
+                              f"non-negative int, got {step!r}")
+    m = _STEP_DIR.match(path.name)
+    if m is None:
+        raise CheckpointError(f"checkpoint {path}: the directory name must be "
+                              f"step_<number> (as written by the runner)")
+    if int(m.group(1)) != step:
+        raise CheckpointError(f"checkpoint {path}: {STATE} says step {step}, the "
+                              f"directory name says {int(m.group(1))}")
+    return step
+
+
+def _read_bounded(ckpt: Path, name: str, size: int | None) -> bytes:
+    """Read regular file ``ckpt/name`` of exactly ``size`` bytes (``None``: the manifest).
+
+    The file is opened without following symlinks and without blocking (a FIFO
+    neither hangs nor is read), refused unless it is a regular file, and its size is
+    compared with the expected one before a single byte is read.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        return json.loads(file.read_bytes())
+        fd = os.open(ckpt / name, flags)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {ckpt}: {file.name} is missing "
+        raise CheckpointError(f"checkpoint {ckpt}: {name} is missing "
                               "(incomplete checkpoint)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt}: {file.name} is unreadable: {e}") from None
+    except OSError as e:
+        why = "is a symlink" if os.path.islink(ckpt / name) else f"cannot be opened: " \
+            f"{e.strerror}"
+        raise CheckpointError(f"checkpoint {ckpt}: {name} {why}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"checkpoint {ckpt}: {name} is not a regular file")
+        if size is None and info.st_size > MAX_MANIFEST_BYTES:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} has {info.st_size} bytes, "
+                                  f"more than a manifest can ({MAX_MANIFEST_BYTES})")
+        if size is not None and info.st_size != size:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} has {info.st_size} bytes, "
+                                  f"the manifest says {size} (truncated or overwritten "
+                                  "file)")
+        expected = info.st_size
+        chunks, got = [], 0
+        while got < expected:
+            chunk = os.read(fd, min(expected - got, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        data = b"".join(chunks)
+        if len(data) != expected:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} changed while being read")
+        return data
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {ckpt}: cannot read {name}: {e.strerror}") \
+            from None
+    finally:
+        os.close(fd)
+
+
+def _parse_json(data: bytes, ckpt: Path, name: str) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"checkpoint {ckpt}: {name} is unreadable (not valid JSON: "
+                              f"{e})") from None
 
 
 def _has_tensor(node: Any) -> bool:

@@ -33,6 +33,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from metaopt.errors import ConfigError
+from metaopt.runner.builtins import register_builtins
 from metaopt.runner.experiment import ExperimentConfig, get_experiment
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "from_dict",
     "load_run_config",
     "parse_run_config",
+    "resume_overrides",
     "to_dict",
     "to_yaml",
 ]
@@ -50,6 +52,9 @@ __all__ = [
 T = TypeVar("T")
 
 DTYPES = ("float32", "float64")
+#: Top-level keys ``metaopt resume RUN_DIR KEY=VALUE`` may change (the others define
+#: the run: changing them would not continue the same run).
+RESUMABLE_KEYS = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log")
 
 
 @dataclass
@@ -59,16 +64,17 @@ class LogConfig:
     Attributes:
         progress: show a tqdm bar (only when stderr is a terminal).
         tensorboard: also write TensorBoard event files when tensorboard is installed.
-        print_every: without a bar, print a one-line summary every this many steps
-            (0: only evaluations and the end).
+        print_every: without a bar (output not a terminal), print a one-line summary
+            every this many steps (``None``: every ``steps // 20``; 0: only
+            evaluations and the end).
     """
 
     progress: bool = True
     tensorboard: bool = True
-    print_every: int = 0
+    print_every: int | None = None
 
     def __post_init__(self) -> None:
-        if self.print_every < 0:
+        if self.print_every is not None and self.print_every < 0:
             raise ValueError("must be >= 0")
 
 
@@ -143,7 +149,9 @@ def parse_run_config(data: Mapping[str, Any], *, source: str = "<dict>",
     """Validate a plain mapping (e.g. parsed YAML) into a :class:`RunConfig`.
 
     The ``settings`` section is typed by the ``Config`` of the experiment that
-    ``experiment`` names.
+    ``experiment`` names (the built-in experiments are registered first). Semantic
+    checks — registry names, options accepted by the named class — run in the
+    settings dataclass's ``__post_init__``, so every problem surfaces here.
     """
     ctx = _Context(source, dict(overridden or {}))
     if not isinstance(data, Mapping):
@@ -155,6 +163,7 @@ def parse_run_config(data: Mapping[str, Any], *, source: str = "<dict>",
     if not isinstance(name, str):
         raise ConfigError(f"{ctx.where('experiment')}: key 'experiment': expected str, "
                           f"got {_show(name)}")
+    register_builtins()
     try:
         exp_cls = get_experiment(name)
     except KeyError as e:
@@ -206,6 +215,26 @@ def apply_overrides(data: Mapping[str, Any],
         node[parts[-1]] = value
         overridden[key] = text
     return out, overridden
+
+
+def resume_overrides(cfg: RunConfig, overrides: Sequence[str]
+                     ) -> tuple[RunConfig, dict[str, tuple[Any, Any]]]:
+    """``cfg`` with ``key=value`` overrides given to ``metaopt resume`` applied.
+
+    Only :data:`RESUMABLE_KEYS` (and keys under ``log``) may change, e.g.
+    ``steps=600`` extends a finished 300-step run. Returns the new config and
+    ``{key: (old, new)}`` for each top-level key whose value changed.
+    """
+    data, overridden = apply_overrides(to_dict(cfg), overrides)
+    for key, text in overridden.items():
+        if key.split(".")[0] not in RESUMABLE_KEYS:
+            raise ConfigError(f"override '{text}': '{key}' cannot change when resuming (it "
+                              f"defines the run); resume may change: "
+                              f"{', '.join(RESUMABLE_KEYS)}")
+    new = parse_run_config(data, source="resume", overridden=overridden)
+    before, after = to_dict(cfg), to_dict(new)
+    changes = {k: (before[k], after[k]) for k in after if before.get(k) != after[k]}
+    return new, changes
 
 
 # --------------------------------------------------------------------------- dumping

@@ -136,6 +136,16 @@ class Experiment(ABC):
         """
         return {}
 
+    @classmethod
+    def required_extras(cls, config: ExperimentConfig) -> list[tuple[str, str]]:
+        """``(module, extra)`` pairs this experiment needs with ``config``, e.g.
+        ``[("mlxtend", "data")]``.
+
+        The CLI checks them before creating a run directory and names the extra to
+        install (``pip install 'metaopt[data]'``) if a module is missing.
+        """
+        return []
+
 
 E = TypeVar("E", bound=type[Experiment])
 
@@ -163,14 +173,10 @@ def register_experiment(name: str, *, config: type[ExperimentConfig],
 
 
 def get_experiment(name: str) -> type[Experiment]:
-    """The experiment class registered as ``name`` (imports the built-in ones first)."""
-    from metaopt.runner.experiments import IMPORT_ERRORS  # registers built-in experiments
+    """The experiment class registered as ``name``.
 
-    try:
-        return EXPERIMENTS.get(name)
-    except KeyError as e:
-        if IMPORT_ERRORS:
-            failed = "; ".join(f"{m}: {err}" for m, err in sorted(IMPORT_ERRORS.items()))
-            raise KeyError(f"{e.args[0]} (experiment modules that failed to import: "
-                           f"{failed})") from None
-        raise
+    Raises :class:`~metaopt.registry.UnknownNameError` (a ``KeyError``) listing the
+    registered names. The built-in experiments are registered by
+    :func:`metaopt.runner.builtins.register_builtins` (the config loader calls it).
+    """
+    return EXPERIMENTS.get(name)

@@ -25,11 +25,13 @@ from typing import Any, TextIO
 import torch
 from tqdm.auto import tqdm
 
+from metaopt.errors import ConfigError
 from metaopt.runner.checkpoint import (
     Checkpoint,
     CheckpointError,
     check_state_matches,
-    list_checkpoints,
+    clean_stale,
+    prune_checkpoints,
     read_checkpoint,
     write_checkpoint,
 )
@@ -37,8 +39,9 @@ from metaopt.runner.config import RunConfig, to_dict
 from metaopt.runner.experiment import Experiment, get_experiment
 from metaopt.runner.metrics import MetricsWriter, to_float_metrics
 from metaopt.runner.rng import capture_rng_state, restore_rng_state, seed_everything
-from metaopt.runner.rundir import CHECKPOINTS, write_status
+from metaopt.runner.rundir import CHECKPOINTS, RunLock, write_status
 from metaopt.runner.signals import StopRequest
+from metaopt.tree import tree_map_like
 
 __all__ = [
     "TrainResult",
@@ -69,7 +72,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     """``"float32"`` → ``torch.float32`` (only floating dtypes are allowed)."""
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must name a floating torch dtype, got {name!r}")
+        raise ConfigError(f"dtype must name a floating torch dtype, got {name!r}")
     return dtype
 
 
@@ -77,7 +80,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     """Seed every RNG with ``cfg.seed`` and build the configured experiment."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"config asks for device '{cfg.device}' but CUDA is not available")
+        raise ConfigError(f"config asks for device '{cfg.device}' but CUDA is not available")
     seed_everything(cfg.seed)
     cls = get_experiment(cfg.experiment)
     return cls(cfg.settings, device=device, dtype=resolve_dtype(cfg.dtype), seed=cfg.seed)
@@ -95,9 +98,14 @@ def load_into(experiment: Experiment, cfg: RunConfig,
     """Verify a checkpoint against ``cfg`` and ``experiment``, load it, return it.
 
     Raises :class:`CheckpointError` on corruption, a different experiment or config,
-    or state whose keys, shapes or dtypes differ from the freshly built experiment's.
+    a step outside ``[0, cfg.steps]``, or state whose keys, shapes or dtypes differ
+    from the freshly built experiment's.
     """
     ckpt = read_checkpoint(checkpoint_path)
+    if ckpt.step > cfg.steps:
+        raise CheckpointError(f"checkpoint {ckpt.path} is at step {ckpt.step}, beyond the "
+                              f"run's {cfg.steps} steps (extend the run with "
+                              f"`metaopt resume RUN_DIR steps={ckpt.step}` or more)")
     mine = to_dict(cfg)
     diffs = [k for k in IDENTITY_KEYS if ckpt.config.get(k) != mine.get(k)]
     if diffs:
@@ -110,7 +118,8 @@ def load_into(experiment: Experiment, cfg: RunConfig,
         if key not in ckpt.state:
             raise CheckpointError(f"{what}: no '{key}' section")
     check_state_matches(ckpt.state["experiment"], template, what=what)
-    experiment.load_state_dict(_to_devices_of(ckpt.state["experiment"], template))
+    experiment.load_state_dict(tree_map_like(lambda t, like: t.to(like.device),
+                                             ckpt.state["experiment"], template))
     try:
         restore_rng_state(ckpt.state["rng"], experiment.generators())
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -119,33 +128,50 @@ def load_into(experiment: Experiment, cfg: RunConfig,
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: str | Path | None = None,
-          progress: bool = True, out: TextIO | None = None) -> TrainResult:
+          progress: bool = True, out: TextIO | None = None,
+          experiment: Experiment | None = None, lock: RunLock | None = None) -> TrainResult:
     """Run (or continue) meta-training of ``cfg`` in ``run_dir``.
 
     Args:
         cfg: the validated run config.
         run_dir: an existing run directory (see :mod:`metaopt.runner.rundir`).
-        resume: a checkpoint directory to continue from (``None``: start fresh).
-        progress: allow the progress bar (it also needs ``cfg.log.progress`` and a
-            terminal on stderr).
+        resume: a checkpoint directory to continue from (``None``: start at step 0).
+        progress: report progress: a bar when ``cfg.log.progress`` is on and stderr is
+            a terminal, else a summary line every ``cfg.log.print_every`` steps.
         out: where summary lines go (default stdout).
+        experiment: the experiment, freshly built from ``cfg`` by
+            :func:`build_experiment` (default: built here).
+        lock: this run directory's :class:`RunLock`, already held by the caller
+            (default: acquired here for the duration of the call; a run directory
+            another process is writing is refused with ``RunDirError``).
 
+    Metrics records after the starting step (written by a run that was then killed)
+    are dropped first, so ``metrics.jsonl`` always matches an uninterrupted run.
     On SIGINT/SIGTERM the current step finishes, a checkpoint is written and the
     result has ``status="interrupted"``.
     """
-    out = out or sys.stdout
     run_dir = Path(run_dir)
-    experiment = build_experiment(cfg)
+    if lock is None:
+        with RunLock(run_dir) as own:
+            return train(cfg, run_dir, resume=resume, progress=progress, out=out,
+                         experiment=experiment, lock=own)
+    if not lock.held or lock.run_dir.resolve() != run_dir.resolve():
+        raise ValueError(f"train() was given a lock that is not held for {run_dir}")
+    out = out or sys.stdout
+    clean_stale(run_dir / CHECKPOINTS)
+    experiment = experiment if experiment is not None else build_experiment(cfg)
     start, clock = 0, 0.0
     if resume is not None:
         ckpt = load_into(experiment, cfg, resume)
         start, clock = ckpt.step, float(ckpt.state["loop"]["time_s"])
     split = experiment.splits[0] if experiment.splits else None
     show_bar = progress and cfg.log.progress and sys.stderr.isatty()
+    print_every = _print_every(cfg) if progress and cfg.log.progress else \
+        (cfg.log.print_every or 0)
     result = TrainResult(step=start, status="finished")
     write_status(run_dir, "running", start, cfg.steps)
 
-    with MetricsWriter(run_dir, resume_step=start if resume is not None else None,
+    with MetricsWriter(run_dir, resume_step=start,
                        tensorboard=cfg.log.tensorboard) as writer, StopRequest() as stop:
         bar = tqdm(total=cfg.steps, initial=start, disable=not show_bar, unit="step",
                    dynamic_ncols=True, desc=cfg.name or cfg.experiment, file=sys.stderr)
@@ -170,7 +196,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: str | Path | None = No
                 if show_bar:
                     bar.set_postfix(_postfix(train_metrics, result.eval_metrics, split),
                                     refresh=False)
-                elif evaluated or (cfg.log.print_every and step % cfg.log.print_every == 0):
+                elif evaluated or (print_every and step % print_every == 0):
                     print(_summary_line(step, cfg.steps, train_metrics,
                                         result.eval_metrics if evaluated else {}, split,
                                         clock), file=out, flush=True)
@@ -187,28 +213,21 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: str | Path | None = No
     return result
 
 
+def _print_every(cfg: RunConfig) -> int:
+    """Steps between summary lines without a bar (``log.print_every``; ``None``: ~20 a run)."""
+    if cfg.log.print_every is not None:
+        return cfg.log.print_every
+    return max(1, cfg.steps // 20)
+
+
 def _save(experiment: Experiment, cfg: RunConfig, run_dir: Path, step: int,
           clock: float) -> Path:
     ckpt_dir = run_dir / CHECKPOINTS
     path = write_checkpoint(ckpt_dir, step=step, experiment=cfg.experiment,
                             config=to_dict(cfg), state=checkpoint_state(experiment, clock))
     if cfg.keep_checkpoints:
-        import shutil
-
-        for _, old in list_checkpoints(ckpt_dir)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     return path
-
-
-def _to_devices_of(loaded: Any, template: Any) -> Any:
-    """Move each loaded tensor to the device of its counterpart in ``template``."""
-    if isinstance(template, torch.Tensor):
-        return loaded.to(template.device)
-    if isinstance(template, Mapping):
-        return {k: _to_devices_of(loaded[k], template[k]) for k in template}
-    if isinstance(template, (list, tuple)) and len(template) == len(loaded):
-        return [_to_devices_of(a, b) for a, b in zip(loaded, template)]
-    return loaded
 
 
 def _fmt(v: float) -> str:

@@ -59,16 +59,17 @@ class MetricsWriter:
 
     Args:
         run_dir: the run directory.
-        resume_step: the step of the checkpoint being resumed (``None``: fresh run).
-            Records with a larger step — written after that checkpoint by a run that
-            was then killed — are removed so the file matches an uninterrupted run.
+        resume_step: the step the run starts from: the resumed checkpoint's, or 0
+            when it starts over (``None``: append, keep everything). Records with a
+            larger step — written after that point by a run that was then killed —
+            are removed so the file matches an uninterrupted run.
         tensorboard: also write TensorBoard events under ``run_dir/tensorboard``.
     """
 
     def __init__(self, run_dir: str | Path, *, resume_step: int | None = None,
                  tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        if resume_step is not None:
+        if resume_step is not None and self.path.exists():
             kept = [json.dumps(r, allow_nan=True) for r in read_metrics(run_dir)
                     if r.get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))

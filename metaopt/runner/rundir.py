@@ -12,18 +12,26 @@
       checkpoints/step_00000100/{tensors.safetensors, state.json, MANIFEST.json}
       tensorboard/         TensorBoard event files (when tensorboard is installed)
       plots/metrics.png    written by `metaopt plot`
+      run.lock             held (fcntl.flock) by the one process writing the run; its PID
+
+Only one process at a time writes a run directory: ``train`` and ``resume`` hold an
+exclusive :class:`RunLock` for their whole life, and a second one is refused with
+:class:`RunDirError` naming the holder's PID. The lock is released by the kernel when
+the holder exits, however it exits, so a killed run never leaves a stale lock.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import fcntl
 import json
 import os
 import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +46,18 @@ __all__ = [
     "CHECKPOINTS",
     "CONFIG_FILE",
     "ENV_FILE",
+    "LOCK_FILE",
     "PLOTS",
     "STATUS_FILE",
     "RunDirError",
+    "RunLock",
     "create_run_dir",
     "default_run_dir",
     "environment_info",
     "load_run_dir_config",
     "read_status",
     "record_resume",
+    "update_run_config",
     "write_status",
 ]
 
@@ -55,10 +66,62 @@ ENV_FILE = "env.json"
 STATUS_FILE = "status.json"
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
+LOCK_FILE = "run.lock"
 
 
 class RunDirError(MetaoptError, RuntimeError):
     """A run directory is missing, incomplete, or already used by another run."""
+
+
+class RunLock:
+    """Exclusive, non-blocking lock of a run directory (``fcntl.flock`` on run.lock).
+
+    Use as a context manager, or :meth:`acquire` / :meth:`release`. Acquiring fails at
+    once with :class:`RunDirError` naming the PID written by the current holder.
+    The directory is created if needed.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self) -> RunLock:
+        if self._fd is not None:
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise RunDirError(f"{self.run_dir} is in use by another metaopt process "
+                              f"(PID {holder}); wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -97,14 +160,28 @@ def load_run_dir_config(run_dir: str | Path) -> RunConfig:
     return load_run_config(path)
 
 
-def record_resume(run_dir: str | Path, device: str, argv: Sequence[str]) -> None:
-    """Append this session's environment to env.json's ``resumes`` list."""
+def update_run_config(run_dir: str | Path, cfg: RunConfig) -> None:
+    """Replace the run's config.yaml (atomically) by ``cfg``, e.g. after ``steps=N``."""
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, to_yaml(cfg))
+
+
+def record_resume(run_dir: str | Path, device: str, argv: Sequence[str],
+                  changes: Mapping[str, tuple[Any, Any]] | None = None) -> None:
+    """Append this session's environment to env.json's ``resumes`` list.
+
+    ``changes`` (``{key: (old, new)}``, e.g. ``{"steps": (300, 600)}``) records config
+    values this resume changed, under ``config_changes``.
+    """
     path = Path(run_dir) / ENV_FILE
     try:
         env = json.loads(path.read_text())
     except (OSError, ValueError):
         env = {}
-    env.setdefault("resumes", []).append(environment_info(device, argv))
+    info = environment_info(device, argv)
+    if changes:
+        info["config_changes"] = {k: {"old": old, "new": new}
+                                  for k, (old, new) in changes.items()}
+    env.setdefault("resumes", []).append(info)
     atomic_write_text(path, json.dumps(env, indent=1) + "\n")
 
 

@@ -9,14 +9,15 @@ from metaopt.runner.experiments.hypercleaning import (
     HyperCleaning,
     HyperCleaningConfig,
     baseline_metrics,
+    method_settings,
 )
 
-SMALL = {"n_train": 300, "n_val": 200, "n_test": 300, "inner_steps": 3, "final_steps": 50,
-         "linear_iters": 3, "truncate": 2}
+SMALL = {"n_train": 300, "n_val": 200, "n_test": 300, "inner_steps": 3, "final_steps": 50}
 
 
 def _exp(estimator, **kw):
-    cfg = HyperCleaningConfig(p=0.5, estimator=estimator, **{**SMALL, **kw})
+    cfg = HyperCleaningConfig(p=0.5, **method_settings(estimator, linear_iters=3, truncate=2),
+                              **{**SMALL, **kw})
     return HyperCleaning(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=0)
 
 
@@ -70,13 +71,28 @@ def test_bad_config():
         HyperCleaningConfig(p=2.0)
     with pytest.raises(ValueError, match="outer_lr"):
         HyperCleaningConfig(outer_lr=-1.0)
+    with pytest.raises(ValueError, match="unknown estimator 'ift'"):
+        HyperCleaningConfig(estimator="ift")
+    with pytest.raises(ValueError, match="'bome' does not accept option.*solver"):
+        HyperCleaningConfig(estimator="bome", estimator_options={"theta_lr": 1.0,
+                                                                 "solver": "cg"})
+
+
+def test_estimators_come_from_the_registry():
+    from metaopt.bilevel import BOME, Unrolled
+    from metaopt.registry import ESTIMATORS
+
+    exp = _exp("truncated")
+    assert ESTIMATORS.get("bome") is BOME
+    assert isinstance(exp.estimator, Unrolled) and exp.estimator.truncate == 2
 
 
 def test_quick_small_run_beats_corrupted_baseline():
     """Three outer steps of IFT-Neumann on a 600/300/600 split beat training on all
     corrupted data (same final trainer) in test accuracy, and find the clean samples."""
-    cfg = HyperCleaningConfig(p=0.5, estimator="ift_neumann", n_train=600, n_val=300,
-                              n_test=600, inner_steps=5, linear_iters=5, final_steps=100)
+    cfg = HyperCleaningConfig(p=0.5, **method_settings("ift_neumann", linear_iters=5),
+                              n_train=600, n_val=300, n_test=600, inner_steps=5,
+                              final_steps=100)
     exp = HyperCleaning(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=0)
     for s in range(1, 4):
         exp.meta_step(s)
@@ -91,8 +107,8 @@ def test_quick_run_beats_corrupted_baseline():
     """A few outer steps of IFT-Neumann on the full-size task beat training on all
     corrupted data (same final trainer) in test accuracy, and find the clean samples."""
     torch.manual_seed(0)
-    cfg = HyperCleaningConfig(p=0.5, estimator="ift_neumann", inner_steps=5,
-                              linear_iters=5, final_steps=100, outer_lr=0.3)
+    cfg = HyperCleaningConfig(p=0.5, **method_settings("ift_neumann", linear_iters=5),
+                              inner_steps=5, final_steps=100, outer_lr=0.3)
     exp = HyperCleaning(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=0)
     for s in range(1, 6):
         exp.meta_step(s)

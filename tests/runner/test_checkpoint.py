@@ -89,7 +89,7 @@ def test_missing_file_is_an_incomplete_checkpoint(tmp_path):
         read_checkpoint(path)
     path = write_checkpoint(tmp_path, step=2, experiment="e", config={}, state=sample_state())
     (path / "tensors.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"cannot read tensors\.safetensors"):
+    with pytest.raises(CheckpointError, match=r"tensors\.safetensors is missing"):
         read_checkpoint(path)
 
 

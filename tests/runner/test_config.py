@@ -16,7 +16,7 @@ from metaopt.runner.config import (
     to_yaml,
 )
 from metaopt.runner.experiment import Experiment, ExperimentConfig, register_experiment
-from metaopt.runner.experiments import RidgeHyperConfig
+from metaopt.runner.experiments.ridge_hyper import RidgeHyperConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

