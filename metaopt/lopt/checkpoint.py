@@ -37,8 +37,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from metaopt.errors import CheckpointError
-from metaopt.fileio import fsync_dir, read_regular_file, sha256_hex, write_synced
+from metaopt.fileio import read_regular_file, sha256_hex, write_directory_atomically
 from metaopt.lopt.base import ARCHITECTURES, LearnedOptimizer
 from metaopt.registry import PRETRAINED_LOPTS
 
@@ -118,25 +116,8 @@ def save_checkpoint(lopt: LearnedOptimizer, path: str | os.PathLike,
             "files": {WEIGHTS_FILE: {"sha256": sha256_hex(weights), "bytes": len(weights)}}}
     meta_bytes = _json_bytes(meta)
     seal = f"{sha256_hex(meta_bytes)}  {META_FILE}\n".encode()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write_synced(tmp / WEIGHTS_FILE, weights)
-        write_synced(tmp / META_FILE, meta_bytes)
-        write_synced(tmp / SEAL_FILE, seal)
-        fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return write_directory_atomically(
+        path, {WEIGHTS_FILE: weights, META_FILE: meta_bytes, SEAL_FILE: seal})
 
 
 def _replaceable(path: Path) -> bool:

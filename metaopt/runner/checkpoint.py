@@ -46,7 +46,7 @@ from metaopt.fileio import (
     atomic_write_text,
     fsync_dir,
     sha256_hex,
-    write_synced,
+    write_directory_atomically,
 )
 
 __all__ = [
@@ -109,24 +109,10 @@ def write_checkpoint(directory: str | Path, *, step: int, experiment: str,
         TENSORS: {"sha256": sha256_hex(payload), "bytes": len(payload)},
         STATE: {"sha256": sha256_hex(state_bytes), "bytes": len(state_bytes)},
     }}
-    final = directory / f"step_{step:08d}"
-    tmp = directory / f"{_TMP}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    write_synced(tmp / TENSORS, payload)
-    write_synced(tmp / STATE, state_bytes)
-    write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-    fsync_dir(tmp)
-    old = None
-    if final.exists():
-        old = directory / f"{_OLD}{final.name}-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    files = {TENSORS: payload, STATE: state_bytes,
+             MANIFEST: json.dumps(manifest, indent=1).encode()}
+    return write_directory_atomically(directory / f"step_{step:08d}", files,
+                                      tmp_prefix=_TMP, old_prefix=_OLD)
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
