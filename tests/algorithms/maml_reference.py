@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metaopt.params import Params
@@ -94,3 +95,13 @@ def classification_batch(tasks: int = 2, ways: int = 3, shots: int = 2, queries:
     sy = torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1)
     qy = torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1)
     return sx, sy, qx, qy
+
+
+def meta_grads(algo, batch, loss_fn=F.mse_loss):
+    """One ``meta_loss(...).backward()``: the meta-gradient by name and the loss."""
+    algo.zero_grad()
+    loss = algo.meta_loss(*batch, loss_fn)
+    loss.backward()
+    out = {k: p.grad.clone() for k, p in algo.named_parameters()}
+    algo.zero_grad()
+    return out, float(loss.detach())

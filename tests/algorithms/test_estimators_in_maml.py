@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from maml_reference import call, maml_grad, max_rel_diff, mlp, regression_batch
+from maml_reference import call, maml_grad, max_rel_diff, meta_grads, mlp, regression_batch
 from torch import nn
 
 from metaopt.algorithms import ANIL, MAML, iMAML
@@ -23,23 +23,14 @@ from metaopt.bilevel.reference_problems import ridge_problem
 from metaopt.bilevel.task_batch import saved_tensor_bytes
 
 
-def _grads(algo, batch, loss_fn=F.mse_loss):
-    algo.zero_grad()
-    loss = algo.meta_loss(*batch, loss_fn)
-    loss.backward()
-    out = {k: p.grad.clone() for k, p in algo.named_parameters()}
-    algo.zero_grad()
-    return out, float(loss.detach())
-
-
 # --------------------------------------------------------------------------- estimators
 def test_checkpointed_maml_equals_plain_maml_with_less_memory_at_50_steps():
     model, batch = mlp(), regression_batch(tasks=2)
     plain = MAML(model, inner_lr=0.01, inner_steps=50, strategy="loop")
     ckpt = MAML(model, inner_lr=0.01, inner_steps=50, strategy="loop",
                 estimator=Unrolled(checkpoint_segment=5))
-    (g_plain, l_plain), bytes_plain = saved_tensor_bytes(lambda: _grads(plain, batch))
-    (g_ckpt, l_ckpt), bytes_ckpt = saved_tensor_bytes(lambda: _grads(ckpt, batch))
+    (g_plain, l_plain), bytes_plain = saved_tensor_bytes(lambda: meta_grads(plain, batch))
+    (g_ckpt, l_ckpt), bytes_ckpt = saved_tensor_bytes(lambda: meta_grads(ckpt, batch))
     assert l_ckpt == pytest.approx(l_plain, rel=1e-14)
     assert max_rel_diff(g_ckpt, g_plain) < 1e-12
     ref, _ = maml_grad(model, *batch, F.mse_loss, 0.01, 50)
@@ -75,7 +66,7 @@ def _peak(algo, batch) -> int:
         return box
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda b: b.t):
-        _grads(algo, batch)
+        meta_grads(algo, batch)
     return peak
 
 
@@ -83,7 +74,7 @@ def test_checkpointed_maml_runs_in_the_loop_and_refuses_vmap():
     model, batch = mlp(), regression_batch(tasks=3)
     auto = MAML(model, inner_lr=0.05, inner_steps=4, estimator=Unrolled(checkpoint_segment=2))
     for _ in range(2):
-        _grads(auto, batch)
+        meta_grads(auto, batch)
         assert auto.last_strategy == "loop"
     with pytest.raises(ValueError, match="one task at a time"):
         MAML(model, estimator=Unrolled(checkpoint_segment=2), strategy="vmap").meta_loss(
@@ -115,9 +106,9 @@ def _truncated_reference(model, batch, lr, steps, truncate, head):
 def test_truncated_maml_drops_exactly_the_early_steps():
     model, batch = mlp(), regression_batch(tasks=3)
     head = ["4.weight", "4.bias"]
-    full, _ = _grads(ANIL(model, inner_lr=0.1, inner_steps=3, estimator=Unrolled()), batch)
+    full, _ = meta_grads(ANIL(model, inner_lr=0.1, inner_steps=3, estimator=Unrolled()), batch)
     for T in (0, 1, 2, 3):
-        got, _ = _grads(ANIL(model, inner_lr=0.1, inner_steps=3,
+        got, _ = meta_grads(ANIL(model, inner_lr=0.1, inner_steps=3,
                              estimator=Unrolled(truncate=T)), batch)
         ref = _truncated_reference(model, batch, 0.1, 3, T, head)
         assert max_rel_diff(got, {f"model.{k}": v for k, v in ref.items()}) < 1e-10, T
@@ -126,18 +117,18 @@ def test_truncated_maml_drops_exactly_the_early_steps():
         else:
             assert max_rel_diff(got, full) > 1e-3, T  # the early steps' terms are gone
     # with every parameter adapted, θ_K depends on φ only through the dropped steps
-    trunc, _ = _grads(MAML(model, inner_lr=0.1, inner_steps=3,
+    trunc, _ = meta_grads(MAML(model, inner_lr=0.1, inner_steps=3,
                            estimator=Unrolled(truncate=2)), batch)
     assert all(float(g.abs().max()) == 0.0 for g in trunc.values())
 
 
 def test_estimator_one_liners():
     model, batch = mlp(), regression_batch(tasks=3)
-    fo, _ = _grads(MAML(model, inner_lr=0.05, inner_steps=2, first_order=True), batch)
-    fo2, _ = _grads(MAML(model, inner_lr=0.05, inner_steps=2, estimator=FirstOrder()), batch)
+    fo, _ = meta_grads(MAML(model, inner_lr=0.05, inner_steps=2, first_order=True), batch)
+    fo2, _ = meta_grads(MAML(model, inner_lr=0.05, inner_steps=2, estimator=FirstOrder()), batch)
     assert max_rel_diff(fo, fo2) == 0.0
-    imaml, _ = _grads(iMAML(model, inner_lr=0.05, inner_steps=3, lam=1.0, cg_steps=4), batch)
-    implicit, _ = _grads(MAML(model, inner_lr=0.05, inner_steps=3,
+    imaml, _ = meta_grads(iMAML(model, inner_lr=0.05, inner_steps=3, lam=1.0, cg_steps=4), batch)
+    implicit, _ = meta_grads(MAML(model, inner_lr=0.05, inner_steps=3,
                               estimator=Implicit(max_iter=4, warn=False, solver_options={
                                   "first_step_fallback": 1.0})), batch)
     assert max_rel_diff(implicit, imaml) == 0.0
@@ -178,7 +169,7 @@ OLD_IMAML = {
 def test_imaml_through_implicit_reproduces_the_old_numbers(solver):
     model, batch = mlp(), regression_batch(tasks=3)
     algo = iMAML(model, inner_lr=0.05, inner_steps=3, lam=2.0, cg_steps=4, solver=solver)
-    grads, loss = _grads(algo, batch)
+    grads, loss = meta_grads(algo, batch)
     old_loss, old = OLD_IMAML[solver]
     assert loss == old_loss
     for k, (total, absolute) in old.items():
@@ -199,8 +190,8 @@ def test_anil_by_name_prefix_on_a_non_sequential_model():
             return self.head(self.body(x))
 
     model, batch = Net().double(), regression_batch(tasks=2)
-    anil, _ = _grads(ANIL(model, inner_lr=0.1, inner_steps=2, head="head"), batch)
-    ref, _ = _grads(MAML(model, inner_lr=0.1, inner_steps=2,
+    anil, _ = meta_grads(ANIL(model, inner_lr=0.1, inner_steps=2, head="head"), batch)
+    ref, _ = meta_grads(MAML(model, inner_lr=0.1, inner_steps=2,
                          inner_params=["head.weight", "head.bias"]), batch)
     assert max_rel_diff(anil, ref) == 0.0
     with pytest.raises(ValueError, match="no parameters under 'neck.'"):

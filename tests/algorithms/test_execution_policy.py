@@ -14,7 +14,14 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from maml_reference import classification_batch, conv_bn, max_rel_diff, mlp, regression_batch
+from maml_reference import (
+    classification_batch,
+    conv_bn,
+    max_rel_diff,
+    meta_grads,
+    mlp,
+    regression_batch,
+)
 from torch import Tensor, nn
 
 from metaopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile, iMAML
@@ -27,15 +34,6 @@ from metaopt.bilevel.task_batch import (
     run_vmap,
     saved_tensor_bytes,
 )
-
-
-def _grads(algo, batch, loss_fn=F.mse_loss):
-    algo.zero_grad()
-    loss = algo.meta_loss(*batch, loss_fn)
-    loss.backward()
-    out = {k: p.grad.clone() for k, p in algo.named_parameters()}
-    algo.zero_grad()
-    return out, float(loss.detach())
 
 
 # --------------------------------------------------------------------------- policy
@@ -57,35 +55,35 @@ def test_auto_measures_one_task_then_vmaps_the_chunk_that_fits_the_budget():
     time and in every run."""
     model, batch = mlp(), regression_batch(tasks=6)
     maml = MAML(model, inner_lr=0.05, inner_steps=2)
-    ref, _ = _grads(MAML(model, inner_lr=0.05, inner_steps=2, strategy="loop"), batch)
-    _grads(maml, batch)
+    ref, _ = meta_grads(MAML(model, inner_lr=0.05, inner_steps=2, strategy="loop"), batch)
+    meta_grads(maml, batch)
     assert maml.last_strategy == "loop"
     (sig, footprint), = maml.task_footprints.items()
     # the footprint is the first task's saved-tensor bytes: the same in a fresh learner
     # and what counting one task's forward and backward gives (within a few scalars)
     fresh = MAML(model, inner_lr=0.05, inner_steps=2)
-    _grads(fresh, batch)
+    meta_grads(fresh, batch)
     assert fresh.task_footprints == {sig: footprint}
     task = [t[0] for t in batch]
     phi = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
     _, again = saved_tensor_bytes(lambda: maml.task_loss(phi, *task, F.mse_loss).backward())
     assert footprint > 0 and abs(again - footprint) <= 64
-    got, _ = _grads(maml, batch)
+    got, _ = meta_grads(maml, batch)
     assert maml.last_strategy == "vmap" and maml._batcher.chunks[sig] == 6
     assert max_rel_diff(got, ref) < 1e-10
     # a budget of 2.5 tasks gives chunks of 2; of 1.5 tasks the loop
     two = MAML(model, inner_lr=0.05, inner_steps=2, memory_budget=int(2.5 * footprint))
     for _ in range(2):
-        got, _ = _grads(two, batch)
+        got, _ = meta_grads(two, batch)
     assert two.last_strategy == "vmap" and two._batcher.chunks[sig] == 2
     assert max_rel_diff(got, ref) < 1e-10
     one = MAML(model, inner_lr=0.05, inner_steps=2, memory_budget=int(1.5 * footprint))
     for _ in range(2):
-        _grads(one, batch)
+        meta_grads(one, batch)
     assert one.last_strategy == "loop" and one._batcher.chunks[sig] is None
     capped = MAML(model, inner_lr=0.05, inner_steps=2, chunk_size=4)
     for _ in range(2):
-        _grads(capped, batch)
+        meta_grads(capped, batch)
     assert capped._batcher.chunks[sig] == 4
 
 
@@ -95,7 +93,7 @@ def test_budget_choice_respects_the_budget(steps):
     choice depends on nothing but the inputs' signature and the settings."""
     model, batch = mlp(), regression_batch(tasks=8)
     probe = MAML(model, inner_lr=0.05, inner_steps=steps)
-    _grads(probe, batch)
+    meta_grads(probe, batch)
     (footprint,) = probe.task_footprints.values()
     for tasks_worth in (0.5, 1.0, 2.0, 3.7, 8.0, 100.0):
         budget = int(tasks_worth * footprint)
@@ -191,7 +189,7 @@ class _SavedBytes:
 def _peak_saved_bytes(algo, batch) -> int:
     probe = _SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(probe.pack, probe.unpack):
-        _grads(algo, batch)
+        meta_grads(algo, batch)
     return probe.peak
 
 
@@ -207,10 +205,10 @@ def test_loop_memory_is_one_tasks_whatever_the_meta_batch(make):
     torch.manual_seed(0)
     model = mlp()
     single = make(model)
-    _grads(single, regression_batch(tasks=1))  # "auto" measures on its first meta-batch
+    meta_grads(single, regression_batch(tasks=1))  # "auto" measures on its first meta-batch
     one = _peak_saved_bytes(single, regression_batch(tasks=1))
     learner = make(model)
-    _grads(learner, regression_batch(tasks=8))
+    meta_grads(learner, regression_batch(tasks=8))
     eight = _peak_saved_bytes(learner, regression_batch(tasks=8))
     assert one > 0
     assert eight <= 1.2 * one, (eight, one)
@@ -252,10 +250,10 @@ SETTINGS = {
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_every_strategy_and_chunk_size_gives_the_loops_meta_gradient(algo, setting):
     model, batch = mlp(), regression_batch(tasks=5)
-    ref, ref_loss = _grads(ALGOS[algo](model, strategy="loop"), batch)
+    ref, ref_loss = meta_grads(ALGOS[algo](model, strategy="loop"), batch)
     learner = ALGOS[algo](model, **SETTINGS[setting])
     for _ in range(2):  # under "auto" the second meta-batch runs the budget's choice
-        got, loss = _grads(learner, batch)
+        got, loss = meta_grads(learner, batch)
         assert loss == pytest.approx(ref_loss, rel=1e-12)
         assert max_rel_diff(got, ref) < 1e-10
 
@@ -265,8 +263,8 @@ def test_imaml_is_unchanged_by_the_traced_forward():
     traced = iMAML(model, inner_lr=0.05, inner_steps=3, lam=2.0, cg_steps=4)
     plain = iMAML(model, inner_lr=0.05, inner_steps=3, lam=2.0, cg_steps=4)
     plain._fmodel._configuration.traceable = False  # functional_call only
-    got, loss = _grads(traced, batch)
-    ref, ref_loss = _grads(plain, batch)
+    got, loss = meta_grads(traced, batch)
+    ref, ref_loss = meta_grads(plain, batch)
     assert traced._fmodel._verified and loss == ref_loss
     assert max_rel_diff(got, ref) == 0.0
 
