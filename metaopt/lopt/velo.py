@@ -426,8 +426,10 @@ class VeLO(LearnedOptimizer):
         var_m_n, mean_m_n = var_m * nm2, mean_m * norm_mult
         mean_rms = mean_r * norm_mult
         var_rms = var_r * nm2 + torch.square(mean_rms - mean_m_n)
-        per_tensor = torch.cat([_clip_log_abs(mean_rms), _rank_features(shapes, device),
-                                _clip_log_abs(var_m_n), _clip_log_abs(var_rms)], dim=1)
+        # the three log features in one elementwise pass: (n, 1 + 3 + 1)
+        logs = _clip_log_abs(torch.cat([mean_rms, var_m_n, var_rms], dim=1))
+        per_tensor = torch.cat([logs[:, :1], _rank_features(shapes, device), logs[:, 1:]],
+                               dim=1)
         shared = torch.cat([fraction_left, loss_features]).expand(per_tensor.shape[0], -1)
         return torch.cat([shared, per_tensor], dim=1)
 
