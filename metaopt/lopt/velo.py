@@ -611,7 +611,6 @@ class VeLO(LearnedOptimizer):
             # every tensor went through the kernel: its sums give all moments at once
             msq, var_m, mean_m, var_r, mean_r = velo_kernels.kernel_moments(
                 k_dec, [kernel[k] for k in keys])
-            p_mean_sq = dict(zip(keys, msq.unbind(0)))
             x = self._lstm_features([p.shape for p in params.values()], state, loss_features,
                                     msq, var_m, mean_m, var_r, mean_r)
         else:
@@ -622,6 +621,7 @@ class VeLO(LearnedOptimizer):
                 pre["moments"] = (var_m1[0], mean_m1[0], var_r1[0], mean_r1[0])
             p_mean_sq = {k: kernel[k]["p_mean_sq"] if k in kernel else _mean_sq(p)
                          for k, p in params.items()}
+            msq = torch.stack(list(p_mean_sq.values())) if kernel else None
             x = self.lstm_inputs(params, state, loss_features, p_mean_sq,
                                  {k: pre["moments"] for k, pre in kernel.items()})
         h_prev = torch.stack([state["lstm_hidden"][k] for k in keys])
@@ -650,7 +650,7 @@ class VeLO(LearnedOptimizer):
                 packed = torch.index_select(ext, 1, first) + torch.index_select(ext, 1, second)
             coefs = lr_mult * self.step_mult
             if self.param_scale_mult:
-                coefs = coefs * torch.sqrt(torch.stack(list(p_mean_sq.values())) + 1e-9)
+                coefs = coefs * torch.sqrt(msq + 1e-9)
             if not all(isinstance(sc, float) and sc == 1.0 for sc in scales):
                 coefs = coefs * torch.stack([torch.as_tensor(sc, dtype=torch.float32)
                                              for sc in scales])
