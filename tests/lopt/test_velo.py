@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import pickle
 import shutil
 from pathlib import Path
 
@@ -589,3 +590,20 @@ def test_in_place_kernel_plans_are_reused_between_steps():
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new state tensors
     third = step()
     assert all(third[k] is not second[k] for k in first)
+
+
+def test_copied_shell_takes_its_own_snapshot():
+    """A deep-copied or unpickled shell rebuilds its meta-parameter snapshot from its own
+    copy of the learned optimizer (equal values, its own tensors)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    opt = VeLO(lstm_hidden_size=16, param_inits=8).optimizer(model.parameters(),
+                                                             num_steps=20,
+                                                             backend="reference")
+    model(torch.ones(2, 6)).square().mean().backward()
+    opt.step(loss=1.0)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        meta, own = clone._workspace["meta"], opt._workspace["meta"]
+        assert meta.keys() == own.keys()
+        for name in own:
+            assert meta[name] is not own[name] and torch.equal(meta[name], own[name]), name
