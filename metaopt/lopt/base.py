@@ -72,6 +72,13 @@ class LearnedOptimizer(nn.Module):
         """Optimizer state for task parameters ``params`` and a horizon of ``num_steps``."""
         raise NotImplementedError
 
+    def derived_meta_parameters(self) -> dict[str, Tensor]:
+        """Detached tensors derived from the meta-parameters that the ``torch.optim``
+        shell may compute once and reuse for every in-place step (e.g. VeLO's folded LSTM
+        weights); ``{}`` (the default) when there are none. The pure :meth:`update` never
+        uses them, so it always reflects the meta-parameters it runs with."""
+        return {}
+
     # ------------------------------------------------------------------ guarded steps
     def update(self, grads: Params, state: LOptState, params: Params,
                loss: Tensor | float | None = None, *,

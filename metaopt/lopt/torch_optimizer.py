@@ -25,6 +25,15 @@ casts them with the parameter, and everything else (step counters, loss buffers,
 a global tree. ``state_dict()`` adds that tree under ``"learned_optimizer"``;
 ``load_state_dict`` restores it onto the parameters' device. Architectures must not
 rely on the order or spelling of parameter names.
+
+Meta-parameters are constants while the shell holds them. At construction (and in
+``load_state_dict`` and :meth:`LearnedOptimizerShell.refresh_meta_parameters`) the shell
+takes a detached snapshot of what the step's networks need
+(``lopt.derived_meta_parameters()``, e.g. VeLO's folded LSTM weights) into its
+workspace; an in-place change of ``lopt``'s weights, or moving ``lopt`` to another
+device, reaches the shell's steps only after ``refresh_meta_parameters()``. The pure
+``lopt.update`` / ``as_transformation`` / ``lopt.call(meta_params, ...)`` never cache
+anything: they always run on the meta-parameters they are given (as ES/PES need).
 """
 
 from __future__ import annotations
@@ -135,9 +144,20 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.init_kwargs = dict(init_kwargs or {})
         self._global: Any = None  # global part of the learned optimizer's state
-        #: prepared backend calls (kernel plans) for this shell's state; reset with it
+        #: prepared backend calls (kernel plans) for this shell's state and the snapshot
+        #: of the meta-parameters (``"meta"``); reset with the state
         self._workspace: dict[str, Any] = {}
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.refresh_meta_parameters()
+
+    def refresh_meta_parameters(self) -> None:
+        """Take a new snapshot of the learned optimizer's meta-parameters.
+
+        The shell treats them as constants: call this after changing ``lopt``'s weights in
+        place (e.g. a meta-training step) or moving it, to make later steps use them.
+        """
+        derive = getattr(self.lopt, "derived_meta_parameters", None)
+        self._workspace["meta"] = derive() if derive is not None else {}
 
     # ------------------------------------------------------------------ helpers
     def _named_params(self) -> list[tuple[str, Tensor, dict[str, Any]]]:
@@ -232,6 +252,7 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
                 f"this optimizer runs '{self.lopt.architecture}'")
         super().load_state_dict(state_dict)
         self._workspace = {}
+        self.refresh_meta_parameters()
         if extra is None:
             self._global = None
             return
@@ -239,6 +260,12 @@ class LearnedOptimizerShell(torch.optim.Optimizer):
         params = [p for _, p, _ in self._named_params()]
         device = params[0].device if params else torch.device("cpu")
         self._global = _to_device(extra["global_state"], device)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "meta" not in self.__dict__.get("_workspace", {}):
+            self._workspace = {}
+            self.refresh_meta_parameters()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

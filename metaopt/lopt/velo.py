@@ -154,22 +154,6 @@ def _tensor_info(shape: tuple[int, ...]) -> _TensorInfo:
     return _TensorInfo(shape, shape1d, factored_dims(shape1d), _tensor_rank(shape))
 
 
-def _cached(workspace: dict | None, name: str, tensors: tuple[Tensor, ...],
-             compute: Any) -> Tensor:
-    """``compute()``, kept in the caller's ``workspace`` (the shell's, never the module's)
-    while ``tensors`` are the same objects with the same storage, dtype, device and
-    in-place version; recomputed without a workspace or under autograd."""
-    if workspace is None or torch.is_grad_enabled():
-        return compute()
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-    entry = workspace.get(name)
-    if entry is not None and entry[1] == key and all(a is b for a, b in zip(entry[0], tensors)):
-        return entry[2]
-    value = compute()
-    workspace[name] = (tensors, key, value)
-    return value
-
-
 # ------------------------------------------------------------------------- loss buffer
 
 
@@ -442,45 +426,98 @@ class VeLO(LearnedOptimizer):
         var_m_n, mean_m_n = var_m * nm2, mean_m * norm_mult
         mean_rms = mean_r * norm_mult
         var_rms = var_r * nm2 + torch.square(mean_rms - mean_m_n)
-        per_tensor = torch.cat([_clip_log_abs(mean_rms), _rank_features(shapes, device),
-                                _clip_log_abs(var_m_n), _clip_log_abs(var_rms)], dim=1)
+        # the three log features in one elementwise pass: (n, 1 + 3 + 1)
+        logs = _clip_log_abs(torch.cat([mean_rms, var_m_n, var_rms], dim=1))
+        per_tensor = torch.cat([logs[:, :1], _rank_features(shapes, device), logs[:, 1:]],
+                               dim=1)
         shared = torch.cat([fraction_left, loss_features]).expand(per_tensor.shape[0], -1)
         return torch.cat([shared, per_tensor], dim=1)
 
-    def rnn(self, x: Tensor, hidden: Tensor, cell: Tensor, workspace: dict | None = None
+    def derived_meta_parameters(self) -> dict[str, Tensor]:
+        """Detached snapshot of the step's networks, pre-arranged for the shell's fast path.
+
+        ``lstm_fold = W_ih @ W_mix_in`` (``mix_in`` folded into the LSTM's input weights,
+        so the (n, 512) @ (512, 2048) input product becomes a (n, 30) @ (30, 2048) one),
+        ``lstm_bias = W_ih b_mix_in + b_ih + b_hh``, the LSTM, ``mix_pool`` and output
+        weights as copies, and ``packed_mlps``: the stack of per-parameter MLPs already
+        gathered into the fused kernel's argument layout and scaled by
+        ``100 / param_inits`` (``controls @ packed_mlps`` is every tensor's packed row).
+        Equal to the module path up to float32 rounding (re-association). The torch.optim
+        shell builds it once (see
+        :meth:`~metaopt.lopt.torch_optimizer.LearnedOptimizerShell.refresh_meta_parameters`);
+        the pure :meth:`update` never uses it.
+        """
+        with torch.no_grad():
+            w_ih = self.lstm.weight_ih.detach().clone()
+            meta = {
+                "w_ih": w_ih, "w_hh": self.lstm.weight_hh.detach().clone(),
+                "pool_w": self.mix_pool.weight.detach().clone(),
+                "pool_b": self.mix_pool.bias.detach().clone(),
+                "controls_w": self.rnn_to_controls.weight.detach().clone(),
+                "controls_b": self.rnn_to_controls.bias.detach().clone(),
+                "step_w": self.step_size.weight.detach().clone(),
+                "step_b": self.step_size.bias.detach().clone(),
+                "flat_mlps": self._flat_mlps().detach().clone(),
+            }
+            if self.mix_layers:
+                meta["lstm_fold"] = w_ih @ self.mix_in.weight.detach()
+                meta["lstm_bias"] = (torch.mv(w_ih, self.mix_in.bias.detach())
+                                     + self.lstm.bias_ih.detach() + self.lstm.bias_hh.detach())
+            if velo_kernels.gather_supported(self):
+                first, second, _, _ = self._kernel_gather()
+                flat = meta["flat_mlps"]
+                ext = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], dim=1)
+                meta["packed_mlps"] = ((torch.index_select(ext, 1, first.to(flat.device))
+                                        + torch.index_select(ext, 1, second.to(flat.device)))
+                                       * (100.0 / self.param_inits))
+        return meta
+
+    def rnn(self, x: Tensor, hidden: Tensor, cell: Tensor,
+            meta: Mapping[str, Tensor] | None = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-tensor network: ``(controls, lr_mult, next_hidden, next_cell)``.
 
-        With a ``workspace`` (the torch.optim shell's) and no autograd, ``mix_in`` is
-        folded into the LSTM's input weights: ``W_ih (A x + b + pooled) = (W_ih A) x +
-        W_ih (b + pooled)``, so the (n, 512) @ (512, 2048) input product becomes a (n, 30)
-        @ (30, 2048) one; ``W_ih A`` is kept in the workspace while both weights are
-        unchanged. Equal to the plain path up to float32 rounding (re-association)."""
-        if self.mix_layers and workspace is not None and not torch.is_grad_enabled():
-            w_ih, w_in = self.lstm.weight_ih, self.mix_in.weight
-            folded = _cached(workspace, "lstm_fold", (w_ih, w_in), lambda: w_ih @ w_in)
-            pooled = torch.relu(self.mix_pool(x)).amax(dim=0)
-            shared = F.linear(self.mix_in.bias + pooled, w_ih, self.lstm.bias_ih)
-            gates = torch.addmm(shared + self.lstm.bias_hh, x, folded.T)
-            gates = torch.addmm(gates, hidden, self.lstm.weight_hh.T)
+        With ``meta`` (:meth:`derived_meta_parameters`, the shell's snapshot) the
+        network runs on those tensors, with ``mix_in`` folded into the LSTM:
+        ``W_ih (A x + b + pooled) + b_ih + b_hh = (W_ih A) x + W_ih pooled + (W_ih b +
+        b_ih + b_hh)``. Without it, on the module's parameters (differentiable)."""
+        if meta is not None and self.mix_layers:
+            pooled = torch.relu(torch.addmm(meta["pool_b"], x, meta["pool_w"].T)).amax(dim=0)
+            gates = torch.addmm(torch.addmv(meta["lstm_bias"], meta["w_ih"], pooled), x,
+                                meta["lstm_fold"].T)
+            gates = torch.addmm(gates, hidden, meta["w_hh"].T)
             i, f, g, o = gates.chunk(4, dim=1)
             c = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
-        else:
-            if self.mix_layers:
-                # The reference computes relu(linear(x)) here and overwrites it (dead weights).
-                pooled = torch.relu(self.mix_pool(x)).amax(dim=0, keepdim=True)
-                x = self.mix_in(x) + pooled
-            h, c = self.lstm(x, (hidden, cell))
+            controls = torch.addmm(meta["controls_b"], h, meta["controls_w"].T)
+            lr_mult = torch.addmm(meta["step_b"], h, meta["step_w"].T).squeeze(-1)
+            return controls, lr_mult, h, c
+        if self.mix_layers:
+            # The reference computes relu(linear(x)) here and overwrites it (dead weights).
+            pooled = torch.relu(self.mix_pool(x)).amax(dim=0, keepdim=True)
+            x = self.mix_in(x) + pooled
+        h, c = self.lstm(x, (hidden, cell))
         return self.rnn_to_controls(h), self.step_size(h).squeeze(-1), h, c
 
-    def _mixed_flat(self, controls: Tensor, workspace: dict | None = None) -> Tensor:
+    def _flat_mlps(self) -> Tensor:
+        """The stack of per-parameter MLPs as (param_inits, n_weights) rows
+        ``[W0, b0, W1, b1, W2, b2]``."""
+        blocks = [t for pair in zip(self.ff_weights, self.ff_biases) for t in pair]
+        return torch.cat([t.reshape(self.param_inits, -1) for t in blocks], 1)
+
+    def _mixed_flat(self, controls: Tensor, meta: Mapping[str, Tensor] | None = None
+                    ) -> Tensor:
         """Per tensor, the MLP ``100 * mean_k(copy_k * controls_k)`` as one flat row
         ``[W0, b0, W1, b1, W2, b2]`` (n_tensors, n_weights)."""
-        blocks = tuple(t for pair in zip(self.ff_weights, self.ff_biases) for t in pair)
-        flat = _cached(workspace, "flat_mlps", blocks,
-                       lambda: torch.cat([t.reshape(self.param_inits, -1) for t in blocks], 1))
+        flat = meta["flat_mlps"] if meta is not None else self._flat_mlps()
         return (controls @ flat) * (100.0 / self.param_inits)
+
+    def _kernel_gather(self) -> tuple[Tensor, Tensor, Any, Any]:
+        """:func:`~metaopt.lopt.velo_kernels.kernel_mlp_gather` for this VeLO's sizes."""
+        return velo_kernels.kernel_mlp_gather(
+            _N_FF_IN, self.ff_hidden_size, self.ff_weights[-1].shape[-1],
+            len(self.initial_momentum_decays), tuple(_FULL_CHANNELS), tuple(_ROW_CHANNELS),
+            tuple(_COL_CHANNELS))
 
     def _mixed_mlps(self, controls: Tensor, mixed: Tensor | None = None
                     ) -> list[list[Tensor]]:
@@ -538,8 +575,14 @@ class VeLO(LearnedOptimizer):
         next_buffer = loss_buffer_update(state["loss_buffer"], loss_t)
         loss_features = loss_buffer_features(next_buffer)
         mom_d = self._decays(self.initial_momentum_decays, device)
-        rms_d = torch.clamp(self._decays(self.initial_rms_decays, device), 0.0, 1.0)
-        fac_d = torch.clamp(self._decays(self.initial_adafactor_decays, device), 0.0, 1.0)
+        rms_d = self._decays(tuple(min(max(d, 0.0), 1.0) for d in self.initial_rms_decays),
+                             device)
+        fac_d = self._decays(tuple(min(max(d, 0.0), 1.0)
+                                   for d in self.initial_adafactor_decays), device)
+        rms_float = min(max(self.initial_rms_decays[0], 0.0), 1.0)
+        # the shell's snapshot of the networks (never under autograd, never in update())
+        meta = (workspace.get("meta") if workspace is not None and not torch.is_grad_enabled()
+                else None)
         if kern is not None and (not velo_kernels.supports(self, kern) or (
                 torch.is_grad_enabled() and self._needs_graph(grads, state, params))):
             kern = None  # the kernels never run where an autograd graph is needed
@@ -554,7 +597,7 @@ class VeLO(LearnedOptimizer):
                     if inplace is not None and workspace is not None and g.is_contiguous()
                     else None)
             if plan is not None:
-                plan.pass1(g, mom_d, float(rms_d), fac_d)
+                plan.pass1(g, mom_d, rms_float, fac_d)
                 kernel[key] = {"plan": plan, "g": g, "stats": plan.stats, "n": plan.n}
             else:
                 kernel[key] = velo_kernels.pass1(self, kern, p, g, state, key, mom_d, rms_d,
@@ -568,7 +611,6 @@ class VeLO(LearnedOptimizer):
             # every tensor went through the kernel: its sums give all moments at once
             msq, var_m, mean_m, var_r, mean_r = velo_kernels.kernel_moments(
                 k_dec, [kernel[k] for k in keys])
-            p_mean_sq = dict(zip(keys, msq.unbind(0)))
             x = self._lstm_features([p.shape for p in params.values()], state, loss_features,
                                     msq, var_m, mean_m, var_r, mean_r)
         else:
@@ -579,11 +621,12 @@ class VeLO(LearnedOptimizer):
                 pre["moments"] = (var_m1[0], mean_m1[0], var_r1[0], mean_r1[0])
             p_mean_sq = {k: kernel[k]["p_mean_sq"] if k in kernel else _mean_sq(p)
                          for k, p in params.items()}
+            msq = torch.stack(list(p_mean_sq.values())) if kernel else None
             x = self.lstm_inputs(params, state, loss_features, p_mean_sq,
                                  {k: pre["moments"] for k, pre in kernel.items()})
         h_prev = torch.stack([state["lstm_hidden"][k] for k in keys])
         c_prev = torch.stack([state["lstm_cell"][k] for k in keys])
-        controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev, workspace)
+        controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev, meta)
         internals = {"lstm_input": x, "controls": controls, "lr_mult": lr_mult,
                      "loss_features": loss_features, "next_lstm_hidden": h,
                      "next_lstm_cell": c}
@@ -591,20 +634,23 @@ class VeLO(LearnedOptimizer):
             h, c = h_prev, c_prev
         if self.rnn_state_decay > 0.0:
             h, c = h * (1.0 - self.rnn_state_decay), c * (1.0 - self.rnn_state_decay)
-        mixed = self._mixed_flat(controls, workspace)
+        packed_mlps = meta.get("packed_mlps") if meta is not None else None
+        mixed = (self._mixed_flat(controls, meta)
+                 if len(kernel) < len(keys) or packed_mlps is None else None)
         mlps = self._mixed_mlps(controls, mixed) if len(kernel) < len(keys) else None
         scales = self._update_scales(state, keys)
         if kernel:
-            # the kernel's MLP arguments of every tensor in one gather, and the step
-            # coefficients as Python floats in one conversion
-            first, second, *slots = velo_kernels.kernel_mlp_gather(
-                _N_FF_IN, self.ff_hidden_size, self.ff_weights[-1].shape[-1], k_dec,
-                tuple(_FULL_CHANNELS), tuple(_ROW_CHANNELS), tuple(_COL_CHANNELS))
-            ext = torch.cat([mixed, mixed.new_zeros(mixed.shape[0], 1)], dim=1)
-            packed = torch.index_select(ext, 1, first) + torch.index_select(ext, 1, second)
+            # the kernel's MLP arguments of every tensor in one product (or gather), and
+            # the step coefficients as Python floats in one conversion
+            first, second, *slots = self._kernel_gather()
+            if packed_mlps is not None:
+                packed = controls @ packed_mlps
+            else:
+                ext = torch.cat([mixed, mixed.new_zeros(mixed.shape[0], 1)], dim=1)
+                packed = torch.index_select(ext, 1, first) + torch.index_select(ext, 1, second)
             coefs = lr_mult * self.step_mult
             if self.param_scale_mult:
-                coefs = coefs * torch.sqrt(torch.stack(list(p_mean_sq.values())) + 1e-9)
+                coefs = coefs * torch.sqrt(msq + 1e-9)
             if not all(isinstance(sc, float) and sc == 1.0 for sc in scales):
                 coefs = coefs * torch.stack([torch.as_tensor(sc, dtype=torch.float32)
                                              for sc in scales])

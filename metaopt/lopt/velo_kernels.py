@@ -25,8 +25,8 @@ from metaopt.lopt.cpu_kernels import LoptCpuKernels, MLPSlots, VeLOTensorPlan
 if TYPE_CHECKING:
     from metaopt.lopt.velo import VeLO
 
-__all__ = ["kernel_mlp_gather", "kernel_moments", "kernel_ok", "pass1", "pass2", "plan_for",
-           "supports"]
+__all__ = ["gather_supported", "kernel_mlp_gather", "kernel_moments", "kernel_ok", "pass1",
+           "pass2", "plan_for", "supports"]
 
 _GROUPS = ("mom", "rms", "v_row", "v_col", "v_diag")
 
@@ -34,9 +34,15 @@ _GROUPS = ("mom", "rms", "v_row", "v_col", "v_diag")
 def supports(velo: VeLO, kern: LoptCpuKernels) -> bool:
     """Whether the library is built for this VeLO's shape (3 decays, 2 hidden layers of
     the released width)."""
+    return gather_supported(velo) and kern.supports(len(velo.initial_momentum_decays),
+                                                    velo.ff_hidden_size)
+
+
+def gather_supported(velo: VeLO) -> bool:
+    """Whether this VeLO's MLP stack has the layout :func:`kernel_mlp_gather` packs
+    (two hidden layers, 1 rms and as many adafactor as momentum decays)."""
     return (velo.ff_hidden_layers == 2 and len(velo.initial_rms_decays) == 1
-            and len(velo.initial_adafactor_decays) == len(velo.initial_momentum_decays)
-            and kern.supports(len(velo.initial_momentum_decays), velo.ff_hidden_size))
+            and len(velo.initial_adafactor_decays) == len(velo.initial_momentum_decays))
 
 
 def kernel_ok(p: Tensor, g: Tensor) -> bool:
@@ -199,9 +205,6 @@ def pass2(velo: VeLO, kern: LoptCpuKernels, pre: Mapping[str, Any],
     rms = pre["rms"].view(1, *shape).movedim(0, -1)
     v_diag = pre["v"].view(-1, *shape).movedim(0, -1) if diag else None
     return p_new, mom, rms, pre["v_row"], pre["v_col"], v_diag
-
-@staticmethod
-
 
 @functools.lru_cache(maxsize=64)
 def _zeros_f32(values: tuple[float, ...], device: torch.device) -> Tensor:

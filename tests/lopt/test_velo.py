@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import pickle
 import shutil
 from pathlib import Path
 
@@ -436,25 +437,87 @@ def test_fast_path_matches_autograd_path(backend):
                                        rtol=1e-5, atol=1e-7)
 
 
-def test_no_grad_rnn_folds_mixing_into_lstm_and_tracks_weight_changes():
-    """Without autograd, ``rnn`` folds ``mix_in`` into the LSTM input weights; it agrees
-    with the module path at the released sizes and refreshes the folded weights when a
-    weight is changed in place (e.g. by a meta-optimizer step)."""
+def test_derived_meta_parameters_fold_mixing_into_lstm():
+    """``derived_meta_parameters`` folds ``mix_in`` into the LSTM input weights; ``rnn``
+    on that snapshot agrees with the module path at the released sizes. The snapshot is
+    a copy: an in-place change of the module's weights is seen by the module path only,
+    and by the fast path once a new snapshot is taken."""
     torch.manual_seed(0)
     lopt = VeLO()
     x = torch.randn(7, 30)
     h, c = torch.randn(7, 512) * 0.5, torch.randn(7, 512) * 0.5
-    workspace: dict = {}  # the shell's: where the folded weights are kept
+    meta = lopt.derived_meta_parameters()
+    assert {"lstm_fold", "lstm_bias", "packed_mlps"} <= meta.keys()
+    assert not any(t.requires_grad for t in meta.values())
     for change in range(2):
         with torch.enable_grad():
             ref = lopt.rnn(x, h, c)
         with torch.no_grad():
-            fast = lopt.rnn(x, h, c, workspace)
-        assert "lstm_fold" in workspace
+            fast = lopt.rnn(x, h, c, meta)
         for a, b in zip(fast, ref):
             torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             (lopt.mix_in.weight if change == 0 else lopt.lstm.weight_ih).mul_(1.5)
+            stale = lopt.rnn(x, h, c, meta)
+            moved = lopt.rnn(x, h, c)
+        assert not torch.allclose(stale[2], moved[2])  # the snapshot is not the module
+        meta = lopt.derived_meta_parameters()
+
+
+def test_shell_snapshots_meta_parameters_until_refreshed():
+    """The torch.optim shell treats the meta-parameters as constants: an in-place change
+    of the module's weights is not seen by its steps until ``refresh_meta_parameters()``
+    (documented contract), after which it matches a shell built on the changed weights.
+    The pure ``update`` always uses the weights it is given."""
+    torch.manual_seed(0)
+    lopt = VeLO(lstm_hidden_size=16, param_inits=8)
+    with torch.no_grad():
+        lopt.rnn_to_controls.weight.normal_(0.0, 0.5)
+    model = torch.nn.Linear(6, 5)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    xs = torch.randn(4, 2, 6, generator=torch.Generator().manual_seed(1))
+
+    def run(opt, steps, refresh_at=None, change_at=None):
+        for t in range(steps):
+            if t == change_at:
+                with torch.no_grad():
+                    lopt.ff_weights[0].mul_(-2.0)
+            if t == refresh_at:
+                opt.refresh_meta_parameters()
+            opt.zero_grad()
+            loss = model(xs[t]).square().mean()
+            loss.backward()
+            opt.step(loss=loss)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def fresh(**kw):
+        model.load_state_dict(init)
+        return lopt.optimizer(model.parameters(), num_steps=20, backend="reference", **kw)
+
+    original = {k: v.detach().clone() for k, v in lopt.state_dict().items()}
+    ignored = run(fresh(), 4, change_at=2)            # changed, never refreshed
+    lopt.load_state_dict(original)
+    unchanged = run(fresh(), 4)
+    refreshed = run(fresh(), 4, change_at=2, refresh_at=2)
+    lopt.load_state_dict(original)
+    # the pure path, which always reads the module: the change counts from step 2 on
+    model.load_state_dict(init)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = lopt.init(params, 20)
+    for t in range(4):
+        if t == 2:
+            with torch.no_grad():
+                lopt.ff_weights[0].mul_(-2.0)
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        loss = torch.func.functional_call(model, p, (xs[t],)).square().mean()
+        grads = dict(zip(p, torch.autograd.grad(loss, list(p.values()))))
+        with torch.no_grad():
+            params, state = lopt.update(grads, state, params, loss=loss.detach())
+    for k in init:
+        torch.testing.assert_close(ignored[k], unchanged[k], rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(refreshed[k], unchanged[k], rtol=1e-6, atol=1e-7), k
+        torch.testing.assert_close(refreshed[k], params[k], rtol=1e-5, atol=1e-6)
+    lopt.load_state_dict(original)
 
 
 def test_in_place_kernel_plans_match_the_checked_path(monkeypatch):
@@ -527,3 +590,20 @@ def test_in_place_kernel_plans_are_reused_between_steps():
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new state tensors
     third = step()
     assert all(third[k] is not second[k] for k in first)
+
+
+def test_copied_shell_takes_its_own_snapshot():
+    """A deep-copied or unpickled shell rebuilds its meta-parameter snapshot from its own
+    copy of the learned optimizer (equal values, its own tensors)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    opt = VeLO(lstm_hidden_size=16, param_inits=8).optimizer(model.parameters(),
+                                                             num_steps=20,
+                                                             backend="reference")
+    model(torch.ones(2, 6)).square().mean().backward()
+    opt.step(loss=1.0)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        meta, own = clone._workspace["meta"], opt._workspace["meta"]
+        assert meta.keys() == own.keys()
+        for name in own:
+            assert meta[name] is not own[name] and torch.equal(meta[name], own[name]), name
