@@ -354,8 +354,8 @@ def run_vmap(task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor], *, need_grad
             values, metric = batched(plain, *part)
         losses.append(values.detach())
         metrics.append(metric.detach())
-    if total is not None and check_finite:
-        _check_grads(total, "meta-gradient")
+    if total is not None and check_finite and not _finite(total):
+        _check_grads(total, "meta-gradient")  # names the tensor
     return TaskBatchResult(torch.cat(losses), torch.cat(metrics), total, "vmap")
 
 
