@@ -443,3 +443,18 @@ def test_a_changed_attribute_or_a_new_hook_after_tracing_is_honoured():
     assert torch.equal(fm(params, x), _functional_call(model, params, x))
     handle.remove()
     assert torch.equal(fm(params, x), _functional_call(model, params, x))
+
+
+def test_vmap_refuses_a_nonfinite_meta_gradient_naming_the_tensor():
+    from metaopt.params import NonFiniteError
+
+    phi = {"w": torch.ones(3, requires_grad=True), "b": torch.zeros(1, requires_grad=True)}
+    tasks = [torch.tensor([[1.0, 2.0, 3.0], [1.0, float("inf"), 0.0]])]
+
+    def task_fn(p, x, *, functional, checks):
+        return (p["w"] * x).sum() + p["b"].sum()
+
+    with pytest.raises(NonFiniteError, match="meta-gradient for 'w'"):
+        run_vmap(task_fn, phi, tasks, need_grad=True)
+    ok = run_vmap(task_fn, phi, [torch.ones(2, 3)], need_grad=True)
+    assert torch.equal(ok.grads["w"], torch.ones(3)) and torch.equal(ok.grads["b"], torch.ones(1))
