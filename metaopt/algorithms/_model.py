@@ -16,8 +16,9 @@ the wrong thing in meta-learning:
   so they are passed through unchanged.
 
 Any other buffer is passed as the module's own tensor. A module that writes into
-such a buffer in place still works in the per-task loop; under ``vmap`` it fails,
-and the algorithms then fall back to the loop (see ``_execution``).
+such a buffer in place still works in the per-task loop; under ``vmap`` it fails, so
+``strategy="auto"`` keeps models with modules of the user's own classes on the loop
+(see :mod:`metaopt.bilevel.task_batch`).
 
 **Speed.** With ``trace=True`` (the default) the model runs as a verified
 :mod:`torch.fx` trace of its forward wherever that is known to compute exactly what
