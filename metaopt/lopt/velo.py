@@ -65,6 +65,7 @@ __all__ = [
     "factored_dims",
     "loss_buffer_features",
     "loss_buffer_init",
+    "loss_buffer_step",
     "loss_buffer_update",
 ]
 
@@ -174,26 +175,46 @@ def loss_buffer_init(num_steps: int, device: torch.device | str | None = None) -
 
 def loss_buffer_update(buf: Mapping[str, Tensor], loss: Tensor) -> dict[str, Tensor]:
     """Feed one loss: cap it at twice the largest running mean, then update means and min."""
-    decays, means, it = buf["decays"], buf["means"], buf["iteration"]
-    loss = loss.to(torch.float32).reshape(())
-    bias = 1.0 - decays ** (it + 1).to(torch.float32)
-    approx_max = torch.where(it == 0, loss, torch.max(means / bias))
-    loss = torch.minimum(torch.abs(approx_max) * 2.0, loss)
-    new_means = means * decays + loss * (1.0 - decays)
-    running_min = torch.minimum(buf["running_min"], new_means / bias)
-    return {"means": new_means, "running_min": running_min, "decays": decays,
-            "iteration": it + 1}
+    return _loss_buffer_update(buf, loss)[0]
 
 
 def loss_buffer_features(buf: Mapping[str, Tensor]) -> Tensor:
     """Nine features in [-1, 1]: where each running mean sits between the minimum and the
     next-slower mean; all zero for the first two steps."""
-    decays, it = buf["decays"], buf["iteration"]
-    cor_mean = buf["means"] / (1.0 - decays ** it.to(torch.float32))
+    bias = 1.0 - buf["decays"] ** buf["iteration"].to(torch.float32)
+    return _loss_buffer_features(buf, bias)
+
+
+def loss_buffer_step(buf: Mapping[str, Tensor], loss: Tensor
+                     ) -> tuple[dict[str, Tensor], Tensor]:
+    """``loss_buffer_update(buf, loss)`` and the :func:`loss_buffer_features` of the result
+    (the same tensors), sharing the bias correction ``1 - decays**(iteration + 1)``."""
+    new_buf, bias = _loss_buffer_update(buf, loss)
+    return new_buf, _loss_buffer_features(new_buf, bias)
+
+
+def _loss_buffer_update(buf: Mapping[str, Tensor], loss: Tensor
+                        ) -> tuple[dict[str, Tensor], Tensor]:
+    """The new buffer and its bias correction ``1 - decays**iteration`` (new iteration)."""
+    decays, means, it = buf["decays"], buf["means"], buf["iteration"]
+    loss = loss.to(torch.float32).reshape(())
+    it_next = it + 1
+    bias = 1.0 - decays ** it_next.to(torch.float32)
+    approx_max = torch.where(it == 0, loss, torch.max(means / bias))
+    loss = torch.minimum(torch.abs(approx_max) * 2.0, loss)
+    new_means = means * decays + loss * (1.0 - decays)
+    running_min = torch.minimum(buf["running_min"], new_means / bias)
+    return ({"means": new_means, "running_min": running_min, "decays": decays,
+             "iteration": it_next}, bias)
+
+
+def _loss_buffer_features(buf: Mapping[str, Tensor], bias: Tensor) -> Tensor:
+    """:func:`loss_buffer_features` given ``bias = 1 - decays**iteration``."""
+    cor_mean = buf["means"] / bias
     running_min = buf["running_min"][:-1]
     den = torch.clamp(cor_mean[1:] - running_min, min=1e-8)
     feat = torch.clamp((cor_mean[:-1] - running_min) / den - 1.0, -1.0, 1.0)
-    return torch.where(it <= 2, feat * 0.0, feat)
+    return torch.where(buf["iteration"] <= 2, feat * 0.0, feat)
 
 
 # ------------------------------------------------------------------------ the optimizer
@@ -572,8 +593,7 @@ class VeLO(LearnedOptimizer):
         keys = list(params.keys())
         device = state["iteration"].device
         loss_t = loss.to(device=device, dtype=torch.float32)
-        next_buffer = loss_buffer_update(state["loss_buffer"], loss_t)
-        loss_features = loss_buffer_features(next_buffer)
+        next_buffer, loss_features = loss_buffer_step(state["loss_buffer"], loss_t)
         mom_d = self._decays(self.initial_momentum_decays, device)
         rms_d = self._decays(tuple(min(max(d, 0.0), 1.0) for d in self.initial_rms_decays),
                              device)

@@ -24,6 +24,7 @@ from metaopt.lopt.velo import (
     factored_dims,
     loss_buffer_features,
     loss_buffer_init,
+    loss_buffer_step,
     loss_buffer_update,
 )
 
@@ -370,6 +371,19 @@ def test_loss_features_zero_for_two_steps_then_bounded():
             assert torch.all(feats == 0)
         assert torch.all(feats.abs() <= 1)
     assert torch.any(feats != 0)
+
+
+def test_loss_buffer_step_is_update_then_features_bitwise():
+    """The step's fused form (one shared bias correction) equals the two public calls."""
+    buf_a = buf_b = loss_buffer_init(1000)
+    for loss in [5.0, 4.0, 3.5, 3.0, 10.0, 2.0, 2.5, 1e6, 0.5]:
+        buf_a = loss_buffer_update(buf_a, torch.tensor(loss))
+        feats_a = loss_buffer_features(buf_a)
+        buf_b, feats_b = loss_buffer_step(buf_b, torch.tensor(loss))
+        assert torch.equal(feats_a, feats_b)
+        assert buf_a.keys() == buf_b.keys()
+        for k in buf_a:
+            assert torch.equal(buf_a[k], buf_b[k]) and buf_a[k].dtype == buf_b[k].dtype, k
 
 
 def test_meta_gradient_flows_through_update():
