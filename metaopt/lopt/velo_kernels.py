@@ -160,8 +160,8 @@ def kernel_moments(k: int, pres: Sequence[Mapping[str, Any]]
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``mean(p²)`` (n,), variance and mean of the old momenta (n, 3) and of the old
     second moment (n, 1) of the tensors whose first kernel pass returned ``pres``."""
-    counts = torch.tensor([pre["n"] for pre in pres], dtype=torch.float64)
-    sums = (torch.stack([pre["stats"] for pre in pres]) / counts.unsqueeze(1)).float()
+    counts = _counts_f64(tuple(pre["n"] for pre in pres))
+    sums = (torch.stack([pre["stats"] for pre in pres]) / counts).float()
     mean_m, mean_r = sums[:, 0:2 * k:2], sums[:, 2 * k:2 * k + 1]
     var_m = torch.clamp(sums[:, 1:2 * k:2] - mean_m * mean_m, min=0.0)
     var_r = torch.clamp(sums[:, 2 * k + 1:2 * k + 2] - mean_r * mean_r, min=0.0)
@@ -205,6 +205,12 @@ def pass2(velo: VeLO, kern: LoptCpuKernels, pre: Mapping[str, Any],
     rms = pre["rms"].view(1, *shape).movedim(0, -1)
     v_diag = pre["v"].view(-1, *shape).movedim(0, -1) if diag else None
     return p_new, mom, rms, pre["v_row"], pre["v_col"], v_diag
+
+@functools.lru_cache(maxsize=256)
+def _counts_f64(counts: tuple[int, ...]) -> Tensor:
+    """The element counts as a float64 (n, 1) column (cached per model; never written to)."""
+    return torch.tensor(counts, dtype=torch.float64).unsqueeze(1)
+
 
 @functools.lru_cache(maxsize=64)
 def _zeros_f32(values: tuple[float, ...], device: torch.device) -> Tensor:
