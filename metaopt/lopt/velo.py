@@ -449,10 +449,11 @@ class VeLO(LearnedOptimizer):
         var_rms = var_r * nm2 + torch.square(mean_rms - mean_m_n)
         # the three log features in one elementwise pass: (n, 1 + 3 + 1)
         logs = _clip_log_abs(torch.cat([mean_rms, var_m_n, var_rms], dim=1))
-        per_tensor = torch.cat([logs[:, :1], _rank_features(shapes, device), logs[:, 1:]],
-                               dim=1)
-        shared = torch.cat([fraction_left, loss_features]).expand(per_tensor.shape[0], -1)
-        return torch.cat([shared, per_tensor], dim=1)
+        # [fraction_left, loss_features | log mean_rms, rank one-hot, logs of variances],
+        # the shared features broadcast to every tensor, in one concatenation
+        n = logs.shape[0]
+        return torch.cat([fraction_left.expand(n, -1), loss_features.expand(n, -1),
+                          logs[:, :1], _rank_features(shapes, device), logs[:, 1:]], dim=1)
 
     def derived_meta_parameters(self) -> dict[str, Tensor]:
         """Detached snapshot of the step's networks, pre-arranged for the shell's fast path.
