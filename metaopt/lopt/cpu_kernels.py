@@ -69,6 +69,13 @@ class KernelCacheError(KernelBuildError):
     """The kernel cache directory is not private to this user; nothing is loaded from it."""
 
 
+
+def compiler() -> str:
+    """The C compiler to build the kernels with: ``$CC`` as make and setuptools read it,
+    else ``cc`` (a build-tool convention, like the cache location; it never switches
+    which code path runs — a missing compiler is reported by ``select_backend``)."""
+    return os.environ.get("CC") or "cc"
+
 def default_cache_dir() -> Path:
     """``$METAOPT_CACHE/kernels``, else ``~/.cache/metaopt/kernels``."""
     env = os.environ.get("METAOPT_CACHE")
@@ -161,7 +168,7 @@ def _open(path: Path) -> ctypes.CDLL:
 
 
 def _build(cache: Path) -> ctypes.CDLL:
-    cc = os.environ.get("CC") or "cc"
+    cc = compiler()
     if shutil.which(cc) is None:
         raise KernelBuildError(f"no C compiler '{cc}' on PATH")
     src = _source()
@@ -256,7 +263,7 @@ def select_backend(backend: str | LoptCpuKernels | None, *,
     if backend == "cpu_kernels":
         return load_kernels(cache_dir)
     if backend == "auto":
-        if shutil.which(os.environ.get("CC") or "cc") is None:
+        if shutil.which(compiler()) is None:
             return None
         return kernels(cache_dir)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -97,11 +97,18 @@ def classification_batch(tasks: int = 2, ways: int = 3, shots: int = 2, queries:
     return sx, sy, qx, qy
 
 
-def meta_grads(algo, batch, loss_fn=F.mse_loss):
+def grads_after(algo, batch, loss_fn=F.mse_loss, model=None):
     """One ``meta_loss(...).backward()``: the meta-gradient by name and the loss."""
+    model = algo.model if model is None else model
     algo.zero_grad()
     loss = algo.meta_loss(*batch, loss_fn)
     loss.backward()
-    out = {k: p.grad.clone() for k, p in algo.named_parameters()}
+    out = {k: p.grad.clone() for k, p in model.named_parameters()}
     algo.zero_grad()
     return out, float(loss.detach())
+
+
+def meta_grads(algo, batch, loss_fn=F.mse_loss):
+    """:func:`grads_after` keyed by the learner's own parameter names (``model.*`` and
+    any extra meta-learned tensors, e.g. Meta-SGD's learning rates)."""
+    return grads_after(algo, batch, loss_fn, model=algo)

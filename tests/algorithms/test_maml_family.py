@@ -11,6 +11,7 @@ from maml_reference import (
     call,
     classification_batch,
     conv_bn,
+    grads_after,
     higher_grad,
     maml_grad,
     max_rel_diff,
@@ -21,17 +22,6 @@ from torch import nn
 
 from metaopt.algorithms import ANIL, FOMAML, MAML, MetaSGD, Reptile, iMAML
 from metaopt.bilevel import Unrolled
-
-
-def grads_after(algo, batch, loss_fn, model=None):
-    model = algo.model if model is None else model
-    algo.zero_grad()
-    loss = algo.meta_loss(*batch, loss_fn)
-    loss.backward()
-    out = {k: p.grad.clone() for k, p in model.named_parameters()}
-    algo.zero_grad()
-    return out, float(loss.detach())
-
 
 CASES = [("mlp", mlp, regression_batch, F.mse_loss, 0.05),
          ("conv_bn", conv_bn, classification_batch, F.cross_entropy, 0.4)]
