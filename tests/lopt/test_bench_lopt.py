@@ -71,3 +71,12 @@ def test_evaluate_tiny_suite_json_and_plots(bench, tmp_path):
     json.dumps(res)
     paths = bench.plot_curves(res, tmp_path)
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_mulo_gets_task_mup_scales(bench):
+    """μLO on a μP task runs with the task's mup_scales, given in parameter order."""
+    from metaopt.lopt.mulo import MuSmallFC
+
+    task = mlp_task("mup", 256, 2, "relu", "digits")
+    run = bench.run_optimizer(task, MuSmallFC(), 3, seed=0)
+    assert not run["diverged"] and all(math.isfinite(v) for v in run["losses"])
