@@ -68,9 +68,11 @@ __all__ = [
     "default_families",
     "get_task",
     "heldout_suite",
+    "init_stacked",
     "is_heldout",
     "logreg_task",
     "mlp_task",
+    "sample_stacked",
     "task_sampler",
     "teacher_task",
     "transformer_task",
@@ -107,6 +109,18 @@ class TaskFamily(Protocol):
     name: str
 
     def sample(self, gen: torch.Generator) -> LoptTask: ...
+
+
+def init_stacked(task: LoptTask, gens: Sequence[torch.Generator]) -> Params:
+    """Fresh parameters of one particle per generator, stacked along a new dim 0."""
+    inits = [task.init_params(g) for g in gens]
+    return {k: torch.stack([p[k] for p in inits]) for k in inits[0]}
+
+
+def sample_stacked(task: LoptTask, gens: Sequence[torch.Generator], split: str) -> Batch:
+    """One batch per generator, stacked along a new dim 0 (for ``vmap`` over particles)."""
+    batches = [task.sample_batch(g, split) for g in gens]
+    return tuple(torch.stack([b[j] for b in batches]) for j in range(len(batches[0])))
 
 
 # ---------------------------------------------------------------------------- data

@@ -11,9 +11,11 @@ from tasks.lopt_tasks import (
     default_families,
     get_task,
     heldout_suite,
+    init_stacked,
     is_heldout,
     logreg_task,
     mlp_task,
+    sample_stacked,
     task_sampler,
     teacher_task,
     transformer_task,
@@ -135,3 +137,12 @@ def test_sgd_reduces_loss(task):
         g = grad(params, batch)
         params = {k: p - 0.1 * g[k] for k, p in params.items()}
     assert float(task.loss(params, batch)) < start - 0.05
+
+
+def test_stacked_helpers_match_per_particle():
+    task = mlp_task("mup", 32, 1, "relu", "digits")
+    params = init_stacked(task, [_gen(1), _gen(2)])
+    x, y = sample_stacked(task, [_gen(3), _gen(4)], "train")
+    assert params["w0"].shape == (2, 32, 64) and x.shape == (2, 128, 64) and y.shape == (2, 128)
+    assert torch.equal(params["w0"][1], task.init_params(_gen(2))["w0"])
+    assert torch.equal(x[0], task.sample_batch(_gen(3), "train")[0])
