@@ -229,6 +229,8 @@ def _cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
     from metaopt.runner.builtins import register_builtins
 
     register_builtins()
+    import metaopt.lopt.hub  # noqa: F401 (registers the published learned optimizers)
+
     for title, reg in (("experiments", EXPERIMENTS), ("tasks", TASKS),
                        ("estimators", ESTIMATORS), ("pretrained learned optimizers",
                                                     PRETRAINED_LOPTS)):
