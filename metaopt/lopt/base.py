@@ -131,6 +131,22 @@ class LearnedOptimizer(nn.Module):
                                       weight_decay, backend, workspace)
         return _refill(new_sub_state, state, list(params))
 
+    def update_unchecked(self, grads: Params, state: LOptState, params: Params,
+                         loss: Tensor | None = None) -> tuple[Params, LOptState]:
+        """The pure reference step without :meth:`update`'s host-side guards.
+
+        For callers that batch many task states under ``torch.func.vmap`` (where a
+        data-dependent check cannot run) and guard the batch themselves — the truncated
+        meta-training estimators flag and reset non-finite runs
+        (:mod:`metaopt.bilevel.truncation`). Every tensor must be non-empty.
+        """
+        if loss is None and self.needs_loss:
+            raise ValueError(f"learned optimizer '{self.architecture}' needs the training "
+                             "loss")
+        if loss is not None:
+            loss = loss.reshape(()).to(torch.float32)
+        return self._update(grads, state, params, loss, None)
+
     def _update(self, grads: Params, state: LOptState, params: Params, loss: Tensor | None,
                 backend: LoptCpuKernels | None) -> tuple[Params, LOptState]:
         """The architecture's step on checked inputs (every tensor non-empty, finite)."""
@@ -225,8 +241,8 @@ class LearnedOptimizer(nn.Module):
         ``meta_params`` (names as in ``named_parameters()``; missing ones keep the
         module's), through :func:`torch.func.functional_call`: the module itself is not
         changed, and gradients flow to ``meta_params``."""
-        if method not in ("init", "update"):
-            raise ValueError(f"call() runs 'init' or 'update', not {method!r}")
+        if method not in _CALLABLE:
+            raise ValueError(f"call() runs one of {_CALLABLE}, not {method!r}")
         if meta_params is None:
             return getattr(self, method)(*args, **kwargs)
         return torch.func.functional_call(self, dict(meta_params), (method, *args), kwargs)
@@ -267,10 +283,14 @@ class LearnedOptimizer(nn.Module):
     def forward(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Dispatch for :meth:`call` (``functional_call`` runs ``forward``): ``"init"``
         or ``"update"``. A learned optimizer is not a layer; use its methods."""
-        if method not in ("init", "update"):
+        if method not in _CALLABLE:
             raise TypeError(f"{type(self).__name__} is used through init()/update(), "
                             "not called")
         return getattr(self, method)(*args, **kwargs)
+
+
+#: Methods :meth:`LearnedOptimizer.call` may run with substituted meta-parameters.
+_CALLABLE = ("init", "update", "update_unchecked")
 
 
 def _as_int(value: Any) -> int:

@@ -1,0 +1,121 @@
+"""Meta-training learned optimizers: a task and a learned optimizer as an inner system.
+
+:class:`LearnedOptimizerSystem` is the :class:`~metaopt.bilevel.truncation.InnerSystem`
+the truncated estimators (:class:`~metaopt.bilevel.PES`, :class:`~metaopt.bilevel.ES`,
+:class:`~metaopt.bilevel.TruncatedBPTT`) unroll: every row trains one copy of a task's
+model with the learned optimizer, running with that row's meta-parameters φ (the
+optimizer's ``named_parameters()``; perturbed per particle for ES/PES). The
+meta-objective's term for a step is the training loss before it (learned_optimization's
+default), optionally clipped (``max_loss``) so a diverging particle cannot dominate
+the loss differences.
+
+Rows are batched as tensors: ``torch.func.vmap`` over rows of the task's gradient and
+the optimizer's pure step (:meth:`~metaopt.lopt.LearnedOptimizer.update_unchecked`;
+the estimator guards the batch). ``batched=False`` runs the same per-row function in a
+Python loop — the reference the batched path is tested equal to, and the baseline of
+``scripts/bench_lopt_metatrain.py``.
+
+A task is anything with ``init_params(gen)``, ``loss(params, batch)``,
+``sample_batch(gen, split)`` and optional ``mup_scales`` (``tasks.lopt_tasks.LoptTask``).
+Row ``r``'s data at inner step ``k`` is drawn from a generator seeded by its task seed
+and ``k``, so the ``+`` and ``−`` particles of a task see the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaopt.bilevel.truncation import mix_seed
+from metaopt.lopt.base import LearnedOptimizer
+from metaopt.params import Params
+from metaopt.tree import tree_leaves, tree_rebuild
+
+__all__ = ["LearnedOptimizerSystem", "meta_parameters"]
+
+
+def meta_parameters(lopt: LearnedOptimizer) -> Params:
+    """The learned optimizer's meta-parameters φ as a detached dict."""
+    return {k: v.detach().clone() for k, v in lopt.named_parameters()}
+
+
+@dataclass
+class LearnedOptimizerSystem:
+    """Rows of (task model, learned-optimizer state) stepped by the learned optimizer.
+
+    Args:
+        lopt: the learned optimizer (its module parameters are not used; φ rows are).
+        task: the inner task (see the module docstring).
+        num_steps: the horizon passed to ``lopt.init`` (the schedule's longest episode).
+        max_loss: clip each step's loss to at most this (None: no clipping).
+        batched: vmap over rows (default) or loop over them.
+    """
+
+    lopt: LearnedOptimizer
+    task: Any
+    num_steps: int
+    max_loss: float | None = None
+    batched: bool = True
+
+    def __post_init__(self) -> None:
+        self._template: Any = None
+
+    # -- one row ----------------------------------------------------------------------
+    def _init_row(self, seed: int) -> dict[str, Any]:
+        theta = self.task.init_params(torch.Generator().manual_seed(int(seed)))
+        kwargs = {}
+        if getattr(self.task, "mup_scales", None) is not None and \
+                "mup_scales" in self.lopt.init.__code__.co_varnames:
+            kwargs["mup_scales"] = self.task.mup_scales
+        return {"theta": theta, "opt": self.lopt.init(theta, int(self.num_steps), **kwargs)}
+
+    def _row_step(self, phi_row: Params, leaves: list[Tensor], batch: tuple
+                  ) -> tuple[list[Tensor], Tensor]:
+        state = tree_rebuild(self._template, leaves)
+        theta, opt_state = state["theta"], state["opt"]
+        grads, loss = torch.func.grad_and_value(self.task.loss)(theta, batch)
+        new_theta, new_opt = torch.func.functional_call(
+            self.lopt, phi_row, ("update_unchecked", grads, opt_state, theta, loss))
+        _, new_leaves = tree_leaves({"theta": new_theta, "opt": new_opt})
+        return new_leaves, loss
+
+    # -- InnerSystem --------------------------------------------------------------------
+    def init(self, phi: Params, seeds: Tensor) -> Any:
+        rows = [self._init_row(int(s)) for s in seeds]
+        self._template = rows[0]
+        _, first = tree_leaves(rows[0])
+        per_row = [tree_leaves(r)[1] for r in rows]
+        stacked = [torch.stack([lv[i] for lv in per_row]) for i in range(len(first))]
+        return tree_rebuild(rows[0], stacked)
+
+    def _batches(self, seeds: Tensor, steps: Tensor) -> tuple:
+        cache: dict[tuple[int, int], tuple] = {}
+        out = []
+        for s, k in zip(seeds.tolist(), steps.tolist()):
+            if (s, k) not in cache:
+                gen = torch.Generator().manual_seed(mix_seed(s, 5, k))
+                cache[(s, k)] = self.task.sample_batch(gen, "train")
+            out.append(cache[(s, k)])
+        return tuple(torch.stack([b[j] for b in out]) for j in range(len(out[0])))
+
+    def step(self, phi: Params, state: Any, seeds: Tensor, steps: Tensor
+             ) -> tuple[Any, Tensor]:
+        if self._template is None:
+            self._template = self._init_row(int(seeds[0]))
+        _, leaves = tree_leaves(state)
+        batch = self._batches(seeds, steps)
+        if self.batched:
+            new_leaves, loss = torch.func.vmap(self._row_step, randomness="error")(
+                phi, leaves, batch)
+        else:
+            outs = [self._row_step({k: v[r] for k, v in phi.items()},
+                                   [lv[r] for lv in leaves], tuple(b[r] for b in batch))
+                    for r in range(len(seeds))]
+            new_leaves = [torch.stack([o[0][i] for o in outs]) for i in range(len(leaves))]
+            loss = torch.stack([o[1] for o in outs])
+        if self.max_loss is not None:
+            loss = loss.clamp(max=self.max_loss)
+        return tree_rebuild(state, new_leaves), loss
