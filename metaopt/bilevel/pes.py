@@ -152,6 +152,16 @@ class PES(TruncatedEstimator):
         if not self.sigma > 0:
             raise ValueError(f"sigma must be positive, got {self.sigma}")
 
+    def start(self, system: InnerSystem, phi: Mapping[str, Tensor],
+              state: TruncatedState | None) -> TruncatedState:
+        """``state``, or fresh tasks with zero accumulators when it is None."""
+        st = super().start(system, phi, state)
+        if st.accumulator is None:
+            st = TruncatedState(unroll=st.unroll, calls=st.calls, accumulator={
+                k: torch.zeros((self.num_tasks, *v.shape), dtype=v.dtype, device=v.device)
+                for k, v in phi.items()})
+        return st
+
     def __call__(self, problem: InnerSystem | BilevelProblem, phi: Mapping[str, Tensor],
                  theta0: InitialTheta | None = None, state: Any = None) -> Hypergradient:
         system = self.system_for(problem, theta0)

@@ -28,6 +28,7 @@ def register_builtins() -> None:
     from metaopt.runner.experiments import (  # noqa: F401
         few_shot,
         hypercleaning,
+        lopt_metatrain,
         ridge_hyper,
         sinusoid,
     )

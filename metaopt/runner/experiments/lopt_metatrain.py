@@ -1,0 +1,226 @@
+"""``lopt_metatrain``: meta-train a learned optimizer with PES/ES/truncated BPTT.
+
+The inner problem is a task from :mod:`tasks.lopt_tasks` (``task:`` in the settings:
+an MLP in standard or μP parametrisation, the teacher MLP, a convnet, a tiny
+transformer LM or logistic regression) trained by the learned optimizer
+(``optimizer:`` an architecture name, e.g. ``mulo_small_fc`` for μLO or
+``small_fc_lopt`` for its standard twin). ``num_tasks`` copies of the task (each its
+own initialisation and data stream) run in parallel as a
+:class:`~metaopt.algorithms.lopt_training.LearnedOptimizerSystem`; every outer step
+the estimator advances them one truncation and returns dF/dφ; φ (the optimizer's
+meta-parameters) takes an AdamW step with linear warm-up and gradient-norm clipping
+(the μLO recipe: PES, truncation 50, σ = 0.01, 8 tasks, horizons log-uniform in
+[100, 1000], AdamW 3e-3).
+
+Evaluation runs the current learned optimizer for ``eval_steps`` steps on the tasks of
+a held-out suite (:func:`tasks.lopt_tasks.heldout_suite`, seeds never used in
+training) and reports the mean final training loss and test metric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaopt.algorithms.lopt_training import LearnedOptimizerSystem, meta_parameters
+from metaopt.bilevel import ES, PES, LogUniformLength, TruncatedBPTT
+from metaopt.bilevel.truncation import TruncatedState
+from metaopt.lopt import ARCHITECTURES, LearnedOptimizer
+from metaopt.optim import adamw, apply_updates
+from metaopt.runner.experiment import (
+    Experiment,
+    ExperimentConfig,
+    Metrics,
+    StateDict,
+    register_experiment,
+)
+from metaopt.tree import tree_map_nested
+
+__all__ = ["LoptMetaTrain", "LoptMetaTrainConfig", "evaluate_lopt"]
+
+ESTIMATORS = {"pes": PES, "es": ES, "tbptt": TruncatedBPTT}
+TASK_KINDS = ("mlp", "teacher", "conv", "transformer", "logreg")
+
+
+@dataclass
+class LoptMetaTrainConfig(ExperimentConfig):
+    """Settings of :class:`LoptMetaTrain`."""
+
+    optimizer: str = "mulo_small_fc"
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    task: dict[str, Any] = field(default_factory=lambda: {
+        "kind": "mlp", "param": "mup", "width": 128, "depth": 2, "activation": "relu",
+        "dataset": "digits", "batch_size": 128})
+    estimator: str = "pes"
+    num_tasks: int = 8
+    truncation: int = 50
+    sigma: float = 0.01
+    horizon_low: int = 100
+    horizon_high: int = 1000
+    max_loss: float | None = 10.0
+    outer_lr: float = 3e-3
+    warmup_steps: int = 100
+    max_grad_norm: float = 3.0
+    eval_suite: str = "mlp_mup_heldout"
+    eval_widths: list[int] = field(default_factory=lambda: [128])
+    eval_tasks: int = 2
+    eval_steps: int = 200
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ARCHITECTURES:
+            raise ValueError(f"optimizer: unknown learned optimizer '{self.optimizer}' "
+                             f"(known: {sorted(ARCHITECTURES)})")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got "
+                             f"'{self.estimator}'")
+        if self.task.get("kind") not in TASK_KINDS:
+            raise ValueError(f"task.kind must be one of {TASK_KINDS}, got "
+                             f"{self.task.get('kind')!r}")
+        for name in ("num_tasks", "truncation", "horizon_low", "eval_steps", "eval_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.horizon_high < self.horizon_low:
+            raise ValueError("horizon_high must be >= horizon_low")
+        if not (self.outer_lr > 0 and self.sigma > 0 and self.max_grad_norm > 0):
+            raise ValueError("outer_lr, sigma and max_grad_norm must be positive")
+
+
+def build_task(spec: dict[str, Any], seed: int) -> Any:
+    """The training task a ``task:`` section describes (seed below the held-out range)."""
+    from tasks import lopt_tasks as lt
+
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    spec.setdefault("seed", seed % lt.HELDOUT_SEED_BASE)
+    if kind == "teacher":
+        spec.pop("seed")
+        return lt.teacher_task(**spec)
+    builder = {"mlp": lt.mlp_task, "conv": lt.conv_task, "transformer": lt.transformer_task,
+               "logreg": lt.logreg_task}[kind]
+    return builder(**spec)
+
+
+def _init_kwargs(lopt: LearnedOptimizer, task: Any) -> dict[str, Any]:
+    if getattr(task, "mup_scales", None) is not None and \
+            "mup_scales" in lopt.init.__code__.co_varnames:
+        return {"mup_scales": task.mup_scales}
+    return {}
+
+
+@torch.no_grad()
+def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: int = 0
+                  ) -> dict[str, float]:
+    """Train each task ``steps`` steps with ``lopt``; mean final loss and test metric.
+
+    A run that turns non-finite counts as loss ``inf`` (and metric 0).
+    """
+    finals, metrics = [], []
+    for i, task in enumerate(tasks):
+        gen = torch.Generator().manual_seed(seed * 1000 + i)
+        theta = task.init_params(gen)
+        state = lopt.init(theta, steps, **_init_kwargs(lopt, task))
+        tail: list[float] = []
+        for k in range(steps):
+            with torch.enable_grad():
+                th = {n: v.detach().requires_grad_() for n, v in theta.items()}
+                loss = task.loss(th, task.sample_batch(gen, "train"))
+                grads = dict(zip(th, torch.autograd.grad(loss, list(th.values()))))
+            if not bool(torch.isfinite(loss)) or not all(
+                    bool(torch.isfinite(g).all()) for g in grads.values()):
+                tail = [math.inf]
+                break
+            theta, state = lopt.update(grads, state, theta, loss=loss.detach())
+            if k >= steps - max(1, steps // 10):
+                tail.append(float(loss))
+        finals.append(sum(tail) / len(tail))
+        if task.metric is not None and math.isfinite(finals[-1]):
+            metrics.append(float(task.metric(theta, task.sample_batch(gen, "test"))))
+        else:
+            metrics.append(0.0)
+    return {"final_loss": sum(finals) / len(finals), "test_metric": sum(metrics) / len(metrics)}
+
+
+@register_experiment("lopt_metatrain", config=LoptMetaTrainConfig)
+class LoptMetaTrain(Experiment):
+    """A learned optimizer meta-trained by a truncated estimator on a task family."""
+
+    def __init__(self, config: LoptMetaTrainConfig, *, device: torch.device,
+                 dtype: torch.dtype, seed: int) -> None:
+        self.config = config
+        self.device, self.seed = device, seed
+        torch.manual_seed(seed)  # the optimizer's meta-parameter initialisation
+        self.lopt = ARCHITECTURES[config.optimizer](**config.optimizer_options)
+        self.task = build_task(config.task, seed)
+        self.system = LearnedOptimizerSystem(self.lopt, self.task,
+                                             num_steps=config.horizon_high,
+                                             max_loss=config.max_loss)
+        common = {"num_tasks": config.num_tasks, "truncation": config.truncation,
+                  "seed": seed}
+        if config.estimator == "pes":
+            self.estimator = PES(sigma=config.sigma, schedule=LogUniformLength(
+                config.horizon_low, config.horizon_high), **common)
+        elif config.estimator == "es":
+            self.estimator = ES(sigma=config.sigma, schedule=LogUniformLength(
+                config.horizon_low, config.horizon_high), **common)
+        else:
+            self.estimator = TruncatedBPTT(schedule=LogUniformLength(
+                config.horizon_low, config.horizon_high), **common)
+        self.phi = meta_parameters(self.lopt)
+        self.outer_state = adamw(config.outer_lr).init(self.phi)
+        self.est_state: TruncatedState = self.estimator.start(self.system, self.phi, None)
+        self._eval_tasks: dict[str, list[Any]] = {}
+
+    # ------------------------------------------------------------------ the contract
+    def meta_step(self, step: int) -> Metrics:
+        cfg = self.config
+        hg = self.estimator(self.system, self.phi, None, self.est_state)
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in hg.grad.values())))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"lopt_metatrain: non-finite meta-gradient at outer "
+                                     f"step {step}")
+        scale = min(1.0, cfg.max_grad_norm / (norm + 1e-12))
+        grad = {k: g * scale for k, g in hg.grad.items()}
+        lr = cfg.outer_lr * min(1.0, step / max(1, cfg.warmup_steps))
+        updates, self.outer_state = adamw(lr).update(grad, self.outer_state, self.phi)
+        self.phi = {k: v.detach() for k, v in apply_updates(self.phi, updates).items()}
+        self.est_state = hg.state
+        inner_steps = 2 * cfg.num_tasks * cfg.truncation if cfg.estimator != "tbptt" \
+            else cfg.num_tasks * cfg.truncation
+        return {"loss": float(hg.outer_loss), "grad_norm": norm,
+                "resets": hg.diagnostics.get("resets", 0),
+                "nonfinite_resets": hg.diagnostics.get("nonfinite_resets", 0),
+                "inner_steps": inner_steps}
+
+    def evaluate(self, split: str) -> Metrics:
+        if split not in self.splits:
+            raise ValueError(f"lopt_metatrain has splits {self.splits}, not '{split}'")
+        from tasks.lopt_tasks import heldout_suite
+
+        if split not in self._eval_tasks:
+            suite = heldout_suite(self.config.eval_suite, widths=self.config.eval_widths)
+            start = 0 if split == "val" else self.config.eval_tasks
+            chosen = suite[start:start + self.config.eval_tasks] or suite[:self.config.eval_tasks]
+            self._eval_tasks[split] = chosen
+        return evaluate_lopt(self.trained_optimizer(), self._eval_tasks[split],
+                             self.config.eval_steps)
+
+    def state_dict(self) -> StateDict:
+        return {"phi": dict(self.phi), "outer_opt": self.outer_state,
+                "estimator": self.est_state.state_dict()}
+
+    def load_state_dict(self, state: StateDict) -> None:
+        self.phi = {k: v.clone() for k, v in state["phi"].items()}
+        self.outer_state = tree_map_nested(Tensor.clone, state["outer_opt"])
+        self.est_state = TruncatedState.from_state_dict(
+            tree_map_nested(Tensor.clone, state["estimator"]))
+
+    # ------------------------------------------------------------------ helpers
+    def trained_optimizer(self) -> LearnedOptimizer:
+        """The learned optimizer with the current meta-parameters (a fresh module)."""
+        lopt = ARCHITECTURES[self.config.optimizer](**self.config.optimizer_options)
+        lopt.load_state_dict(self.phi, strict=True)
+        return lopt
