@@ -11,7 +11,7 @@ Splits
     An entity belongs to ``train``, ``val`` or ``test`` by a stable hash (CRC-32) of the
     first word of its name: 80 / 10 / 10 % of first words. Streams of different splits
     never share an entity (nor a first name), whatever the seeds; names are drawn directly
-    among the split's first words, without rejection.
+    among the split's first words.
 
 Documents
     :func:`make_stream` writes one document per distinct entity: 3 or more of its
@@ -34,13 +34,12 @@ strings). Thousands of documents take a fraction of a second.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import random
 import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from metaopt.text import QA_ANSWER, QA_QUESTION
 
@@ -148,29 +147,28 @@ def _bucket(word: str) -> str:
     return "train" if bucket < 8 else ("val" if bucket == 8 else "test")
 
 
-@lru_cache(maxsize=None)
-def _first_words(shape: str, split: str) -> tuple[str, ...]:
-    """Every first word of a name of ``shape`` whose split is ``split`` (sorted)."""
-    if shape == "town":
-        words = [w + e for w in _first_words("2", "any") for e in _TOWN_ENDINGS]
-        words = [w for w in words if w not in _CITIES]
-    else:
-        words = ["".join(p).capitalize()
-                 for p in itertools.product(NAME_SYLLABLES, repeat=int(shape))]
-    return tuple(sorted(w for w in set(words) if split == "any" or _bucket(w) == split))
+def _first_word(kind: str, split: str, rng: random.Random) -> str:
+    """A name's first word whose split is ``split`` (uniform among those, by rejection)."""
+    while True:
+        if kind == "town":
+            word = _name(rng, 2, 2) + rng.choice(_TOWN_ENDINGS)
+            if word in _CITIES:
+                continue
+        else:
+            word = _name(rng, 2, 2 if kind == "person" else 3)
+        if _bucket(word) == split:
+            return word
 
 
 def _entity_name(kind: str, split: str, rng: random.Random) -> str:
-    """A name whose first word belongs to ``split`` (drawn uniformly among those)."""
-    if kind == "town":
-        return rng.choice(_first_words("town", split))
-    shape = "2" if kind == "person" or rng.random() < 0.5 else "3"
-    first = rng.choice(_first_words(shape, split))
+    first = _first_word(kind, split, rng)
     if kind == "person":
         return f"{first} {_name(rng, 2, 3)}"
     if kind == "company":
         return f"{first} {rng.choice(_COMPANY_ENDINGS)}"
-    return f"{first} {rng.choice(_DEVICES)}"
+    if kind == "invention":
+        return f"{first} {rng.choice(_DEVICES)}"
+    return first
 
 
 # A fact is a function of a 64-bit hash of the entity id: the same entity has the
@@ -331,7 +329,7 @@ _LOCALITY_WORDS = {
 _SLOT = re.compile(r"\{(\w+)\}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _parts(template: str) -> tuple[str, ...]:
     """``"a {n} b"`` → ``("a ", "n", " b")``: literals at even, slot names at odd places."""
     return tuple(_SLOT.split(template))

@@ -29,7 +29,7 @@ def qa_prompt_ids(tokenizer: Tokenizer, question: str, context: str | None = Non
     """``<bos> [context <sep>] question: {question} answer:`` as ids (a generation prompt)."""
     ids = [tokenizer.bos_id]
     if context is not None:
-        ids += tokenizer.encode(context) + [tokenizer.sep_id]
+        ids += [*tokenizer.encode(context), tokenizer.sep_id]
     return ids + tokenizer.encode(QA_QUESTION + question + QA_ANSWER)
 
 
@@ -37,7 +37,7 @@ def encode_qa(tokenizer: Tokenizer, question: str, answer: str,
               context: str | None = None) -> tuple[list[int], list[bool]]:
     """Ids of the full QA example and the mask of its answer tokens (``" {answer}" <eos>``)."""
     prompt = qa_prompt_ids(tokenizer, question, context)
-    target = tokenizer.encode(" " + answer) + [tokenizer.eos_id]
+    target = [*tokenizer.encode(" " + answer), tokenizer.eos_id]
     return prompt + target, [False] * len(prompt) + [True] * len(target)
 
 
