@@ -179,7 +179,9 @@ def load_streaming_csv(path: str | os.PathLike) -> list[Document]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     columns = reader.fieldnames or []
     answer_col = "answers" if "answers" in columns else "answer"
-    missing = [c for c in ("document", "question", answer_col) if c not in columns]
+    missing = [c for c in ("document", "question") if c not in columns]
+    if answer_col not in columns:
+        missing.append("answers (or answer)")
     if missing:
         raise FormatError(f"{path}:1: header lacks column(s) {', '.join(missing)} "
                           f"(has {', '.join(columns) or 'none'})")

@@ -155,10 +155,13 @@ def test_same_entity_same_facts() -> None:
     """An entity's facts are a function of its id: the QA-tuning set and the train stream
     agree wherever they share an entity and a question's attribute."""
     facts: dict[tuple[str, str], str] = {}
-    for doc in make_stream("train", 1500, seed=0) + make_qa_tuning_set(1500, seed=0):
+    stream = make_stream("train", 1500, seed=0)
+    tuning = make_qa_tuning_set(1500, seed=0)
+    for doc in stream + tuning:
         for qa in doc.qa:
             key = (doc.entity_id, qa.question)
             assert facts.setdefault(key, qa.answer) == qa.answer
+    assert {d.entity_id for d in stream} & {d.entity_id for d in tuning}  # the check bites
 
 
 def test_documents_vary_and_have_distractors(streams: dict[str, list]) -> None:
