@@ -182,3 +182,18 @@ def test_unreadable_files(tmp_path: Path) -> None:
     path = tmp_path / "latin.jsonl"
     path.write_bytes(b'{"document": "caf\xe9"}\n')
     assert "latin.jsonl:1: not UTF-8" in _error(load_jsonl, path)
+
+
+def test_loaded_documents_feed_the_tokenizer(tmp_path: Path) -> None:
+    """User documents go through the same span → token-mask path as generated ones."""
+    from metaopt.text import Tokenizer
+    from tasks.documents import span_token_masks
+
+    docs = load_squad(_squad(tmp_path, _squad_data()))
+    tok = Tokenizer.build([d.text for d in docs])
+    ids, att = tok.batch_encode([d.text for d in docs], max_len=64, pad=False)
+    mask = span_token_masks(tok, docs, max_len=64, spans="answer", pad=False)
+    assert mask.shape == att.shape and not (mask & (att == 0)).any()
+    assert tok.decode(ids[1][mask[1]].tolist()) == " 320"
+    # every gold answer has a span, alternatives too ("in 1950" covers "1950")
+    assert tok.decode(ids[0][mask[0]].tolist()) == " in 1950 Brisel"
