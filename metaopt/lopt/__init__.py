@@ -2,6 +2,7 @@
 
     from metaopt.lopt import load_checkpoint, list_pretrained
     lopt = load_checkpoint(path_or_name)   # native checkpoint, registered name or release folder
+    lopt = pretrained("mulo-small-fc-w128")  # shipped by name; "velo" is fetched on first use
     opt = lopt.optimizer(model.parameters(), num_steps=10_000)
     loss.backward(); opt.step(loss=loss)
 
@@ -21,6 +22,7 @@ from metaopt.lopt.checkpoint import (
     register_pretrained,
     save_checkpoint,
 )
+from metaopt.lopt.hub import pretrained
 from metaopt.lopt.release import ReleaseFormatError, load_release
 from metaopt.lopt.small_fc import SmallFCLOpt
 from metaopt.lopt.torch_optimizer import LearnedOptimizerShell, MissingLossError
@@ -42,6 +44,7 @@ __all__ = [
     "list_pretrained",
     "load_checkpoint",
     "load_release",
+    "pretrained",
     "register_architecture",
     "register_pretrained",
     "save_checkpoint",

@@ -37,7 +37,7 @@ from metaopt.errors import CheckpointError
 from metaopt.fileio import atomic_write_bytes, atomic_write_text, sha256_hex
 from metaopt.lopt.base import LearnedOptimizer
 
-__all__ = ["PUBLISHED", "HubError", "Published", "default_cache_dir", "fetch_release",
+__all__ = ["PUBLISHED", "SHIPPED", "HubError", "Published", "default_cache_dir", "fetch_release",
            "pretrained"]
 
 #: Public HTTPS form of learned_optimization's ``gs://gresearch/learned_optimization/
@@ -153,6 +153,26 @@ def pretrained(name: str, *, cache_dir: str | os.PathLike | None = None,
     return load_release(folder)
 
 
+#: Learned optimizers meta-trained by metaopt and shipped inside the package (native
+#: checkpoints under ``metaopt/lopt/pretrained/<name>``; provenance — command, config,
+#: seed, commit — in each one's metadata; written by ``scripts/ship_pretrained.py``).
+SHIPPED: dict[str, str] = {
+    "mulo-small-fc-w128": "μLO (mulo_small_fc) meta-trained by PES on μP MLPs of width 128 "
+                          "(configs/lopt_mulo.yaml); see its metadata for the run",
+    "sp-small-fc-w128": "small_fc_lopt meta-trained by PES on SP MLPs of width 128, μLO's "
+                        "standard twin (configs/lopt_sp.yaml)",
+}
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def _register_shipped() -> None:
+    from metaopt.registry import PRETRAINED_LOPTS
+
+    for name, description in SHIPPED.items():
+        if name not in PRETRAINED_LOPTS:
+            PRETRAINED_LOPTS.register(name, PRETRAINED_DIR / name, help=description)
+
+
 def _register_published() -> None:
     from metaopt.registry import PRETRAINED_LOPTS
 
@@ -162,4 +182,5 @@ def _register_published() -> None:
                                       help=entry.description)
 
 
+_register_shipped()
 _register_published()
