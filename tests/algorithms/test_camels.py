@@ -251,3 +251,38 @@ def test_a_few_meta_steps_lower_the_outer_loss() -> None:
     with torch.no_grad():
         final = camels.meta_loss(*batch).item()
     assert final < losses[0] - 0.05, [*losses, final]
+
+
+def test_hugging_face_models_as_base_and_backbone_match_finite_differences() -> None:
+    """A tiny Llama built from a config (nothing downloaded), eager attention, float64."""
+    transformers = pytest.importorskip("transformers")
+
+    def tiny(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(
+            vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+            attn_implementation="eager")
+        return transformers.LlamaForCausalLM(cfg).double()
+
+    weighting = TokenWeighting(tiny(1).model, width=8).double()
+    _randomise_head(weighting)
+    camels = CaMeLS(tiny(0), weighting, inner_lr=1.0)
+    batch = _batch()
+    grads = _grads(camels, batch)
+    torch.manual_seed(5)
+    v = {k: torch.randn_like(g) for k, g in grads.items()}
+    params = dict(weighting.named_parameters())
+    eps = 1e-5
+    values = []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            for k, p in params.items():
+                p.add_(sign * eps * v[k])
+            values.append(camels.meta_loss(*batch).item())
+            for k, p in params.items():
+                p.sub_(sign * eps * v[k])
+    fd = (values[0] - values[1]) / (2 * eps)
+    analytic = tree_dot(grads, v).item()
+    assert abs(analytic) > 1e-6
+    assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-10)
