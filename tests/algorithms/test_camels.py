@@ -253,6 +253,7 @@ def test_a_few_meta_steps_lower_the_outer_loss() -> None:
     assert final < losses[0] - 0.05, [*losses, final]
 
 
+@pytest.mark.slow  # importing transformers alone takes ~10 s of CPU
 def test_hugging_face_models_as_base_and_backbone_match_finite_differences() -> None:
     """A tiny GPT-2 built from a config (nothing downloaded), eager attention, float64.
 
