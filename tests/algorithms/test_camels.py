@@ -132,6 +132,37 @@ def test_meta_gradient_matches_central_finite_differences() -> None:
     assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-10)
 
 
+def test_documents_in_sequence() -> None:
+    """(N, 1, T) documents equal (N, T); (N, 2, T) takes one step per document in order
+    and its meta-gradient matches central finite differences."""
+    camels = _camels(lr=0.5)
+    batch = _batch()
+    one = _grads(camels, batch)
+    seq1 = _grads(camels, [batch[0][:, None], batch[1][:, None], *batch[2:]])
+    for k in one:
+        torch.testing.assert_close(seq1[k], one[k], rtol=1e-12, atol=1e-15)
+    second = _batch(seed=1)
+    docs = [torch.stack([batch[0], second[0]], 1), torch.stack([batch[1], second[1]], 1),
+            *batch[2:]]
+    problem = camels.problem(*[t[0] for t in docs])
+    assert problem.inner_steps == 2 and [problem.inner_batch(k) for k in (0, 1)] == [0, 1]
+    grads = _grads(camels, docs)
+    assert any((grads[k] - one[k]).abs().max() > 1e-6 for k in one)
+    torch.manual_seed(5)
+    v = {k: torch.randn_like(g) for k, g in grads.items()}
+    params = dict(camels.weighting.named_parameters())
+    eps, values = 1e-5, []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            for k, p in params.items():
+                p.add_(sign * eps * v[k])
+            values.append(camels.meta_loss(*docs).item())
+            for k, p in params.items():
+                p.sub_(sign * eps * v[k])
+    assert tree_dot(grads, v).item() == pytest.approx((values[0] - values[1]) / (2 * eps),
+                                                      rel=1e-6, abs=1e-10)
+
+
 class _FreeWeights(nn.Module):
     """A 'weighting model' whose weights are its parameter: w = p · m."""
 
@@ -155,7 +186,7 @@ def test_one_step_meta_gradient_equals_closed_form() -> None:
     theta0 = {k: v.detach().requires_grad_() for k, v in camels.base_parameters().items()}
     w = camels.weighting.w.detach()
     problem = camels.problem(*[t[0] for t in batch])
-    inner = problem.inner_value(theta0, {"w": w})
+    inner = problem.inner_value(theta0, {"w": w}, problem.inner_batch(0))
     g_inner = torch.autograd.grad(inner, list(theta0.values()))
     theta1 = {k: (v - alpha * g).detach().requires_grad_()
               for (k, v), g in zip(theta0.items(), g_inner)}
