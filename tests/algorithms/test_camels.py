@@ -224,6 +224,24 @@ def test_checkpointed_base_model_gives_the_same_meta_gradient() -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-13)
 
 
+def test_adapt_is_one_weighted_sgd_step() -> None:
+    """adapt(): θ₁ = θ₀ − α ∇_θ g(θ₀) with the given weights (and the model's by default)."""
+    camels = _camels(lr=0.3)
+    doc, mask = _batch()[:2]
+    w = torch.rand(doc.shape, dtype=torch.float64)
+    theta0 = {k: v.detach().requires_grad_() for k, v in camels.base_parameters().items()}
+    loss = weighted_lm_loss(camels.logits(theta0, doc, mask), doc, w, mask)
+    grads = torch.autograd.grad(loss, list(theta0.values()))
+    adapted = camels.adapt(doc, mask, weights=w)
+    for (k, v), g in zip(theta0.items(), grads):
+        torch.testing.assert_close(adapted[k], v.detach() - 0.3 * g, rtol=1e-12, atol=1e-15)
+    own = camels.adapt(doc, mask)
+    with torch.no_grad():
+        w_model = camels.weighting(doc, mask)
+    torch.testing.assert_close(own["head.weight"],
+                               camels.adapt(doc, mask, weights=w_model)["head.weight"])
+
+
 def test_bad_inputs_name_the_field() -> None:
     camels = _camels()
     batch = _batch()
@@ -233,6 +251,8 @@ def test_bad_inputs_name_the_field() -> None:
     bad[3].zero_()
     with pytest.raises(ValueError, match="answer_mask"):
         camels.meta_loss(*bad)
+    with pytest.raises(ValueError, match="qa_ids"):
+        camels.meta_loss(batch[0], batch[1], batch[2].double(), *batch[3:])
     with pytest.raises(ValueError, match="inner_lr"):
         CaMeLS(_lm(0), TokenWeighting(_lm(1)), inner_lr=0.0)
 

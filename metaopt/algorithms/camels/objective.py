@@ -78,10 +78,12 @@ def locality_kl(base_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
     return _masked_mean(kl, mask)
 
 
-def _check_int(name: str, t: Tensor, dims: int) -> None:
+def _check_dims(name: str, t: Tensor, dims: int) -> None:
     if not isinstance(t, Tensor) or t.dim() != dims:
         raise ValueError(f"{name} must be a tensor with {dims} dims, got "
                          f"{getattr(t, 'shape', type(t).__name__)}")
+    if name.endswith("_ids") and t.is_floating_point():
+        raise ValueError(f"{name} must hold integer token ids, got {t.dtype}")
 
 
 class CaMeLS:
@@ -198,7 +200,7 @@ class CaMeLS:
         names = ["doc_ids", "doc_mask", "qa_ids", "answer_mask", "loc_ids", "loc_mask"]
         doc_dims = 3 if isinstance(doc_ids, Tensor) and doc_ids.dim() == 3 else 2
         for name, t, dims in zip(names, tasks, (doc_dims, doc_dims, 3, 3, 3, 3)):
-            _check_int(name, t, dims)
+            _check_dims(name, t, dims)
             if t.shape[0] != doc_ids.shape[0]:
                 raise ValueError(f"{name} has {t.shape[0]} documents, doc_ids has "
                                  f"{doc_ids.shape[0]}")
