@@ -194,12 +194,19 @@ class RayExecutor:
     def _retry(self, submit: Callable[[], Any], what: str) -> Any:
         """Re-submit after a restart, within the timeout (raises past ``max_restarts``)."""
         deadline = time.monotonic() + self.timeout_s
+        deaths = 0
         while True:
             try:
                 return self._get([submit()], what)[0]
             except self._ray.exceptions.ActorDiedError as e:
-                raise WorkerError(f"ray executor: worker for '{what}' died and has no "
-                                  f"restarts left (max_restarts={self.max_restarts})") from e
+                # A call submitted while Ray still records the old death also fails;
+                # a second one in a row means the restarts are used up.
+                deaths += 1
+                if deaths > 1:
+                    raise WorkerError(f"ray executor: worker for '{what}' died and has no "
+                                      f"restarts left (max_restarts={self.max_restarts})"
+                                      ) from e
+                time.sleep(0.5)
             except self._ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise WorkerError(f"ray executor: worker for '{what}' stayed "
