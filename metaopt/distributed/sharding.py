@@ -9,7 +9,7 @@ rounding per slice weight: exact to ~1e-15 relative in float64).
 
 The work shipped to a worker is a :class:`SliceJob`: the task function, φ (detached,
 with its ``requires_grad`` flags) and the slice's tensors. The task function must be
-picklable by Ray's serializer — :class:`LearnerTaskFn` wraps a
+picklable by Ray's serializer — :class:`LearnerTaskFn` wraps a factory of a
 :class:`~metaopt.algorithms.base.MetaLearner` and its loss function.
 """
 
@@ -92,28 +92,49 @@ def sharded_task_batch(executor: Executor, task_fn: TaskFn, phi: Params,
     return merge_results(executor.map(run_slice, jobs))
 
 
-@dataclass
 class LearnerTaskFn:
-    """A picklable task function: ``learner.task_loss`` with a fixed loss function."""
+    """A picklable task function: ``learner.task_loss`` with a fixed loss function.
 
-    learner: torch.nn.Module
-    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    A :class:`~metaopt.algorithms.base.MetaLearner` holds a traced (FX) model that
+    does not pickle, so what travels is ``make_learner``, a picklable zero-argument
+    factory (e.g. ``functools.partial(MAML, model, inner_lr=0.05)``); the learner is
+    built on the worker at its first call. Its own parameters are not used: every
+    meta-learned tensor comes in as φ.
+    """
+
+    def __init__(self, make_learner: Callable[[], torch.nn.Module],
+                 loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.make_learner = make_learner
+        self.loss_fn = loss_fn
+        self._learner: torch.nn.Module | None = None
+
+    def __getstate__(self) -> dict:
+        return {"make_learner": self.make_learner, "loss_fn": self.loss_fn}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["make_learner"], state["loss_fn"])
 
     def __call__(self, p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, *,
                  functional: bool, checks: bool) -> Tensor | tuple[Tensor, Tensor]:
-        self.learner.last_diagnostics = []
-        return self.learner.task_loss(p, sx, sy, qx, qy, self.loss_fn, checks=checks,
-                                      functional=functional)
+        if self._learner is None:
+            self._learner = self.make_learner()
+        self._learner.last_diagnostics = []
+        return self._learner.task_loss(p, sx, sy, qx, qy, self.loss_fn, checks=checks,
+                                       functional=functional)
 
 
-def learner_meta_gradient(executor: Executor, learner: torch.nn.Module,
-                          support_x: Tensor, support_y: Tensor, query_x: Tensor,
-                          query_y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+def learner_meta_gradient(executor: Executor, make_learner: Callable[[], torch.nn.Module],
+                          phi: Params, support_x: Tensor, support_y: Tensor,
+                          query_x: Tensor, query_y: Tensor,
+                          loss_fn: Callable[[Tensor, Tensor], Tensor], *,
                           strategy: str = "loop", device: str | None = None
                           ) -> TaskBatchResult:
-    """A MetaLearner's meta-batch result (losses, d mean/dφ keyed as its
-    ``outer_parameters()``) with the meta-batch sharded over ``executor``'s workers."""
-    phi = learner.outer_parameters()
-    return sharded_task_batch(executor, LearnerTaskFn(learner, loss_fn), phi,
+    """A MetaLearner's meta-batch result with the meta-batch sharded over the workers.
+
+    ``phi``: the driver learner's ``outer_parameters()`` (the gradients are keyed as
+    it); ``make_learner`` builds the same learner on a worker (see
+    :class:`LearnerTaskFn`).
+    """
+    return sharded_task_batch(executor, LearnerTaskFn(make_learner, loss_fn), phi,
                               (support_x, support_y, query_x, query_y),
                               need_grad=True, strategy=strategy, device=device)
