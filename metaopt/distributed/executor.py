@@ -148,6 +148,8 @@ class RayExecutor:
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.max_restarts = int(max_restarts)
+        #: Indices of the workers rebuilt after a restart, in order (for reports/tests).
+        self.rebuilds: list[int] = []
         if not ray.is_initialized():
             try:
                 ray.init(address=address, include_dashboard=False)
@@ -233,6 +235,7 @@ class RayExecutor:
                  recover: Recover | None) -> Any:
         actor = self._actors[i]
         what = f"rebuild worker {i}"
+        self.rebuilds.append(i)
         for step, (rfn, rarg) in enumerate(recover(i) if recover is not None else []):
             self._retry(lambda f=rfn, x=rarg, first=step == 0: actor.call.remote(f, x, first),
                         what)

@@ -99,6 +99,7 @@ def main() -> None:
     out["kill_max_abs"] = max(float((a - b).abs().max()) for a, b in zip(got, ref))
     out["kill_steps"] = len(pool.bytes_per_step)
     out["kill_calls"] = pool.state.calls
+    out["rebuilds"] = list(ex.rebuilds)
 
     # Restarts used up: a second kill of the same worker is a clear error.
     os.kill(ex.pids()[1], signal.SIGKILL)
