@@ -25,6 +25,7 @@ from metaopt.bilevel.pes import PES
 from metaopt.bilevel.reference_problems import InfluenceBalancing
 from metaopt.bilevel.truncation import ConstantLength
 from metaopt.distributed import RayExecutor, WorkerError
+from metaopt.distributed.loopback import init_loopback_ray
 from metaopt.distributed.pes_pool import PESPool
 from metaopt.distributed.sharding import learner_meta_gradient
 
@@ -69,10 +70,9 @@ def pes_reference(steps: int) -> tuple[PES, InfluenceBalancing, dict, list]:
 def main() -> None:
     temp_dir, out_path = sys.argv[1], sys.argv[2]
     t0 = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
-             log_to_driver=False)
-    out: dict = {"init_s": time.monotonic() - t0}
-    out["node_ips"] = sorted({n["NodeManagerAddress"] for n in ray.nodes()})
+    out: dict = {"node_ips": init_loopback_ray(temp_dir, num_cpus=2)}
+    out["init_s"] = time.monotonic() - t0
+    # Independently of init_loopback_ray's own check:
     out["driver_ip"] = ray.util.get_node_ip_address()
     assert all(ipaddress.ip_address(a).is_loopback for a in out["node_ips"]), out
 

@@ -20,29 +20,23 @@ from pathlib import Path
 
 import pytest
 
+from metaopt.distributed.loopback import can_unshare, loopback_env, netns_command
+
 pytest.importorskip("ray")
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ray_checks.py")
 
 
-def _can_unshare() -> bool:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return False
-    return subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="module")
 def checks() -> dict:
-    if not _can_unshare():
+    if not can_unshare():
         pytest.skip("needs 'unshare --net' (root) to keep Ray on loopback")
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: AF_UNIX paths <= 107 bytes
     try:
         out = os.path.join(temp, "out.json")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
-        cmd = f"ip link set lo up && exec '{sys.executable}' '{SCRIPT}' '{temp}' '{out}'"
-        proc = subprocess.run(["unshare", "--net", "sh", "-c", cmd], env=env, cwd=ROOT,
+        proc = subprocess.run(netns_command([sys.executable, str(SCRIPT), temp, out]),
+                              env=loopback_env(os.environ, str(ROOT)), cwd=ROOT,
                               capture_output=True, text=True, timeout=150)
         if proc.returncode != 0 or not os.path.exists(out):
             pytest.fail(f"ray_checks.py failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
