@@ -64,9 +64,8 @@ class Executor(Protocol):
 class _Worker:
     """One worker: a store that lives across calls (a Ray actor's class, or in-process)."""
 
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self) -> None:
         self.store: dict = {}
-        self.device = device
 
     def pid(self) -> int:
         return os.getpid()
@@ -128,8 +127,9 @@ class RayExecutor:
         address: ``"auto"`` (a running cluster), ``"host:port"``, or None (start a
             local one). Ignored when this process already called ``ray.init``.
         num_workers: actors to start.
-        cpus_per_worker, gpus_per_worker: resources each actor reserves; with GPUs
-            the worker's ``store["device"]`` is ``"cuda"``.
+        cpus_per_worker, gpus_per_worker: resources each actor reserves (Ray sets
+            ``CUDA_VISIBLE_DEVICES`` in a GPU worker; sharded work moves its tensors
+            with ``device="cuda"``, see :func:`~metaopt.distributed.sharding.sharded_task_batch`).
         max_restarts: how often Ray restarts a dead actor.
         timeout_s: the longest wait for any one result.
     """
@@ -158,8 +158,7 @@ class RayExecutor:
                                   f"reachable ({e})") from e
         actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                            max_restarts=self.max_restarts, max_task_retries=0)(_Worker)
-        device = "cuda" if gpus_per_worker > 0 else None
-        self._actors = [actor.remote(device) for _ in range(num_workers)]
+        self._actors = [actor.remote() for _ in range(num_workers)]
         self._get([a.ping.remote() for a in self._actors], "start")
 
     # -- waiting ------------------------------------------------------------------

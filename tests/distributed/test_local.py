@@ -82,3 +82,21 @@ def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(MissingExtraError, match=r"metaopt\[ray\]"):
         _import_ray()
+
+
+def test_pes_pool_resumes_from_its_checkpoint_state():
+    # A driver checkpoint (TruncatedState, tensors only) restarts a fresh pool that
+    # continues exactly as the uninterrupted one.
+    system = InfluenceBalancing()
+    est = PES(num_tasks=5, truncation=3, sigma=0.1, schedule=ConstantLength(4), seed=2)
+    phi = {"theta": torch.tensor([0.3], dtype=torch.float64)}
+    whole = PESPool(LocalExecutor(2), est, system, phi)
+    ref = [whole.step(phi).grad["theta"] for _ in range(4)]
+    first = PESPool(LocalExecutor(2), est, system, phi)
+    for _ in range(2):
+        first.step(phi)
+    saved = type(first.state).from_state_dict(first.checkpoint_state().state_dict())
+    resumed = PESPool(LocalExecutor(2), est, system, phi, saved)
+    got = [resumed.step(phi).grad["theta"] for _ in range(2)]
+    for a, b in zip(got, ref[2:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
