@@ -3,8 +3,9 @@
     python scripts/bench_ray.py [--json PATH] [--steps N] [--quick]
 
 Workloads: ``pes`` — a :class:`~metaopt.distributed.pes_pool.PESPool` over a
-compute-bound InfluenceBalancing system (``n``-dimensional dense chain, 8 tasks × 2
-particles, truncations of 50 steps); ``maml`` — a MAML meta-batch (sinusoid
+compute-bound InfluenceBalancing system (a 400-dimensional dense chain, 128 tasks
+× 2 particles — a (256, 400) × (400, 400) product per inner step — truncations of 50
+steps); ``maml`` — a MAML meta-batch (sinusoid
 regression, 16 tasks, 1-64-64-1 MLP, 5 inner steps) sharded with
 :func:`~metaopt.distributed.sharding.learner_meta_gradient`. Each runs ``--steps``
 timed meta-steps after one warm-up step, on 1 and on 2 workers (one CPU each), and
@@ -61,9 +62,9 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bench_pes(ex: RayExecutor, steps: int, n: int) -> tuple[float, float]:
-    system = InfluenceBalancing(n=n, num_positive=n // 2)
-    est = PES(num_tasks=8, truncation=50, sigma=0.01, schedule=ConstantLength(200), seed=0)
+def bench_pes(ex: RayExecutor, steps: int, tasks: int) -> tuple[float, float]:
+    system = InfluenceBalancing(n=400, num_positive=200)
+    est = PES(num_tasks=tasks, truncation=50, sigma=0.01, schedule=ConstantLength(200), seed=0)
     phi = {"theta": torch.tensor([0.1], dtype=torch.float64)}
     pool = PESPool(ex, est, system, phi, sync_every=steps + 10)
     pool.step(phi)
@@ -104,7 +105,7 @@ def bench_maml(ex: RayExecutor, steps: int) -> tuple[float, float]:
 def inside(args: argparse.Namespace) -> list[dict]:
     init_loopback_ray(args.inside, num_cpus=2)
     records = []
-    for workload in ("pes", "maml"):
+    for workload in args.workloads.split(","):
         base = None
         for workers in (1, 2):
             ex = RayExecutor(num_workers=workers, cpus_per_worker=1, timeout_s=300)
@@ -114,7 +115,7 @@ def inside(args: argparse.Namespace) -> list[dict]:
                 ex.call_each(_noop, [None] * workers, init=True)
             rtt = (time.perf_counter() - t0) / 20
             if workload == "pes":
-                rate, nbytes = bench_pes(ex, args.steps, 200 if args.quick else 700)
+                rate, nbytes = bench_pes(ex, args.steps, 16 if args.quick else 128)
             else:
                 rate, nbytes = bench_maml(ex, args.steps)
             ex.shutdown()
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--steps", type=int, default=10, help="timed meta-steps per run")
-    parser.add_argument("--quick", action="store_true", help="a small PES system")
+    parser.add_argument("--quick", action="store_true", help="fewer PES tasks")
+    parser.add_argument("--workloads", default="pes,maml", help="comma-separated")
     parser.add_argument("--inside", help=argparse.SUPPRESS)  # the re-run in the netns
     args = parser.parse_args(argv)
     if args.inside:
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     try:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--steps", str(args.steps),
+               "--workloads", args.workloads,
                "--inside", temp]
         if args.quick:
             cmd.append("--quick")
