@@ -12,7 +12,9 @@ timed meta-steps after one warm-up step, on 1 and on 2 workers (one CPU each), a
 records ``{workload, workers, steps_per_s, speedup, bytes_per_step}`` (bytes: the
 tensor payload sent to and received from the workers per step; speedup: against 1
 worker). ``rtt_s`` is the round trip of an empty call on every worker (Ray's
-per-step overhead), for the scaling estimate in the README.
+per-step overhead), for the scaling estimate in the README; ``worker_cores_used`` is
+the CPU seconds the workers got per wall second (on a loaded machine, below the
+worker count: the speed-up is then limited by the cores the scheduler gave).
 
 Ray runs on loopback only: the script re-runs itself inside a network namespace
 with only ``lo`` (``unshare --net``, needs root) with Ray's files in a temporary
@@ -56,6 +58,15 @@ from metaopt.distributed.sharding import learner_meta_gradient  # noqa: E402
 
 def _noop(store: dict, arg: object) -> None:
     return None
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _nbytes(tensors) -> int:
@@ -114,18 +125,23 @@ def inside(args: argparse.Namespace) -> list[dict]:
             for _ in range(20):
                 ex.call_each(_noop, [None] * workers, init=True)
             rtt = (time.perf_counter() - t0) / 20
+            pids = ex.pids()
+            cpu0, wall0 = _cpu_seconds(pids), time.perf_counter()
             if workload == "pes":
                 rate, nbytes = bench_pes(ex, args.steps, 16 if args.quick else 128)
             else:
                 rate, nbytes = bench_maml(ex, args.steps)
+            # CPU seconds the workers got per wall second (2.0: both ran flat out).
+            cores = (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - wall0)
             ex.shutdown()
             base = rate if base is None else base
             records.append({"workload": workload, "workers": workers,
                             "steps_per_s": round(rate, 4), "speedup": round(rate / base, 3),
-                            "bytes_per_step": int(nbytes), "rtt_s": round(rtt, 5)})
+                            "bytes_per_step": int(nbytes), "rtt_s": round(rtt, 5),
+                            "worker_cores_used": round(cores, 2)})
             print(f"{workload:5s} workers={workers} steps/s={rate:8.3f} "
                   f"speedup={rate / base:5.2f} bytes/step={int(nbytes):9d} "
-                  f"rtt={rtt * 1e3:6.2f} ms", flush=True)
+                  f"rtt={rtt * 1e3:6.2f} ms cores={cores:4.2f}", flush=True)
     return records
 
 
