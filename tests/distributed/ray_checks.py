@@ -30,6 +30,31 @@ from metaopt.distributed.pes_pool import PESPool
 from metaopt.distributed.sharding import learner_meta_gradient
 
 
+class KillOnce:
+    """An inner system whose first step anywhere SIGKILLs its own process, mid-truncation.
+
+    The first process to create ``marker`` (O_EXCL: exactly one) kills itself inside
+    ``step``; every later step (the restarted worker's replay included) runs normally.
+    """
+
+    def __init__(self, system: InfluenceBalancing, marker: str, at_step: int) -> None:
+        self.system, self.marker, self.at_step, self.calls = system, marker, at_step, 0
+
+    def init(self, phi, seeds):
+        return self.system.init(phi, seeds)
+
+    def step(self, phi, state, seeds, steps):
+        self.calls += 1
+        if self.calls == self.at_step:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return self.system.step(phi, state, seeds, steps)
+
+
 def max_rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-300))
                for k in b)
@@ -118,6 +143,17 @@ def main() -> None:
     except WorkerError as e:
         out["timeout"] = str(e)
     out["timeout_wait_s"] = time.monotonic() - t1
+    ex.shutdown()
+
+    # A worker killed in the middle of a truncation (inside an inner step of the
+    # second outer step), on a fresh pair of workers.
+    ex = RayExecutor(num_workers=2, cpus_per_worker=1, max_restarts=1, timeout_s=60)
+    killer = KillOnce(system, os.path.join(temp_dir, "killed"), at_step=4 + 2)
+    pool = PESPool(ex, est, killer, phi, sync_every=10)
+    got = [pool.step(phi).grad["theta"] for _ in range(3)]
+    out["midstep_killed"] = os.path.exists(killer.marker)
+    out["midstep_rebuilds"] = list(ex.rebuilds)
+    out["midstep_max_abs"] = max(float((a - b).abs().max()) for a, b in zip(got, ref))
     out["total_s"] = time.monotonic() - t0
     with open(out_path, "w") as f:
         json.dump(out, f)

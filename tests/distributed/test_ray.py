@@ -78,6 +78,12 @@ def test_killed_worker_is_rebuilt_and_results_are_identical(checks):
     assert checks["kill_steps"] == checks["kill_calls"] == 3
 
 
+def test_worker_killed_inside_a_step_is_rebuilt(checks):
+    assert checks["midstep_killed"]
+    assert len(checks["midstep_rebuilds"]) == 1
+    assert checks["midstep_max_abs"] == 0.0
+
+
 def test_restarts_used_up_and_hung_worker_give_clear_errors(checks):
     assert "no restarts left (max_restarts=1)" in checks["second_kill"]
     assert "within timeout_s=1.0" in checks["timeout"]
