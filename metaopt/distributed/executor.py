@@ -25,6 +25,7 @@ max_restarts, timeout_s}``.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -120,6 +121,23 @@ def _import_ray() -> Any:
     return ray
 
 
+def _probe(address: str | None, timeout_s: float) -> None:
+    """Refuse an explicit ``host:port`` that does not accept a TCP connection.
+
+    ``ray.init`` keeps retrying an unreachable head for minutes; this bounds it.
+    """
+    if address is None or address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"executor.address must be 'auto', None or 'host:port', "
+                          f"got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=min(timeout_s, 10.0)).close()
+    except OSError as e:
+        raise WorkerError(f"executor.address {address!r}: no Ray head reachable ({e})") from e
+
+
 class RayExecutor:
     """Workers as Ray actors (see the module docstring for restarts and timeouts).
 
@@ -151,6 +169,7 @@ class RayExecutor:
         #: Indices of the workers rebuilt after a restart, in order (for reports/tests).
         self.rebuilds: list[int] = []
         if not ray.is_initialized():
+            _probe(address, self.timeout_s)
             try:
                 ray.init(address=address, include_dashboard=False)
             except ConnectionError as e:

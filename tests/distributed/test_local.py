@@ -14,8 +14,8 @@ from metaopt.algorithms.maml import MAML
 from metaopt.bilevel.pes import PES
 from metaopt.bilevel.reference_problems import InfluenceBalancing
 from metaopt.bilevel.truncation import ConstantLength
-from metaopt.distributed import LocalExecutor, StateLost, make_executor
-from metaopt.distributed.executor import _import_ray
+from metaopt.distributed import LocalExecutor, StateLost, WorkerError, make_executor
+from metaopt.distributed.executor import _import_ray, _probe
 from metaopt.distributed.pes_pool import PESPool
 from metaopt.distributed.sharding import learner_meta_gradient, shard_slices
 from metaopt.errors import ConfigError, MissingExtraError
@@ -100,3 +100,10 @@ def test_pes_pool_resumes_from_its_checkpoint_state():
     got = [resumed.step(phi).grad["theta"] for _ in range(2)]
     for a, b in zip(got, ref[2:]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_unreachable_ray_address_is_refused_at_once():
+    with pytest.raises(WorkerError, match="no Ray head reachable"):
+        _probe("127.0.0.1:1", 2.0)
+    with pytest.raises(ConfigError, match="executor.address"):
+        _probe("nowhere", 2.0)
