@@ -11,6 +11,11 @@ A batch of tasks, each its own bilevel problem (the MAML family), runs through
 :mod:`metaopt.bilevel.task_batch` with any estimator that gives an
 :class:`Objective` (``Unrolled``, ``FirstOrder``, ``Implicit``). The inner loop
 itself is :func:`unroll` in :mod:`metaopt.bilevel.inner_loop`.
+
+Long inner problems are meta-trained in truncations by :class:`TruncatedBPTT`,
+:class:`ES` and :class:`PES` over an :class:`InnerSystem` (many tasks advanced
+together, state carried across calls in ``hg.state``; see
+:mod:`metaopt.bilevel.truncation`).
 """
 
 from metaopt.bilevel.bome import BOME
@@ -20,6 +25,7 @@ from metaopt.bilevel.check import (
     finite_difference_hypergradient,
     hypergradcheck,
 )
+from metaopt.bilevel.es import ES
 from metaopt.bilevel.f2sa import F2SA, F2SAState
 from metaopt.bilevel.first_order import FirstOrder
 from metaopt.bilevel.implicit import Implicit, custom_fixed_point, custom_root
@@ -32,6 +38,7 @@ from metaopt.bilevel.outer import (
     outer_init,
     outer_step,
 )
+from metaopt.bilevel.pes import PES
 from metaopt.bilevel.problem import (
     BilevelProblem,
     Estimator,
@@ -47,12 +54,24 @@ from metaopt.bilevel.task_batch import (
     run_loop,
     run_vmap,
 )
+from metaopt.bilevel.truncated_bptt import TruncatedBPTT
+from metaopt.bilevel.truncation import (
+    BilevelSystem,
+    ConstantLength,
+    InnerSystem,
+    LogUniformLength,
+    TruncatedState,
+)
 from metaopt.bilevel.unrolled import Unrolled
 
 __all__ = [
     "BOME",
+    "ES",
     "F2SA",
+    "PES",
     "BilevelProblem",
+    "BilevelSystem",
+    "ConstantLength",
     "Estimator",
     "F2SAState",
     "FirstOrder",
@@ -60,8 +79,10 @@ __all__ = [
     "HypergradCheckError",
     "Hypergradient",
     "Implicit",
+    "InnerSystem",
     "InnerTrace",
     "LinearSolveWarning",
+    "LogUniformLength",
     "Objective",
     "OuterResult",
     "OuterState",
@@ -69,6 +90,8 @@ __all__ = [
     "TaskBatchResult",
     "TaskBatcher",
     "TaskEstimator",
+    "TruncatedBPTT",
+    "TruncatedState",
     "Unrolled",
     "attach_gradient",
     "custom_fixed_point",

@@ -6,6 +6,9 @@
   hypergradient uses the exact Hessian and a dense solve.
 * :func:`quadratic_problem` — a quadratic bilevel problem whose outer optimum φ* is
   known in closed form (for testing outer loops such as F2SA).
+* :class:`InfluenceBalancing` — the linear dynamical system on which truncated
+  backpropagation gets the sign of the gradient wrong (Tallec & Ollivier 2017; the
+  PES paper's toy), an inner system for the truncated estimators.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from metaopt.bilevel.problem import BilevelProblem
 from metaopt.optim import sgd
 from metaopt.params import Params
 
-__all__ = ["ReferenceProblem", "logistic_problem", "quadratic_problem", "ridge_problem"]
+__all__ = ["InfluenceBalancing", "ReferenceProblem", "logistic_problem", "quadratic_problem",
+           "ridge_problem"]
 
 
 @dataclass
@@ -199,3 +203,47 @@ def quadratic_problem(d: int = 6, m: int = 4, *, mu: float = 0.1, inner_steps: i
     return ReferenceProblem(problem, {"phi": torch.zeros(m, dtype=dtype, device=device)},
                             {"theta": torch.zeros(d, dtype=dtype, device=device)},
                             exact_hypergradient, exact_solution, {"phi": optimum}, lipschitz=L)
+
+
+@dataclass(frozen=True)
+class InfluenceBalancing:
+    """``s ← A s + θ·sign``, ``A = ½(I + superdiagonal shift)``, loss ``½(s₀ − 1)²``.
+
+    A scalar θ drives ``n`` coupled states; it pushes the first ``num_positive`` up and
+    the rest down, and the downward push reaches ``s₀`` only through the chain after
+    many steps. Short truncations see only the upward (short-term) influence: truncated
+    backpropagation then has the wrong sign, while PES is unbiased. An
+    :class:`~metaopt.bilevel.truncation.InnerSystem` (rows broadcast, no ``vmap``);
+    every row starts from ``s = 1`` and ``seeds`` are unused (one task). φ is
+    ``{"theta": (1,)}``. :meth:`episode_loss` is the exact objective for references.
+    """
+
+    n: int = 23
+    num_positive: int = 10
+    dtype: torch.dtype = torch.float64
+
+    def matrix(self) -> Tensor:
+        half = torch.full((self.n,), 0.5, dtype=self.dtype)
+        return torch.diag(half) + torch.diag(half[1:], 1)
+
+    def signs(self) -> Tensor:
+        return torch.cat([torch.ones(self.num_positive, dtype=self.dtype),
+                          -torch.ones(self.n - self.num_positive, dtype=self.dtype)])
+
+    def init(self, phi: Params, seeds: Tensor) -> dict[str, Tensor]:
+        rows = next(iter(phi.values())).shape[0]
+        return {"s": torch.ones(rows, self.n, dtype=self.dtype)}
+
+    def step(self, phi: Params, state: dict[str, Tensor], seeds: Tensor, steps: Tensor
+             ) -> tuple[dict[str, Tensor], Tensor]:
+        s = state["s"] @ self.matrix().T + phi["theta"].reshape(-1, 1) * self.signs()
+        return {"s": s}, 0.5 * (s[:, 0] - 1) ** 2
+
+    def episode_loss(self, theta: Tensor, steps: int) -> Tensor:
+        """Sum of the step losses of one episode of ``steps`` steps from ``s = 1``."""
+        state = {"s": torch.ones(1, self.n, dtype=self.dtype)}
+        total = torch.zeros((), dtype=self.dtype)
+        for _ in range(steps):
+            state, loss = self.step({"theta": theta.reshape(1, 1)}, state, None, None)
+            total = total + loss.sum()
+        return total

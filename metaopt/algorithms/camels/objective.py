@@ -1,0 +1,226 @@
+"""The CaMeLS meta-objective, one :class:`~metaopt.bilevel.BilevelProblem` per document.
+
+For a document x with weights w = w_φ(x) (:class:`TokenWeighting`, φ its parameters)
+and the base language model's parameters θ₀ (constant):
+
+    inner:  g(θ, φ) = Σ_t w_t m_t ℓ_t(θ; x) / Σ_t m_t          (weighted LM loss)
+            θ_K = K steps of SGD(lr) on g from θ₀ (K = 1, lr = 5e-4 in the reference)
+    outer:  f(θ_K) = NLL_θK(answer | question)  +  c_kl · KL(p_θ₀ ‖ p_θK) on locality text
+
+ℓ_t is the next-token cross-entropy of token t given tokens < t and m the document's
+attention mask. The QA NLL averages the next-token cross-entropy over the answer
+tokens of the document's question+answer sequences; the KL is averaged over the real
+tokens of unrelated "locality" sequences (c_kl = 0.1 in the reference). The
+meta-gradient dF/dφ comes from an estimator of :mod:`metaopt.bilevel` —
+:class:`~metaopt.bilevel.Unrolled` (exact through the K steps; second order: the
+inner gradient is differentiated with respect to φ), optionally
+``Unrolled(checkpoint_segment=S)`` — and a meta-batch of documents runs through
+:class:`~metaopt.bilevel.task_batch.TaskBatcher`, the project's one task-batching
+path (per-document loop: second-order gradients through LayerNorm are wrong under
+``vmap``, pytorch/functorch#534).
+
+First order does not apply: θ₀ does not depend on φ and φ reaches θ_K only through
+the inner gradient, so the stop-gradient of :class:`~metaopt.bilevel.FirstOrder`
+leaves a meta-gradient of exactly zero. :class:`CaMeLS` refuses it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaopt.bilevel.first_order import FirstOrder
+from metaopt.bilevel.inner_loop import unroll
+from metaopt.bilevel.problem import BilevelProblem, TaskEstimator
+from metaopt.bilevel.task_batch import TaskBatcher, TaskBatchResult, attach_gradient
+from metaopt.bilevel.unrolled import Unrolled
+from metaopt.optim import sgd
+from metaopt.params import Params, functional_call
+
+__all__ = ["CaMeLS", "answer_nll", "locality_kl", "token_nll", "weighted_lm_loss"]
+
+#: Why CaMeLS runs documents one at a time.
+LOOP_ONLY = ("second-order gradients through LayerNorm are wrong under torch.func.vmap "
+             "(pytorch/functorch#534)")
+
+
+def token_nll(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Next-token cross-entropy ``(B, T-1)``: entry t-1 is −log p(x_t | x_<t)."""
+    V = logits.shape[-1]
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V), input_ids[:, 1:].reshape(-1),
+                          reduction="none")
+    return nll.reshape(input_ids.shape[0], -1)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def weighted_lm_loss(logits: Tensor, input_ids: Tensor, weights: Tensor,
+                     mask: Tensor) -> Tensor:
+    """Σ_t w_t m_t ℓ_t / Σ_t m_t over targets t ≥ 1 (the loss of token t uses w_t)."""
+    target_mask = mask[:, 1:].to(logits.dtype)
+    nll = token_nll(logits, input_ids)
+    return (nll * weights[:, 1:] * target_mask).sum() / target_mask.sum().clamp_min(1.0)
+
+
+def answer_nll(logits: Tensor, input_ids: Tensor, answer_mask: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over the tokens where ``answer_mask`` is 1."""
+    return _masked_mean(token_nll(logits, input_ids), answer_mask[:, 1:])
+
+
+def locality_kl(base_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens of KL(p_base ‖ p) of the next-token distributions."""
+    log_base = F.log_softmax(base_logits, -1)
+    kl = (log_base.exp() * (log_base - F.log_softmax(logits, -1))).sum(-1)
+    return _masked_mean(kl, mask)
+
+
+def _check_int(name: str, t: Tensor, dims: int) -> None:
+    if not isinstance(t, Tensor) or t.dim() != dims:
+        raise ValueError(f"{name} must be a tensor with {dims} dims, got "
+                         f"{getattr(t, 'shape', type(t).__name__)}")
+
+
+class CaMeLS:
+    """Meta-learns token loss weights so one weighted SGD step teaches a document.
+
+    Args:
+        base_model: the language model adapted in the inner loop,
+            ``base_model(input_ids, attention_mask) -> logits`` (a
+            :class:`~metaopt.models.TinyLM` or a Hugging Face causal LM returning
+            ``.logits``). Its parameters are θ₀ and are never changed here.
+        weighting: the :class:`TokenWeighting` model; its parameters are φ.
+        inner_lr: the inner SGD learning rate.
+        inner_steps: inner steps K on each document.
+        c_kl: weight of the locality KL term.
+        estimator: :class:`~metaopt.bilevel.Unrolled` (default) or any task estimator
+            except first-order ones (see the module docstring).
+
+    ``meta_loss(doc_ids, doc_mask, qa_ids, answer_mask, loc_ids, loc_mask)`` takes a
+    meta-batch of N documents: ``doc_* (N, T)``, ``qa_ids, answer_mask (N, Q, Tq)``
+    (Q question+answer sequences per document), ``loc_* (N, L, Tl)``; it returns the
+    mean outer loss with the meta-gradient attached (``backward()`` fills the
+    weighting model's ``.grad``).
+    """
+
+    def __init__(self, base_model: nn.Module, weighting: nn.Module, *, inner_lr: float = 5e-4,
+                 inner_steps: int = 1, c_kl: float = 0.1,
+                 estimator: TaskEstimator | None = None) -> None:
+        estimator = Unrolled() if estimator is None else estimator
+        if isinstance(estimator, FirstOrder) or getattr(estimator, "first_order", False):
+            raise ValueError("estimator: first-order gives CaMeLS a zero meta-gradient "
+                             "(theta0 does not depend on phi); use Unrolled")
+        if not (isinstance(inner_lr, (int, float)) and inner_lr > 0):
+            raise ValueError(f"inner_lr must be a number > 0, got {inner_lr!r}")
+        if not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
+        if not (isinstance(c_kl, (int, float)) and c_kl >= 0):
+            raise ValueError(f"c_kl must be a number >= 0, got {c_kl!r}")
+        self.base_model = base_model
+        self.weighting = weighting
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = inner_steps
+        self.c_kl = float(c_kl)
+        self.estimator = estimator
+        self._batcher = TaskBatcher("loop")
+        self.last_result: TaskBatchResult | None = None
+
+    # -- the pieces ----------------------------------------------------------------
+    def outer_parameters(self) -> Params:
+        """φ: the weighting model's parameters by name (the live tensors)."""
+        return dict(self.weighting.named_parameters())
+
+    def base_parameters(self) -> Params:
+        """θ₀: the base model's parameters, detached."""
+        return {k: v.detach() for k, v in self.base_model.named_parameters()}
+
+    def logits(self, theta: Params, input_ids: Tensor, mask: Tensor | None) -> Tensor:
+        """The base model's logits with parameters θ."""
+        out = functional_call(self.base_model, theta, (input_ids,),
+                              {"attention_mask": mask})
+        return out if isinstance(out, Tensor) else out.logits
+
+    def weights(self, phi: Params, input_ids: Tensor, mask: Tensor) -> Tensor:
+        """The token weights ``(B, T)`` of the weighting model with parameters φ."""
+        return functional_call(self.weighting, phi, (input_ids,), {"attention_mask": mask})
+
+    def problem(self, doc_ids: Tensor, doc_mask: Tensor, qa_ids: Tensor, answer_mask: Tensor,
+                loc_ids: Tensor, loc_mask: Tensor) -> BilevelProblem:
+        """One document's bilevel problem (tensors without the meta-batch axis)."""
+        doc_ids, doc_mask = doc_ids[None], doc_mask[None]
+        logits, weights, c_kl = self.logits, self.weights, self.c_kl
+        with torch.no_grad():
+            base_loc = logits(self.base_parameters(), loc_ids, loc_mask)
+
+        def inner_loss(theta: Params, phi: Params) -> Tensor:
+            return weighted_lm_loss(logits(theta, doc_ids, doc_mask), doc_ids,
+                                    weights(phi, doc_ids, doc_mask), doc_mask)
+
+        def outer_loss(theta: Params, phi: Params) -> Tensor:
+            qa = answer_nll(logits(theta, qa_ids, None), qa_ids, answer_mask)
+            if c_kl == 0.0:
+                return qa
+            return qa + c_kl * locality_kl(base_loc, logits(theta, loc_ids, loc_mask),
+                                           loc_mask)
+
+        return BilevelProblem(inner_loss, outer_loss, sgd(self.inner_lr), self.inner_steps,
+                              name="CaMeLS")
+
+    def task_loss(self, phi: Params, doc_ids: Tensor, doc_mask: Tensor, qa_ids: Tensor,
+                  answer_mask: Tensor, loc_ids: Tensor, loc_mask: Tensor, *,
+                  functional: bool = False, checks: bool = True) -> Tensor:
+        """F(φ) for one document; its gradient is the estimator's meta-gradient."""
+        problem = self.problem(doc_ids, doc_mask, qa_ids, answer_mask, loc_ids, loc_mask)
+        return self.estimator.objective(problem, phi, self.base_parameters(),
+                                        functional=functional, check_finite=checks).value
+
+    # -- the public API ------------------------------------------------------------
+    def meta_loss(self, doc_ids: Tensor, doc_mask: Tensor, qa_ids: Tensor,
+                  answer_mask: Tensor, loc_ids: Tensor, loc_mask: Tensor) -> Tensor:
+        """Mean outer loss over the documents; ``backward()`` gives dF/dφ."""
+        tasks = [doc_ids, doc_mask, qa_ids, answer_mask, loc_ids, loc_mask]
+        names = ["doc_ids", "doc_mask", "qa_ids", "answer_mask", "loc_ids", "loc_mask"]
+        for name, t, dims in zip(names, tasks, (2, 2, 3, 3, 3, 3)):
+            _check_int(name, t, dims)
+            if t.shape[0] != doc_ids.shape[0]:
+                raise ValueError(f"{name} has {t.shape[0]} documents, doc_ids has "
+                                 f"{doc_ids.shape[0]}")
+        for a, b in (("doc_mask", "doc_ids"), ("answer_mask", "qa_ids"),
+                     ("loc_mask", "loc_ids")):
+            ta, tb = tasks[names.index(a)], tasks[names.index(b)]
+            if ta.shape != tb.shape:
+                raise ValueError(f"{a} shape {tuple(ta.shape)} != {b} shape {tuple(tb.shape)}")
+        if not bool((answer_mask[..., 1:] != 0).any(-1).all()):
+            raise ValueError("answer_mask: every question+answer sequence needs at least "
+                             "one answer token after position 0")
+        phi = self.outer_parameters()
+        result = self._batcher.run(self.task_loss, phi, tasks, need_grad=torch.is_grad_enabled(),
+                                   loop_only=LOOP_ONLY)
+        self.last_result = result
+        if result.grads is None:
+            return result.mean
+        return attach_gradient(result.mean, phi, result.grads)
+
+    def adapt(self, doc_ids: Tensor, doc_mask: Tensor, weights: Tensor | None = None,
+              theta: Params | None = None) -> Params:
+        """θ after the inner steps on a batch of documents ``(B, T)`` (detached).
+
+        ``weights``: per-token weights ``(B, T)`` (None: the weighting model's);
+        ``theta``: the starting parameters (None: the base model's).
+        """
+        theta = self.base_parameters() if theta is None else theta
+        with torch.no_grad():
+            w = (self.weights(self.outer_parameters(), doc_ids, doc_mask)
+                 if weights is None else weights.detach())
+        logits = self.logits
+
+        def loss(th: Params, step: int) -> Tensor:
+            return weighted_lm_loss(logits(th, doc_ids, doc_mask), doc_ids, w, doc_mask)
+
+        with torch.no_grad():
+            trace = unroll(loss, sgd(self.inner_lr), dict(theta), self.inner_steps,
+                           stop_gradient=True)
+        return {k: v.detach() for k, v in trace.theta.items()}
