@@ -132,6 +132,37 @@ def test_meta_gradient_matches_central_finite_differences() -> None:
     assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-10)
 
 
+def test_documents_in_sequence() -> None:
+    """(N, 1, T) documents equal (N, T); (N, 2, T) takes one step per document in order
+    and its meta-gradient matches central finite differences."""
+    camels = _camels(lr=0.5)
+    batch = _batch()
+    one = _grads(camels, batch)
+    seq1 = _grads(camels, [batch[0][:, None], batch[1][:, None], *batch[2:]])
+    for k in one:
+        torch.testing.assert_close(seq1[k], one[k], rtol=1e-12, atol=1e-15)
+    second = _batch(seed=1)
+    docs = [torch.stack([batch[0], second[0]], 1), torch.stack([batch[1], second[1]], 1),
+            *batch[2:]]
+    problem = camels.problem(*[t[0] for t in docs])
+    assert problem.inner_steps == 2 and [problem.inner_batch(k) for k in (0, 1)] == [0, 1]
+    grads = _grads(camels, docs)
+    assert any((grads[k] - one[k]).abs().max() > 1e-6 for k in one)
+    torch.manual_seed(5)
+    v = {k: torch.randn_like(g) for k, g in grads.items()}
+    params = dict(camels.weighting.named_parameters())
+    eps, values = 1e-5, []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            for k, p in params.items():
+                p.add_(sign * eps * v[k])
+            values.append(camels.meta_loss(*docs).item())
+            for k, p in params.items():
+                p.sub_(sign * eps * v[k])
+    assert tree_dot(grads, v).item() == pytest.approx((values[0] - values[1]) / (2 * eps),
+                                                      rel=1e-6, abs=1e-10)
+
+
 class _FreeWeights(nn.Module):
     """A 'weighting model' whose weights are its parameter: w = p · m."""
 
@@ -155,7 +186,7 @@ def test_one_step_meta_gradient_equals_closed_form() -> None:
     theta0 = {k: v.detach().requires_grad_() for k, v in camels.base_parameters().items()}
     w = camels.weighting.w.detach()
     problem = camels.problem(*[t[0] for t in batch])
-    inner = problem.inner_value(theta0, {"w": w})
+    inner = problem.inner_value(theta0, {"w": w}, problem.inner_batch(0))
     g_inner = torch.autograd.grad(inner, list(theta0.values()))
     theta1 = {k: (v - alpha * g).detach().requires_grad_()
               for (k, v), g in zip(theta0.items(), g_inner)}
@@ -193,6 +224,24 @@ def test_checkpointed_base_model_gives_the_same_meta_gradient() -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-13)
 
 
+def test_adapt_is_one_weighted_sgd_step() -> None:
+    """adapt(): θ₁ = θ₀ − α ∇_θ g(θ₀) with the given weights (and the model's by default)."""
+    camels = _camels(lr=0.3)
+    doc, mask = _batch()[:2]
+    w = torch.rand(doc.shape, dtype=torch.float64)
+    theta0 = {k: v.detach().requires_grad_() for k, v in camels.base_parameters().items()}
+    loss = weighted_lm_loss(camels.logits(theta0, doc, mask), doc, w, mask)
+    grads = torch.autograd.grad(loss, list(theta0.values()))
+    adapted = camels.adapt(doc, mask, weights=w)
+    for (k, v), g in zip(theta0.items(), grads):
+        torch.testing.assert_close(adapted[k], v.detach() - 0.3 * g, rtol=1e-12, atol=1e-15)
+    own = camels.adapt(doc, mask)
+    with torch.no_grad():
+        w_model = camels.weighting(doc, mask)
+    torch.testing.assert_close(own["head.weight"],
+                               camels.adapt(doc, mask, weights=w_model)["head.weight"])
+
+
 def test_bad_inputs_name_the_field() -> None:
     camels = _camels()
     batch = _batch()
@@ -202,6 +251,8 @@ def test_bad_inputs_name_the_field() -> None:
     bad[3].zero_()
     with pytest.raises(ValueError, match="answer_mask"):
         camels.meta_loss(*bad)
+    with pytest.raises(ValueError, match="qa_ids"):
+        camels.meta_loss(batch[0], batch[1], batch[2].double(), *batch[3:])
     with pytest.raises(ValueError, match="inner_lr"):
         CaMeLS(_lm(0), TokenWeighting(_lm(1)), inner_lr=0.0)
 
@@ -251,3 +302,43 @@ def test_a_few_meta_steps_lower_the_outer_loss() -> None:
     with torch.no_grad():
         final = camels.meta_loss(*batch).item()
     assert final < losses[0] - 0.05, [*losses, final]
+
+
+@pytest.mark.slow  # importing transformers alone takes ~10 s of CPU
+def test_hugging_face_models_as_base_and_backbone_match_finite_differences() -> None:
+    """A tiny GPT-2 built from a config (nothing downloaded), eager attention, float64.
+
+    (GPT-2, not Llama: Llama's RMSNorm computes in float32 even for float64 inputs,
+    which limits a finite-difference check to about 1e-4.)
+    """
+    transformers = pytest.importorskip("transformers")
+
+    def tiny(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        cfg = transformers.GPT2Config(
+            vocab_size=V, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=0,
+            eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            attn_implementation="eager")
+        return transformers.GPT2LMHeadModel(cfg).double()
+
+    weighting = TokenWeighting(tiny(1).transformer, width=8).double()
+    _randomise_head(weighting)
+    camels = CaMeLS(tiny(0), weighting, inner_lr=1.0)
+    batch = _batch()
+    grads = _grads(camels, batch)
+    torch.manual_seed(5)
+    v = {k: torch.randn_like(g) for k, g in grads.items()}
+    params = dict(weighting.named_parameters())
+    eps = 1e-6
+    values = []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            for k, p in params.items():
+                p.add_(sign * eps * v[k])
+            values.append(camels.meta_loss(*batch).item())
+            for k, p in params.items():
+                p.sub_(sign * eps * v[k])
+    fd = (values[0] - values[1]) / (2 * eps)
+    analytic = tree_dot(grads, v).item()
+    assert abs(analytic) > 1e-6
+    assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-10)

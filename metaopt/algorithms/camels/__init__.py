@@ -12,6 +12,10 @@ document through :mod:`metaopt.bilevel`'s estimators and task batching)::
     loss.backward()                          # dF/dφ in the weighting model's .grad
     theta = camels.adapt(doc_ids, doc_mask)  # the base model after the weighted step
 
+Online adaptation over a stream with any weighting (CaMeLS or the uniform, TF-IDF
+and oracle baselines): :func:`stream_adapt`, :func:`stream_answer_nll`,
+:func:`greedy_answer`.
+
 SQuAD-style scoring of generated answers: :func:`squad_normalize`,
 :func:`exact_match`, :func:`f1`.
 """
@@ -23,6 +27,15 @@ from metaopt.algorithms.camels.objective import (
     locality_kl,
     token_nll,
     weighted_lm_loss,
+)
+from metaopt.algorithms.camels.online import (
+    greedy_answer,
+    idf_weights,
+    inverse_document_frequency,
+    oracle_weights,
+    stream_adapt,
+    stream_answer_nll,
+    uniform_weights,
 )
 from metaopt.algorithms.camels.weighting import (
     SOFTPLUS_BETA,
@@ -38,8 +51,15 @@ __all__ = [
     "backbone_hidden_states",
     "exact_match",
     "f1",
+    "greedy_answer",
+    "idf_weights",
+    "inverse_document_frequency",
     "locality_kl",
+    "oracle_weights",
     "squad_normalize",
+    "stream_adapt",
+    "stream_answer_nll",
     "token_nll",
+    "uniform_weights",
     "weighted_lm_loss",
 ]

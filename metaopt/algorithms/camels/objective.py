@@ -78,10 +78,12 @@ def locality_kl(base_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
     return _masked_mean(kl, mask)
 
 
-def _check_int(name: str, t: Tensor, dims: int) -> None:
+def _check_dims(name: str, t: Tensor, dims: int) -> None:
     if not isinstance(t, Tensor) or t.dim() != dims:
         raise ValueError(f"{name} must be a tensor with {dims} dims, got "
                          f"{getattr(t, 'shape', type(t).__name__)}")
+    if name.endswith("_ids") and t.is_floating_point():
+        raise ValueError(f"{name} must hold integer token ids, got {t.dtype}")
 
 
 class CaMeLS:
@@ -100,8 +102,9 @@ class CaMeLS:
             except first-order ones (see the module docstring).
 
     ``meta_loss(doc_ids, doc_mask, qa_ids, answer_mask, loc_ids, loc_mask)`` takes a
-    meta-batch of N documents: ``doc_* (N, T)``, ``qa_ids, answer_mask (N, Q, Tq)``
-    (Q question+answer sequences per document), ``loc_* (N, L, Tl)``; it returns the
+    meta-batch of N tasks: ``doc_* (N, T)`` (one document each) or ``(N, D, T)`` (D
+    documents adapted on in sequence), ``qa_ids, answer_mask (N, Q, Tq)`` (Q
+    question+answer sequences per task), ``loc_* (N, L, Tl)``; it returns the
     mean outer loss with the meta-gradient attached (``backward()`` fills the
     weighting model's ``.grad``).
     """
@@ -149,15 +152,26 @@ class CaMeLS:
 
     def problem(self, doc_ids: Tensor, doc_mask: Tensor, qa_ids: Tensor, answer_mask: Tensor,
                 loc_ids: Tensor, loc_mask: Tensor) -> BilevelProblem:
-        """One document's bilevel problem (tensors without the meta-batch axis)."""
-        doc_ids, doc_mask = doc_ids[None], doc_mask[None]
+        """One task's bilevel problem (tensors without the meta-batch axis).
+
+        ``doc_ids, doc_mask``: ``(T,)`` — one document — or ``(D, T)`` — D documents
+        adapted on in sequence, ``inner_steps`` steps each (step k uses document
+        ``k // inner_steps``); the questions then cover all D documents.
+        """
+        if doc_ids.dim() == 1:
+            doc_ids, doc_mask = doc_ids[None], doc_mask[None]
+        per_doc = self.inner_steps
         logits, weights, c_kl = self.logits, self.weights, self.c_kl
         with torch.no_grad():
             base_loc = logits(self.base_parameters(), loc_ids, loc_mask)
 
-        def inner_loss(theta: Params, phi: Params) -> Tensor:
-            return weighted_lm_loss(logits(theta, doc_ids, doc_mask), doc_ids,
-                                    weights(phi, doc_ids, doc_mask), doc_mask)
+        def inner_loss(theta: Params, phi: Params, doc: int) -> Tensor:
+            ids, mask = doc_ids[doc:doc + 1], doc_mask[doc:doc + 1]
+            return weighted_lm_loss(logits(theta, ids, mask), ids, weights(phi, ids, mask),
+                                    mask)
+
+        def document(step: int) -> int:
+            return step // per_doc
 
         def outer_loss(theta: Params, phi: Params) -> Tensor:
             qa = answer_nll(logits(theta, qa_ids, None), qa_ids, answer_mask)
@@ -166,7 +180,8 @@ class CaMeLS:
             return qa + c_kl * locality_kl(base_loc, logits(theta, loc_ids, loc_mask),
                                            loc_mask)
 
-        return BilevelProblem(inner_loss, outer_loss, sgd(self.inner_lr), self.inner_steps,
+        return BilevelProblem(inner_loss, outer_loss, sgd(self.inner_lr),
+                              per_doc * doc_ids.shape[0], inner_batches=document,
                               name="CaMeLS")
 
     def task_loss(self, phi: Params, doc_ids: Tensor, doc_mask: Tensor, qa_ids: Tensor,
@@ -183,8 +198,9 @@ class CaMeLS:
         """Mean outer loss over the documents; ``backward()`` gives dF/dφ."""
         tasks = [doc_ids, doc_mask, qa_ids, answer_mask, loc_ids, loc_mask]
         names = ["doc_ids", "doc_mask", "qa_ids", "answer_mask", "loc_ids", "loc_mask"]
-        for name, t, dims in zip(names, tasks, (2, 2, 3, 3, 3, 3)):
-            _check_int(name, t, dims)
+        doc_dims = 3 if isinstance(doc_ids, Tensor) and doc_ids.dim() == 3 else 2
+        for name, t, dims in zip(names, tasks, (doc_dims, doc_dims, 3, 3, 3, 3)):
+            _check_dims(name, t, dims)
             if t.shape[0] != doc_ids.shape[0]:
                 raise ValueError(f"{name} has {t.shape[0]} documents, doc_ids has "
                                  f"{doc_ids.shape[0]}")
