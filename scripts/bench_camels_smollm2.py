@@ -10,7 +10,8 @@ Time: median wall seconds over ``--repeats`` steps after one warm-up step. Memor
 process's peak resident set (ru_maxrss) minus its resident set after loading the models.
 The weighting model is a small TinyLM over the SmolLM2 vocabulary. Slow (minutes):
 
-    PYTHONPATH=. python scripts/bench_camels_smollm2.py --batch 4 --seq 128 --cache-dir /tmp/smollm2_f32
+    PYTHONPATH=. python scripts/bench_camels_smollm2.py --batch 4 --seq 128 \\
+        --cache-dir /tmp/smollm2_f32
 """
 
 from __future__ import annotations

