@@ -1,5 +1,8 @@
 """Hugging Face causal LMs in CaMeLS: the wrapper's logits, the layer-wise checkpointed
-path, and the meta-gradient through a tiny random Llama (no download, float64)."""
+path, and the meta-gradient through a tiny random Llama (no download, float64).
+
+Marked slow where they import ``transformers`` (~8-10 s on this CPU), as the other
+transformers-based tests are; run them with ``-m slow``."""
 
 from __future__ import annotations
 
@@ -11,12 +14,11 @@ from metaopt.algorithms.camels.hf import HFCausalLM, require_lm
 from metaopt.errors import MissingExtraError
 from metaopt.models import TinyLM, TinyLMConfig
 
-transformers = pytest.importorskip("transformers")
-
 V = 32
 
 
 def _llama(seed: int = 0, checkpoint: bool = False) -> HFCausalLM:
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32,
                                       num_hidden_layers=2, num_attention_heads=2,
@@ -38,6 +40,7 @@ def _batch(n: int = 2, T: int = 6):
     return [doc, doc_mask, qa, answer, loc, torch.ones_like(loc)]
 
 
+@pytest.mark.slow
 def test_wrapper_and_checkpointed_path_give_the_models_logits() -> None:
     plain, ckpt = _llama(), _llama(checkpoint=True)
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -49,6 +52,7 @@ def test_wrapper_and_checkpointed_path_give_the_models_logits() -> None:
     assert plain.hidden_states(ids, mask).shape == (2, 7, 16)
 
 
+@pytest.mark.slow
 def test_checkpointed_llama_meta_gradient_equals_plain() -> None:
     """Layers recomputed with the inner θ passed explicitly: the same dF/dφ to rounding."""
     torch.manual_seed(5)
@@ -66,6 +70,7 @@ def test_checkpointed_llama_meta_gradient_equals_plain() -> None:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_hf_backbone_for_the_weighting_model_starts_uniform() -> None:
     weighting = TokenWeighting(_llama(1), normalize=True).double()
     ids = torch.randint(0, V, (1, 5))
