@@ -31,10 +31,20 @@ from torch import Tensor
 
 from metaopt.bilevel.truncation import mix_seed
 from metaopt.lopt.base import LearnedOptimizer
+from metaopt.lopt.mulo import MuSmallFC, MuVeLO
 from metaopt.params import Params
 from metaopt.tree import tree_leaves, tree_rebuild
 
-__all__ = ["LearnedOptimizerSystem", "meta_parameters"]
+__all__ = ["LearnedOptimizerSystem", "init_kwargs", "meta_parameters"]
+
+
+def init_kwargs(lopt: LearnedOptimizer, task: Any) -> dict[str, Any]:
+    """Extra ``lopt.init`` arguments a task calls for: its μP scales, for the μLO
+    architectures (whose ``init`` takes ``mup_scales``)."""
+    scales = getattr(task, "mup_scales", None)
+    if scales is not None and isinstance(lopt, (MuSmallFC, MuVeLO)):
+        return {"mup_scales": scales}
+    return {}
 
 
 def meta_parameters(lopt: LearnedOptimizer) -> Params:
@@ -66,11 +76,8 @@ class LearnedOptimizerSystem:
     # -- one row ----------------------------------------------------------------------
     def _init_row(self, seed: int) -> dict[str, Any]:
         theta = self.task.init_params(torch.Generator().manual_seed(int(seed)))
-        kwargs = {}
-        if getattr(self.task, "mup_scales", None) is not None and \
-                "mup_scales" in self.lopt.init.__code__.co_varnames:
-            kwargs["mup_scales"] = self.task.mup_scales
-        return {"theta": theta, "opt": self.lopt.init(theta, int(self.num_steps), **kwargs)}
+        return {"theta": theta, "opt": self.lopt.init(theta, int(self.num_steps),
+                                                      **init_kwargs(self.lopt, self.task))}
 
     def _row_step(self, phi_row: Params, leaves: list[Tensor], batch: tuple
                   ) -> tuple[list[Tensor], Tensor]:

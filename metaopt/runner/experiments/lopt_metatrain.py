@@ -26,7 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.algorithms.lopt_training import LearnedOptimizerSystem, meta_parameters
+from metaopt.algorithms.lopt_training import (
+    LearnedOptimizerSystem,
+    init_kwargs,
+    meta_parameters,
+)
 from metaopt.bilevel import ES, PES, LogUniformLength, TruncatedBPTT
 from metaopt.bilevel.truncation import TruncatedState
 from metaopt.lopt import ARCHITECTURES, LearnedOptimizer
@@ -104,13 +108,6 @@ def build_task(spec: dict[str, Any], seed: int) -> Any:
     return builder(**spec)
 
 
-def _init_kwargs(lopt: LearnedOptimizer, task: Any) -> dict[str, Any]:
-    if getattr(task, "mup_scales", None) is not None and \
-            "mup_scales" in lopt.init.__code__.co_varnames:
-        return {"mup_scales": task.mup_scales}
-    return {}
-
-
 @torch.no_grad()
 def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: int = 0
                   ) -> dict[str, float]:
@@ -122,7 +119,7 @@ def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: in
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         theta = task.init_params(gen)
-        state = lopt.init(theta, steps, **_init_kwargs(lopt, task))
+        state = lopt.init(theta, steps, **init_kwargs(lopt, task))
         tail: list[float] = []
         for k in range(steps):
             with torch.enable_grad():
