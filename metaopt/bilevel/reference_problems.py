@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -222,7 +223,16 @@ class InfluenceBalancing:
     num_positive: int = 10
     dtype: torch.dtype = torch.float64
 
+    @functools.cached_property
+    def _matrix_t(self) -> Tensor:
+        return self.matrix().T.contiguous()
+
+    @functools.cached_property
+    def _signs(self) -> Tensor:
+        return self.signs()
+
     def matrix(self) -> Tensor:
+        """``A`` (dense: the product with it is the system's per-step compute)."""
         half = torch.full((self.n,), 0.5, dtype=self.dtype)
         return torch.diag(half) + torch.diag(half[1:], 1)
 
@@ -236,7 +246,9 @@ class InfluenceBalancing:
 
     def step(self, phi: Params, state: dict[str, Tensor], seeds: Tensor, steps: Tensor
              ) -> tuple[dict[str, Tensor], Tensor]:
-        s = state["s"] @ self.matrix().T + phi["theta"].reshape(-1, 1) * self.signs()
+        # A and the signs are built once per instance (cached): building a dense
+        # (n, n) A every step cost more than the product for n = 400.
+        s = state["s"] @ self._matrix_t + phi["theta"].reshape(-1, 1) * self._signs
         return {"s": s}, 0.5 * (s[:, 0] - 1) ** 2
 
     def episode_loss(self, theta: Tensor, steps: int) -> Tensor:
