@@ -73,11 +73,18 @@ class LoptMetaTrainConfig(ExperimentConfig):
     eval_widths: list[int] = field(default_factory=lambda: [128])
     eval_tasks: int = 2
     eval_steps: int = 200
+    #: the learned optimizer's step backend in meta-training: "reference" (pure PyTorch,
+    #: vmapped rows) or "cpu_kernels" (fused C kernels for ES/PES rows; equal to float32
+    #: rounding; truncated BPTT always takes the reference)
+    backend: str = "reference"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ARCHITECTURES:
             raise ValueError(f"optimizer: unknown learned optimizer '{self.optimizer}' "
                              f"(known: {sorted(ARCHITECTURES)})")
+        if self.backend not in ("reference", "cpu_kernels"):
+            raise ValueError(f"backend must be 'reference' or 'cpu_kernels', got "
+                             f"{self.backend!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got "
                              f"'{self.estimator}'")
@@ -154,7 +161,8 @@ class LoptMetaTrain(Experiment):
         self.task = build_task(config.task, seed)
         self.system = LearnedOptimizerSystem(self.lopt, self.task,
                                              num_steps=config.horizon_high,
-                                             max_loss=config.max_loss)
+                                             max_loss=config.max_loss,
+                                             backend=config.backend)
         common = {"num_tasks": config.num_tasks, "truncation": config.truncation,
                   "seed": seed}
         if config.estimator == "pes":
