@@ -34,6 +34,7 @@ from metaopt.algorithms.lopt_training import (
 from metaopt.bilevel import ES, PES, LogUniformLength, TruncatedBPTT
 from metaopt.bilevel.truncation import TruncatedState
 from metaopt.lopt import ARCHITECTURES, LearnedOptimizer
+from metaopt.lopt.cpu_kernels import select_backend
 from metaopt.optim import adamw, apply_updates
 from metaopt.runner.experiment import (
     Experiment,
@@ -116,12 +117,14 @@ def build_task(spec: dict[str, Any], seed: int) -> Any:
 
 
 @torch.no_grad()
-def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: int = 0
-                  ) -> dict[str, float]:
+def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: int = 0,
+                  backend: str = "reference") -> dict[str, float]:
     """Train each task ``steps`` steps with ``lopt``; mean final loss and test metric.
 
-    A run that turns non-finite counts as loss ``inf`` (and metric 0).
+    A run that turns non-finite counts as loss ``inf`` (and metric 0). ``backend``: the
+    optimizer step's (``select_backend``; the kernels equal the reference to rounding).
     """
+    kern = select_backend(backend)
     finals, metrics = [], []
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
@@ -137,7 +140,7 @@ def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: in
                     bool(torch.isfinite(g).all()) for g in grads.values()):
                 tail = [math.inf]
                 break
-            theta, state = lopt.update(grads, state, theta, loss=loss.detach())
+            theta, state = lopt.update(grads, state, theta, loss=loss.detach(), backend=kern)
             if k >= steps - max(1, steps // 10):
                 tail.append(float(loss))
         finals.append(sum(tail) / len(tail))
