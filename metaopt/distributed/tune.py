@@ -440,12 +440,15 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, address: str | None = N
                            tune_config=_tune_config(tune, spec),
                            run_config=tune.RunConfig(
                                name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
+                               # a trial at its last step is done: PBT must not clone
+                               # into it (it would end without training or reporting)
+                               stop={"step": base["steps"]},
                                checkpoint_config=tune.CheckpointConfig(
                                    num_to_keep=spec.keep_checkpoints),
                                callbacks=[_progress_callback(spec.metric, base["steps"]),
                                           *callbacks]))
     grid = tuner.fit()
-    rows = _rows(grid, spec, base["steps"])
+    rows = _rows(grid, spec, base["steps"], sweep_dir)
     best = _best(rows, spec)
     from metaopt.fileio import atomic_write_text
 
@@ -555,15 +558,25 @@ def run_trial(plan: Mapping[str, Any], params: Mapping[str, Any]) -> None:
         if not (run_dir / CONFIG_FILE).exists():
             create_run_dir(run_dir, cfg, command)
         restored = tune.get_checkpoint()
-        if restored is None and _already_finished(run_dir, cfg):
-            tune.report(_final_metrics(run_dir, cfg))
-            return
-        if restored is not None:
-            with restored.as_directory() as d:
-                start = _adopt(Path(d), run_dir, cfg, name, command)
-        else:
+        if restored is None:
+            if _already_finished(run_dir, cfg):
+                tune.report(_final_metrics(run_dir, cfg))
+                return
             start = _start_over(run_dir, cfg, command)
+        else:
+            with restored.as_directory() as d:
+                own = _checkpoint_writer(Path(d)) == name
+                if own and _already_finished(run_dir, cfg):
+                    # Tune's state predates this trial's end (the driver was killed).
+                    tune.report(_final_metrics(run_dir, cfg))
+                    return
+                start = _adopt(Path(d), run_dir, cfg, name, command)
         _train_in_intervals(spec, cfg, run_dir, start, name, lock)
+
+
+def _checkpoint_writer(tune_ckpt: Path) -> str:
+    """The trial that wrote a Tune checkpoint (recorded in it by :func:`_report`)."""
+    return json.loads((tune_ckpt / TRIAL_INFO).read_text())["trial"]
 
 
 def _already_finished(run_dir: Path, cfg: Any) -> bool:
@@ -730,14 +743,16 @@ def _report(tune: Any, metrics: dict[str, Any], runner_ckpt: Path, name: str,
 # --------------------------------------------------------------------------- summary
 
 
-def _rows(grid: Any, spec: SweepSpec, steps: int) -> list[dict[str, Any]]:
+def _rows(grid: Any, spec: SweepSpec, steps: int, sweep_dir: Path) -> list[dict[str, Any]]:
     keys = [*spec.search, *(spec.pbt.hyperparam_mutations if spec.pbt else {})]
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         config = result.config or {}
-        run_dir = metrics.get("run_dir")
-        trial = Path(run_dir).name if run_dir else Path(result.path).name
+        # Tune's trial directory is named like the trial (and its run directory); a
+        # reported "run_dir" may be a PBT donor's (PBT copies the donor's last result).
+        trial = Path(result.path).name
+        run_dir = str(sweep_dir / TRIALS_DIR / trial)
         state = "error" if result.error else (
             "finished" if metrics.get("step") == steps else "stopped")
         rows.append({"trial": trial, "state": state, "step": metrics.get("step"),
