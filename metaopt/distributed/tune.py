@@ -498,7 +498,7 @@ def _tune_config(tune: Any, spec: SweepSpec) -> Any:
             resample_probability=p.resample_probability, synch=p.synch)
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
                            num_samples=spec.num_samples,
-                           max_concurrent_trials=spec.max_concurrent,
+                           max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
                            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
 
 

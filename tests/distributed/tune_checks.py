@@ -81,7 +81,7 @@ def grid_part(work: Path, out: dict) -> None:
         experiment = build_experiment(cfg)
         step = load_into(experiment, cfg, ckpt).step
         mine = records(run_dir)
-        final_eval = [r for r in mine if r["split"] == "val" and r["step"] == cfg.steps][0]
+        final_eval = next(r for r in mine if r["split"] == "val" and r["step"] == cfg.steps)
         reloaded = experiment.evaluate("val")
         alone = standalone(load_run_config(run_dir / "config.yaml"),
                            work / f"alone-{run_dir.name}")
@@ -103,7 +103,8 @@ def grid_part(work: Path, out: dict) -> None:
 
 
 def pbt_part(work: Path, out: dict) -> None:
-    base = write_yaml(work / "tiny.yaml", TINY)
+    # 8 steps: one perturbation (at step 4; a trial at its last step is not perturbed)
+    base = write_yaml(work / "tiny8.yaml", {**TINY, "steps": 8})
     sweep = write_yaml(work / "pbt.yaml", {
         "base": str(base),
         # two very different outer rates: one trial is clearly behind at every interval
@@ -170,7 +171,8 @@ def _leaves(tree) -> list[torch.Tensor]:
 
 def resume_part(work: Path, out: dict) -> None:
     """A sweep CLI (a second Ray driver) SIGKILLed mid-sweep, then rerun."""
-    base = write_yaml(work / "tiny.yaml", TINY)
+    # 40 steps a trial (10 reports), so the kill lands while the second one runs.
+    base = write_yaml(work / "tiny40.yaml", {**TINY, "steps": 40})
     sweep = write_yaml(work / "resume.yaml", {
         "base": str(base), "search": {"settings.inner_lr": {"grid": [0.01, 0.02, 0.03]}},
         "metric": METRIC, "mode": "min", "resources": {"cpu": 1}, "max_concurrent": 1})
@@ -184,15 +186,23 @@ def resume_part(work: Path, out: dict) -> None:
     deadline = time.monotonic() + 150
     killed_when = None
     while time.monotonic() < deadline and first.poll() is None:
-        dirs = sorted(trials.iterdir(), key=lambda p: p.stat().st_mtime) \
-            if trials.exists() else []
+        dirs = sorted(trials.iterdir()) if trials.exists() else []  # run in id order
         states = [read_status(d) for d in dirs]
         if (len(dirs) >= 2 and states[0].get("state") == "finished"
-                and states[1].get("step", 0) >= 8):
+                and states[1].get("state") == "running" and states[1].get("step", 0) >= 8):
             killed_when = {d.name: s for d, s in zip(dirs, states)}
+            # The driver and the running trial's worker (the PID its run.lock names):
+            # an orphaned worker could otherwise finish its trial on its own.
+            worker = (dirs[1] / "run.lock").read_text().strip()
             os.killpg(first.pid, signal.SIGKILL)
+            if worker:
+                try:
+                    os.kill(int(worker), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            out["resume_killed_worker"] = worker
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     out["resume_first_output"] = first.communicate(timeout=60)[0][-3000:]
     out["resume_killed_when"] = killed_when
     before = {d.name: {"metrics": (d / "metrics.jsonl").read_text(),
