@@ -236,13 +236,20 @@ def parse_sweep(data: Mapping[str, Any], *, source: str = "<sweep>") -> SweepSpe
     from metaopt.runner.config import _Context as Context  # one loader, one error style
     from metaopt.runner.config import from_dict
 
-    spec = from_dict(SweepSpec, data, ctx=Context(source, {}))
+    ctx = Context(source, {})
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: a sweep must be a mapping")
+    # Built apart so its errors name the field (an optional dataclass would not).
+    pbt = data.get("pbt")
+    pbt = None if pbt is None else from_dict(PBTSpec, pbt, ctx=ctx, prefix="pbt")
+    rest = {k: v for k, v in data.items() if k != "pbt"}
+    spec = from_dict(SweepSpec, rest, ctx=ctx, extra={"pbt": pbt})
     spec.base = str(Path(spec.base).resolve())
-    base = _base_config(spec, source)
     for key in [*spec.set, *spec.search]:
         if key.split(".")[0] in OWNED_KEYS:
             raise ConfigError(f"{source}: '{key}' is set by the sweep itself and cannot "
                               f"be set or searched")
+    base = _base_config(spec, source)
     for key, dist in spec.search.items():
         for value in _representatives(dist, f"search.{key}", source, KINDS):
             _check_value(base, key, value, f"{source}: search.{key}")
@@ -256,7 +263,10 @@ def _base_config(spec: SweepSpec, source: str) -> dict[str, Any]:
     from metaopt.runner.config import load_run_config, to_dict
 
     overrides = [_override(k, v) for k, v in spec.set.items()]
-    cfg = load_run_config(spec.base, overrides)
+    try:
+        cfg = load_run_config(spec.base, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: base/set: {e}") from None
     return to_dict(cfg)
 
 

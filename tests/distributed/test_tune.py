@@ -1,6 +1,7 @@
-"""Ray Tune sweeps (grid and population-based training) on a real, loopback-only Ray.
+"""Ray Tune grid sweeps on a real, loopback-only Ray (PBT and kill/resume: the slow
+``test_tune_pbt.py`` and ``test_tune_resume.py``, which reuse :func:`run_checks`).
 
-All Ray work runs in ONE subprocess (``tune_checks.py grid pbt``) started inside a
+All Ray work runs in ONE subprocess (``tune_checks.py grid``) started inside a
 network namespace that has only ``lo`` (``unshare --net``), with
 ``RAY_AUTH_MODE=disabled``, ``HOME`` pointing at a directory this module owns, and
 Ray's session files under a short temporary directory it removes afterwards; the
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -58,7 +58,7 @@ def run_checks(parts: list[str], timeout: float) -> dict:
 
 @pytest.fixture(scope="module")
 def checks() -> dict:
-    return run_checks(["grid", "pbt"], timeout=240)
+    return run_checks(["grid"], timeout=240)
 
 
 def test_ray_stays_on_loopback_and_writes_nothing_in_home(checks):
@@ -101,26 +101,5 @@ def test_grid_summary_names_the_best_trial(checks):
     assert checks["grid_summary_file"]
     assert f"best: {best['trial']}" in checks["grid_output"]
     assert best["run_dir"] in checks["grid_output"]
-    assert sum(line.endswith("finished") for line in checks["grid_output"].splitlines()) == 2
-
-
-def test_pbt_exploits_copy_the_donor_state_and_apply_the_mutation(checks):
-    exploits = checks["pbt_exploits"]
-    assert len(exploits) >= 1
-    assert any(name.startswith("pbt_policy_") for name in checks["pbt_tune_logs"])
-    for e in exploits:
-        assert e["donor"] != e["trial"] and e["step"] == 4
-        assert e["same_state_as_donor"] is True    # tensors equal to the donor's step-4 state
-        assert e["mutated"] and all(e["applied"].values())
-        assert set(e["mutated"]) <= {"settings.outer_lr", "settings.inner_lr"}
-        assert all(c["donor"] != c["new"] for c in e["mutated"].values())
-        # the runner alone, from the adopted checkpoint with the mutated config,
-        # reproduces the trial's records after the exploit: the new value was used
-        assert e["replay_equal"] and e["replay_records"] == 5
-        assert e["resumes_in_env"] >= 1            # env.json records the config change
-
-
-def test_pbt_trials_finish(checks):
-    rows = checks["pbt_rows"]
-    assert len(rows) == 2 and all(r["state"] == "finished" and r["step"] == 8 for r in rows)
-    assert all(math.isfinite(r["val_mse_k5_step1"]) for r in rows)
+    table = [line for line in checks["grid_output"].splitlines() if "  finished  " in line]
+    assert len(table) == 2
