@@ -239,7 +239,7 @@ def _cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
     spec = load_sweep(args.sweep)  # every sweep-file error before Ray starts
     sweep_dir = Path(args.dir) if args.dir else Path("sweeps") / Path(args.sweep).stem
     result = run_sweep(spec, sweep_dir, address=args.address, command=argv)
-    return 0 if result.best is not None else 1
+    return 0 if result.finished else 1
 
 
 def _cmd_list(args: argparse.Namespace, argv: list[str]) -> int:

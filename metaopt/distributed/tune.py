@@ -206,6 +206,11 @@ class SweepResult:
     best: dict[str, Any] | None
     restored: bool
 
+    @property
+    def finished(self) -> bool:
+        """Whether every trial ran all its steps."""
+        return bool(self.rows) and all(r["state"] == "finished" for r in self.rows)
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -466,6 +471,10 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, address: str | None = N
                       json.dumps({"metric": spec.metric, "mode": spec.mode, "best": best,
                                   "trials": rows}, indent=1) + "\n")
     print(format_table(rows, spec, best), file=out, flush=True)
+    unfinished = [r["trial"] for r in rows if r["state"] != "finished"]
+    if unfinished:
+        print(f"{len(unfinished)} of {len(rows)} trials unfinished; rerun the same command "
+              f"to resume them", file=out, flush=True)
     return SweepResult(sweep_dir=sweep_dir, rows=rows, best=best, restored=restored)
 
 

@@ -159,3 +159,13 @@ def test_cli_sweep_bad_file_is_one_line(base, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "settings.nope" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_rerun_on_a_sweep_dir_holding_another_sweep_is_refused(base, tmp_path):
+    from metaopt.distributed.tune import _claim_sweep_dir
+
+    _claim_sweep_dir(parse_sweep(sweep(base)), tmp_path)
+    _claim_sweep_dir(parse_sweep(sweep(base)), tmp_path)  # the same sweep: fine
+    other = parse_sweep(sweep(base, num_samples=2))
+    with pytest.raises(ConfigError, match=r"holds a different sweep \(num_samples differ\)"):
+        _claim_sweep_dir(other, tmp_path)
