@@ -345,6 +345,9 @@ def _check_pbt(spec: SweepSpec, base: Mapping[str, Any], source: str) -> None:
     pbt = spec.pbt
     assert pbt is not None
     every = base["eval_every"]
+    if "eval_every" in spec.search:
+        raise ConfigError(f"{source}: search.eval_every: pbt needs one reporting interval "
+                          f"for every trial")
     if not every:
         raise ConfigError(f"{source}: pbt needs eval_every > 0 in the run config (trials "
                           f"report at evaluations)")
@@ -424,7 +427,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, address: str | None = N
         address: Ray cluster to join (``auto``, ``host:port``); None starts a local
             one unless this process already called ``ray.init``.
         command: the command line recorded in each trial's ``env.json``.
-        out: where progress lines and the table go (default stdout).
+        out: where the summary table goes (default stdout; progress lines go to the
+            driver's stdout, from a Tune callback).
         callbacks: extra ``ray.tune.Callback`` objects (kept across restores).
     """
     tune = _import_tune()
@@ -438,9 +442,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, address: str | None = N
         try:
             ray.init(address=address, include_dashboard=False)
         except ConnectionError as e:
-            raise ConfigError(f"--address {address!r}: no Ray cluster reachable ({e})") \
+            raise ConfigError(f"address {address!r}: no Ray cluster reachable ({e})") \
                 from None
-    base = _base_config(spec, SWEEP_FILE)
     plan = {"spec": _spec_dict(spec), "sweep_dir": str(sweep_dir), "command": list(command)}
     trainable = tune.with_resources(_trainable(plan),
                                     {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
@@ -457,13 +460,13 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path, *, address: str | None = N
                                name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
                                # a trial at its last step is done: PBT must not clone
                                # into it (it would end without training or reporting)
-                               stop={"step": base["steps"]},
+                               stop={"finished": True},
                                checkpoint_config=tune.CheckpointConfig(
                                    num_to_keep=spec.keep_checkpoints),
-                               callbacks=[_progress_callback(spec.metric, base["steps"]),
+                               callbacks=[_progress_callback(spec.metric),
                                           *callbacks]))
     grid = tuner.fit()
-    rows = _rows(grid, spec, base["steps"], sweep_dir)
+    rows = _rows(grid, spec, sweep_dir)
     best = _best(rows, spec)
     from metaopt.fileio import atomic_write_text
 
@@ -533,7 +536,7 @@ def _trainable(plan: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
     return metaopt_trial
 
 
-def _progress_callback(metric: str, steps: int) -> Any:
+def _progress_callback(metric: str) -> Any:
     from ray import tune
 
     class Progress(tune.Callback):
@@ -542,7 +545,8 @@ def _progress_callback(metric: str, steps: int) -> Any:
         def on_trial_result(self, iteration, trials, trial, result, **info):
             value = result.get(metric)
             shown = f"{value:.4g}" if isinstance(value, float) else value
-            print(f"{trial}: step {result.get('step')}/{steps}  {metric}={shown}",
+            print(f"{trial}: step {result.get('step')}/{result.get('steps')}  "
+                  f"{metric}={shown}",
                   flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -611,7 +615,8 @@ def _final_metrics(run_dir: Path, cfg: Any) -> dict[str, Any]:
     """The last train and evaluation records of a finished run, as a Tune report."""
     from metaopt.runner.metrics import read_metrics
 
-    out: dict[str, Any] = {"step": cfg.steps, "run_dir": str(run_dir)}
+    out: dict[str, Any] = {"step": cfg.steps, "steps": cfg.steps, "finished": True,
+                           "run_dir": str(run_dir)}
     for r in read_metrics(run_dir):
         if r.get("step") == cfg.steps:
             out.update({f"{r['split']}_{k}": v for k, v in r.items()
@@ -730,11 +735,12 @@ def _train_in_intervals(spec: SweepSpec, cfg: Any, run_dir: Path, start: int, na
                 return
             if end < cfg.steps:
                 write_status(run_dir, "running", end, cfg.steps)
-            metrics: dict[str, Any] = {"step": end, "run_dir": str(run_dir)}
+            metrics: dict[str, Any] = {"step": end, "steps": cfg.steps,
+                                       "finished": end == cfg.steps, "run_dir": str(run_dir)}
             metrics.update({f"train_{k}": v for k, v in result.train_metrics.items()})
             metrics.update({f"{split}_{k}": v for k, v in result.eval_metrics.items()})
             if spec.metric not in metrics:
-                known = ", ".join(k for k in metrics if k not in ("step", "run_dir"))
+                known = ", ".join(k for k in metrics if "_" in k and k != "run_dir")
                 raise ConfigError(f"sweep metric '{spec.metric}' is not reported by "
                                   f"experiment '{cfg.experiment}' (reported: {known})")
             _report(tune, metrics, result.checkpoint, name, run_dir)
@@ -762,7 +768,7 @@ def _report(tune: Any, metrics: dict[str, Any], runner_ckpt: Path, name: str,
 # --------------------------------------------------------------------------- summary
 
 
-def _rows(grid: Any, spec: SweepSpec, steps: int, sweep_dir: Path) -> list[dict[str, Any]]:
+def _rows(grid: Any, spec: SweepSpec, sweep_dir: Path) -> list[dict[str, Any]]:
     keys = [*spec.search, *(spec.pbt.hyperparam_mutations if spec.pbt else {})]
     rows = []
     for result in grid:
@@ -773,7 +779,7 @@ def _rows(grid: Any, spec: SweepSpec, steps: int, sweep_dir: Path) -> list[dict[
         trial = Path(result.path).name
         run_dir = str(sweep_dir / TRIALS_DIR / trial)
         state = "error" if result.error else (
-            "finished" if metrics.get("step") == steps else "stopped")
+            "finished" if metrics.get("finished") else "stopped")
         rows.append({"trial": trial, "state": state, "step": metrics.get("step"),
                      "params": {k: _plain(config.get(k)) for k in dict.fromkeys(keys)},
                      spec.metric: metrics.get(spec.metric), "run_dir": run_dir})
