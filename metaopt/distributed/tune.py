@@ -17,7 +17,8 @@ says which evaluation metric ranks the trials::
     num_samples: 1                     # samples of the random keys per grid point
     max_concurrent: 2                  # trials at once (default: as resources allow)
     resources: {cpu: 1, gpu: 0}        # per trial
-    keep_checkpoints: 2                # Tune checkpoints kept per trial
+    keep_checkpoints: 2                # Tune checkpoints kept per trial (default: all;
+                                       #   not with pbt, see below)
     pbt:                               # optional: population-based training
       perturbation_interval: 20        # outer steps (a multiple of eval_every)
       hyperparam_mutations:            # only settings the experiment can change mid-run
@@ -171,7 +172,10 @@ class SweepSpec:
         num_samples: samples of the random keys (per grid point).
         max_concurrent: trials running at once (None: as resources allow).
         resources: per-trial resources.
-        keep_checkpoints: Tune checkpoints kept per trial (PBT needs the newest).
+        keep_checkpoints: Tune checkpoints kept per trial (None: all). Not allowed with
+            PBT: Ray would delete a donor's checkpoint that a pending exploit still
+            needs (seen with 2: "Could not recover from checkpoint as it does not
+            exist on storage anymore").
         pbt: population-based training, or None.
     """
 
@@ -183,7 +187,7 @@ class SweepSpec:
     num_samples: int = 1
     max_concurrent: int | None = None
     resources: TrialResources = field(default_factory=TrialResources)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int | None = None
     pbt: PBTSpec | None = None
 
     def __post_init__(self) -> None:
@@ -191,7 +195,7 @@ class SweepSpec:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
-        if self.keep_checkpoints < 1:
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not self.metric:
             raise ValueError("metric must name a reported metric")
@@ -344,6 +348,9 @@ def _check_pbt(spec: SweepSpec, base: Mapping[str, Any], source: str) -> None:
 
     pbt = spec.pbt
     assert pbt is not None
+    if spec.keep_checkpoints is not None:
+        raise ConfigError(f"{source}: keep_checkpoints cannot be set with pbt (Ray would "
+                          f"delete donor checkpoints that pending exploits restore)")
     every = base["eval_every"]
     if "eval_every" in spec.search:
         raise ConfigError(f"{source}: search.eval_every: pbt needs one reporting interval "

@@ -80,6 +80,8 @@ def test_shipped_sweeps_load():
     ({"pbt": {**PBT, "hyperparam_mutations": {"settings.outer_lr": {"grid": [1e-3]}}}},
      ["unknown kind 'grid'"]),
     ({"pbt": {**PBT, "hyperparam_mutations": {}}}, ["at least one setting"]),
+    ({"pbt": PBT, "keep_checkpoints": 2}, ["keep_checkpoints cannot be set with pbt"]),
+    ({"keep_checkpoints": 0}, ["keep_checkpoints must be >= 1"]),
 ])
 def test_bad_sweep_fields_are_one_line_errors(base, fields, words):
     with pytest.raises(ConfigError) as info:
