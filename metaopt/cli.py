@@ -8,6 +8,7 @@
     metaopt eval runs/a --split test      # evaluate the newest checkpoint
     metaopt plot runs/a runs/b --out cmp.png
     metaopt list                          # experiments, tasks, estimators, pretrained lopts
+    metaopt sweep configs/sweeps/maml_sinusoid_lr.yaml --dir sweeps/lr   # Ray Tune; rerun resumes
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
                                   "run, ./metaopt-compare.png for several)")
     pl.add_argument("--names", nargs="+", help="legend labels, one per run")
     pl.set_defaults(func=_cmd_plot)
+
+    sw = sub.add_parser("sweep", help="Ray Tune sweep (grid / random / PBT) over an "
+                                      "experiment's settings; rerun to resume")
+    sw.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
+    sw.add_argument("--dir", help="sweep directory (default: sweeps/<sweep file name>)")
+    sw.add_argument("--address", help="Ray cluster to join (auto, host:port; default: "
+                                      "start a local one)")
+    sw.set_defaults(func=_cmd_sweep)
 
     ls = sub.add_parser("list", help="registered experiments, tasks, estimators, lopts")
     ls.set_defaults(func=_cmd_list)
@@ -222,6 +231,15 @@ def _cmd_plot(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     print(f"wrote {path}")
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    from metaopt.distributed.tune import load_sweep, run_sweep
+
+    spec = load_sweep(args.sweep)  # every sweep-file error before Ray starts
+    sweep_dir = Path(args.dir) if args.dir else Path("sweeps") / Path(args.sweep).stem
+    result = run_sweep(spec, sweep_dir, address=args.address, command=argv)
+    return 0 if result.finished else 1
 
 
 def _cmd_list(args: argparse.Namespace, argv: list[str]) -> int:

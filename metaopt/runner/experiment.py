@@ -137,6 +137,18 @@ class Experiment(ABC):
         return {}
 
     @classmethod
+    def mutable_settings(cls, config: ExperimentConfig) -> tuple[str, ...]:
+        """Fields of ``config`` a run may change between two outer steps (default: none).
+
+        A field belongs here only if the experiment reads it afresh when built and
+        :meth:`state_dict` does not hold it — outer and inner learning rates
+        typically — so that building the experiment from the changed config and
+        loading a checkpoint's state continues the same run with the new value.
+        Population-based training (:mod:`metaopt.distributed.tune`) mutates only these.
+        """
+        return ()
+
+    @classmethod
     def required_extras(cls, config: ExperimentConfig) -> list[tuple[str, str]]:
         """``(module, extra)`` pairs this experiment needs with ``config``, e.g.
         ``[("mlxtend", "data")]``.

@@ -49,6 +49,7 @@ __all__ = [
     "MetaLearningSettings",
     "MetaTrainer",
     "build_algorithm",
+    "mutable_meta_settings",
 ]
 
 #: Algorithm names a config's ``algorithm`` field accepts.
@@ -119,6 +120,16 @@ class MetaLearningSettings(ExperimentConfig):
         from metaopt.bilevel.task_batch import parse_bytes
 
         parse_bytes(self.memory_budget)
+
+
+def mutable_meta_settings(settings: MetaLearningSettings) -> tuple[str, ...]:
+    """The settings a MAML-family run may change between outer steps.
+
+    ``outer_lr`` is closed over by the outer Adam (its state holds moments only) and
+    ``inner_lr`` is read by the learner when built — except Meta-SGD's, which only
+    initialises learned rates kept in the state, so it cannot change mid-run.
+    """
+    return ("outer_lr",) if settings.algorithm == "metasgd" else ("inner_lr", "outer_lr")
 
 
 def build_algorithm(name: str, model: nn.Module, settings: MetaLearningSettings, *,
@@ -365,6 +376,10 @@ class FewShotClassification(Experiment):
     """
 
     splits = ("val", "test", "transfer")
+
+    @classmethod
+    def mutable_settings(cls, config: FewShotSettings) -> tuple[str, ...]:
+        return mutable_meta_settings(config)
 
     def __init__(self, config: FewShotSettings, *, device: torch.device, dtype: torch.dtype,
                  seed: int) -> None:

@@ -26,7 +26,11 @@ from torch.nn import functional as F
 
 from metaopt.params import NonFiniteError
 from metaopt.runner.experiment import Experiment, Metrics, StateDict, register_experiment
-from metaopt.runner.experiments.few_shot import MetaLearningSettings, MetaTrainer
+from metaopt.runner.experiments.few_shot import (
+    MetaLearningSettings,
+    MetaTrainer,
+    mutable_meta_settings,
+)
 
 __all__ = ["SinusoidRegression", "SinusoidSettings", "mlp"]
 
@@ -84,6 +88,10 @@ class SinusoidRegression(Experiment):
     Metrics of :meth:`evaluate`: ``mse_k{K}_step{S}`` — query MSE on ``eval_tasks``
     fixed held-out tasks after ``S`` adaptation steps on ``K`` support points.
     """
+
+    @classmethod
+    def mutable_settings(cls, config: SinusoidSettings) -> tuple[str, ...]:
+        return mutable_meta_settings(config)
 
     def __init__(self, config: SinusoidSettings, *, device: torch.device,
                  dtype: torch.dtype, seed: int) -> None:
