@@ -58,8 +58,8 @@ def test_pes_pool_equals_pes_and_checkpoints_the_slots():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(pool.checkpoint_state().unroll.inner["s"],
                                state.unroll.inner["s"], rtol=0, atol=0)
-    # Per step: phi (8 bytes) and the seed (8 bytes) to each of 2 workers.
-    assert [r["sent"] for r in pool.bytes_per_step] == [32, 32, 32]
+    # Per step: phi (8 bytes), the seed and the index (8 bytes each) to each of 2 workers.
+    assert [r["sent"] for r in pool.bytes_per_step] == [48, 48, 48]
 
 
 def test_stateful_call_on_an_empty_worker_is_refused():
