@@ -1,7 +1,8 @@
 """Ray checks run by tests/distributed/test_ray.py in one subprocess (loopback only).
 
 Usage: ``python ray_checks.py TEMP_DIR OUT_JSON``. Starts one Ray session with its
-files under TEMP_DIR, runs every check, writes the measured numbers to OUT_JSON (the
+files under TEMP_DIR, runs every check (the runner-level ones are in
+``runner_checks.py``), writes the measured numbers to OUT_JSON (the
 test module asserts on them). Not collected by pytest (no ``test_`` prefix).
 """
 
@@ -15,8 +16,10 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import ray
+import runner_checks
 import torch
 from torch import nn
 
@@ -154,6 +157,32 @@ def main() -> None:
     out["midstep_killed"] = os.path.exists(killer.marker)
     out["midstep_rebuilds"] = list(ex.rebuilds)
     out["midstep_max_abs"] = max(float((a - b).abs().max()) for a, b in zip(got, ref))
+
+    # Bounded staleness (s = 1) under faults: a worker killed between steps while a
+    # truncation is queued on it, and one killed inside a queued truncation.
+    ex.shutdown()
+    ex = RayExecutor(num_workers=2, cpus_per_worker=1, max_restarts=2, timeout_s=60)
+    out.update(runner_checks.stale_pool_kill(ex, lambda pid: os.kill(pid, signal.SIGKILL)))
+    from test_staleness import STEPS, run_pool, setup, stale_reference
+
+    stale_ref, _ = stale_reference(1)
+    est1, system1, phi1 = setup()
+    before = len(ex.rebuilds)
+    killer = KillOnce(system1, os.path.join(temp_dir, "killed-stale"), at_step=3 * 3 + 1)
+    stale_got, _ = run_pool(PESPool(ex, est1, killer, phi1, sync_every=3, max_staleness=1),
+                            phi1, STEPS)
+    out["stale_midstep_killed"] = os.path.exists(killer.marker)
+    out["stale_midstep_rebuilds"] = ex.rebuilds[before:]
+    out["stale_midstep_max_abs"] = max(float((a - b).abs().max())
+                                       for a, b in zip(stale_got, stale_ref))
+    ex.shutdown()
+    out["pes_s"] = time.monotonic() - t0
+
+    # The executor: switch through the runner loop (run directories under temp_dir).
+    root = Path(temp_dir) / "runs"
+    root.mkdir()
+    out.update(runner_checks.sinusoid_switch(root))
+    out.update(runner_checks.lopt_switch_and_resume(root))
     out["total_s"] = time.monotonic() - t0
     with open(out_path, "w") as f:
         json.dump(out, f)
