@@ -345,6 +345,9 @@ class RayExecutor:
                 try:
                     out.append(self._retry(lambda a=actor, x=arg: a.call.remote(fn, x, init),
                                            f"re-send to worker {i}"))
+                    # Calls queued since reached the worker before this re-send: they
+                    # are re-sent in turn (not rebuilt) when collected.
+                    self._epochs[i] += 1
                     continue
                 except lost:
                     pass

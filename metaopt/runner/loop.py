@@ -76,11 +76,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def build_experiment(cfg: RunConfig) -> Experiment:
+def build_experiment(cfg: RunConfig, *, executor: Any = None) -> Experiment:
     """Seed every RNG with ``cfg.seed`` and build the configured experiment.
 
     With a non-default ``executor:`` section the executor (e.g. Ray workers) is built
-    here too and handed to :meth:`Experiment.use_executor`.
+    here too and handed to :meth:`Experiment.use_executor` — or ``executor``, an
+    :class:`~metaopt.distributed.Executor` the caller already has (its workers are
+    reused; the caller shuts it down).
     """
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -92,9 +94,11 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     experiment = cls(cfg.settings, device=device, dtype=resolve_dtype(cfg.dtype),
                      seed=cfg.seed)
     if not cfg.executor.is_default:
-        from metaopt.distributed import make_executor
+        if executor is None:
+            from metaopt.distributed import make_executor
 
-        experiment.use_executor(make_executor(cfg.executor.options()))
+            executor = make_executor(cfg.executor.options())
+        experiment.use_executor(executor)
     return experiment
 
 

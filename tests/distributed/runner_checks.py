@@ -71,18 +71,23 @@ def _records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k != "time_s"} for x in lines]
 
 
-def _run(cfg, run_dir: Path, *, interrupt_at: int | None = None, resume: bool = False):
-    """Train in ``run_dir``; the final tensors of the experiment and the result."""
+def _run(cfg, run_dir: Path, *, interrupt_at: int | None = None, resume: bool = False,
+         executor=None):
+    """Train in ``run_dir``; the final state of the experiment and the result.
+
+    ``executor``: reuse these workers (starting actors costs seconds each); None: the
+    run builds its own from ``cfg.executor`` and shuts them down.
+    """
     if not resume:
         create_run_dir(run_dir, cfg, ["test"])
-    exp = build_experiment(cfg)
+    exp = build_experiment(cfg, executor=executor)
     ckpt = latest_checkpoint(run_dir / CHECKPOINTS) if resume else None
     try:
         result = train(cfg, run_dir, resume=ckpt, progress=False,
                        experiment=InterruptAt(exp, interrupt_at) if interrupt_at else exp)
         state = exp.state_dict()
     finally:
-        if exp.executor is not None:
+        if executor is None and exp.executor is not None:
             exp.executor.shutdown()
     return state, result
 
@@ -112,12 +117,16 @@ def max_rel(a: dict, b: dict) -> float:
     return worst
 
 
-def sinusoid_switch(root: Path) -> dict:
-    """``executor: {kind: ray}`` vs no executor: metrics and final state, both dtypes."""
+def sinusoid_switch(root: Path, ex) -> dict:
+    """``executor: {kind: ray}`` vs no executor: metrics and final state, both dtypes.
+
+    The float64 run starts its own workers from the config; the float32 run reuses ``ex``.
+    """
     out = {}
     for dtype in ("float64", "float32"):
         local, _ = _run(_cfg("sinusoid", SINUSOID, None, 3, dtype=dtype), root / f"s-l-{dtype}")
-        ray, _ = _run(_cfg("sinusoid", SINUSOID, RAY, 3, dtype=dtype), root / f"s-r-{dtype}")
+        ray, _ = _run(_cfg("sinusoid", SINUSOID, RAY, 3, dtype=dtype), root / f"s-r-{dtype}",
+                      executor=None if dtype == "float64" else ex)
         a, b = _records(root / f"s-r-{dtype}"), _records(root / f"s-l-{dtype}")
         out[f"sinusoid_{dtype}_state_rel"] = max_rel(_flat(ray), _flat(local))
         out[f"sinusoid_{dtype}_metric_rel"] = max(
@@ -127,11 +136,12 @@ def sinusoid_switch(root: Path) -> dict:
     return out
 
 
-def lopt_switch_and_resume(root: Path) -> dict:
-    """PES through the pool on Ray: bitwise the plain run; interrupt + resume exact."""
+def lopt_switch_and_resume(root: Path, ex) -> dict:
+    """PES through the pool on Ray (workers ``ex``): bitwise the plain run; interrupt +
+    resume (a fresh driver-side experiment, the workers reloaded) exact."""
     out = {}
     plain, _ = _run(_cfg("lopt_metatrain", LOPT, None, 4), root / "l-plain")
-    ray, _ = _run(_cfg("lopt_metatrain", LOPT, RAY, 4), root / "l-ray")
+    ray, _ = _run(_cfg("lopt_metatrain", LOPT, RAY, 4), root / "l-ray", executor=ex)
     out["lopt_ray_equal"] = all(torch.equal(x, _flat(plain)[k]) for k, x in _flat(ray).items())
     out["lopt_ray_metrics_equal"] = _records(root / "l-ray") == _records(root / "l-plain")
     # Staleness 1: an interrupted Ray run resumed (a fresh driver, fresh workers)
@@ -139,9 +149,9 @@ def lopt_switch_and_resume(root: Path) -> dict:
     stale = {**LOPT, "max_staleness": 1}
     ref, _ = _run(_cfg("lopt_metatrain", stale, None, 4), root / "l-stale-ref")
     cfg = _cfg("lopt_metatrain", stale, RAY, 4)
-    _, first = _run(cfg, root / "l-stale", interrupt_at=2)
+    _, first = _run(cfg, root / "l-stale", interrupt_at=2, executor=ex)
     out["interrupted"] = [first.status, first.step]
-    resumed, second = _run(cfg, root / "l-stale", resume=True)
+    resumed, second = _run(cfg, root / "l-stale", resume=True, executor=ex)
     out["resumed"] = [second.status, second.step]
     out["lopt_stale_resume_equal"] = all(torch.equal(x, _flat(ref)[k])
                                          for k, x in _flat(resumed).items())
