@@ -98,7 +98,8 @@ def pes_reference(steps: int) -> tuple[PES, InfluenceBalancing, dict, list]:
 def main() -> None:
     temp_dir, out_path = sys.argv[1], sys.argv[2]
     t0 = time.monotonic()
-    out: dict = {"node_ips": init_loopback_ray(temp_dir, num_cpus=2)}
+    # 4 logical CPUs: two 2-worker executors may be alive at once (only one computes).
+    out: dict = {"node_ips": init_loopback_ray(temp_dir, num_cpus=4)}
     out["init_s"] = time.monotonic() - t0
     # Independently of init_loopback_ray's own check:
     out["driver_ip"] = ray.util.get_node_ip_address()
