@@ -149,6 +149,15 @@ def main() -> None:
     out["timeout_wait_s"] = time.monotonic() - t1
     ex.shutdown()
 
+    # GPU workers on a cluster without GPUs: refused at once, not left pending.
+    t1 = time.monotonic()
+    try:
+        RayExecutor(num_workers=2, gpus_per_worker=1, timeout_s=60)
+        out["no_gpu"] = "no error"
+    except WorkerError as e:
+        out["no_gpu"] = str(e)
+    out["no_gpu_wait_s"] = time.monotonic() - t1
+
     # A worker killed in the middle of a truncation (inside an inner step of the
     # second outer step), on a fresh pair of workers.
     ex = RayExecutor(num_workers=2, cpus_per_worker=1, max_restarts=1, timeout_s=60)

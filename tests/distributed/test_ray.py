@@ -117,3 +117,8 @@ def test_interrupted_ray_run_resumes_to_the_uninterrupted_state(checks):
     assert checks["resumed"] == ["finished", 4]
     assert checks["lopt_stale_resume_equal"] and checks["lopt_stale_metrics_equal"]
     assert checks["lopt_stale_differs_from_plain"]
+
+
+def test_gpu_workers_without_gpus_are_refused_at_once(checks):
+    assert "workers need 2 GPUs, the Ray cluster has 0" in checks["no_gpu"]
+    assert checks["no_gpu_wait_s"] < 5.0
