@@ -250,7 +250,9 @@ class RayExecutor:
                 ray.init(address=address, include_dashboard=False)
             except ConnectionError as e:
                 raise WorkerError(f"executor.address {address!r}: no Ray cluster "
-                                  f"reachable ({e})") from e
+                                  f"reachable ({e}); start one (`ray start --head`) or "
+                                  f"set executor.address: null for one in this process"
+                                  ) from e
         _check_gpus(ray.cluster_resources(), num_workers, gpus_per_worker)
         actor = ray.remote(**options)(_Worker)
         self._actors = [actor.remote() for _ in range(num_workers)]

@@ -29,8 +29,9 @@ class ExecutorConfig:
 
     Attributes:
         kind: ``local`` (this process) or ``ray`` (actors; needs the ``ray`` extra).
-        address: ``ray``: ``auto`` (a running cluster, or a new local one),
-            ``host:port`` of a head node, or null (always start a local one).
+        address: ``ray``: ``auto`` (the running cluster, e.g. from ``ray start
+            --head``; none is an error), ``host:port`` of a head node, or null (a
+            running one if any, else a new Ray in this process).
         num_workers: workers the meta-batch or PES tasks are split over (default:
             1 for ``local``, 2 for ``ray``).
         cpus_per_worker, gpus_per_worker: resources each Ray worker reserves; with
