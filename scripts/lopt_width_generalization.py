@@ -2,7 +2,7 @@
 
     python scripts/lopt_width_generalization.py [--mulo NAME_OR_PATH] [--sp NAME_OR_PATH]
         [--widths 128 512 1024 2048] [--steps 1000] [--seeds 0 1 2] [--tasks 2]
-        [--json PATH] [--plot PATH]
+        [--backend auto|reference|cpu_kernels] [--json PATH] [--plot PATH]
 
 μLO (``mulo_small_fc``, meta-trained on μP MLPs of width 128 by
 ``configs/lopt_mulo.yaml``) trains the μP MLPs of the held-out suite ``mlp_mup_heldout``
@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--tasks", type=int, default=2)
+    ap.add_argument("--backend", default="auto",
+                    help="learned-optimizer step backend (the kernels equal the reference "
+                         "to float32 rounding; auto: kernels where a C compiler exists)")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
@@ -41,7 +44,8 @@ def main() -> None:
         lopt = load_checkpoint(name)
         for width in args.widths:
             tasks = heldout_suite(suite, widths=[width])[:args.tasks]
-            runs = [evaluate_lopt(lopt, tasks, args.steps, seed=s) for s in args.seeds]
+            runs = [evaluate_lopt(lopt, tasks, args.steps, seed=s, backend=args.backend)
+                    for s in args.seeds]
             losses = [r["final_loss"] for r in runs]
             mean = sum(losses) / len(losses)
             rows.append({"optimizer": label, "width": width, "final_loss": mean,

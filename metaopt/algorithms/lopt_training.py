@@ -13,7 +13,11 @@ Rows are batched as tensors: ``torch.func.vmap`` over rows of the task's gradien
 the optimizer's pure step (:meth:`~metaopt.lopt.LearnedOptimizer.update_unchecked`;
 the estimator guards the batch). ``batched=False`` runs the same per-row function in a
 Python loop — the reference the batched path is tested equal to, and the baseline of
-``scripts/bench_lopt_metatrain.py``.
+``scripts/bench_lopt_metatrain.py``. ``backend="cpu_kernels"`` (chosen once, explicitly)
+steps the rows through the optimizer's fused kernels
+(:meth:`~metaopt.lopt.LearnedOptimizer.update_rows`) wherever that is defined — no
+autograd graph (ES/PES, not truncated BPTT), float32 CPU vectors and matrices — and
+the vmapped reference everywhere else; tested equal to it to float32 rounding.
 
 A task is anything with ``init_params(gen)``, ``loss(params, batch)``,
 ``sample_batch(gen, split)`` and optional ``mup_scales`` (``tasks.lopt_tasks.LoptTask``).
@@ -31,6 +35,7 @@ from torch import Tensor
 
 from metaopt.bilevel.truncation import mix_seed
 from metaopt.lopt.base import LearnedOptimizer
+from metaopt.lopt.cpu_kernels import select_backend
 from metaopt.lopt.mulo import MuSmallFC, MuVeLO
 from metaopt.params import Params
 from metaopt.tree import tree_leaves, tree_rebuild
@@ -62,6 +67,8 @@ class LearnedOptimizerSystem:
         num_steps: the horizon passed to ``lopt.init`` (the schedule's longest episode).
         max_loss: clip each step's loss to at most this (None: no clipping).
         batched: vmap over rows (default) or loop over them.
+        backend: the optimizer step's backend, ``"reference"`` (default) or
+            ``"cpu_kernels"`` (see the module docstring; ``batched`` rows only).
     """
 
     lopt: LearnedOptimizer
@@ -69,9 +76,11 @@ class LearnedOptimizerSystem:
     num_steps: int
     max_loss: float | None = None
     batched: bool = True
+    backend: str = "reference"
 
     def __post_init__(self) -> None:
         self._template: Any = None
+        self._kern = select_backend(self.backend)
 
     # -- one row ----------------------------------------------------------------------
     def _init_row(self, seed: int) -> dict[str, Any]:
@@ -114,7 +123,13 @@ class LearnedOptimizerSystem:
             self._template = self._init_row(int(seeds[0]))
         _, leaves = tree_leaves(state)
         batch = self._batches(seeds, steps)
-        if self.batched:
+        theta, opt_state = state["theta"], state["opt"]
+        if self.batched and self.lopt.rows_supported(self._kern, theta, opt_state):
+            grads, loss = torch.func.vmap(torch.func.grad_and_value(self.task.loss),
+                                          randomness="error")(theta, batch)
+            new_theta, new_opt = self.lopt.update_rows(phi, grads, opt_state, theta, self._kern)
+            _, new_leaves = tree_leaves({"theta": new_theta, "opt": new_opt})
+        elif self.batched:
             new_leaves, loss = torch.func.vmap(self._row_step, randomness="error")(
                 phi, leaves, batch)
         else:

@@ -152,6 +152,20 @@ class LearnedOptimizer(nn.Module):
         """The architecture's step on checked inputs (every tensor non-empty, finite)."""
         raise NotImplementedError
 
+    def rows_supported(self, backend: LoptCpuKernels | None, params: Params,
+                       state: LOptState) -> bool:
+        """Whether :meth:`update_rows` has a fused path for these stacked rows (``R``
+        tasks, row ``r`` of every leaf). None by default: callers then ``vmap``
+        :meth:`update_unchecked`."""
+        return False
+
+    def update_rows(self, meta_rows: Params, grads: Params, state: LOptState,
+                    params: Params, backend: LoptCpuKernels) -> tuple[Params, LOptState]:
+        """``R`` independent steps, row ``r`` with row ``r`` of ``meta_rows``, through the
+        fused backend (only where :meth:`rows_supported`); equal to ``vmap`` of
+        :meth:`update_unchecked` over rows up to float rounding."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused batched-rows step")
+
     def _update_(self, grads: Params, state: LOptState, params: Params, loss: Tensor | None,
                  lr: Mapping[str, float], weight_decay: Mapping[str, float],
                  backend: LoptCpuKernels | None, workspace: dict | None) -> LOptState:

@@ -288,6 +288,12 @@ def _f64(name: str, t: Tensor, numel: int) -> int:
     return t.data_ptr()
 
 
+def _rows_f32(name: str, t: Tensor, rows: int, per_row: int) -> tuple[int, int]:
+    """(address, bytes per row) of a contiguous float32 CPU tensor of ``rows`` rows of
+    ``per_row`` elements, or an error naming the argument (one check for all rows)."""
+    return _f32(name, t, rows * per_row), 4 * per_row
+
+
 def _mode(mode: str) -> int:
     if mode not in _MODES:
         raise ValueError(f"unknown kernel mode {mode!r}; expected one of {sorted(_MODES)}")
@@ -455,6 +461,105 @@ class LoptCpuKernels:
             float(exp_mult), float(coef), float(p_decay), _f32("p_new", p_new, n),
             self._threads())
         return p_new
+
+    def small_fc_rows(self, g: Tensor, p: Tensor, m: Tensor, rms: Tensor, v_row: Tensor,
+                      v_col: Tensor, v_diag: Tensor, d0: int | None, const: dict,
+                      exp_mult: float,
+                      coef: list[float], p_decay: list[float], *, inplace: bool = False
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """small_fc_lopt's whole step for ``R`` rows of one tensor (row ``r``: one task's
+        tensor, stepped with row ``r`` of the meta-parameters) — the fused path of both the
+        single-tensor step (``R = 1``) and the batched rows of meta-training.
+
+        Every tensor is a contiguous float32 CPU ``(R, ...)`` array, checked once (not per
+        row): ``g``, ``p`` ``(R, *shape)`` with ``shape`` a vector ``(n,)`` (diagonal
+        second moments) or a matrix ``(a, b)`` (factored); the decay-first accumulators
+        ``m`` ``(R, k, *shape)``, ``rms`` ``(R, 1, *shape)``, for matrices ``v_row``,
+        ``v_col`` ``(R, k, len)``, for vectors ``v_diag`` ``(R, k, n)``; ``d0``: the matrix
+        axis ``v_row`` averages over (``features.factored_dims``). ``const`` holds
+        per-row constants (``small_fc.SmallFCLOpt._kernel_constants`` with a leading row
+        axis; ``rms_d`` as a list of floats). Row ``r``'s new parameter is
+        ``p·p_decay[r] − step·coef[r]``. Returns new ``(p, m, rms, v_row, v_col,
+        v_diag)``; with ``inplace`` they are the given tensors, overwritten."""
+        rows = p.shape[0]
+        shape = tuple(p.shape[1:])
+        if len(shape) not in (1, 2) or tuple(g.shape) != tuple(p.shape) or rows < 1:
+            raise ValueError(f"small_fc_rows steps (R, n) or (R, a, b) tensors; got p "
+                             f"{tuple(p.shape)}, g {tuple(g.shape)}")
+        for name, seq in (("coef", coef), ("p_decay", p_decay), ("rms_d", const["rms_d"])):
+            if len(seq) != rows:
+                raise ValueError(f"kernel argument '{name}' has {len(seq)} rows, expected {rows}")
+        diag = len(shape) == 1
+        mode = "small_fc_diag" if diag else "small_fc"
+        a, b = (1, shape[0]) if diag else shape
+        n, k, hidden = a * b, self.decays, self.hidden
+        n_ch = self.n_channels(mode)
+        w_in = const["w_diag"] if diag else const["w_factored"]
+        w1, b1, w2, b2 = const["mlp"]
+        f32 = torch.float32
+        out = {"p": p, "m": m, "rms": rms} if inplace else {
+            "p": torch.empty_like(p), "m": torch.empty(rows, k, n, dtype=f32),
+            "rms": torch.empty(rows, 1, n, dtype=f32)}
+        sumsq = torch.empty(rows, n_ch, dtype=torch.float64)
+        ptr = {name: _rows_f32(name, t, rows, per_row) for name, t, per_row in (
+            ("g", g, n), ("p", p, n), ("m_old", m, k * n), ("rms_old", rms, n),
+            ("p_new", out["p"], n), ("m_new", out["m"], k * n), ("rms_new", out["rms"], n),
+            ("mom_decay", const["mom_d"], k), ("fac_decay", const["fac_d"], k),
+            ("w_in", w_in, n_ch * hidden), ("w1", w1, hidden * hidden), ("b1", b1, hidden),
+            ("w2", w2, hidden * 2), ("b2", b2, 2), ("bias0", const["bias0"], hidden))}
+        ptr["sumsq"] = (sumsq.data_ptr(), n_ch * 8)
+        if diag:
+            new_v = v_diag if inplace else torch.empty(rows, k, n, dtype=f32)
+            ptr["v_old"] = _rows_f32("v_diag", v_diag, rows, k * n)
+            ptr["v_new"] = _rows_f32("v_diag_new", new_v, rows, k * n)
+            new_row, new_col = v_row, v_col
+        else:
+            if d0 not in (0, 1):
+                raise ValueError(f"kernel argument 'd0' must be 0 or 1 for a matrix, got {d0!r}")
+            len_r, len_c = (b, a) if d0 == 0 else (a, b)
+            new_row = v_row if inplace else v_row.clone()
+            new_col = v_col if inplace else v_col.clone()
+            new_v = v_diag
+            fac_a = torch.empty(rows, k, a, dtype=f32)
+            fac_b = torch.empty(rows, k, b, dtype=f32)
+            u_a = torch.empty(rows, hidden, a, dtype=f32)
+            u_b = torch.empty(rows, hidden, b, dtype=f32)
+            for name, t, per_row in (("v_row", new_row, k * len_r), ("v_col", new_col, k * len_c),
+                                     ("w_stat", const["w_stat"], 4 * k * hidden),
+                                     ("fac_a", fac_a, k * a), ("fac_b", fac_b, k * b),
+                                     ("u_a", u_a, hidden * a), ("u_b", u_b, hidden * b)):
+                ptr[name] = _rows_f32(name, t, rows, per_row)
+        at = {name: [base + r * stride for r in range(rows)]
+              for name, (base, stride) in ptr.items()}
+        lib, threads, code = self._lib, self._threads(), _mode(mode)
+        for r in range(rows):
+            if diag:
+                lib.lopt_pass1(code, a, b, at["g"][r], at["p"][r], at["m_old"][r],
+                               at["rms_old"][r], at["m_new"][r], at["rms_new"][r],
+                               at["mom_decay"][r], const["rms_d"][r], None, None,
+                               at["v_old"][r], at["v_new"][r], at["fac_decay"][r],
+                               at["sumsq"][r], None, threads)
+                lib.lopt_pass2(code, a, b, at["g"][r], at["p"][r], at["m_new"][r],
+                               at["rms_new"][r], None, None, at["v_new"][r], at["w_in"][r],
+                               at["sumsq"][r], at["bias0"][r], None, at["w1"][r], at["b1"][r],
+                               at["w2"][r], at["b2"][r], exp_mult, coef[r], p_decay[r],
+                               at["p_new"][r], threads)
+                continue
+            status = lib.lopt_factored_prepare(
+                a, b, d0, 1, at["g"][r], 0.0, at["v_row"][r], len_r, 1, at["v_col"][r], len_c,
+                1, at["fac_decay"][r], at["w_stat"][r], at["bias0"][r], at["fac_a"][r],
+                at["fac_b"][r], at["u_a"][r], at["u_b"][r], threads)
+            if status != 0:
+                raise MemoryError("lopt_factored_prepare could not allocate its row/column sums")
+            lib.lopt_pass1(code, a, b, at["g"][r], at["p"][r], at["m_old"][r], at["rms_old"][r],
+                           at["m_new"][r], at["rms_new"][r], at["mom_decay"][r],
+                           const["rms_d"][r], at["fac_a"][r], at["fac_b"][r], None, None, None,
+                           at["sumsq"][r], None, threads)
+            lib.lopt_pass2(code, a, b, at["g"][r], at["p"][r], at["m_new"][r], at["rms_new"][r],
+                           at["fac_a"][r], at["fac_b"][r], None, at["w_in"][r], at["sumsq"][r],
+                           at["u_a"][r], at["u_b"][r], at["w1"][r], at["b1"][r], at["w2"][r],
+                           at["b2"][r], exp_mult, coef[r], p_decay[r], at["p_new"][r], threads)
+        return out["p"], out["m"], out["rms"], new_row, new_col, new_v
 
     def __reduce__(self) -> tuple:
         """Pickled (e.g. with a deep-copied optimizer) as "load the kernels again"."""

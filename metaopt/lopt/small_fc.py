@@ -109,11 +109,13 @@ class SmallFCLOpt(LearnedOptimizer):
         return small_fc_from_release(cls, tree, bindings)
 
     # ------------------------------------------------------------------ functional core
-    def decays(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Meta-learned (momentum, rms, adafactor) decays."""
-        return (F.decays_from_offsets(self.initial_momentum_decays, self.momentum_decays),
-                F.decays_from_offsets(self.initial_rms_decays, self.rms_decays),
-                F.decays_from_offsets(self.initial_adafactor_decays, self.adafactor_decays))
+    def decays(self, meta: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Meta-learned (momentum, rms, adafactor) decays (of ``meta``, the meta-parameters
+        by name, when given; else of the module's own)."""
+        meta = dict(self.named_parameters()) if meta is None else meta
+        return (F.decays_from_offsets(self.initial_momentum_decays, meta["momentum_decays"]),
+                F.decays_from_offsets(self.initial_rms_decays, meta["rms_decays"]),
+                F.decays_from_offsets(self.initial_adafactor_decays, meta["adafactor_decays"]))
 
     def init(self, params: Params, num_steps: int) -> LOptState:
         """Zero accumulators (in each parameter's dtype/device) and iteration 0.
@@ -200,13 +202,14 @@ class SmallFCLOpt(LearnedOptimizer):
         """Extra multiplier of tensor ``name``'s step (1 here; μLO's μP scale)."""
         return 1.0
 
-    def _prepare(self, iteration: Tensor, dtype: torch.dtype, device: torch.device) -> tuple:
-        """Decays, MLP weights and the (constant per step) time-feature bias of layer 0."""
-        decays = tuple(d.to(dtype=dtype, device=device) for d in self.decays())
-        weights = [getattr(self, f"w{i}").to(dtype=dtype, device=device)
-                   for i in range(self.n_layers)]
-        biases = [getattr(self, f"b{i}").to(dtype=dtype, device=device)
-                  for i in range(self.n_layers)]
+    def _prepare(self, iteration: Tensor, dtype: torch.dtype, device: torch.device,
+                 meta: Mapping[str, Tensor] | None = None) -> tuple:
+        """Decays, MLP weights and the (constant per step) time-feature bias of layer 0
+        (from ``meta`` when given, else the module's parameters)."""
+        meta = dict(self.named_parameters()) if meta is None else meta
+        decays = tuple(d.to(dtype=dtype, device=device) for d in self.decays(meta))
+        weights = [meta[f"w{i}"].to(dtype=dtype, device=device) for i in range(self.n_layers)]
+        biases = [meta[f"b{i}"].to(dtype=dtype, device=device) for i in range(self.n_layers)]
         time = F.tanh_time_embedding(iteration.to(device), dtype=torch.float32).to(dtype)
         w0_feat, w0_time = weights[0][: self.n_features], weights[0][self.n_features:]
         bias0 = time @ w0_time + biases[0]
@@ -326,7 +329,7 @@ class SmallFCLOpt(LearnedOptimizer):
         w0 = w0_feat
         rows = list(range(4 + 3 * k)) + list(range(4 + 7 * k, 4 + 8 * k))
         return {
-            "mom_d": mom_d.contiguous(), "rms_d": float(torch.clamp(rms_d, 0.0, 1.0)),
+            "mom_d": mom_d.contiguous(), "rms_d": torch.clamp(rms_d, 0.0, 1.0).reshape(()),
             "fac_d": torch.clamp(fac_d, 0.0, 1.0).contiguous(),
             "w_stat": w0[4 + 3 * k:4 + 7 * k].contiguous(),  # v_row, v_col and their rsqrt
             "w_factored": w0[rows].contiguous(),
@@ -335,7 +338,7 @@ class SmallFCLOpt(LearnedOptimizer):
                                  w0[4 + 3 * k:4 + 4 * k] + w0[4 + 4 * k:4 + 5 * k],
                                  w0[4 + 5 * k:4 + 6 * k] + w0[4 + 6 * k:4 + 7 * k],
                                  w0[4 + 7 * k:]]).contiguous(),
-            "bias0": bias0.contiguous(), "bias0_col": bias0.reshape(-1, 1).contiguous(),
+            "bias0": bias0.contiguous(),
             "mlp": [t.contiguous() for t in (weights[0], biases[0], weights[1], biases[1])],
         }
 
@@ -344,52 +347,92 @@ class SmallFCLOpt(LearnedOptimizer):
                               const: dict[str, Any], inplace: tuple[float, float] | None = None,
                               scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         """:meth:`_update_tensor` for a float32 CPU vector or matrix, in the fused C
-        kernel (diagonal second moments for vectors, factored ones for matrices).
+        kernel (diagonal second moments for vectors, factored ones for matrices): the
+        one-row case of :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows`.
 
         ``const`` comes from :meth:`_kernel_constants`. ``inplace=(lr, weight_decay)``
         writes ``p + lr·(p_learned − p) − lr·wd·p`` into ``p`` and the new accumulators
         into the old ones (``p``/``acc`` contiguous); ``scale`` multiplies the learned step
         (μLO)."""
-        k = len(self.initial_momentum_decays)
-        n = p.numel()
-        diag = p.dim() == 1
-        if inplace is not None and not (p.is_contiguous() and acc["m"].is_contiguous()
-                                        and acc["rms"].is_contiguous()
-                                        and acc["v_diag"].is_contiguous()):
+        tensors = (p, acc["m"], acc["rms"], acc["v_row"], acc["v_col"], acc["v_diag"])
+        if inplace is not None and not all(t.is_contiguous() for t in tensors):
             new_p, new_acc = self._kernel_update_tensor(kern, p, g, acc, const, scale=scale)
             apply_step_(p, new_p, *inplace)
             return p, new_acc
-        own = inplace is not None
-        g_c, p_c = g.contiguous(), p.contiguous()
-        m_old, rms_old = acc["m"].contiguous().view(k, n), acc["rms"].contiguous().view(1, n)
-        if diag:
-            m_new, rms_new, v_new, sumsq, _ = kern.pass1(
-                "small_fc_diag", g_c, p_c, m_old, rms_old, const["mom_d"], const["rms_d"],
-                v_old=acc["v_diag"].contiguous().view(k, n), fac_decay=const["fac_d"],
-                inplace=own)
-            fac_a = fac_b = u_b = None
-            u_a, w_in = const["bias0_col"], const["w_diag"]
-            mode, v_row, v_col, v_diag = "small_fc_diag", acc["v_row"], acc["v_col"], v_new
-        else:
-            _, d0 = F.factored_dims(p.shape)
-            # the row/column statistics are small: updated in place (copies when pure)
-            v_row = acc["v_row"].contiguous() if own else acc["v_row"].clone()
-            v_col = acc["v_col"].contiguous() if own else acc["v_col"].clone()
-            fac_a, fac_b, u_a, u_b = kern.factored_prepare(
-                g_c, d0, v_row, v_col, const["fac_d"], const["w_stat"], const["bias0"],
-                channel_last=False)
-            m_new, rms_new, _, sumsq, _ = kern.pass1(
-                "small_fc", g_c, p_c, m_old, rms_old, const["mom_d"], const["rms_d"], fac_a,
-                fac_b, inplace=own)
-            mode, v_diag, w_in = "small_fc", acc["v_diag"], const["w_factored"]
         lr, wd = inplace if inplace is not None else (1.0, 0.0)
-        new_p = kern.pass2(
-            mode, g_c, p_c, m_new, rms_new, fac_a, fac_b, v_diag.view(k, n) if diag else None,
-            w_in, sumsq, u_a, u_b, *const["mlp"], self.exp_mult,
-            self.step_mult * scale * lr, 1.0 - lr * wd, out=p if own else None)
-        new_acc = {"m": m_new.view(acc["m"].shape), "rms": rms_new.view(acc["rms"].shape),
-                   "v_row": v_row, "v_col": v_col, "v_diag": v_diag.view(acc["v_diag"].shape)}
-        return new_p, new_acc
+        dims = F.factored_dims(p.shape)
+        one = {key: (v if key == "mlp" else v.unsqueeze(0)) for key, v in const.items()}
+        one["mlp"] = [t.unsqueeze(0) for t in const["mlp"]]
+        one["rms_d"] = [float(const["rms_d"])]
+        new_p, m, rms, v_row, v_col, v_diag = kern.small_fc_rows(
+            *(t.contiguous().unsqueeze(0) for t in (g, *tensors)),
+            None if dims is None else dims[1], one, self.exp_mult,
+            [self.step_mult * scale * lr], [1.0 - lr * wd], inplace=inplace is not None)
+        new_acc = {"m": m.view(acc["m"].shape), "rms": rms.view(acc["rms"].shape),
+                   "v_row": v_row.view(acc["v_row"].shape),
+                   "v_col": v_col.view(acc["v_col"].shape),
+                   "v_diag": v_diag.view(acc["v_diag"].shape)}
+        return new_p.view(p.shape), new_acc
+
+    # ------------------------------------------------------------------ batched rows
+    def rows_supported(self, kern: cpu_kernels.LoptCpuKernels | None, params: Params,
+                       state: LOptState) -> bool:
+        """Whether :meth:`update_rows` can step these rows (decided by structure alone):
+        the kernels are given and built for this architecture, no autograd graph is
+        recorded, and every row of every tensor is a non-empty float32 CPU vector or
+        matrix with float32 accumulators."""
+        if kern is None or not params:
+            return False
+        rows = state["iteration"].shape
+        return len(rows) == 1 and all(
+            p.dim() in (2, 3) and p.shape[0] == rows[0]
+            and self._kernel_ok(kern, p[0], p[0], {k: state[k][name][0] for k in _ACCUMULATORS})
+            for name, p in params.items())
+
+    def update_rows(self, meta_rows: Params, grads: Params, state: LOptState, params: Params,
+                    kern: cpu_kernels.LoptCpuKernels) -> tuple[Params, LOptState]:
+        """``R`` independent steps at once: row ``r`` of every parameter, gradient and
+        state leaf is one task, stepped with row ``r`` of ``meta_rows`` (ES/PES particles).
+
+        The same result as ``vmap`` of :meth:`update_unchecked` over rows (tested, to
+        float32 rounding), through the fused kernels: the per-step constants of all rows
+        in one ``vmap`` of :meth:`_kernel_constants`, then one checked
+        :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call per tensor.
+        Requires :meth:`rows_supported`; no host-side guards (the estimators flag and
+        reset non-finite rows). Pure: returns new parameters and a new state."""
+        if not self.rows_supported(kern, params, state):
+            raise ValueError("update_rows needs the fused kernels and float32 CPU vector or "
+                             "matrix rows outside autograd (see rows_supported)")
+        iteration = state["iteration"]
+
+        def constants(meta: Params, it: Tensor) -> dict[str, Any]:
+            return self._kernel_constants(*self._prepare(it, torch.float32,
+                                                         torch.device("cpu"), meta))
+
+        raw = torch.func.vmap(constants)(dict(meta_rows), iteration)
+        const = {key: v.contiguous() for key, v in raw.items() if key != "mlp"}
+        const["mlp"] = [t.contiguous() for t in raw["mlp"]]
+        const["rms_d"] = const["rms_d"].tolist()
+        rows = iteration.shape[0]
+        new_params: Params = {}
+        new_state: LOptState = {k: {} for k in _ACCUMULATORS}
+        for name, p in params.items():
+            scale = self._step_scale(state, name)
+            scales = scale.tolist() if isinstance(scale, Tensor) else [float(scale)] * rows
+            dims = F.factored_dims(p.shape[1:])
+            acc = [state[k][name].contiguous() for k in _ACCUMULATORS]
+            outs = kern.small_fc_rows(
+                grads[name].contiguous(), p.contiguous(), *acc,
+                None if dims is None else dims[1], const, self.exp_mult,
+                [self.step_mult * s for s in scales], [1.0] * rows)
+            new_params[name] = outs[0]
+            for k, v, old in zip(_ACCUMULATORS, outs[1:], acc):
+                new_state[k][name] = v.view(old.shape)
+        new_state["iteration"] = iteration + 1
+        new_state["num_steps"] = state["num_steps"]
+        for extra in state.keys() - new_state.keys():  # e.g. μLO's per-tensor scales
+            new_state[extra] = state[extra]
+        return new_params, new_state
 
 
 #: Elements per block of the per-element MLP (keeps a block's features in cache).

@@ -45,6 +45,7 @@ from metaopt.distributed.executor import LocalExecutor
 from metaopt.distributed.pes_pool import PESPool, pending_from_state_dict, pending_state_dict
 from metaopt.errors import ConfigError
 from metaopt.lopt import ARCHITECTURES, LearnedOptimizer
+from metaopt.lopt.cpu_kernels import select_backend
 from metaopt.optim import adamw, apply_updates
 from metaopt.runner.experiment import (
     Experiment,
@@ -84,12 +85,19 @@ class LoptMetaTrainConfig(ExperimentConfig):
     eval_widths: list[int] = field(default_factory=lambda: [128])
     eval_tasks: int = 2
     eval_steps: int = 200
+    #: the learned optimizer's step backend in meta-training: "reference" (pure PyTorch,
+    #: vmapped rows) or "cpu_kernels" (fused C kernels for ES/PES rows; equal to float32
+    #: rounding; truncated BPTT always takes the reference)
+    backend: str = "reference"
     max_staleness: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ARCHITECTURES:
             raise ValueError(f"optimizer: unknown learned optimizer '{self.optimizer}' "
                              f"(known: {sorted(ARCHITECTURES)})")
+        if self.backend not in ("reference", "cpu_kernels"):
+            raise ValueError(f"backend must be 'reference' or 'cpu_kernels', got "
+                             f"{self.backend!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got "
                              f"'{self.estimator}'")
@@ -126,12 +134,14 @@ def build_task(spec: dict[str, Any], seed: int) -> Any:
 
 
 @torch.no_grad()
-def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: int = 0
-                  ) -> dict[str, float]:
+def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: int = 0,
+                  backend: str = "reference") -> dict[str, float]:
     """Train each task ``steps`` steps with ``lopt``; mean final loss and test metric.
 
-    A run that turns non-finite counts as loss ``inf`` (and metric 0).
+    A run that turns non-finite counts as loss ``inf`` (and metric 0). ``backend``: the
+    optimizer step's (``select_backend``; the kernels equal the reference to rounding).
     """
+    kern = select_backend(backend)
     finals, metrics = [], []
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
@@ -147,7 +157,7 @@ def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: in
                     bool(torch.isfinite(g).all()) for g in grads.values()):
                 tail = [math.inf]
                 break
-            theta, state = lopt.update(grads, state, theta, loss=loss.detach())
+            theta, state = lopt.update(grads, state, theta, loss=loss.detach(), backend=kern)
             if k >= steps - max(1, steps // 10):
                 tail.append(float(loss))
         finals.append(sum(tail) / len(tail))
@@ -171,7 +181,8 @@ class LoptMetaTrain(Experiment):
         self.task = build_task(config.task, seed)
         self.system = LearnedOptimizerSystem(self.lopt, self.task,
                                              num_steps=config.horizon_high,
-                                             max_loss=config.max_loss)
+                                             max_loss=config.max_loss,
+                                             backend=config.backend)
         common = {"num_tasks": config.num_tasks, "truncation": config.truncation,
                   "seed": seed}
         if config.estimator == "pes":
