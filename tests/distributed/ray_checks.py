@@ -160,7 +160,8 @@ def main() -> None:
 
     # A worker killed in the middle of a truncation (inside an inner step of the
     # second outer step), on a fresh pair of workers.
-    ex = RayExecutor(num_workers=2, cpus_per_worker=1, max_restarts=1, timeout_s=60)
+    # max_restarts=3: this pair also serves the staleness kills and the runner checks.
+    ex = RayExecutor(num_workers=2, cpus_per_worker=1, max_restarts=3, timeout_s=60)
     killer = KillOnce(system, os.path.join(temp_dir, "killed"), at_step=4 + 2)
     pool = PESPool(ex, est, killer, phi, sync_every=10)
     got = [pool.step(phi).grad["theta"] for _ in range(3)]
@@ -170,8 +171,6 @@ def main() -> None:
 
     # Bounded staleness (s = 1) under faults: a worker killed between steps while a
     # truncation is queued on it, and one killed inside a queued truncation.
-    ex.shutdown()
-    ex = RayExecutor(num_workers=2, cpus_per_worker=1, max_restarts=2, timeout_s=60)
     out.update(runner_checks.stale_pool_kill(ex, lambda pid: os.kill(pid, signal.SIGKILL)))
     from test_staleness import STEPS, run_pool, setup, stale_reference
 
