@@ -5,8 +5,11 @@
 Workloads: ``pes`` — a :class:`~metaopt.distributed.pes_pool.PESPool` over a
 compute-bound InfluenceBalancing system (a 400-dimensional dense chain, 128 tasks
 × 2 particles — a (256, 400) × (400, 400) product per inner step — truncations of 50
-steps); ``maml`` — a MAML meta-batch (sinusoid
-regression, 16 tasks, 1-64-64-1 MLP, 5 inner steps) sharded with
+steps); ``pes_stale`` — the same pool on 2 workers with ``max_staleness=1`` (the next
+truncation is queued before the previous estimate is formed, so the driver's work
+and the round trip overlap the workers'; speedup against ``pes`` on 1 worker);
+``maml`` — a MAML meta-batch (sinusoid regression, 16 tasks, 1-64-64-1 MLP, 5 inner
+steps) sharded with
 :func:`~metaopt.distributed.sharding.learner_meta_gradient`. Each runs ``--steps``
 timed meta-steps after one warm-up step, on 1 and on 2 workers (one CPU each), and
 records ``{workload, workers, steps_per_s, speedup, bytes_per_step}`` (bytes: the
@@ -73,11 +76,12 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bench_pes(ex: RayExecutor, steps: int, tasks: int) -> tuple[float, float]:
+def bench_pes(ex: RayExecutor, steps: int, tasks: int, staleness: int = 0
+              ) -> tuple[float, float]:
     system = InfluenceBalancing(n=400, num_positive=200)
     est = PES(num_tasks=tasks, truncation=50, sigma=0.01, schedule=ConstantLength(200), seed=0)
     phi = {"theta": torch.tensor([0.1], dtype=torch.float64)}
-    pool = PESPool(ex, est, system, phi, sync_every=steps + 10)
+    pool = PESPool(ex, est, system, phi, sync_every=steps + 10, max_staleness=staleness)
     pool.step(phi)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -116,9 +120,10 @@ def bench_maml(ex: RayExecutor, steps: int) -> tuple[float, float]:
 def inside(args: argparse.Namespace) -> list[dict]:
     init_loopback_ray(args.inside, num_cpus=2)
     records = []
+    pes_base = None
     for workload in args.workloads.split(","):
-        base = None
-        for workers in (1, 2):
+        base = pes_base if workload == "pes_stale" else None
+        for workers in ((2,) if workload == "pes_stale" else (1, 2)):
             ex = RayExecutor(num_workers=workers, cpus_per_worker=1, timeout_s=300)
             ex.call_each(_noop, [None] * workers, init=True)
             t0 = time.perf_counter()
@@ -127,19 +132,22 @@ def inside(args: argparse.Namespace) -> list[dict]:
             rtt = (time.perf_counter() - t0) / 20
             pids = ex.pids()
             cpu0, wall0 = _cpu_seconds(pids), time.perf_counter()
-            if workload == "pes":
-                rate, nbytes = bench_pes(ex, args.steps, 16 if args.quick else 128)
+            if workload in ("pes", "pes_stale"):
+                rate, nbytes = bench_pes(ex, args.steps, 16 if args.quick else 128,
+                                         staleness=1 if workload == "pes_stale" else 0)
             else:
                 rate, nbytes = bench_maml(ex, args.steps)
             # CPU seconds the workers got per wall second (2.0: both ran flat out).
             cores = (_cpu_seconds(pids) - cpu0) / (time.perf_counter() - wall0)
             ex.shutdown()
             base = rate if base is None else base
+            if workload == "pes" and workers == 1:
+                pes_base = rate
             records.append({"workload": workload, "workers": workers,
                             "steps_per_s": round(rate, 4), "speedup": round(rate / base, 3),
                             "bytes_per_step": int(nbytes), "rtt_s": round(rtt, 5),
                             "worker_cores_used": round(cores, 2)})
-            print(f"{workload:5s} workers={workers} steps/s={rate:8.3f} "
+            print(f"{workload:9s} workers={workers} steps/s={rate:8.3f} "
                   f"speedup={rate / base:5.2f} bytes/step={int(nbytes):9d} "
                   f"rtt={rtt * 1e3:6.2f} ms cores={cores:4.2f}", flush=True)
     return records
@@ -150,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--steps", type=int, default=10, help="timed meta-steps per run")
     parser.add_argument("--quick", action="store_true", help="fewer PES tasks")
-    parser.add_argument("--workloads", default="pes,maml", help="comma-separated")
+    parser.add_argument("--workloads", default="pes,pes_stale,maml",
+                        help="comma-separated")
     parser.add_argument("--inside", help=argparse.SUPPRESS)  # the re-run in the netns
     args = parser.parse_args(argv)
     if args.inside:

@@ -300,8 +300,10 @@ class UnrollState:
         leaves_per = [tree_leaves(p.inner)[1] for p in parts]
         joined = []
         for i in range(len(leaves_per[0])):
-            chunks = [lv[i].reshape(C, -1, *lv[i].shape[1:]) for lv in leaves_per]
-            joined.append(torch.cat(chunks, 1).reshape(-1, *leaves_per[0][i].shape[1:]))
+            # Explicit sizes: a leaf with no elements (an empty optimizer state) has no -1.
+            chunks = [lv[i].reshape(C, lv[i].shape[0] // C, *lv[i].shape[1:])
+                      for lv in leaves_per]
+            joined.append(torch.cat(chunks, 1).flatten(0, 1))
         return UnrollState(
             inner=tree_rebuild(first.inner, joined),
             **{k: torch.cat([getattr(p, k) for p in parts])

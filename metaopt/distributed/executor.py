@@ -6,15 +6,27 @@ An :class:`Executor` has ``num_workers`` workers, each holding a private ``store
 * :meth:`Executor.map` ``(fn, shards)`` runs ``fn(shard)`` for every shard (shard ``i``
   on worker ``i % num_workers``) and returns the results in shard order;
 * :meth:`Executor.call_each` ``(fn, args)`` runs ``fn(store_i, args[i])`` on worker
-  ``i`` — stateful work such as PES particles that stay on their worker.
+  ``i`` — stateful work such as PES particles that stay on their worker;
+* :meth:`Executor.submit_each` / :meth:`Executor.wait_each` split ``call_each`` in two
+  so a caller can queue several stateful calls before collecting the first (the PES
+  pool's bounded staleness). Calls on one worker run in submission order.
 
 Under Ray the workers are actors created with ``max_restarts`` and no automatic task
 retries. When a worker dies (its process killed) or comes back from a restart with
 an empty store, :meth:`call_each` asks the caller's ``recover(i)`` for the calls
 that rebuild worker ``i``'s store from the driver's copy (a snapshot and a replay
 log), runs them on the restarted actor, then re-sends the lost call — so a step is
-neither lost nor counted twice. Every wait is bounded by ``timeout_s``: a dead
-cluster or a hung worker raises a one-line :class:`WorkerError`, never a hang.
+neither lost nor counted twice. Calls submitted before a rebuild that had not yet
+been collected are re-sent once, in order, after it (a rebuilt worker has the state
+just before them); if such a call still finds the wrong state it is rebuilt again.
+Every wait is bounded by ``timeout_s``: a dead cluster or a hung worker raises a
+one-line :class:`WorkerError`, never a hang.
+
+With ``gpus_per_worker > 0`` each actor requests that many GPUs
+(:func:`actor_options`); Ray sets its ``CUDA_VISIBLE_DEVICES``, and
+:attr:`Executor.worker_device` (``"cuda"``) tells the sharded work where to compute
+(inputs move there, results come back on CPU). A cluster with fewer GPUs than
+requested is refused at once with a :class:`WorkerError`.
 
 ``ray`` is imported only when a :class:`RayExecutor` is made; without it the error
 names the ``ray`` extra. :func:`make_executor` builds either from a config dict
@@ -28,12 +40,13 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from metaopt.errors import ConfigError, MetaoptError, MissingExtraError
 
-__all__ = ["Executor", "LocalExecutor", "RayExecutor", "StateLost", "WorkerError",
-           "make_executor"]
+__all__ = ["Executor", "LocalExecutor", "Pending", "RayExecutor", "StateLost", "WorkerError",
+           "actor_options", "make_executor"]
 
 #: ``fn(store, arg) -> result``: a stateful call on one worker.
 StatefulFn = Callable[[dict, Any], Any]
@@ -49,15 +62,37 @@ class StateLost(MetaoptError, RuntimeError):
     """A stateful call reached a worker whose store is empty (it was restarted)."""
 
 
+@dataclass
+class Pending:
+    """Stateful calls submitted by :meth:`Executor.submit_each`, not yet collected.
+
+    ``handles``: per worker, the result (local) or a Ray object reference;
+    ``epochs``: each worker's rebuild count when the call was submitted.
+    """
+
+    fn: StatefulFn
+    args: list
+    init: bool
+    handles: list
+    epochs: list[int]
+
+
 class Executor(Protocol):
     """What the sharded algorithms need from an executor (see the module docstring)."""
 
     num_workers: int
+    #: Where the workers compute (``"cuda"`` for GPU workers, None: on CPU).
+    worker_device: str | None
 
     def map(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> list[Any]: ...
 
     def call_each(self, fn: StatefulFn, args: Sequence[Any], *,
                   recover: Recover | None = None, init: bool = False) -> list[Any]: ...
+
+    def submit_each(self, fn: StatefulFn, args: Sequence[Any], *,
+                    init: bool = False) -> Pending: ...
+
+    def wait_each(self, pending: Pending, *, recover: Recover | None = None) -> list[Any]: ...
 
     def shutdown(self) -> None: ...
 
@@ -93,6 +128,8 @@ def _check_args(args: Sequence[Any], num_workers: int) -> None:
 class LocalExecutor:
     """Workers in this process, run one after another (the default; no Ray)."""
 
+    worker_device: str | None = None
+
     def __init__(self, num_workers: int = 1) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ConfigError(f"executor.num_workers must be an int >= 1, got {num_workers!r}")
@@ -108,6 +145,16 @@ class LocalExecutor:
         """``fn(store_i, args[i])`` on every worker ``i``, in order."""
         _check_args(args, self.num_workers)
         return [w.call(fn, a, init) for w, a in zip(self._workers, args)]
+
+    def submit_each(self, fn: StatefulFn, args: Sequence[Any], *,
+                    init: bool = False) -> Pending:
+        """Run the calls now (in-process there is nothing to overlap); collect later."""
+        return Pending(fn, list(args), init, self.call_each(fn, args, init=init),
+                       [0] * self.num_workers)
+
+    def wait_each(self, pending: Pending, *, recover: Recover | None = None) -> list[Any]:
+        """The results of :meth:`submit_each`."""
+        return list(pending.handles)
 
     def shutdown(self) -> None:
         self._workers = [_Worker() for _ in range(self.num_workers)]
@@ -138,6 +185,33 @@ def _probe(address: str | None, timeout_s: float) -> None:
         raise WorkerError(f"executor.address {address!r}: no Ray head reachable ({e})") from e
 
 
+def actor_options(cpus_per_worker: float, gpus_per_worker: float,
+                  max_restarts: int) -> dict[str, Any]:
+    """The options of each worker actor (``ray.remote(**options)``).
+
+    No automatic task retries: a lost stateful call is re-sent by the executor after
+    the worker is rebuilt (a blind retry would run it on an empty store).
+    """
+    if cpus_per_worker < 0 or gpus_per_worker < 0:
+        raise ConfigError("executor.cpus_per_worker and gpus_per_worker must be >= 0")
+    if not isinstance(max_restarts, int) or max_restarts < 0:
+        raise ConfigError(f"executor.max_restarts must be an int >= 0, got {max_restarts!r}")
+    return {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker,
+            "max_restarts": max_restarts, "max_task_retries": 0}
+
+
+def _check_gpus(cluster: Mapping[str, float], num_workers: int,
+                gpus_per_worker: float) -> None:
+    """Refuse GPU workers on a cluster without enough GPUs (they would never start)."""
+    if gpus_per_worker <= 0:
+        return
+    have = float(cluster.get("GPU", 0))
+    need = num_workers * gpus_per_worker
+    if have < need:
+        raise WorkerError(f"executor.gpus_per_worker={gpus_per_worker}: {num_workers} "
+                          f"workers need {need:g} GPUs, the Ray cluster has {have:g}")
+
+
 class RayExecutor:
     """Workers as Ray actors (see the module docstring for restarts and timeouts).
 
@@ -146,8 +220,9 @@ class RayExecutor:
             local one). Ignored when this process already called ``ray.init``.
         num_workers: actors to start.
         cpus_per_worker, gpus_per_worker: resources each actor reserves (Ray sets
-            ``CUDA_VISIBLE_DEVICES`` in a GPU worker; sharded work moves its tensors
-            with ``device="cuda"``, see :func:`~metaopt.distributed.sharding.sharded_task_batch`).
+            ``CUDA_VISIBLE_DEVICES`` in a GPU worker; :attr:`worker_device` is then
+            ``"cuda"`` and sharded work moves its tensors there, see
+            :func:`~metaopt.distributed.sharding.sharded_task_batch`).
         max_restarts: how often Ray restarts a dead actor.
         timeout_s: the longest wait for any one result.
     """
@@ -159,24 +234,27 @@ class RayExecutor:
             raise ConfigError(f"executor.num_workers must be an int >= 1, got {num_workers!r}")
         if not timeout_s > 0:
             raise ConfigError(f"executor.timeout_s must be > 0, got {timeout_s!r}")
-        if cpus_per_worker < 0 or gpus_per_worker < 0:
-            raise ConfigError("executor.cpus_per_worker and gpus_per_worker must be >= 0")
+        options = actor_options(cpus_per_worker, gpus_per_worker, max_restarts)
         ray = _import_ray()
         self._ray = ray
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.max_restarts = int(max_restarts)
+        self.worker_device = "cuda" if gpus_per_worker > 0 else None
         #: Indices of the workers rebuilt after a restart, in order (for reports/tests).
         self.rebuilds: list[int] = []
+        self._epochs = [0] * num_workers
         if not ray.is_initialized():
             _probe(address, self.timeout_s)
             try:
                 ray.init(address=address, include_dashboard=False)
             except ConnectionError as e:
                 raise WorkerError(f"executor.address {address!r}: no Ray cluster "
-                                  f"reachable ({e})") from e
-        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                           max_restarts=self.max_restarts, max_task_retries=0)(_Worker)
+                                  f"reachable ({e}); start one (`ray start --head`) or "
+                                  f"set executor.address: null for one in this process"
+                                  ) from e
+        _check_gpus(ray.cluster_resources(), num_workers, gpus_per_worker)
+        actor = ray.remote(**options)(_Worker)
         self._actors = [actor.remote() for _ in range(num_workers)]
         self._get([a.ping.remote() for a in self._actors], "start")
 
@@ -236,17 +314,46 @@ class RayExecutor:
     def call_each(self, fn: StatefulFn, args: Sequence[Any], *,
                   recover: Recover | None = None, init: bool = False) -> list[Any]:
         """``fn(store_i, args[i])`` on every worker; rebuilds a restarted worker first."""
+        return self.wait_each(self.submit_each(fn, args, init=init), recover=recover)
+
+    def submit_each(self, fn: StatefulFn, args: Sequence[Any], *,
+                    init: bool = False) -> Pending:
+        """Queue ``fn(store_i, args[i])`` on every worker; collect with :meth:`wait_each`."""
         _check_args(args, self.num_workers)
         refs = [a.call.remote(fn, x, init) for a, x in zip(self._actors, args)]
+        return Pending(fn, list(args), init, refs, list(self._epochs))
+
+    def wait_each(self, pending: Pending, *, recover: Recover | None = None) -> list[Any]:
+        """The results of :meth:`submit_each`, rebuilding (or re-sending to) lost workers.
+
+        ``recover(i)`` must give the calls that bring worker ``i``'s store to the state
+        just before this call (see the module docstring).
+        """
+        lost = (self._ray.exceptions.RayActorError, StateLost)
+        fn, init = pending.fn, pending.init
         out = []
-        for i, ref in enumerate(refs):
+        for i, ref in enumerate(pending.handles):
+            arg = pending.args[i]
             try:
                 out.append(self._get([ref], f"call on worker {i}")[0])
-            except (self._ray.exceptions.RayActorError, StateLost):
+                continue
+            except lost:
                 if recover is None and not init:
                     raise WorkerError(f"ray executor: worker {i} lost its state and no "
                                       f"recover() was given") from None
-                out.append(self._rebuild(i, fn, args[i], init, recover))
+            if self._epochs[i] > pending.epochs[i]:
+                # Rebuilt after this call was queued: it holds the state just before it.
+                actor = self._actors[i]
+                try:
+                    out.append(self._retry(lambda a=actor, x=arg: a.call.remote(fn, x, init),
+                                           f"re-send to worker {i}"))
+                    # Calls queued since reached the worker before this re-send: they
+                    # are re-sent in turn (not rebuilt) when collected.
+                    self._epochs[i] += 1
+                    continue
+                except lost:
+                    pass
+            out.append(self._rebuild(i, fn, arg, init, recover))
         return out
 
     def _rebuild(self, i: int, fn: StatefulFn, arg: Any, init: bool,
@@ -254,6 +361,7 @@ class RayExecutor:
         actor = self._actors[i]
         what = f"rebuild worker {i}"
         self.rebuilds.append(i)
+        self._epochs[i] += 1
         for step, (rfn, rarg) in enumerate(recover(i) if recover is not None else []):
             self._retry(lambda f=rfn, x=rarg, first=step == 0: actor.call.remote(f, x, first),
                         what)
@@ -266,6 +374,11 @@ class RayExecutor:
         self._actors = []
 
 
+#: The keys a ``kind: ray`` executor config may have.
+RAY_KEYS = frozenset({"address", "num_workers", "cpus_per_worker", "gpus_per_worker",
+                      "max_restarts", "timeout_s"})
+
+
 def make_executor(config: Mapping[str, Any] | None) -> Executor:
     """An executor from ``{kind: local | ray, ...}`` (None or ``{}``: local, 1 worker)."""
     config = dict(config or {})
@@ -276,8 +389,7 @@ def make_executor(config: Mapping[str, Any] | None) -> Executor:
             raise ConfigError(f"executor (kind local) got unknown keys {unknown}")
         return LocalExecutor(int(config.get("num_workers", 1)))
     if kind == "ray":
-        known = {"address", "num_workers", "cpus_per_worker", "gpus_per_worker",
-                 "max_restarts", "timeout_s"}
+        known = RAY_KEYS
         unknown = sorted(set(config) - known)
         if unknown:
             raise ConfigError(f"executor (kind ray) got unknown keys {unknown}")

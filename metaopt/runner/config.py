@@ -11,6 +11,7 @@ outer steps, when to evaluate and checkpoint, logging) and one typed section,
     settings:
       n_features: 20
       estimator: implicit
+    executor: {kind: ray, num_workers: 2}   # optional; see runner/executor_config.py
 
 Overrides use dotted keys and YAML values: ``settings.n_features=50``,
 ``log.progress=false``, ``settings.hidden=[40,40]``.
@@ -34,10 +35,12 @@ import yaml
 
 from metaopt.errors import ConfigError
 from metaopt.runner.builtins import register_builtins
+from metaopt.runner.executor_config import ExecutorConfig
 from metaopt.runner.experiment import ExperimentConfig, get_experiment
 
 __all__ = [
     "ConfigError",
+    "ExecutorConfig",
     "LogConfig",
     "RunConfig",
     "apply_overrides",
@@ -53,8 +56,10 @@ T = TypeVar("T")
 
 DTYPES = ("float32", "float64")
 #: Top-level keys ``metaopt resume RUN_DIR KEY=VALUE`` may change (the others define
-#: the run: changing them would not continue the same run).
-RESUMABLE_KEYS = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log")
+#: the run: changing them would not continue the same run). ``executor`` says where
+#: the work runs, not what it computes.
+RESUMABLE_KEYS = ("steps", "eval_every", "checkpoint_every", "keep_checkpoints", "log",
+                  "executor")
 
 
 @dataclass
@@ -97,6 +102,8 @@ class RunConfig:
         name: run name shown in plot legends (default: the run directory's name).
         run_dir: where the run writes (default: ``runs/<experiment>-<timestamp>``).
         log: progress and logging settings.
+        executor: where meta-steps run (default: this process; see
+            :mod:`metaopt.runner.executor_config`).
     """
 
     experiment: str
@@ -111,6 +118,7 @@ class RunConfig:
     name: str | None = None
     run_dir: str | None = None
     log: LogConfig = field(default_factory=LogConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
         for what in ("steps",):
@@ -171,6 +179,11 @@ def parse_run_config(data: Mapping[str, Any], *, source: str = "<dict>",
     settings = from_dict(exp_cls.Config, data.get("settings") or {}, ctx=ctx, prefix="settings")
     rest = {k: v for k, v in data.items() if k != "settings"}
     cfg = from_dict(RunConfig, rest, ctx=ctx, prefix="", extra={"settings": settings})
+    if not cfg.executor.is_default:
+        try:
+            exp_cls.check_executor(settings, cfg.executor)
+        except ConfigError as e:
+            raise ConfigError(f"{ctx.where('executor')}: {e}") from None
     return cfg
 
 

@@ -54,6 +54,7 @@ from typing import Any, ClassVar, TypeVar, Union
 import torch
 from torch import Tensor
 
+from metaopt.errors import ConfigError
 from metaopt.registry import EXPERIMENTS
 
 __all__ = [
@@ -98,6 +99,9 @@ class Experiment(ABC):
     Config: ClassVar[type[ExperimentConfig]] = ExperimentConfig
     #: Splits :meth:`evaluate` accepts; the runner's periodic evaluation uses the first.
     splits: ClassVar[tuple[str, ...]] = ("val", "test")
+    #: The :class:`~metaopt.distributed.Executor` given by :meth:`use_executor` (None:
+    #: in-process); the runner shuts it down when the run ends.
+    executor: Any = None
 
     @abstractmethod
     def __init__(self, config: ExperimentConfig, *, device: torch.device,
@@ -147,6 +151,29 @@ class Experiment(ABC):
         Population-based training (:mod:`metaopt.distributed.tune`) mutates only these.
         """
         return ()
+
+    @classmethod
+    def check_executor(cls, config: ExperimentConfig, executor: Any) -> None:
+        """Raise :class:`ConfigError` unless ``config`` can run on ``executor``.
+
+        ``executor`` is the run's :class:`~metaopt.runner.executor_config.ExecutorConfig`
+        (checked only when it is not the default in-process one). The default refuses:
+        an experiment that distributes its meta-step overrides this and
+        :meth:`use_executor`.
+        """
+        raise ConfigError(f"experiment '{cls.name}' cannot run with executor kind "
+                          f"'{executor.kind}' ({executor.num_workers} workers): its "
+                          f"meta-step has no task batch or particle pool to distribute; "
+                          f"remove the executor section")
+
+    def use_executor(self, executor: Any) -> None:
+        """Run meta-steps on ``executor``'s workers (a :class:`~metaopt.distributed.Executor`).
+
+        Called once, right after ``__init__`` and before any ``load_state_dict``;
+        keep it in :attr:`executor`. The results must not depend on it beyond float
+        rounding.
+        """
+        raise ConfigError(f"experiment '{self.name}' cannot run on an executor")
 
     @classmethod
     def required_extras(cls, config: ExperimentConfig) -> list[tuple[str, str]]:

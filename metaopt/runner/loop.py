@@ -76,14 +76,30 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def build_experiment(cfg: RunConfig) -> Experiment:
-    """Seed every RNG with ``cfg.seed`` and build the configured experiment."""
+def build_experiment(cfg: RunConfig, *, executor: Any = None) -> Experiment:
+    """Seed every RNG with ``cfg.seed`` and build the configured experiment.
+
+    With a non-default ``executor:`` section the executor (e.g. Ray workers) is built
+    here too and handed to :meth:`Experiment.use_executor` — or ``executor``, an
+    :class:`~metaopt.distributed.Executor` the caller already has (its workers are
+    reused; the caller shuts it down).
+    """
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config asks for device '{cfg.device}' but CUDA is not available")
-    seed_everything(cfg.seed)
     cls = get_experiment(cfg.experiment)
-    return cls(cfg.settings, device=device, dtype=resolve_dtype(cfg.dtype), seed=cfg.seed)
+    if not cfg.executor.is_default:
+        cls.check_executor(cfg.settings, cfg.executor)
+    seed_everything(cfg.seed)
+    experiment = cls(cfg.settings, device=device, dtype=resolve_dtype(cfg.dtype),
+                     seed=cfg.seed)
+    if not cfg.executor.is_default:
+        if executor is None:
+            from metaopt.distributed import make_executor
+
+            executor = make_executor(cfg.executor.options())
+        experiment.use_executor(executor)
+    return experiment
 
 
 def checkpoint_state(experiment: Experiment, clock_s: float) -> dict[str, Any]:
@@ -140,7 +156,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: str | Path | None = No
             a terminal, else a summary line every ``cfg.log.print_every`` steps.
         out: where summary lines go (default stdout).
         experiment: the experiment, freshly built from ``cfg`` by
-            :func:`build_experiment` (default: built here).
+            :func:`build_experiment` (default: built here, and its executor shut
+            down at the end).
         lock: this run directory's :class:`RunLock`, already held by the caller
             (default: acquired here for the duration of the call; a run directory
             another process is writing is refused with ``RunDirError``).
@@ -157,9 +174,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: str | Path | None = No
                          experiment=experiment, lock=own)
     if not lock.held or lock.run_dir.resolve() != run_dir.resolve():
         raise ValueError(f"train() was given a lock that is not held for {run_dir}")
+    if experiment is None:  # built here: its executor (workers) ends with the call
+        experiment = build_experiment(cfg)
+        try:
+            return train(cfg, run_dir, resume=resume, progress=progress, out=out,
+                         experiment=experiment, lock=lock)
+        finally:
+            if experiment.executor is not None:
+                experiment.executor.shutdown()
     out = out or sys.stdout
     clean_stale(run_dir / CHECKPOINTS)
-    experiment = experiment if experiment is not None else build_experiment(cfg)
     start, clock = 0, 0.0
     if resume is not None:
         ckpt = load_into(experiment, cfg, resume)

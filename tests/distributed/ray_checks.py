@@ -1,7 +1,8 @@
 """Ray checks run by tests/distributed/test_ray.py in one subprocess (loopback only).
 
 Usage: ``python ray_checks.py TEMP_DIR OUT_JSON``. Starts one Ray session with its
-files under TEMP_DIR, runs every check, writes the measured numbers to OUT_JSON (the
+files under TEMP_DIR, runs every check (the runner-level ones are in
+``runner_checks.py``), writes the measured numbers to OUT_JSON (the
 test module asserts on them). Not collected by pytest (no ``test_`` prefix).
 """
 
@@ -15,8 +16,10 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import ray
+import runner_checks
 import torch
 from torch import nn
 
@@ -95,7 +98,8 @@ def pes_reference(steps: int) -> tuple[PES, InfluenceBalancing, dict, list]:
 def main() -> None:
     temp_dir, out_path = sys.argv[1], sys.argv[2]
     t0 = time.monotonic()
-    out: dict = {"node_ips": init_loopback_ray(temp_dir, num_cpus=2)}
+    # 4 logical CPUs: two 2-worker executors may be alive at once (only one computes).
+    out: dict = {"node_ips": init_loopback_ray(temp_dir, num_cpus=4)}
     out["init_s"] = time.monotonic() - t0
     # Independently of init_loopback_ray's own check:
     out["driver_ip"] = ray.util.get_node_ip_address()
@@ -145,15 +149,51 @@ def main() -> None:
     out["timeout_wait_s"] = time.monotonic() - t1
     ex.shutdown()
 
+    # GPU workers on a cluster without GPUs: refused at once, not left pending.
+    t1 = time.monotonic()
+    try:
+        RayExecutor(num_workers=2, gpus_per_worker=1, timeout_s=60)
+        out["no_gpu"] = "no error"
+    except WorkerError as e:
+        out["no_gpu"] = str(e)
+    out["no_gpu_wait_s"] = time.monotonic() - t1
+
     # A worker killed in the middle of a truncation (inside an inner step of the
     # second outer step), on a fresh pair of workers.
-    ex = RayExecutor(num_workers=2, cpus_per_worker=1, max_restarts=1, timeout_s=60)
+    # max_restarts=3: this pair also serves the staleness kills and the runner checks.
+    ex = RayExecutor(num_workers=2, cpus_per_worker=1, max_restarts=3, timeout_s=60)
     killer = KillOnce(system, os.path.join(temp_dir, "killed"), at_step=4 + 2)
     pool = PESPool(ex, est, killer, phi, sync_every=10)
     got = [pool.step(phi).grad["theta"] for _ in range(3)]
     out["midstep_killed"] = os.path.exists(killer.marker)
     out["midstep_rebuilds"] = list(ex.rebuilds)
     out["midstep_max_abs"] = max(float((a - b).abs().max()) for a, b in zip(got, ref))
+
+    # Bounded staleness (s = 1) under faults: a worker killed between steps while a
+    # truncation is queued on it, and one killed inside a queued truncation.
+    out.update(runner_checks.stale_pool_kill(ex, lambda pid: os.kill(pid, signal.SIGKILL)))
+    from test_staleness import STEPS, run_pool, setup, stale_reference
+
+    stale_ref, _ = stale_reference(1)
+    est1, system1, phi1 = setup()
+    before = len(ex.rebuilds)
+    killer = KillOnce(system1, os.path.join(temp_dir, "killed-stale"), at_step=3 * 3 + 1)
+    stale_got, _ = run_pool(PESPool(ex, est1, killer, phi1, sync_every=3, max_staleness=1),
+                            phi1, STEPS)
+    out["stale_midstep_killed"] = os.path.exists(killer.marker)
+    out["stale_midstep_rebuilds"] = ex.rebuilds[before:]
+    out["stale_midstep_max_abs"] = max(float((a - b).abs().max())
+                                       for a, b in zip(stale_got, stale_ref))
+    out["pes_s"] = time.monotonic() - t0
+
+    # The executor: switch through the runner loop (run directories under temp_dir);
+    # runs after the first reuse this executor's (restarted, healthy) workers.
+    root = Path(temp_dir) / "runs"
+    root.mkdir()
+    out.update(runner_checks.sinusoid_switch(root, ex))
+    out["sinusoid_s"] = time.monotonic() - t0
+    out.update(runner_checks.lopt_switch_and_resume(root, ex))
+    ex.shutdown()
     out["total_s"] = time.monotonic() - t0
     with open(out_path, "w") as f:
         json.dump(out, f)

@@ -58,8 +58,8 @@ def test_pes_pool_equals_pes_and_checkpoints_the_slots():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(pool.checkpoint_state().unroll.inner["s"],
                                state.unroll.inner["s"], rtol=0, atol=0)
-    # Per step: phi (8 bytes) and the seed (8 bytes) to each of 2 workers.
-    assert [r["sent"] for r in pool.bytes_per_step] == [32, 32, 32]
+    # Per step: phi (8 bytes), the seed and the index (8 bytes each) to each of 2 workers.
+    assert [r["sent"] for r in pool.bytes_per_step] == [48, 48, 48]
 
 
 def test_stateful_call_on_an_empty_worker_is_refused():
@@ -107,3 +107,18 @@ def test_unreachable_ray_address_is_refused_at_once():
         _probe("127.0.0.1:1", 2.0)
     with pytest.raises(ConfigError, match="executor.address"):
         _probe("nowhere", 2.0)
+
+
+def test_slices_moved_to_an_explicit_device_equal_the_plain_slices():
+    # The GPU-worker path (move φ and tasks to the worker's device, results to CPU)
+    # with device="cpu": the same numbers (the CUDA run is in test_cuda_workers.py).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    make = functools.partial(MAML, model, inner_lr=0.05, inner_steps=2, strategy="loop")
+    phi = make().outer_parameters()
+    x = torch.rand(4, 12, 1, dtype=torch.float64)
+    data = (x[:, :6], x[:, :6] ** 2, x[:, 6:], x[:, 6:] ** 2)
+    a = learner_meta_gradient(LocalExecutor(2), make, phi, *data, nn.functional.mse_loss)
+    b = learner_meta_gradient(LocalExecutor(2), make, phi, *data, nn.functional.mse_loss,
+                              device="cpu")
+    assert all(torch.equal(a.grads[k], b.grads[k]) for k in a.grads)

@@ -37,7 +37,7 @@ def checks() -> dict:
         out = os.path.join(temp, "out.json")
         proc = subprocess.run(netns_command([sys.executable, str(SCRIPT), temp, out]),
                               env=loopback_env(os.environ, str(ROOT)), cwd=ROOT,
-                              capture_output=True, text=True, timeout=150)
+                              capture_output=True, text=True, timeout=300)
         if proc.returncode != 0 or not os.path.exists(out):
             pytest.fail(f"ray_checks.py failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
         with open(out) as f:
@@ -67,8 +67,8 @@ def test_pes_pool_equals_in_process_pes(checks):
     # Same rows, same seeds: bitwise the in-process estimate over 3 outer steps.
     assert checks["pes_max_abs"] == 0.0
     sent = [r["sent"] for r in checks["pes_bytes_per_step"]]
-    # phi (1 float64) + an 8-byte seed to each of 2 workers; nothing else goes out.
-    assert sent == [2 * (8 + 8)] * 3
+    # phi (1 float64) + an 8-byte seed + an 8-byte index to each of 2 workers.
+    assert sent == [2 * (8 + 8 + 8)] * 3
 
 
 def test_killed_worker_is_rebuilt_and_results_are_identical(checks):
@@ -88,3 +88,37 @@ def test_restarts_used_up_and_hung_worker_give_clear_errors(checks):
     assert "no restarts left (max_restarts=1)" in checks["second_kill"]
     assert "within timeout_s=1.0" in checks["timeout"]
     assert checks["timeout_wait_s"] < 3.0
+
+
+def test_stale_pool_survives_killed_workers(checks):
+    # s = 1: the killed worker had a truncation queued; rebuilt once, then the stale
+    # schedule's estimates are bitwise the in-process reference's.
+    assert checks["stale_kill_rebuilds"] == [1]
+    assert checks["stale_kill_max_abs"] == 0.0
+    assert checks["stale_midstep_killed"]
+    assert len(checks["stale_midstep_rebuilds"]) == 1
+    assert checks["stale_midstep_max_abs"] == 0.0
+
+
+def test_executor_switch_gives_the_local_run(checks):
+    # Same config, `executor: {kind: ray, num_workers: 2}` vs none: the sharded
+    # meta-gradient is the batch mean up to one rounding per slice weight.
+    assert checks["sinusoid_float64_state_rel"] <= 1e-12
+    assert checks["sinusoid_float64_metric_rel"] <= 1e-12
+    assert checks["sinusoid_float32_state_rel"] <= 1e-6
+    assert checks["sinusoid_float32_metric_rel"] <= 1e-6
+    assert checks["sinusoid_float64_records"] == [4, 4]  # 3 train steps + 1 evaluation
+    # PES through the pool: bitwise, metrics.jsonl included.
+    assert checks["lopt_ray_equal"] and checks["lopt_ray_metrics_equal"]
+
+
+def test_interrupted_ray_run_resumes_to_the_uninterrupted_state(checks):
+    assert checks["interrupted"] == ["interrupted", 2]
+    assert checks["resumed"] == ["finished", 4]
+    assert checks["lopt_stale_resume_equal"] and checks["lopt_stale_metrics_equal"]
+    assert checks["lopt_stale_differs_from_plain"]
+
+
+def test_gpu_workers_without_gpus_are_refused_at_once(checks):
+    assert "workers need 2 GPUs, the Ray cluster has 0" in checks["no_gpu"]
+    assert checks["no_gpu_wait_s"] < 5.0

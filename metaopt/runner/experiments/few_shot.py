@@ -8,6 +8,11 @@ iMAML. A meta-step, top to bottom::
     loss  = learner.meta_loss(support, query, loss_fn)    # algorithm's meta-objective
     loss.backward(); outer Adam update of the meta-parameters
 
+Distributed (``executor:`` in the run config), the meta-batch is split into
+contiguous slices computed by the executor's workers and merged on the driver
+(:func:`~metaopt.distributed.sharding.learner_meta_gradient`): the same
+meta-gradient up to float rounding; the algorithm never sees the executor.
+
 This module also holds what the sinusoid experiment shares with it:
 :class:`MetaLearningSettings` (the algorithm and its inner/outer settings) and
 :class:`MetaTrainer` (an algorithm on a model plus its outer optimizer, with exact
@@ -23,6 +28,7 @@ reference code does, so the model has no buffers to adapt or checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -49,6 +55,7 @@ __all__ = [
     "MetaLearningSettings",
     "MetaTrainer",
     "build_algorithm",
+    "check_shardable",
     "mutable_meta_settings",
 ]
 
@@ -176,22 +183,53 @@ class MetaTrainer:
                  algorithm: str | None = None) -> None:
         self.model = model
         self.settings = settings
+        self.head = head
         self.algorithm_name = algorithm or settings.algorithm
         self.learner = build_algorithm(self.algorithm_name, model, settings, head=head)
         self.meta_parameters: dict[str, Tensor] = dict(self.learner.outer_parameters())
         self.optimizer = adam(settings.outer_lr)
         self.opt_state = self.optimizer.init(_detached(self.meta_parameters))
+        #: Where meta-batch slices run (None: the learner runs the whole batch here).
+        self.executor: Any = None
 
     # ----------------------------------------------------------------- training
 
     def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
                   query_y: Tensor, loss_fn: LossFn) -> float:
         """One outer step on a meta-batch; returns the meta-loss before the update."""
+        if self.executor is not None:
+            return self._sharded_meta_step(support_x, support_y, query_x, query_y, loss_fn)
         self.zero_grad()
         loss = self.learner.meta_loss(support_x, support_y, query_x, query_y, loss_fn)
         loss.backward()
         self.apply_gradients()
         return float(loss.detach())
+
+    def _sharded_meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor,
+                           query_y: Tensor, loss_fn: LossFn) -> float:
+        """:meth:`meta_step` with the meta-batch's slices on :attr:`executor`'s workers.
+
+        Each worker builds the same learner (from a copy of the model) and runs its
+        slice; the mean over slices weighted by their sizes is the whole batch's
+        meta-gradient. Slices run in a loop over tasks, or under ``vmap`` when the
+        settings ask for ``vmap`` and the learner allows it.
+        """
+        from metaopt.distributed.sharding import learner_meta_gradient
+
+        self.zero_grad()
+        make = functools.partial(build_algorithm, self.algorithm_name, self.model,
+                                 self.settings, head=self.head)
+        vmap = self.settings.strategy == "vmap" and self.algorithm_name != "imaml" \
+            and self.learner.vmap_unsafe() is None
+        result = learner_meta_gradient(self.executor, make, self.meta_parameters, support_x,
+                                       support_y, query_x, query_y, loss_fn,
+                                       strategy="vmap" if vmap else "loop",
+                                       device=self.executor.worker_device)
+        grads = result.grads or {}
+        for k, p in self.meta_parameters.items():
+            p.grad = grads[k].to(p.device) if k in grads else None
+        self.apply_gradients()
+        return float(result.mean)
 
     def zero_grad(self) -> None:
         """Clear the ``.grad`` of every meta-parameter."""
@@ -263,6 +301,17 @@ class MetaTrainer:
             for k, p in self.meta_parameters.items():
                 p.copy_(state["params"][k])
         self.opt_state = _clone_tree(state["optimizer"])
+
+
+def check_shardable(experiment: str, settings: MetaLearningSettings, executor: Any) -> None:
+    """Raise :class:`~metaopt.errors.ConfigError` unless the meta-batch can be split
+    over ``executor``'s workers (at least one task per worker)."""
+    from metaopt.errors import ConfigError
+
+    if settings.meta_batch < executor.num_workers:
+        raise ConfigError(f"experiment '{experiment}': settings.meta_batch="
+                          f"{settings.meta_batch} is fewer than executor.num_workers="
+                          f"{executor.num_workers}")
 
 
 def _detached(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -405,6 +454,13 @@ class FewShotClassification(Experiment):
             torch.manual_seed(seed)
             self.model = ConvNet(config.n_way, config.channels, config.blocks).to(device, dtype)
         self.trainer = MetaTrainer(self.model, config, head="head")
+
+    @classmethod
+    def check_executor(cls, config: FewShotSettings, executor: Any) -> None:
+        check_shardable(cls.name, config, executor)
+
+    def use_executor(self, executor: Any) -> None:
+        self.executor = self.trainer.executor = executor
 
     def generators(self) -> Mapping[str, torch.Generator]:
         """The training-episode stream (evaluation episodes are regenerated each time)."""

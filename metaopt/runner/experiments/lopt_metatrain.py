@@ -15,6 +15,14 @@ meta-parameters) takes an AdamW step with linear warm-up and gradient-norm clipp
 Evaluation runs the current learned optimizer for ``eval_steps`` steps on the tasks of
 a held-out suite (:func:`tasks.lopt_tasks.heldout_suite`, seeds never used in
 training) and reports the mean final training loss and test metric.
+
+Distributed (``executor:`` in the run config) or with ``max_staleness > 0``, PES runs
+through a :class:`~metaopt.distributed.pes_pool.PESPool`: the task slots live on the
+workers, only φ and seeds travel, and the estimate is bitwise the in-process one
+(``max_staleness: 0``) or the fixed stale schedule of the pool (truncation ``k`` uses
+φ after ``k − s`` updates). The checkpoint holds the pool's
+:meth:`~metaopt.distributed.pes_pool.PESPool.checkpoint_state` (plus, for ``s > 0``,
+the queued truncations' loss differences), so resume is exact either way.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from metaopt.algorithms.lopt_training import (
 )
 from metaopt.bilevel import ES, PES, LogUniformLength, TruncatedBPTT
 from metaopt.bilevel.truncation import TruncatedState
+from metaopt.distributed.executor import LocalExecutor
+from metaopt.distributed.pes_pool import PESPool, pending_from_state_dict, pending_state_dict
+from metaopt.errors import ConfigError
 from metaopt.lopt import ARCHITECTURES, LearnedOptimizer
 from metaopt.lopt.cpu_kernels import select_backend
 from metaopt.optim import adamw, apply_updates
@@ -78,6 +89,7 @@ class LoptMetaTrainConfig(ExperimentConfig):
     #: vmapped rows) or "cpu_kernels" (fused C kernels for ES/PES rows; equal to float32
     #: rounding; truncated BPTT always takes the reference)
     backend: str = "reference"
+    max_staleness: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in ARCHITECTURES:
@@ -99,6 +111,11 @@ class LoptMetaTrainConfig(ExperimentConfig):
             raise ValueError("horizon_high must be >= horizon_low")
         if not (self.outer_lr > 0 and self.sigma > 0 and self.max_grad_norm > 0):
             raise ValueError("outer_lr, sigma and max_grad_norm must be positive")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if self.max_staleness > 0 and self.estimator != "pes":
+            raise ValueError(f"max_staleness > 0 needs estimator 'pes' (the particle "
+                             f"pool), got '{self.estimator}'")
 
 
 def build_task(spec: dict[str, Any], seed: int) -> Any:
@@ -181,11 +198,36 @@ class LoptMetaTrain(Experiment):
         self.outer_state = adamw(config.outer_lr).init(self.phi)
         self.est_state: TruncatedState = self.estimator.start(self.system, self.phi, None)
         self._eval_tasks: dict[str, list[Any]] = {}
+        self.pool: PESPool | None = None
+        if config.max_staleness > 0:  # the stale schedule, in this process
+            self._start_pool(LocalExecutor(1), [])
+
+    @classmethod
+    def check_executor(cls, config: LoptMetaTrainConfig, executor: Any) -> None:
+        if config.estimator != "pes":
+            raise ConfigError(f"experiment 'lopt_metatrain' distributes PES only "
+                              f"(settings.estimator: '{config.estimator}')")
+        if executor.gpus_per_worker > 0:
+            raise ConfigError("experiment 'lopt_metatrain': executor.gpus_per_worker > 0 "
+                              "is not supported (its tasks build their data on CPU)")
+        if config.num_tasks < executor.num_workers:
+            raise ConfigError(f"experiment 'lopt_metatrain': settings.num_tasks="
+                              f"{config.num_tasks} is fewer than executor.num_workers="
+                              f"{executor.num_workers}")
+
+    def use_executor(self, executor: Any) -> None:
+        self.executor = executor
+        self._start_pool(executor, [])
+
+    def _start_pool(self, executor: Any, pending: list) -> None:
+        self.pool = PESPool(executor, self.estimator, self.system, self.phi, self.est_state,
+                            pending=pending, max_staleness=self.config.max_staleness)
 
     # ------------------------------------------------------------------ the contract
     def meta_step(self, step: int) -> Metrics:
         cfg = self.config
-        hg = self.estimator(self.system, self.phi, None, self.est_state)
+        hg = self.pool.step(self.phi) if self.pool is not None else \
+            self.estimator(self.system, self.phi, None, self.est_state)
         norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in hg.grad.values())))
         if not math.isfinite(norm):
             raise FloatingPointError(f"lopt_metatrain: non-finite meta-gradient at outer "
@@ -217,14 +259,23 @@ class LoptMetaTrain(Experiment):
                              self.config.eval_steps)
 
     def state_dict(self) -> StateDict:
-        return {"phi": dict(self.phi), "outer_opt": self.outer_state,
-                "estimator": self.est_state.state_dict()}
+        if self.pool is not None:
+            self.est_state = self.pool.checkpoint_state()
+        out = {"phi": dict(self.phi), "outer_opt": self.outer_state,
+               "estimator": self.est_state.state_dict()}
+        if self.config.max_staleness > 0:
+            out["pending"] = pending_state_dict(self.pool.pending(), self.config.max_staleness,
+                                                self.config.num_tasks)
+        return out
 
     def load_state_dict(self, state: StateDict) -> None:
         self.phi = {k: v.clone() for k, v in state["phi"].items()}
         self.outer_state = tree_map_nested(Tensor.clone, state["outer_opt"])
         self.est_state = TruncatedState.from_state_dict(
             tree_map_nested(Tensor.clone, state["estimator"]))
+        if self.pool is not None:
+            pending = pending_from_state_dict(state["pending"]) if "pending" in state else []
+            self._start_pool(self.pool.executor, pending)
 
     # ------------------------------------------------------------------ helpers
     def trained_optimizer(self) -> LearnedOptimizer:

@@ -18,17 +18,19 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from metaopt.errors import ConfigError
 from metaopt.params import NonFiniteError
 from metaopt.runner.experiment import Experiment, Metrics, StateDict, register_experiment
 from metaopt.runner.experiments.few_shot import (
     MetaLearningSettings,
     MetaTrainer,
+    check_shardable,
     mutable_meta_settings,
 )
 
@@ -107,6 +109,16 @@ class SinusoidRegression(Experiment):
         # The baseline is fine-tuned at test time exactly like MAML: plain SGD steps.
         algorithm = "maml" if config.algorithm == "pretrained" else config.algorithm
         self.trainer = MetaTrainer(self.model, config, head="head", algorithm=algorithm)
+
+    @classmethod
+    def check_executor(cls, config: SinusoidSettings, executor: Any) -> None:
+        if config.algorithm == "pretrained":
+            raise ConfigError("experiment 'sinusoid' with algorithm 'pretrained' cannot run "
+                              "distributed (joint training has no task batch to split)")
+        check_shardable(cls.name, config, executor)
+
+    def use_executor(self, executor: Any) -> None:
+        self.executor = self.trainer.executor = executor
 
     def generators(self) -> Mapping[str, torch.Generator]:
         """The training-task stream (held-out tasks are regenerated per evaluation)."""
