@@ -35,7 +35,7 @@ from metaopt.runner.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from metaopt.runner.config import RunConfig, to_dict
+from metaopt.runner.config import RunConfig, parse_run_config, to_dict
 from metaopt.runner.experiment import Experiment, get_experiment
 from metaopt.runner.metrics import MetricsWriter, to_float_metrics
 from metaopt.runner.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -123,9 +123,16 @@ def load_into(experiment: Experiment, cfg: RunConfig,
                               f"run's {cfg.steps} steps (extend the run with "
                               f"`metaopt resume RUN_DIR steps={ckpt.step}` or more)")
     mine = to_dict(cfg)
-    diffs = [k for k in IDENTITY_KEYS if ckpt.config.get(k) != mine.get(k)]
+    # The checkpoint's config as this version reads it: a setting added since, with a
+    # default that keeps the old behaviour, is filled in rather than called a mismatch.
+    try:
+        theirs = to_dict(parse_run_config(ckpt.config, source=f"{ckpt.path} (config)"))
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {ckpt.path}: its config no longer parses: "
+                              f"{err}") from None
+    diffs = [k for k in IDENTITY_KEYS if theirs.get(k) != mine.get(k)]
     if diffs:
-        detail = "; ".join(f"{k}: checkpoint {ckpt.config.get(k)!r} vs run {mine.get(k)!r}"
+        detail = "; ".join(f"{k}: checkpoint {theirs.get(k)!r} vs run {mine.get(k)!r}"
                            for k in diffs)
         raise CheckpointError(f"checkpoint {ckpt.path} belongs to a different run ({detail})")
     template = experiment.state_dict()

@@ -162,6 +162,28 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
         load_into(build_experiment(bigger), bigger, tmp_path / "step_00000002")
 
 
+def test_checkpoint_from_before_a_defaulted_setting_was_added_loads(tmp_path):
+    # A checkpoint written before a setting existed (its config lacks the key) is the
+    # same run when the new setting's default is what the run uses; a checkpoint whose
+    # config no longer parses is refused with one line naming the checkpoint.
+    cfg = ridge_cfg()
+    exp = build_experiment(cfg)
+    exp.meta_step(1)
+    old = to_dict(cfg)
+    old["settings"].pop("outer_lr")  # as if written before `outer_lr` existed
+    path = write_checkpoint(tmp_path, step=1, experiment=cfg.experiment, config=old,
+                            state=checkpoint_state(exp, 0.0))
+    assert load_into(build_experiment(cfg), cfg, path).step == 1
+    with pytest.raises(CheckpointError, match=r"different run \(settings"):
+        other = ridge_cfg(outer_lr=0.5)
+        load_into(build_experiment(other), other, path)
+    old["settings"]["no_such_setting"] = 1
+    bad = write_checkpoint(tmp_path, step=2, experiment=cfg.experiment, config=old,
+                           state=checkpoint_state(exp, 0.0))
+    with pytest.raises(CheckpointError, match="its config no longer parses"):
+        load_into(build_experiment(cfg), cfg, bad)
+
+
 def test_loading_restores_the_experiment_exactly(tmp_path):
     cfg = ridge_cfg()
     exp = build_experiment(cfg)
