@@ -469,22 +469,30 @@ class VeLO(LearnedOptimizer):
         :meth:`~metaopt.lopt.torch_optimizer.LearnedOptimizerShell.refresh_meta_parameters`);
         the pure :meth:`update` never uses it.
         """
+        h = self.lstm_hidden_size
+        # gate rows reordered (i, f, g, o) -> (i, f, o, g): one sigmoid over 3h columns
+        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h),
+                           torch.arange(2 * h, 3 * h)])
         with torch.no_grad():
-            w_ih = self.lstm.weight_ih.detach().clone()
+            w_ih = self.lstm.weight_ih.detach()
+            head_w = torch.cat([self.rnn_to_controls.weight.detach(),
+                                self.step_size.weight.detach()], 0)
             meta = {
-                "w_ih": w_ih, "w_hh": self.lstm.weight_hh.detach().clone(),
-                "pool_w": self.mix_pool.weight.detach().clone(),
+                # (in, out) copies, contiguous: the GEMMs stream the weights row by row
+                "gates_pool": w_ih[order].contiguous(),
+                "gates_h": self.lstm.weight_hh.detach()[order].T.contiguous(),
+                "pool_w": self.mix_pool.weight.detach().T.contiguous(),
                 "pool_b": self.mix_pool.bias.detach().clone(),
-                "controls_w": self.rnn_to_controls.weight.detach().clone(),
-                "controls_b": self.rnn_to_controls.bias.detach().clone(),
-                "step_w": self.step_size.weight.detach().clone(),
-                "step_b": self.step_size.bias.detach().clone(),
+                "head_w": head_w.T.contiguous(),
+                "head_b": torch.cat([self.rnn_to_controls.bias.detach(),
+                                     self.step_size.bias.detach()]),
                 "flat_mlps": self._flat_mlps().detach().clone(),
             }
             if self.mix_layers:
-                meta["lstm_fold"] = w_ih @ self.mix_in.weight.detach()
+                meta["lstm_fold"] = (w_ih @ self.mix_in.weight.detach())[order].T.contiguous()
                 meta["lstm_bias"] = (torch.mv(w_ih, self.mix_in.bias.detach())
-                                     + self.lstm.bias_ih.detach() + self.lstm.bias_hh.detach())
+                                     + self.lstm.bias_ih.detach()
+                                     + self.lstm.bias_hh.detach())[order]
             if velo_kernels.gather_supported(self):
                 first, second, _, _ = self._kernel_gather()
                 flat = meta["flat_mlps"]
@@ -504,16 +512,17 @@ class VeLO(LearnedOptimizer):
         ``W_ih (A x + b + pooled) + b_ih + b_hh = (W_ih A) x + W_ih pooled + (W_ih b +
         b_ih + b_hh)``. Without it, on the module's parameters (differentiable)."""
         if meta is not None and self.mix_layers:
-            pooled = torch.relu(torch.addmm(meta["pool_b"], x, meta["pool_w"].T)).amax(dim=0)
-            gates = torch.addmm(torch.addmv(meta["lstm_bias"], meta["w_ih"], pooled), x,
-                                meta["lstm_fold"].T)
-            gates = torch.addmm(gates, hidden, meta["w_hh"].T)
-            i, f, g, o = gates.chunk(4, dim=1)
-            c = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            controls = torch.addmm(meta["controls_b"], h, meta["controls_w"].T)
-            lr_mult = torch.addmm(meta["step_b"], h, meta["step_w"].T).squeeze(-1)
-            return controls, lr_mult, h, c
+            hid = hidden.shape[1]
+            pooled = torch.relu(torch.addmm(meta["pool_b"], x, meta["pool_w"])).amax(dim=0)
+            gates = torch.addmm(torch.addmv(meta["lstm_bias"], meta["gates_pool"], pooled), x,
+                                meta["lstm_fold"])
+            gates = torch.addmm(gates, hidden, meta["gates_h"])
+            ifo = torch.sigmoid(gates[:, :3 * hid])
+            c = torch.addcmul(ifo[:, hid:2 * hid] * cell, ifo[:, :hid],
+                              torch.tanh(gates[:, 3 * hid:]))
+            h = ifo[:, 2 * hid:] * torch.tanh(c)
+            head = torch.addmm(meta["head_b"], h, meta["head_w"])
+            return head[:, :-1], head[:, -1], h, c
         if self.mix_layers:
             # The reference computes relu(linear(x)) here and overwrites it (dead weights).
             pooled = torch.relu(self.mix_pool(x)).amax(dim=0, keepdim=True)
