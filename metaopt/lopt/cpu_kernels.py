@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -50,7 +51,7 @@ __all__ = ["BACKENDS", "KernelBuildError", "KernelCacheError", "LoptCpuKernels",
            "VeLOTensorPlan",
            "kernels", "kernels_available", "load_kernels", "select_backend"]
 
-_ABI_VERSION = 7
+_ABI_VERSION = 8
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
 _MODES = {"small_fc": 0, "velo": 1, "small_fc_diag": 2, "velo_diag": 3}
 #: Names accepted by :func:`select_backend`.
@@ -316,6 +317,9 @@ class LoptCpuKernels:
         lib.lopt_pass2.argtypes = [i32, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp,
                                    vp, vp, vp, f32, f32, f32, vp, i32]
         lib.lopt_pass2.restype = None
+        lib.lopt_velo_scalars.argtypes = [i64, i32, i32, i32, f32, vp, vp, vp, vp, vp, vp, vp, vp,
+                                          vp, vp, vp]
+        lib.lopt_velo_scalars.restype = None
 
     def n_channels(self, mode: str) -> int:
         """Per-element input channels of ``mode`` (with :attr:`decays` decays)."""
@@ -455,6 +459,34 @@ class LoptCpuKernels:
             float(exp_mult), float(coef), float(p_decay), _f32("p_new", p_new, n),
             self._threads())
         return p_new
+
+    def velo_scalars(self, iteration: int, num_steps: int, buffer_iteration: int, loss: float,
+                     buffer: Mapping[str, Tensor], timescales: Tensor, stats: Tensor,
+                     counts: Tensor, rank: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """VeLO's per-step scalars in one call (see ``lopt_velo_scalars`` in the C file):
+        the loss buffer's new ``means`` and ``running_min`` (10,), the LSTM input (n, 30)
+        and each tensor's ``mean(p²)`` (n,), from the old buffer (``means``,
+        ``running_min``, ``decays``) and its old ``buffer_iteration``, the step's old
+        ``iteration`` of ``num_steps``, the kernel's pass-1 sums
+        ``stats`` (n, 2k + 3, float64) over ``counts`` (n,, float64) elements and the rank
+        one-hots ``rank`` (n, 5)."""
+        n, n_stats = stats.shape[0], 2 * self.decays + 3
+        n_loss, n_in = 10, 30
+        if self.decays != 3:
+            raise ValueError(f"VeLO's LSTM input needs 3 decays, the library has {self.decays}")
+        new_means = torch.empty(n_loss, dtype=torch.float32)
+        new_min = torch.empty(n_loss, dtype=torch.float32)
+        rnn_in = torch.empty(n, n_in, dtype=torch.float32)
+        msq = torch.empty(n, dtype=torch.float32)
+        self._lib.lopt_velo_scalars(
+            n, int(iteration), int(num_steps), int(buffer_iteration), float(loss),
+            _f32("decays", buffer["decays"], n_loss), _f32("means", buffer["means"], n_loss),
+            _f32("running_min", buffer["running_min"], n_loss), _f32("new_means", new_means),
+            _f32("new_min", new_min), _f32("timescales", timescales, 9),
+            _f64("stats", stats, n * n_stats), _f64("counts", counts, n),
+            _f32("rank", rank, n * 5), _f32("rnn_in", rnn_in), _f32("msq", msq))
+        return new_means, new_min, rnn_in, msq
 
     def __reduce__(self) -> tuple:
         """Pickled (e.g. with a deep-copied optimizer) as "load the kernels again"."""

@@ -135,7 +135,8 @@ def _constant(values: tuple[float, ...], device: torch.device) -> Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _rank_features_cached(ranks: tuple[int, ...], device: torch.device) -> Tensor:
-    return F.one_hot(torch.tensor(ranks), 6)[:, :5].to(device=device, dtype=torch.float32)
+    return F.one_hot(torch.tensor(ranks), 6)[:, :5].to(device=device,
+                                                       dtype=torch.float32).contiguous()
 
 
 def _rank_features(shapes: Sequence[Sequence[int]], device: torch.device) -> Tensor:
@@ -603,7 +604,6 @@ class VeLO(LearnedOptimizer):
         keys = list(params.keys())
         device = state["iteration"].device
         loss_t = loss.to(device=device, dtype=torch.float32)
-        next_buffer, loss_features = loss_buffer_step(state["loss_buffer"], loss_t)
         mom_d = self._decays(self.initial_momentum_decays, device)
         rms_d = self._decays(tuple(min(max(d, 0.0), 1.0) for d in self.initial_rms_decays),
                              device)
@@ -638,12 +638,14 @@ class VeLO(LearnedOptimizer):
         # Per-tensor LSTM over all tensors at once.
         k_dec = len(self.initial_momentum_decays)
         if kernel and len(kernel) == len(keys):
-            # every tensor went through the kernel: its sums give all moments at once
-            msq, var_m, mean_m, var_r, mean_r = velo_kernels.kernel_moments(
-                k_dec, [kernel[k] for k in keys])
-            x = self._lstm_features([p.shape for p in params.values()], state, loss_features,
-                                    msq, var_m, mean_m, var_r, mean_r)
+            # every tensor went through the kernel: its sums give the loss buffer, all
+            # moments and the LSTM input in one call
+            next_buffer, loss_features, x, msq = velo_kernels.scalars(
+                kern, state, loss_t, [kernel[k] for k in keys],
+                _constant(_FRACTION_TIMESCALES, device),
+                _rank_features([p.shape for p in params.values()], device))
         else:
+            next_buffer, loss_features = loss_buffer_step(state["loss_buffer"], loss_t)
             for pre in kernel.values():
                 msq1, var_m1, mean_m1, var_r1, mean_r1 = velo_kernels.kernel_moments(k_dec,
                                                                                       [pre])
@@ -678,13 +680,12 @@ class VeLO(LearnedOptimizer):
             else:
                 ext = torch.cat([mixed, mixed.new_zeros(mixed.shape[0], 1)], dim=1)
                 packed = torch.index_select(ext, 1, first) + torch.index_select(ext, 1, second)
-            coefs = lr_mult * self.step_mult
+            coef_floats = [lm * self.step_mult for lm in lr_mult.tolist()]
             if self.param_scale_mult:
-                coefs = coefs * torch.sqrt(msq + 1e-9)
+                coef_floats = [cf * math.sqrt(ms + 1e-9)
+                               for cf, ms in zip(coef_floats, msq.tolist())]
             if not all(isinstance(sc, float) and sc == 1.0 for sc in scales):
-                coefs = coefs * torch.stack([torch.as_tensor(sc, dtype=torch.float32)
-                                             for sc in scales])
-            coef_floats = coefs.tolist()
+                coef_floats = [cf * float(sc) for cf, sc in zip(coef_floats, scales)]
 
         new_params: Params = {}
         mom, rms, v_row, v_col, v_diag = {}, {}, {}, {}, {}

@@ -208,9 +208,13 @@ def test_a_cached_library_that_fails_its_digest_is_rebuilt_not_loaded(monkeypatc
     cache = cpu_kernels.private_dir(tmp_path / "kernels")
     for built in cpu_kernels.default_cache_dir().glob("lopt_cpu_*"):  # the session's build
         (cache / built.name).write_bytes(built.read_bytes())
-    if not list(cache.glob("lopt_cpu_*.so")):
-        cpu_kernels.load_kernels(cache)
-    (lib,) = [p for p in cache.glob("lopt_cpu_*.so") if cpu_kernels._verified(p)]
+    real_open, loaded = cpu_kernels._open, []
+    # the library this source builds (the cache may also hold builds of other versions)
+    monkeypatch.setattr(cpu_kernels, "_open", lambda path: loaded.append(path)
+                        or real_open(path))
+    cpu_kernels.load_kernels(cache)
+    lib = loaded[-1]
+    assert cpu_kernels._verified(lib)
     good = lib.read_bytes()
     digest = lib.with_name(lib.name + ".sha256")
     # (replaced, not rewritten: this process has the library mapped)
@@ -222,7 +226,6 @@ def test_a_cached_library_that_fails_its_digest_is_rebuilt_not_loaded(monkeypatc
         digest.unlink()
     _fresh(monkeypatch)
     opened = []
-    real_open = cpu_kernels._open
     monkeypatch.setattr(cpu_kernels, "_open", lambda path: opened.append(
         path.read_bytes()) or real_open(path))
     kern = cpu_kernels.load_kernels(cache)
