@@ -618,8 +618,10 @@ class VeLO(LearnedOptimizer):
             kern = None  # the kernels never run where an autograd graph is needed
         # Fused kernel, first half: accumulators and the old state's moments (no LSTM yet).
         # The kernel clips gradients itself; the reference path clips here.
+        # In-place steps of planned tensors run batched (one C call per pass for all).
         kernel: dict[str, dict[str, Any]] = {}
-        for key in keys if kern is not None else ():
+        planned: list[tuple[int, str, Any]] = []
+        for j, key in enumerate(keys) if kern is not None else ():
             p, g = params[key], grads[key]
             if not velo_kernels.kernel_ok(p, g):
                 continue
@@ -627,11 +629,17 @@ class VeLO(LearnedOptimizer):
                     if inplace is not None and workspace is not None and g.is_contiguous()
                     else None)
             if plan is not None:
-                plan.pass1(g, mom_d, rms_float, fac_d)
-                kernel[key] = {"plan": plan, "g": g, "stats": plan.stats, "n": plan.n}
+                planned.append((j, key, plan))
+                kernel[key] = {"plan": plan, "stats": plan.stats, "n": plan.n}
             else:
                 kernel[key] = velo_kernels.pass1(self, kern, p, g, state, key, mom_d, rms_d,
                                                  fac_d, inplace is not None)
+        batch = None
+        if planned:
+            batch = velo_kernels.batch_for(
+                kern, workspace, tuple(plan for _, _, plan in planned),
+                tuple(j for j, _, _ in planned), tuple(self._kernel_gather()[2:]))
+            batch.pass1([grads[key] for _, key, _ in planned], mom_d, rms_float, fac_d)
         grads = {k: g if k in kernel else torch.clamp(g.to(torch.float32), -1000.0, 1000.0)
                  for k, g in grads.items()}
 
@@ -687,6 +695,11 @@ class VeLO(LearnedOptimizer):
             if not all(isinstance(sc, float) and sc == 1.0 for sc in scales):
                 coef_floats = [cf * float(sc) for cf, sc in zip(coef_floats, scales)]
 
+        if batch is not None:
+            lrs = [inplace[0].get(key, 1.0) for _, key, _ in planned]
+            batch.pass2(packed, [coef_floats[j] * lr for (j, _, _), lr in zip(planned, lrs)],
+                        [1.0 - lr * inplace[1].get(key, 0.0)
+                         for (_, key, _), lr in zip(planned, lrs)], self.exp_mult)
         new_params: Params = {}
         mom, rms, v_row, v_col, v_diag = {}, {}, {}, {}, {}
         for j, key in enumerate(keys):
@@ -694,10 +707,7 @@ class VeLO(LearnedOptimizer):
             if key in kernel:
                 lr, wd = ((inplace[0].get(key, 1.0), inplace[1].get(key, 0.0))
                           if inplace is not None else (1.0, 0.0))
-                plan = kernel[key].get("plan")
-                if plan is not None:
-                    plan.pass2(g, packed[j], slots[p.dim() == 1], coef_floats[j] * lr,
-                               1.0 - lr * wd, self.exp_mult)
+                if "plan" in kernel[key]:  # stepped in place by the batch above
                     new_params[key] = p
                     for group, out in (("mom", mom), ("rms", rms), ("v_row", v_row),
                                        ("v_col", v_col), ("v_diag", v_diag)):

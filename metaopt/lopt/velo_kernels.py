@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from metaopt.lopt.cpu_kernels import LoptCpuKernels, MLPSlots, VeLOTensorPlan
+from metaopt.lopt.cpu_kernels import LoptCpuKernels, MLPSlots, VeLOPlanBatch, VeLOTensorPlan
 
 if TYPE_CHECKING:
     from metaopt.lopt.velo import VeLO
 
-__all__ = ["gather_supported", "kernel_mlp_gather", "kernel_moments", "kernel_ok", "pass1",
-           "pass2", "plan_for", "scalars", "supports"]
+__all__ = ["batch_for", "gather_supported", "kernel_mlp_gather", "kernel_moments", "kernel_ok",
+           "pass1", "pass2", "plan_for", "scalars", "supports"]
 
 _GROUPS = ("mom", "rms", "v_row", "v_col", "v_diag")
 
@@ -115,6 +115,16 @@ def plan_for(velo: VeLO, kern: LoptCpuKernels, workspace: dict, key: str, p: Ten
     else:
         plans[key] = plan
     return plan
+
+
+def batch_for(kern: LoptCpuKernels, workspace: dict, plans: tuple[VeLOTensorPlan, ...],
+              rows: tuple[int, ...], slots: tuple[MLPSlots, MLPSlots]) -> VeLOPlanBatch:
+    """The :class:`~metaopt.lopt.cpu_kernels.VeLOPlanBatch` running ``plans`` (packed MLP
+    rows ``rows``), kept in ``workspace`` and rebuilt when the plans change."""
+    batch = workspace.get("velo_batch")
+    if batch is None or batch.kern is not kern or not batch.matches(plans, rows):
+        batch = workspace["velo_batch"] = VeLOPlanBatch(kern, plans, rows, slots)
+    return batch
 
 
 def pass1(velo: VeLO, kern: LoptCpuKernels, p: Tensor, g: Tensor,

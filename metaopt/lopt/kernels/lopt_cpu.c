@@ -44,7 +44,7 @@ enum { MODE_SMALL_FC = 0, MODE_VELO = 1, MODE_SMALL_FC_DIAG = 2, MODE_VELO_DIAG 
 #define N_CH(mode) ((mode) == MODE_SMALL_FC ? NCH_SMALL_FC : (mode) == MODE_VELO ? NCH_VELO \
                     : (mode) == MODE_SMALL_FC_DIAG ? NCH_SMALL_FC_DIAG : NCH_VELO_DIAG)
 
-int lopt_abi_version(void) { return 8; }
+int lopt_abi_version(void) { return 9; }
 int lopt_decays(void) { return K; }
 int lopt_hidden(void) { return H; }
 int lopt_n_channels(int mode) { return N_CH(mode); }
@@ -636,5 +636,81 @@ void lopt_velo_scalars(int64_t n, int it, int num_steps, int buf_it, float loss,
             row[24 + q] = clip_log_abs(var_m[q] * nm2);
             row[24 + K + q] = clip_log_abs(var_r * nm2 + dm * dm);
         }
+    }
+}
+
+/* Batched in-place VeLO steps: one call runs passes 0-1 (lopt_velo_pass1_plans) or the
+ * factored hidden biases and pass 2 (lopt_velo_pass2_plans) of `count` tensors, each
+ * described by a row of PLAN_SLOTS int64 in `table` (addresses as integers; written and
+ * checked by metaopt/lopt/cpu_kernels.py::VeLOPlanBatch). The per-tensor work is exactly
+ * the unbatched calls'; only the per-call overhead is shared. Matrices: mode MODE_VELO,
+ * (a, b), d0, v_row/v_col channel-last; vectors: MODE_VELO_DIAG, a = 1, b = n.
+ * Pass 2 reads the tensor's packed MLP row `packed + row * row_stride` at the SL_*
+ * offsets (see velo_kernels.kernel_mlp_gather), coef[j] and p_decay[j]. */
+enum {
+    PL_MODE, PL_A, PL_B, PL_D0, PL_G, PL_P, PL_M, PL_RMS, PL_V, PL_VROW, PL_VCOL, PL_FACA,
+    PL_FACB, PL_UA, PL_UB, PL_ZEROS, PL_SUMSQ, PL_STATS, PL_ROW, PL_SL_WX, PL_SL_WSTAT,
+    PL_SL_B0, PL_SL_W1, PL_SL_B1, PL_SL_W2, PL_SL_B2, PLAN_SLOTS
+};
+#define PL_F(t, s) ((float *)(uintptr_t)(t)[s])
+
+int lopt_plan_slots(void) { return PLAN_SLOTS; }
+
+/* Returns 0, or 1 + j when tensor j's row/column sums could not be allocated (tensors
+ * before j are stepped, j and later are not). */
+int lopt_velo_pass1_plans(int64_t count, const int64_t *table, const float *mom_decay,
+                          float rms_decay, const float *fac_decay, int nthreads) {
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t *t = table + j * PLAN_SLOTS;
+        const int mode = (int)t[PL_MODE];
+        const float *g = PL_F(t, PL_G);
+        double *sumsq = (double *)(uintptr_t)t[PL_SUMSQ], *stats = (double *)(uintptr_t)t[PL_STATS];
+        if (mode == MODE_VELO_DIAG) {
+            lopt_pass1(mode, 1, t[PL_B], g, PL_F(t, PL_P), PL_F(t, PL_M), PL_F(t, PL_RMS),
+                       PL_F(t, PL_M), PL_F(t, PL_RMS), mom_decay, rms_decay, NULL, NULL,
+                       PL_F(t, PL_V), PL_F(t, PL_V), fac_decay, sumsq, stats, nthreads);
+            continue;
+        }
+        const float *z = PL_F(t, PL_ZEROS);
+        if (lopt_factored_prepare(t[PL_A], t[PL_B], (int)t[PL_D0], 1, g, 1000.0f,
+                                  PL_F(t, PL_VROW), 1, K, PL_F(t, PL_VCOL), 1, K, fac_decay, z,
+                                  z, PL_F(t, PL_FACA), PL_F(t, PL_FACB), PL_F(t, PL_UA),
+                                  PL_F(t, PL_UB), nthreads) != 0)
+            return (int)(1 + j);
+        lopt_pass1(mode, t[PL_A], t[PL_B], g, PL_F(t, PL_P), PL_F(t, PL_M), PL_F(t, PL_RMS),
+                   PL_F(t, PL_M), PL_F(t, PL_RMS), mom_decay, rms_decay, PL_F(t, PL_FACA),
+                   PL_F(t, PL_FACB), NULL, NULL, NULL, sumsq, stats, nthreads);
+    }
+    return 0;
+}
+
+void lopt_velo_pass2_plans(int64_t count, const int64_t *table, const float *packed,
+                           int64_t row_stride, const float *coef, const float *p_decay,
+                           float exp_mult, int nthreads) {
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t *t = table + j * PLAN_SLOTS;
+        const int mode = (int)t[PL_MODE];
+        const float *row = packed + t[PL_ROW] * row_stride;
+        const double *sumsq = (const double *)(uintptr_t)t[PL_SUMSQ];
+        const float *g = PL_F(t, PL_G);
+        float *p = PL_F(t, PL_P);
+        if (mode == MODE_VELO_DIAG) {
+            lopt_pass2(mode, 1, t[PL_B], g, p, PL_F(t, PL_M), PL_F(t, PL_RMS), NULL, NULL,
+                       PL_F(t, PL_V), row + t[PL_SL_WX], sumsq, row + t[PL_SL_B0], NULL,
+                       row + t[PL_SL_W1], row + t[PL_SL_B1], row + t[PL_SL_W2],
+                       row + t[PL_SL_B2], exp_mult, coef[j], p_decay[j], p, nthreads);
+            continue;
+        }
+        /* the hidden biases of the row/column channels (v already updated in pass 1: no
+         * allocation) */
+        lopt_factored_prepare(t[PL_A], t[PL_B], (int)t[PL_D0], 0, g, 0.0f, PL_F(t, PL_VROW),
+                              1, K, PL_F(t, PL_VCOL), 1, K, PL_F(t, PL_ZEROS),
+                              row + t[PL_SL_WSTAT], row + t[PL_SL_B0], PL_F(t, PL_FACA),
+                              PL_F(t, PL_FACB), PL_F(t, PL_UA), PL_F(t, PL_UB), nthreads);
+        lopt_pass2(mode, t[PL_A], t[PL_B], g, p, PL_F(t, PL_M), PL_F(t, PL_RMS),
+                   PL_F(t, PL_FACA), PL_F(t, PL_FACB), NULL, row + t[PL_SL_WX], sumsq,
+                   PL_F(t, PL_UA), PL_F(t, PL_UB), row + t[PL_SL_W1], row + t[PL_SL_B1],
+                   row + t[PL_SL_W2], row + t[PL_SL_B2], exp_mult, coef[j], p_decay[j], p,
+                   nthreads);
     }
 }
