@@ -459,10 +459,14 @@ class VeLO(LearnedOptimizer):
     def derived_meta_parameters(self) -> dict[str, Tensor]:
         """Detached snapshot of the step's networks, pre-arranged for the shell's fast path.
 
-        ``lstm_fold = W_ih @ W_mix_in`` (``mix_in`` folded into the LSTM's input weights,
-        so the (n, 512) @ (512, 2048) input product becomes a (n, 30) @ (30, 2048) one),
-        ``lstm_bias = W_ih b_mix_in + b_ih + b_hh``, the LSTM, ``mix_pool`` and output
-        weights as copies, and ``packed_mlps``: the stack of per-parameter MLPs already
+        ``lstm_fold = (W_ih @ W_mix_in)ᵀ`` (``mix_in`` folded into the LSTM's input
+        weights, so the (n, 512) @ (512, 2048) input product becomes a (n, 30) @ (30, 2048)
+        one), ``lstm_bias = W_ih b_mix_in + b_ih + b_hh``; the LSTM (``gates_pool`` = W_ih,
+        ``gates_h`` = W_hhᵀ), ``mix_pool`` and output weights as copies in the layout the
+        products stream best (contiguous ``(in, out)``), the gate rows in the order
+        (i, f, o, g) so one sigmoid covers three gates, ``head_w``/``head_b`` the
+        controls and the step-size layer side by side (one product gives both); and
+        ``packed_mlps``: the stack of per-parameter MLPs already
         gathered into the fused kernel's argument layout and scaled by
         ``100 / param_inits`` (``controls @ packed_mlps`` is every tensor's packed row).
         Equal to the module path up to float32 rounding (re-association). The torch.optim
