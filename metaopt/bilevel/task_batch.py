@@ -284,12 +284,14 @@ def run_loop(task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor], *, need_grad
     # graph is alive would pin the heap there, and the next task would touch fresh pages.
     values = torch.empty(2, n_tasks, dtype=inputs[0].dtype, device=inputs[0].device)
     slotted: bool | None = None  # scalar losses and metrics of values' dtype (decided once)
+    # each task back-propagates d(mean)/d(loss_i) = 1/N, as `(loss_i / N).backward()` does
+    weight = torch.full((), 1.0 / n_tasks, dtype=values.dtype, device=values.device)
 
     def one_task(i: int) -> tuple[Tensor, Tensor]:
         loss, metric = _split(task_fn(leaves, *[t[i] for t in tasks], functional=False,
                                       checks=False))
         if loss.requires_grad:
-            torch.autograd.backward(loss, inputs=inputs)
+            torch.autograd.backward(loss, weight, inputs=inputs)
         return loss, metric
 
     with torch.enable_grad():
@@ -310,7 +312,7 @@ def run_loop(task_fn: TaskFn, phi: Params, tasks: Sequence[Tensor], *, need_grad
             del loss, metric
     losses_t = values[0] if slotted else torch.stack(losses)
     metrics_t = values[1] if slotted else torch.stack(metrics)
-    grads = {k: p.grad.div_(n_tasks) for k, p in zip(keys, inputs)}
+    grads = {k: p.grad for k, p in zip(keys, inputs)}
     if check_finite and not (bool(torch.isfinite(losses_t).all()) and _finite(grads)):
         _diagnose(task_fn, phi, tasks)
         _check_grads(grads, "meta-gradient")

@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -47,10 +48,10 @@ from metaopt.errors import MetaoptError
 from metaopt.fileio import atomic_write_bytes, atomic_write_text, sha256_hex
 
 __all__ = ["BACKENDS", "KernelBuildError", "KernelCacheError", "LoptCpuKernels", "MLPSlots",
-           "VeLOTensorPlan",
+           "VeLOPlanBatch", "VeLOTensorPlan",
            "kernels", "kernels_available", "load_kernels", "select_backend"]
 
-_ABI_VERSION = 7
+_ABI_VERSION = 9
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
 _MODES = {"small_fc": 0, "velo": 1, "small_fc_diag": 2, "velo_diag": 3}
 #: Names accepted by :func:`select_backend`.
@@ -322,6 +323,14 @@ class LoptCpuKernels:
         lib.lopt_pass2.argtypes = [i32, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp, vp,
                                    vp, vp, vp, f32, f32, f32, vp, i32]
         lib.lopt_pass2.restype = None
+        lib.lopt_velo_scalars.argtypes = [i64, i32, i32, i32, f32, vp, vp, vp, vp, vp, vp, vp, vp,
+                                          vp, vp, vp]
+        lib.lopt_velo_scalars.restype = None
+        lib.lopt_plan_slots.restype = i32
+        lib.lopt_velo_pass1_plans.argtypes = [i64, vp, vp, f32, vp, i32]
+        lib.lopt_velo_pass1_plans.restype = i32
+        lib.lopt_velo_pass2_plans.argtypes = [i64, vp, vp, i64, vp, vp, f32, i32]
+        lib.lopt_velo_pass2_plans.restype = None
 
     def n_channels(self, mode: str) -> int:
         """Per-element input channels of ``mode`` (with :attr:`decays` decays)."""
@@ -561,6 +570,34 @@ class LoptCpuKernels:
                            at["b2"][r], exp_mult, coef[r], p_decay[r], at["p_new"][r], threads)
         return out["p"], out["m"], out["rms"], new_row, new_col, new_v
 
+    def velo_scalars(self, iteration: int, num_steps: int, buffer_iteration: int, loss: float,
+                     buffer: Mapping[str, Tensor], timescales: Tensor, stats: Tensor,
+                     counts: Tensor, rank: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """VeLO's per-step scalars in one call (see ``lopt_velo_scalars`` in the C file):
+        the loss buffer's new ``means`` and ``running_min`` (10,), the LSTM input (n, 30)
+        and each tensor's ``mean(p²)`` (n,), from the old buffer (``means``,
+        ``running_min``, ``decays``) and its old ``buffer_iteration``, the step's old
+        ``iteration`` of ``num_steps``, the kernel's pass-1 sums
+        ``stats`` (n, 2k + 3, float64) over ``counts`` (n,, float64) elements and the rank
+        one-hots ``rank`` (n, 5)."""
+        n, n_stats = stats.shape[0], 2 * self.decays + 3
+        n_loss, n_in = 10, 30
+        if self.decays != 3:
+            raise ValueError(f"VeLO's LSTM input needs 3 decays, the library has {self.decays}")
+        new_means = torch.empty(n_loss, dtype=torch.float32)
+        new_min = torch.empty(n_loss, dtype=torch.float32)
+        rnn_in = torch.empty(n, n_in, dtype=torch.float32)
+        msq = torch.empty(n, dtype=torch.float32)
+        self._lib.lopt_velo_scalars(
+            n, int(iteration), int(num_steps), int(buffer_iteration), float(loss),
+            _f32("decays", buffer["decays"], n_loss), _f32("means", buffer["means"], n_loss),
+            _f32("running_min", buffer["running_min"], n_loss), _f32("new_means", new_means),
+            _f32("new_min", new_min), _f32("timescales", timescales, 9),
+            _f64("stats", stats, n * n_stats), _f64("counts", counts, n),
+            _f32("rank", rank, n * 5), _f32("rnn_in", rnn_in), _f32("msq", msq))
+        return new_means, new_min, rnn_in, msq
+
     def __reduce__(self) -> tuple:
         """Pickled (e.g. with a deep-copied optimizer) as "load the kernels again"."""
         return (load_kernels, ())
@@ -573,7 +610,6 @@ class LoptCpuKernels:
         return VeLOTensorPlan.build(self, p, mom, rms, v_row, v_col, v_diag, d0)
 
 
-_CLIP = 1000.0  # VeLO clips gradients to [-1000, 1000]
 
 
 class MLPSlots(NamedTuple):
@@ -622,8 +658,9 @@ class VeLOTensorPlan:
     step. Checking every argument, finding the accumulators' channel-first views and
     allocating the kernel's scratch is then the same work each step; a plan does it at
     construction (through the same checks as the other wrappers) and keeps **strong**
-    references to the tensors it writes, so their addresses stay valid. Per step only
-    the gradient, the decays and the packed MLP row are checked.
+    references to the tensors it writes, so their addresses stay valid. The calls run
+    through a :class:`VeLOPlanBatch` of the step's planned tensors, which per step checks
+    only the gradients, the decays and the packed MLP rows.
 
     A plan belongs to the optimizer state it was built for (the shell keeps it in its
     workspace, dropped on ``load_state_dict``); :meth:`matches` tells whether the
@@ -694,59 +731,101 @@ class VeLOTensorPlan:
                 and p.data_ptr() == self.ptr["p"] and tuple(p.shape) == self.shape
                 and p.stride() == self.stride and p.dtype is torch.float32)
 
-    def pass1(self, g: Tensor, mom_decay: Tensor, rms_decay: float, fac_decay: Tensor
-              ) -> None:
-        """Passes 0 and 1 in place (gradient clipped to ±1000); the channel sums and the
-        old state's moments land in :attr:`sumsq` and :attr:`stats`."""
-        lib, k, ptr = self.kern._lib, self.kern.decays, self.ptr
-        threads = self.kern._threads()
-        g_ptr = _f32("g", g, self.n)
-        mom_ptr, fac_ptr = _f32("mom_decay", mom_decay, k), _f32("fac_decay", fac_decay, k)
-        if self.diag:
-            lib.lopt_pass1(_MODES["velo_diag"], 1, self.n, g_ptr, ptr["p"], ptr["m"],
-                           ptr["rms"], ptr["m"], ptr["rms"], mom_ptr, float(rms_decay), None,
-                           None, ptr["v"], ptr["v"], fac_ptr, ptr["sumsq"], ptr["stats"],
-                           threads)
-            return
-        z = ptr["zeros"]
-        status = lib.lopt_factored_prepare(
-            self.a, self.b, self.d0, 1, g_ptr, _CLIP, ptr["v_row"], 1, k, ptr["v_col"], 1, k,
-            fac_ptr, z, z, ptr["fac_a"], ptr["fac_b"], ptr["u_a"], ptr["u_b"], threads)
-        if status != 0:
-            raise MemoryError("lopt_factored_prepare could not allocate its row/column sums")
-        lib.lopt_pass1(_MODES["velo"], self.a, self.b, g_ptr, ptr["p"], ptr["m"], ptr["rms"],
-                       ptr["m"], ptr["rms"], mom_ptr, float(rms_decay), ptr["fac_a"],
-                       ptr["fac_b"], None, None, None, ptr["sumsq"], ptr["stats"], threads)
 
-    def pass2(self, g: Tensor, row: Tensor, slots: MLPSlots, coef: float, p_decay: float,
+#: Columns of a :class:`VeLOPlanBatch` table row (``PL_*`` in the C file, same order).
+_PLAN_COLUMNS = ("mode", "a", "b", "d0", "g", "p", "m", "rms", "v", "v_row", "v_col", "fac_a",
+                 "fac_b", "u_a", "u_b", "zeros", "sumsq", "stats", "row", "w_x", "w_stat", "b0",
+                 "w1", "b1", "w2", "b2")
+
+
+class VeLOPlanBatch:
+    """The in-place kernel calls of several :class:`VeLOTensorPlan` in one C call per pass.
+
+    A step of the torch.optim shell calls the kernels two or three times per tensor; with
+    ~20 arguments each, ctypes' argument conversion costs more than the kernels' own work
+    on small tensors. A batch writes every planned address once into a table (one row per
+    tensor, ``_PLAN_COLUMNS``) and per step only checks the gradients and the packed MLP
+    rows and sets the gradients' addresses, the step coefficients and the decays. The
+    C side runs exactly the per-tensor calls in order. The batch keeps the plans (and so
+    every tensor it addresses) alive; ``rows[j]`` is plan ``j``'s row in the packed MLP
+    arguments, ``slots`` the (matrix, vector) layout of such a row
+    (:func:`~metaopt.lopt.velo_kernels.kernel_mlp_gather`).
+    """
+
+    def __init__(self, kern: LoptCpuKernels, plans: tuple[VeLOTensorPlan, ...],
+                 rows: tuple[int, ...], slots: tuple[MLPSlots, MLPSlots]) -> None:
+        if int(kern._lib.lopt_plan_slots()) != len(_PLAN_COLUMNS):
+            raise KernelBuildError("kernel library's plan table layout differs from "
+                                   f"{len(_PLAN_COLUMNS)} columns")
+        if len(rows) != len(plans) or any(plan.kern is not kern for plan in plans):
+            raise ValueError("a VeLO plan batch needs one packed row per plan, all plans "
+                             "of these kernels")
+        self.kern, self.plans, self.rows = kern, plans, rows
+        self.count, width = len(plans), len(_PLAN_COLUMNS)
+        self.row_end = max((slots[plan.diag].end for plan in plans), default=0)
+        self.n_rows = max(rows, default=-1) + 1
+        self.table = (ctypes.c_int64 * (self.count * width))()
+        self.coef = (ctypes.c_float * max(self.count, 1))()
+        self.p_decay = (ctypes.c_float * max(self.count, 1))()
+        self._grads: list[Tensor] = []
+        col = {name: i for i, name in enumerate(_PLAN_COLUMNS)}
+        for j, (plan, row) in enumerate(zip(plans, rows)):
+            sl = slots[plan.diag]
+            if sl.n_x != plan.n_ch or (sl.w_stat is None) != plan.diag:
+                raise ValueError(f"MLP slots for {sl.n_x} channels do not fit mode {plan.mode}")
+            entry = {"mode": _MODES[plan.mode], "a": plan.a, "b": plan.b,
+                     "d0": 0 if plan.diag else plan.d0, "row": row, "w_x": sl.w_x,
+                     "w_stat": sl.w_stat or 0, "b0": sl.b0, "w1": sl.w1, "b1": sl.b1,
+                     "w2": sl.w2, "b2": sl.b2,
+                     **{name: plan.ptr.get(name, 0) or 0 for name in
+                        ("p", "m", "rms", "v", "v_row", "v_col", "fac_a", "fac_b", "u_a",
+                         "u_b", "zeros", "sumsq", "stats")}}
+            for name, value in entry.items():
+                self.table[j * width + col[name]] = int(value)
+        self._g_col = col["g"]
+
+    def matches(self, plans: tuple[VeLOTensorPlan, ...], rows: tuple[int, ...]) -> bool:
+        """Whether this batch runs exactly ``plans`` (the same objects) at ``rows``."""
+        return (len(plans) == self.count and rows == self.rows
+                and all(a is b for a, b in zip(plans, self.plans)))
+
+    def pass1(self, grads: list[Tensor], mom_decay: Tensor, rms_decay: float,
+              fac_decay: Tensor) -> None:
+        """Every plan's :meth:`VeLOTensorPlan.pass1` (gradient ``grads[j]``, checked here)
+        in one call; the gradients are kept for :meth:`pass2`."""
+        if len(grads) != self.count:
+            raise ValueError(f"a plan batch of {self.count} tensors got {len(grads)} gradients")
+        k, width = self.kern.decays, len(_PLAN_COLUMNS)
+        for j, (plan, g) in enumerate(zip(self.plans, grads)):
+            self.table[j * width + self._g_col] = _f32(f"g[{j}]", g, plan.n)
+        self._grads = grads
+        failed = self.kern._lib.lopt_velo_pass1_plans(
+            self.count, self.table, _f32("mom_decay", mom_decay, k), float(rms_decay),
+            _f32("fac_decay", fac_decay, k), self.kern._threads())
+        if failed:
+            self._grads = []
+            raise MemoryError(f"lopt_factored_prepare could not allocate the row/column sums "
+                              f"of planned tensor {failed - 1}")
+
+    def pass2(self, packed: Tensor, coefs: list[float], p_decays: list[float],
               exp_mult: float) -> None:
-        """Pass 2, writing the parameter in place, with the tensor's packed row of mixed
-        MLP arguments ``row`` (float32, laid out as ``slots`` says)."""
-        lib, k, hidden, ptr = self.kern._lib, self.kern.decays, self.kern.hidden, self.ptr
-        threads = self.kern._threads()
-        g_ptr = _f32("g", g, self.n)
-        row_ptr = _f32("mlp_row", row)
-        if row.numel() < slots.end:
-            raise ValueError(f"kernel argument 'mlp_row' has {row.numel()} elements, "
-                             f"needs {slots.end}")
-        if slots.n_x != self.n_ch or (slots.w_stat is None) != self.diag:
-            raise ValueError(f"MLP slots for {slots.n_x} channels do not fit mode {self.mode}")
-
-        def at(offset: int) -> int:
-            return row_ptr + 4 * offset
-
-        if self.diag:
-            u_a, u_b, fac_a, fac_b, v = at(slots.b0), None, None, None, ptr["v"]
-        else:
-            status = lib.lopt_factored_prepare(
-                self.a, self.b, self.d0, 0, g_ptr, 0.0, ptr["v_row"], 1, k, ptr["v_col"], 1, k,
-                ptr["zeros"], at(slots.w_stat), at(slots.b0), ptr["fac_a"], ptr["fac_b"],
-                ptr["u_a"], ptr["u_b"], threads)
-            if status != 0:
-                raise MemoryError("lopt_factored_prepare could not allocate")
-            u_a, u_b, fac_a, fac_b, v = ptr["u_a"], ptr["u_b"], ptr["fac_a"], ptr["fac_b"], None
-        del hidden
-        lib.lopt_pass2(_MODES[self.mode], self.a, self.b, g_ptr, ptr["p"], ptr["m"], ptr["rms"],
-                       fac_a, fac_b, v, at(slots.w_x), ptr["sumsq"], u_a, u_b, at(slots.w1),
-                       at(slots.b1), at(slots.w2), at(slots.b2), float(exp_mult), float(coef),
-                       float(p_decay), ptr["p"], threads)
+        """Every plan's :meth:`VeLOTensorPlan.pass2` in one call, writing the parameters in
+        place: plan ``j`` reads row ``rows[j]`` of ``packed`` (float32, contiguous rows
+        laid out as ``slots``), ``coefs[j]`` and ``p_decays[j]``; after :meth:`pass1` of
+        the same step (its gradients)."""
+        if len(self._grads) != self.count:
+            raise ValueError("VeLOPlanBatch.pass2 needs this step's pass1 first")
+        if len(coefs) != self.count or len(p_decays) != self.count:
+            raise ValueError(f"a plan batch of {self.count} tensors needs {self.count} "
+                             "coefficients and decays")
+        if not (packed.dim() == 2 and packed.shape[0] >= self.n_rows
+                and packed.shape[1] >= self.row_end):
+            raise ValueError(f"kernel argument 'packed' must be at least ({self.n_rows}, "
+                             f"{self.row_end}), got {tuple(packed.shape)}")
+        ptr = _f32("packed", packed)
+        for j in range(self.count):
+            self.coef[j], self.p_decay[j] = coefs[j], p_decays[j]
+        self.kern._lib.lopt_velo_pass2_plans(
+            self.count, self.table, ptr, packed.shape[1], self.coef, self.p_decay,
+            float(exp_mult), self.kern._threads())
+        self._grads = []

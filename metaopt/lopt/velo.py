@@ -135,7 +135,8 @@ def _constant(values: tuple[float, ...], device: torch.device) -> Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _rank_features_cached(ranks: tuple[int, ...], device: torch.device) -> Tensor:
-    return F.one_hot(torch.tensor(ranks), 6)[:, :5].to(device=device, dtype=torch.float32)
+    return F.one_hot(torch.tensor(ranks), 6)[:, :5].to(device=device,
+                                                       dtype=torch.float32).contiguous()
 
 
 def _rank_features(shapes: Sequence[Sequence[int]], device: torch.device) -> Tensor:
@@ -458,10 +459,14 @@ class VeLO(LearnedOptimizer):
     def derived_meta_parameters(self) -> dict[str, Tensor]:
         """Detached snapshot of the step's networks, pre-arranged for the shell's fast path.
 
-        ``lstm_fold = W_ih @ W_mix_in`` (``mix_in`` folded into the LSTM's input weights,
-        so the (n, 512) @ (512, 2048) input product becomes a (n, 30) @ (30, 2048) one),
-        ``lstm_bias = W_ih b_mix_in + b_ih + b_hh``, the LSTM, ``mix_pool`` and output
-        weights as copies, and ``packed_mlps``: the stack of per-parameter MLPs already
+        ``lstm_fold = (W_ih @ W_mix_in)ᵀ`` (``mix_in`` folded into the LSTM's input
+        weights, so the (n, 512) @ (512, 2048) input product becomes a (n, 30) @ (30, 2048)
+        one), ``lstm_bias = W_ih b_mix_in + b_ih + b_hh``; the LSTM (``gates_pool`` = W_ih,
+        ``gates_h`` = W_hhᵀ), ``mix_pool`` and output weights as copies in the layout the
+        products stream best (contiguous ``(in, out)``), the gate rows in the order
+        (i, f, o, g) so one sigmoid covers three gates, ``head_w``/``head_b`` the
+        controls and the step-size layer side by side (one product gives both); and
+        ``packed_mlps``: the stack of per-parameter MLPs already
         gathered into the fused kernel's argument layout and scaled by
         ``100 / param_inits`` (``controls @ packed_mlps`` is every tensor's packed row).
         Equal to the module path up to float32 rounding (re-association). The torch.optim
@@ -469,22 +474,30 @@ class VeLO(LearnedOptimizer):
         :meth:`~metaopt.lopt.torch_optimizer.LearnedOptimizerShell.refresh_meta_parameters`);
         the pure :meth:`update` never uses it.
         """
+        h = self.lstm_hidden_size
+        # gate rows reordered (i, f, g, o) -> (i, f, o, g): one sigmoid over 3h columns
+        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h),
+                           torch.arange(2 * h, 3 * h)])
         with torch.no_grad():
-            w_ih = self.lstm.weight_ih.detach().clone()
+            w_ih = self.lstm.weight_ih.detach()
+            head_w = torch.cat([self.rnn_to_controls.weight.detach(),
+                                self.step_size.weight.detach()], 0)
             meta = {
-                "w_ih": w_ih, "w_hh": self.lstm.weight_hh.detach().clone(),
-                "pool_w": self.mix_pool.weight.detach().clone(),
+                # (in, out) copies, contiguous: the GEMMs stream the weights row by row
+                "gates_pool": w_ih[order].contiguous(),
+                "gates_h": self.lstm.weight_hh.detach()[order].T.contiguous(),
+                "pool_w": self.mix_pool.weight.detach().T.contiguous(),
                 "pool_b": self.mix_pool.bias.detach().clone(),
-                "controls_w": self.rnn_to_controls.weight.detach().clone(),
-                "controls_b": self.rnn_to_controls.bias.detach().clone(),
-                "step_w": self.step_size.weight.detach().clone(),
-                "step_b": self.step_size.bias.detach().clone(),
+                "head_w": head_w.T.contiguous(),
+                "head_b": torch.cat([self.rnn_to_controls.bias.detach(),
+                                     self.step_size.bias.detach()]),
                 "flat_mlps": self._flat_mlps().detach().clone(),
             }
             if self.mix_layers:
-                meta["lstm_fold"] = w_ih @ self.mix_in.weight.detach()
+                meta["lstm_fold"] = (w_ih @ self.mix_in.weight.detach())[order].T.contiguous()
                 meta["lstm_bias"] = (torch.mv(w_ih, self.mix_in.bias.detach())
-                                     + self.lstm.bias_ih.detach() + self.lstm.bias_hh.detach())
+                                     + self.lstm.bias_ih.detach()
+                                     + self.lstm.bias_hh.detach())[order]
             if velo_kernels.gather_supported(self):
                 first, second, _, _ = self._kernel_gather()
                 flat = meta["flat_mlps"]
@@ -504,16 +517,17 @@ class VeLO(LearnedOptimizer):
         ``W_ih (A x + b + pooled) + b_ih + b_hh = (W_ih A) x + W_ih pooled + (W_ih b +
         b_ih + b_hh)``. Without it, on the module's parameters (differentiable)."""
         if meta is not None and self.mix_layers:
-            pooled = torch.relu(torch.addmm(meta["pool_b"], x, meta["pool_w"].T)).amax(dim=0)
-            gates = torch.addmm(torch.addmv(meta["lstm_bias"], meta["w_ih"], pooled), x,
-                                meta["lstm_fold"].T)
-            gates = torch.addmm(gates, hidden, meta["w_hh"].T)
-            i, f, g, o = gates.chunk(4, dim=1)
-            c = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            controls = torch.addmm(meta["controls_b"], h, meta["controls_w"].T)
-            lr_mult = torch.addmm(meta["step_b"], h, meta["step_w"].T).squeeze(-1)
-            return controls, lr_mult, h, c
+            hid = hidden.shape[1]
+            pooled = torch.relu(torch.addmm(meta["pool_b"], x, meta["pool_w"])).amax(dim=0)
+            gates = torch.addmm(torch.addmv(meta["lstm_bias"], meta["gates_pool"], pooled), x,
+                                meta["lstm_fold"])
+            gates = torch.addmm(gates, hidden, meta["gates_h"])
+            ifo = torch.sigmoid(gates[:, :3 * hid])
+            c = torch.addcmul(ifo[:, hid:2 * hid] * cell, ifo[:, :hid],
+                              torch.tanh(gates[:, 3 * hid:]))
+            h = ifo[:, 2 * hid:] * torch.tanh(c)
+            head = torch.addmm(meta["head_b"], h, meta["head_w"])
+            return head[:, :-1], head[:, -1], h, c
         if self.mix_layers:
             # The reference computes relu(linear(x)) here and overwrites it (dead weights).
             pooled = torch.relu(self.mix_pool(x)).amax(dim=0, keepdim=True)
@@ -594,7 +608,6 @@ class VeLO(LearnedOptimizer):
         keys = list(params.keys())
         device = state["iteration"].device
         loss_t = loss.to(device=device, dtype=torch.float32)
-        next_buffer, loss_features = loss_buffer_step(state["loss_buffer"], loss_t)
         mom_d = self._decays(self.initial_momentum_decays, device)
         rms_d = self._decays(tuple(min(max(d, 0.0), 1.0) for d in self.initial_rms_decays),
                              device)
@@ -609,8 +622,10 @@ class VeLO(LearnedOptimizer):
             kern = None  # the kernels never run where an autograd graph is needed
         # Fused kernel, first half: accumulators and the old state's moments (no LSTM yet).
         # The kernel clips gradients itself; the reference path clips here.
+        # In-place steps of planned tensors run batched (one C call per pass for all).
         kernel: dict[str, dict[str, Any]] = {}
-        for key in keys if kern is not None else ():
+        planned: list[tuple[int, str, Any]] = []
+        for j, key in enumerate(keys) if kern is not None else ():
             p, g = params[key], grads[key]
             if not velo_kernels.kernel_ok(p, g):
                 continue
@@ -618,23 +633,31 @@ class VeLO(LearnedOptimizer):
                     if inplace is not None and workspace is not None and g.is_contiguous()
                     else None)
             if plan is not None:
-                plan.pass1(g, mom_d, rms_float, fac_d)
-                kernel[key] = {"plan": plan, "g": g, "stats": plan.stats, "n": plan.n}
+                planned.append((j, key, plan))
+                kernel[key] = {"plan": plan, "stats": plan.stats, "n": plan.n}
             else:
                 kernel[key] = velo_kernels.pass1(self, kern, p, g, state, key, mom_d, rms_d,
                                                  fac_d, inplace is not None)
+        batch = None
+        if planned:
+            batch = velo_kernels.batch_for(
+                kern, workspace, tuple(plan for _, _, plan in planned),
+                tuple(j for j, _, _ in planned), tuple(self._kernel_gather()[2:]))
+            batch.pass1([grads[key] for _, key, _ in planned], mom_d, rms_float, fac_d)
         grads = {k: g if k in kernel else torch.clamp(g.to(torch.float32), -1000.0, 1000.0)
                  for k, g in grads.items()}
 
         # Per-tensor LSTM over all tensors at once.
         k_dec = len(self.initial_momentum_decays)
         if kernel and len(kernel) == len(keys):
-            # every tensor went through the kernel: its sums give all moments at once
-            msq, var_m, mean_m, var_r, mean_r = velo_kernels.kernel_moments(
-                k_dec, [kernel[k] for k in keys])
-            x = self._lstm_features([p.shape for p in params.values()], state, loss_features,
-                                    msq, var_m, mean_m, var_r, mean_r)
+            # every tensor went through the kernel: its sums give the loss buffer, all
+            # moments and the LSTM input in one call
+            next_buffer, loss_features, x, msq = velo_kernels.scalars(
+                kern, state, loss_t, [kernel[k] for k in keys],
+                _constant(_FRACTION_TIMESCALES, device),
+                _rank_features([p.shape for p in params.values()], device))
         else:
+            next_buffer, loss_features = loss_buffer_step(state["loss_buffer"], loss_t)
             for pre in kernel.values():
                 msq1, var_m1, mean_m1, var_r1, mean_r1 = velo_kernels.kernel_moments(k_dec,
                                                                                       [pre])
@@ -669,14 +692,18 @@ class VeLO(LearnedOptimizer):
             else:
                 ext = torch.cat([mixed, mixed.new_zeros(mixed.shape[0], 1)], dim=1)
                 packed = torch.index_select(ext, 1, first) + torch.index_select(ext, 1, second)
-            coefs = lr_mult * self.step_mult
+            coef_floats = [lm * self.step_mult for lm in lr_mult.tolist()]
             if self.param_scale_mult:
-                coefs = coefs * torch.sqrt(msq + 1e-9)
+                coef_floats = [cf * math.sqrt(ms + 1e-9)
+                               for cf, ms in zip(coef_floats, msq.tolist())]
             if not all(isinstance(sc, float) and sc == 1.0 for sc in scales):
-                coefs = coefs * torch.stack([torch.as_tensor(sc, dtype=torch.float32)
-                                             for sc in scales])
-            coef_floats = coefs.tolist()
+                coef_floats = [cf * float(sc) for cf, sc in zip(coef_floats, scales)]
 
+        if batch is not None:
+            lrs = [inplace[0].get(key, 1.0) for _, key, _ in planned]
+            batch.pass2(packed, [coef_floats[j] * lr for (j, _, _), lr in zip(planned, lrs)],
+                        [1.0 - lr * inplace[1].get(key, 0.0)
+                         for (_, key, _), lr in zip(planned, lrs)], self.exp_mult)
         new_params: Params = {}
         mom, rms, v_row, v_col, v_diag = {}, {}, {}, {}, {}
         for j, key in enumerate(keys):
@@ -684,10 +711,7 @@ class VeLO(LearnedOptimizer):
             if key in kernel:
                 lr, wd = ((inplace[0].get(key, 1.0), inplace[1].get(key, 0.0))
                           if inplace is not None else (1.0, 0.0))
-                plan = kernel[key].get("plan")
-                if plan is not None:
-                    plan.pass2(g, packed[j], slots[p.dim() == 1], coef_floats[j] * lr,
-                               1.0 - lr * wd, self.exp_mult)
+                if "plan" in kernel[key]:  # stepped in place by the batch above
                     new_params[key] = p
                     for group, out in (("mom", mom), ("rms", rms), ("v_row", v_row),
                                        ("v_col", v_col), ("v_diag", v_diag)):

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from metaopt.lopt.cpu_kernels import LoptCpuKernels, MLPSlots, VeLOTensorPlan
+from metaopt.lopt.cpu_kernels import LoptCpuKernels, MLPSlots, VeLOPlanBatch, VeLOTensorPlan
 
 if TYPE_CHECKING:
     from metaopt.lopt.velo import VeLO
 
-__all__ = ["gather_supported", "kernel_mlp_gather", "kernel_moments", "kernel_ok", "pass1",
-           "pass2", "plan_for", "supports"]
+__all__ = ["batch_for", "gather_supported", "kernel_mlp_gather", "kernel_moments", "kernel_ok",
+           "pass1", "pass2", "plan_for", "scalars", "supports"]
 
 _GROUPS = ("mom", "rms", "v_row", "v_col", "v_diag")
 
@@ -117,6 +117,16 @@ def plan_for(velo: VeLO, kern: LoptCpuKernels, workspace: dict, key: str, p: Ten
     return plan
 
 
+def batch_for(kern: LoptCpuKernels, workspace: dict, plans: tuple[VeLOTensorPlan, ...],
+              rows: tuple[int, ...], slots: tuple[MLPSlots, MLPSlots]) -> VeLOPlanBatch:
+    """The :class:`~metaopt.lopt.cpu_kernels.VeLOPlanBatch` running ``plans`` (packed MLP
+    rows ``rows``), kept in ``workspace`` and rebuilt when the plans change."""
+    batch = workspace.get("velo_batch")
+    if batch is None or batch.kern is not kern or not batch.matches(plans, rows):
+        batch = workspace["velo_batch"] = VeLOPlanBatch(kern, plans, rows, slots)
+    return batch
+
+
 def pass1(velo: VeLO, kern: LoptCpuKernels, p: Tensor, g: Tensor,
           state: Mapping[str, Any], key: str, mom_d: Tensor, rms_d: Tensor, fac_d: Tensor,
                   inplace: bool) -> dict[str, Any]:
@@ -166,6 +176,25 @@ def kernel_moments(k: int, pres: Sequence[Mapping[str, Any]]
     var_m = torch.clamp(sums[:, 1:2 * k:2] - mean_m * mean_m, min=0.0)
     var_r = torch.clamp(sums[:, 2 * k + 1:2 * k + 2] - mean_r * mean_r, min=0.0)
     return sums[:, 2 * k + 2], var_m, mean_m, var_r, mean_r
+
+def scalars(kern: LoptCpuKernels, state: Mapping[str, Any], loss: Tensor,
+            pres: Sequence[Mapping[str, Any]], timescales: Tensor, rank: Tensor
+            ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+    """The step's scalar part in one kernel call, for tensors that all went through pass 1
+    (their ``pres``): ``(next loss buffer, loss features (9,), LSTM input (n, 30),
+    mean(p²) (n,))`` — :func:`~metaopt.lopt.velo.loss_buffer_step` and
+    :meth:`~metaopt.lopt.velo.VeLO._lstm_features` of :func:`kernel_moments`, in float32
+    like them."""
+    buf = state["loss_buffer"]
+    counts = _counts_f64(tuple(pre["n"] for pre in pres))
+    stats = torch.stack([pre["stats"] for pre in pres])
+    means, running_min, x, msq = kern.velo_scalars(
+        int(state["iteration"]), int(state["num_steps"]), int(buf["iteration"]), float(loss),
+        buf, timescales, stats, counts, rank)
+    next_buffer = {"means": means, "running_min": running_min, "decays": buf["decays"],
+                   "iteration": buf["iteration"] + 1}
+    return next_buffer, x[0, 9:18], x, msq
+
 
 def pass2(velo: VeLO, kern: LoptCpuKernels, pre: Mapping[str, Any],
                   p: Tensor, packed: Tensor, slots: MLPSlots, coef: float, p_decay: float,

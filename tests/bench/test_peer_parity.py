@@ -144,8 +144,6 @@ def test_metaopt_default_and_without_rewrites_are_bit_identical(problem_and_refe
     from peers import metaopt_peer
 
     problem, ref_loss, ref_grads = problem_and_reference
-    if problem.model != "conv":  # the MLP's ~1e-7 relative differences from the reference
-        pytest.skip("come from how the meta-batch's gradients are summed, not the model")
     loss, grads = _run(metaopt_peer.configured(rewrites=rewrites), problem)
     assert loss.item() == ref_loss.item()
     assert common.max_rel_diff(grads, ref_grads) == 0.0
@@ -174,13 +172,6 @@ def test_bench_parity_figures_meet_the_rule(problem_and_reference):
     for peer in contenders:
         fields = bench.parity_fields(results["metaopt"], results[peer])
         assert fields["parity_f64_ok"], (peer, fields["f64_rel_diff"])
-        if not fields["parity_f32_ok"] and problem.model == "mlp":
-            # Open finding (issue 11): in the venv built on 2026-12-03 (torch 2.13.0+cpu,
-            # higher 0.2.1, torchopt 0.7.3) metaopt's float32 error on this problem is
-            # 2.4e-6 against the peers' 4.7e-7 (5x, rule 1.5x), at the base commit
-            # 5307ce9 too; float64 parity holds. Reported, not hidden: xfail, not skip.
-            pytest.xfail(f"float32 error {fields['metaopt_f32_err']:.2e} > 1.5 x worst "
-                         f"peer {fields['worst_peer_f32_err']:.2e} (issue 11, open)")
         assert fields["parity_f32_ok"], (fields["metaopt_f32_err"], fields["worst_peer_f32_err"])
     assert 0 < results["metaopt"]["f32_err"] < 1e-3  # float32 rounding, measured
 

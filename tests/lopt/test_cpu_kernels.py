@@ -208,9 +208,13 @@ def test_a_cached_library_that_fails_its_digest_is_rebuilt_not_loaded(monkeypatc
     cache = cpu_kernels.private_dir(tmp_path / "kernels")
     for built in cpu_kernels.default_cache_dir().glob("lopt_cpu_*"):  # the session's build
         (cache / built.name).write_bytes(built.read_bytes())
-    if not list(cache.glob("lopt_cpu_*.so")):
-        cpu_kernels.load_kernels(cache)
-    (lib,) = [p for p in cache.glob("lopt_cpu_*.so") if cpu_kernels._verified(p)]
+    real_open, loaded = cpu_kernels._open, []
+    # the library this source builds (the cache may also hold builds of other versions)
+    monkeypatch.setattr(cpu_kernels, "_open", lambda path: loaded.append(path)
+                        or real_open(path))
+    cpu_kernels.load_kernels(cache)
+    lib = loaded[-1]
+    assert cpu_kernels._verified(lib)
     good = lib.read_bytes()
     digest = lib.with_name(lib.name + ".sha256")
     # (replaced, not rewritten: this process has the library mapped)
@@ -222,7 +226,6 @@ def test_a_cached_library_that_fails_its_digest_is_rebuilt_not_loaded(monkeypatc
         digest.unlink()
     _fresh(monkeypatch)
     opened = []
-    real_open = cpu_kernels._open
     monkeypatch.setattr(cpu_kernels, "_open", lambda path: opened.append(
         path.read_bytes()) or real_open(path))
     kern = cpu_kernels.load_kernels(cache)
@@ -259,3 +262,73 @@ def test_sq_rowcol_matches_torch():
     g2 = g.double() ** 2
     torch.testing.assert_close(row, g2.sum(1), rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(col, g2.sum(0), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("iteration", [0, 1, 2, 3, 17])
+def test_velo_scalars_equal_loss_buffer_and_lstm_features(iteration):
+    """``lopt_velo_scalars`` (one call for the loss buffer, the time/loss features and the
+    LSTM input) equals ``loss_buffer_step`` + ``kernel_moments`` + ``_lstm_features``
+    to float32 rounding, also for a buffer whose iteration differs from the step's and a
+    loss above twice the running means (the cap)."""
+    from metaopt.lopt import velo as velo_mod
+    from metaopt.lopt import velo_kernels
+
+    g = torch.Generator().manual_seed(iteration)
+    lopt = VeLO()
+    shapes = [(40, 7), (7,), (3, 90), (1,)]
+    state = lopt.init({str(i): torch.zeros(s) for i, s in enumerate(shapes)}, 50)
+    state["iteration"] = torch.tensor(iteration, dtype=torch.int32)
+    buf = dict(state["loss_buffer"])
+    buf["iteration"] = torch.tensor(max(iteration - 1, 0), dtype=torch.int32)
+    buf["means"] = torch.rand(10, generator=g) + 0.5
+    buf["running_min"] = buf["means"] * 0.9 / (1 - buf["decays"] ** max(iteration - 1, 1))
+    state["loss_buffer"] = buf
+    loss = torch.tensor(2.0 + 10.0 * (iteration % 2), dtype=torch.float32)
+    pres = []
+    for s in shapes:  # sums over n elements of plausible accumulators
+        n = int(torch.tensor(s).prod())
+        m = torch.randn(3, n, generator=g) * 0.1
+        r = torch.rand(n, generator=g) * 0.01
+        p = torch.randn(n, generator=g)
+        stats = torch.tensor([v for q in range(3) for v in (m[q].sum(), (m[q] ** 2).sum())]
+                             + [r.sum(), (r ** 2).sum(), (p ** 2).sum()], dtype=torch.float64)
+        pres.append({"stats": stats, "n": n})
+    buf_ref, feat_ref = velo_mod.loss_buffer_step(buf, loss)
+    moments = velo_kernels.kernel_moments(3, pres)
+    x_ref = lopt._lstm_features(shapes, state, feat_ref, *moments)
+    buf_k, feat_k, x_k, msq_k = velo_kernels.scalars(
+        KERNELS, state, loss, pres, velo_mod._constant(velo_mod._FRACTION_TIMESCALES, "cpu"),
+        velo_mod._rank_features(shapes, "cpu"))
+    for name in ("means", "running_min"):
+        torch.testing.assert_close(buf_k[name], buf_ref[name], rtol=1e-6, atol=0)
+    assert torch.equal(buf_k["iteration"], buf_ref["iteration"])
+    assert buf_k["decays"] is buf["decays"]
+    torch.testing.assert_close(feat_k, feat_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_k, x_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(msq_k, moments[0], rtol=1e-6, atol=0)
+    if iteration <= 1:  # buffer iterations 0 and 1: the loss features are still zero
+        assert not feat_k.any()
+
+
+def test_velo_plan_batch_checks_its_arguments():
+    """The batched in-place calls check every gradient and the packed MLP rows before a
+    pointer crosses into C, naming the argument."""
+    from torch import nn
+
+    model = nn.Linear(6, 5)
+    opt = VeLO(lstm_hidden_size=16, param_inits=8).optimizer(model.parameters(), num_steps=9,
+                                                             backend="cpu_kernels")
+    for _ in range(2):  # the second step runs planned (state stored channel-first)
+        opt.zero_grad()
+        model(torch.ones(2, 6)).square().mean().backward()
+        opt.step(loss=1.0)
+    batch = opt._workspace["velo_batch"]
+    assert isinstance(batch, cpu_kernels.VeLOPlanBatch) and batch.count == 2
+    decays = torch.tensor([0.9, 0.99, 0.999])
+    with pytest.raises(ValueError, match=r"'g\[1\]'"):
+        batch.pass1([torch.zeros(5, 6), torch.zeros(4)], decays, 0.999, decays)
+    with pytest.raises(ValueError, match="'g\\[0\\]'"):
+        batch.pass1([torch.zeros(5, 6, dtype=torch.float64), torch.zeros(5)], decays, 0.999,
+                    decays)
+    with pytest.raises(ValueError, match="pass1 first"):
+        batch.pass2(torch.zeros(2, 1000), [1.0, 1.0], [1.0, 1.0], 0.001)

@@ -461,7 +461,7 @@ def test_derived_meta_parameters_fold_mixing_into_lstm():
     x = torch.randn(7, 30)
     h, c = torch.randn(7, 512) * 0.5, torch.randn(7, 512) * 0.5
     meta = lopt.derived_meta_parameters()
-    assert {"lstm_fold", "lstm_bias", "packed_mlps"} <= meta.keys()
+    assert {"lstm_fold", "lstm_bias", "gates_h", "head_w", "packed_mlps"} <= meta.keys()
     assert not any(t.requires_grad for t in meta.values())
     for change in range(2):
         with torch.enable_grad():

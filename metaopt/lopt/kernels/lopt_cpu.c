@@ -44,7 +44,7 @@ enum { MODE_SMALL_FC = 0, MODE_VELO = 1, MODE_SMALL_FC_DIAG = 2, MODE_VELO_DIAG 
 #define N_CH(mode) ((mode) == MODE_SMALL_FC ? NCH_SMALL_FC : (mode) == MODE_VELO ? NCH_VELO \
                     : (mode) == MODE_SMALL_FC_DIAG ? NCH_SMALL_FC_DIAG : NCH_VELO_DIAG)
 
-int lopt_abi_version(void) { return 7; }
+int lopt_abi_version(void) { return 9; }
 int lopt_decays(void) { return K; }
 int lopt_hidden(void) { return H; }
 int lopt_n_channels(int mode) { return N_CH(mode); }
@@ -547,5 +547,170 @@ void lopt_pass2(int mode, int64_t a, int64_t b, const float *g, const float *p,
         default: PASS2_ROW(MODE_VELO_DIAG); break;
         }
 #undef PASS2_ROW
+    }
+}
+
+/* VeLO's per-step scalars, for the tensors whose pass 1 gave `stats` (the step's few
+ * dozen small tensor ops in one call; float32 arithmetic like the PyTorch reference).
+ *
+ * Loss buffer (10 running means of the loss; metaopt/lopt/velo.py::loss_buffer_step):
+ * buf_it = the buffer's old iteration; with bias_d = 1 - decays_d^(buf_it + 1), the loss is capped at
+ * twice the largest bias-corrected mean (not at buf_it = 0), new_means = means * decays +
+ * loss * (1 - decays), new_min = min(running_min, new_means / bias), and the 9 loss
+ * features clamp((cor_i - min_i) / max(cor_{i+1} - min_i, 1e-8) - 1, -1, 1) of the new
+ * buffer (zero while buf_it + 1 <= 2). it / num_steps: the step's time features.
+ *
+ * LSTM input (n, 30) (velo.py::VeLO._lstm_features): per tensor j, from the sums
+ * stats[j] = [sum m_q, sum m_q^2 (q < K), sum rms, sum rms^2, sum p^2] over counts[j]
+ * elements: mean(p^2) -> msq[j], the norm multiplier nm = rsqrt(max(msq, 1e-9)) and the
+ * clipped logs 0.5 * clamp(log(1e-8 + |10 v|), -5, 5) of nm * mean(rms), nm^2 * var(m_q)
+ * and nm^2 var(rms) + (nm mean(rms) - nm mean(m_q))^2; the row is
+ * [tanh(10 (it / num_steps - timescales)) (9), loss features (9), log mean rms,
+ *  rank[j] (5), logs of the variances (2K)]. */
+#define N_LOSS 10
+#define N_TIMESCALES 9
+#define N_RNN_IN 30
+
+static float clip_log_abs(float v) {
+    float l = logf(1e-8f + fabsf(v * 10.0f));
+    l = l < -5.0f ? -5.0f : (l > 5.0f ? 5.0f : l);
+    return l * 0.5f;
+}
+
+void lopt_velo_scalars(int64_t n, int it, int num_steps, int buf_it, float loss, const float *decays,
+                       const float *means, const float *running_min, float *new_means,
+                       float *new_min, const float *timescales, const double *stats,
+                       const double *counts, const float *rank, float *rnn_in, float *msq) {
+    float bias[N_LOSS], feat[N_LOSS - 1];
+    const float it_next = (float)(buf_it + 1);
+    float approx_max = -INFINITY;
+    for (int d = 0; d < N_LOSS; d++) {
+        bias[d] = 1.0f - powf(decays[d], it_next);
+        const float c = means[d] / bias[d];
+        approx_max = c > approx_max ? c : approx_max;
+    }
+    if (buf_it == 0) approx_max = loss;
+    const float cap = fabsf(approx_max) * 2.0f;
+    const float l = cap < loss ? cap : loss;
+    for (int d = 0; d < N_LOSS; d++) {
+        new_means[d] = means[d] * decays[d] + l * (1.0f - decays[d]);
+        const float c = new_means[d] / bias[d];
+        new_min[d] = running_min[d] < c ? running_min[d] : c;
+    }
+    for (int i = 0; i < N_LOSS - 1; i++) {
+        const float lo = new_min[i];
+        float den = new_means[i + 1] / bias[i + 1] - lo;
+        den = den < 1e-8f ? 1e-8f : den;
+        float f = (new_means[i] / bias[i] - lo) / den - 1.0f;
+        f = f < -1.0f ? -1.0f : (f > 1.0f ? 1.0f : f);
+        feat[i] = buf_it + 1 <= 2 ? f * 0.0f : f;
+    }
+    float shared[N_TIMESCALES + N_LOSS - 1];
+    const float fraction = (float)it / (float)num_steps;
+    for (int i = 0; i < N_TIMESCALES; i++)
+        shared[i] = tanhf((fraction - timescales[i]) * 10.0f);
+    for (int i = 0; i < N_LOSS - 1; i++) shared[N_TIMESCALES + i] = feat[i];
+    for (int64_t j = 0; j < n; j++) {
+        const double *st = stats + j * N_STATS;
+        const double cnt = counts[j];
+        float *row = rnn_in + j * N_RNN_IN;
+        float mean_m[K], var_m[K];
+        for (int q = 0; q < K; q++) {
+            mean_m[q] = (float)(st[2 * q] / cnt);
+            const float v = (float)(st[2 * q + 1] / cnt) - mean_m[q] * mean_m[q];
+            var_m[q] = v < 0.0f ? 0.0f : v;
+        }
+        const float mean_r = (float)(st[2 * K] / cnt);
+        float var_r = (float)(st[2 * K + 1] / cnt) - mean_r * mean_r;
+        var_r = var_r < 0.0f ? 0.0f : var_r;
+        const float ms = (float)(st[2 * K + 2] / cnt);
+        msq[j] = ms;
+        const float nm = 1.0f / sqrtf(ms < 1e-9f ? 1e-9f : ms);
+        const float nm2 = nm * nm;
+        const float mean_rms = mean_r * nm;
+        for (int i = 0; i < N_TIMESCALES + N_LOSS - 1; i++) row[i] = shared[i];
+        row[18] = clip_log_abs(mean_rms);
+        for (int i = 0; i < 5; i++) row[19 + i] = rank[j * 5 + i];
+        for (int q = 0; q < K; q++) {
+            const float dm = mean_rms - mean_m[q] * nm;
+            row[24 + q] = clip_log_abs(var_m[q] * nm2);
+            row[24 + K + q] = clip_log_abs(var_r * nm2 + dm * dm);
+        }
+    }
+}
+
+/* Batched in-place VeLO steps: one call runs passes 0-1 (lopt_velo_pass1_plans) or the
+ * factored hidden biases and pass 2 (lopt_velo_pass2_plans) of `count` tensors, each
+ * described by a row of PLAN_SLOTS int64 in `table` (addresses as integers; written and
+ * checked by metaopt/lopt/cpu_kernels.py::VeLOPlanBatch). The per-tensor work is exactly
+ * the unbatched calls'; only the per-call overhead is shared. Matrices: mode MODE_VELO,
+ * (a, b), d0, v_row/v_col channel-last; vectors: MODE_VELO_DIAG, a = 1, b = n.
+ * Pass 2 reads the tensor's packed MLP row `packed + row * row_stride` at the SL_*
+ * offsets (see velo_kernels.kernel_mlp_gather), coef[j] and p_decay[j]. */
+enum {
+    PL_MODE, PL_A, PL_B, PL_D0, PL_G, PL_P, PL_M, PL_RMS, PL_V, PL_VROW, PL_VCOL, PL_FACA,
+    PL_FACB, PL_UA, PL_UB, PL_ZEROS, PL_SUMSQ, PL_STATS, PL_ROW, PL_SL_WX, PL_SL_WSTAT,
+    PL_SL_B0, PL_SL_W1, PL_SL_B1, PL_SL_W2, PL_SL_B2, PLAN_SLOTS
+};
+#define PL_F(t, s) ((float *)(uintptr_t)(t)[s])
+
+int lopt_plan_slots(void) { return PLAN_SLOTS; }
+
+/* Returns 0, or 1 + j when tensor j's row/column sums could not be allocated (tensors
+ * before j are stepped, j and later are not). */
+int lopt_velo_pass1_plans(int64_t count, const int64_t *table, const float *mom_decay,
+                          float rms_decay, const float *fac_decay, int nthreads) {
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t *t = table + j * PLAN_SLOTS;
+        const int mode = (int)t[PL_MODE];
+        const float *g = PL_F(t, PL_G);
+        double *sumsq = (double *)(uintptr_t)t[PL_SUMSQ], *stats = (double *)(uintptr_t)t[PL_STATS];
+        if (mode == MODE_VELO_DIAG) {
+            lopt_pass1(mode, 1, t[PL_B], g, PL_F(t, PL_P), PL_F(t, PL_M), PL_F(t, PL_RMS),
+                       PL_F(t, PL_M), PL_F(t, PL_RMS), mom_decay, rms_decay, NULL, NULL,
+                       PL_F(t, PL_V), PL_F(t, PL_V), fac_decay, sumsq, stats, nthreads);
+            continue;
+        }
+        const float *z = PL_F(t, PL_ZEROS);
+        if (lopt_factored_prepare(t[PL_A], t[PL_B], (int)t[PL_D0], 1, g, 1000.0f,
+                                  PL_F(t, PL_VROW), 1, K, PL_F(t, PL_VCOL), 1, K, fac_decay, z,
+                                  z, PL_F(t, PL_FACA), PL_F(t, PL_FACB), PL_F(t, PL_UA),
+                                  PL_F(t, PL_UB), nthreads) != 0)
+            return (int)(1 + j);
+        lopt_pass1(mode, t[PL_A], t[PL_B], g, PL_F(t, PL_P), PL_F(t, PL_M), PL_F(t, PL_RMS),
+                   PL_F(t, PL_M), PL_F(t, PL_RMS), mom_decay, rms_decay, PL_F(t, PL_FACA),
+                   PL_F(t, PL_FACB), NULL, NULL, NULL, sumsq, stats, nthreads);
+    }
+    return 0;
+}
+
+void lopt_velo_pass2_plans(int64_t count, const int64_t *table, const float *packed,
+                           int64_t row_stride, const float *coef, const float *p_decay,
+                           float exp_mult, int nthreads) {
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t *t = table + j * PLAN_SLOTS;
+        const int mode = (int)t[PL_MODE];
+        const float *row = packed + t[PL_ROW] * row_stride;
+        const double *sumsq = (const double *)(uintptr_t)t[PL_SUMSQ];
+        const float *g = PL_F(t, PL_G);
+        float *p = PL_F(t, PL_P);
+        if (mode == MODE_VELO_DIAG) {
+            lopt_pass2(mode, 1, t[PL_B], g, p, PL_F(t, PL_M), PL_F(t, PL_RMS), NULL, NULL,
+                       PL_F(t, PL_V), row + t[PL_SL_WX], sumsq, row + t[PL_SL_B0], NULL,
+                       row + t[PL_SL_W1], row + t[PL_SL_B1], row + t[PL_SL_W2],
+                       row + t[PL_SL_B2], exp_mult, coef[j], p_decay[j], p, nthreads);
+            continue;
+        }
+        /* the hidden biases of the row/column channels (v already updated in pass 1: no
+         * allocation) */
+        lopt_factored_prepare(t[PL_A], t[PL_B], (int)t[PL_D0], 0, g, 0.0f, PL_F(t, PL_VROW),
+                              1, K, PL_F(t, PL_VCOL), 1, K, PL_F(t, PL_ZEROS),
+                              row + t[PL_SL_WSTAT], row + t[PL_SL_B0], PL_F(t, PL_FACA),
+                              PL_F(t, PL_FACB), PL_F(t, PL_UA), PL_F(t, PL_UB), nthreads);
+        lopt_pass2(mode, t[PL_A], t[PL_B], g, p, PL_F(t, PL_M), PL_F(t, PL_RMS),
+                   PL_F(t, PL_FACA), PL_F(t, PL_FACB), NULL, row + t[PL_SL_WX], sumsq,
+                   PL_F(t, PL_UA), PL_F(t, PL_UB), row + t[PL_SL_W1], row + t[PL_SL_B1],
+                   row + t[PL_SL_W2], row + t[PL_SL_B2], exp_mult, coef[j], p_decay[j], p,
+                   nthreads);
     }
 }
