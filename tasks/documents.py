@@ -495,9 +495,12 @@ def vocabulary_texts() -> list[str]:
         for _, statements, questions in attrs.values():
             texts += [_SLOT.sub("", t) for t in statements + questions]
     texts += [_SLOT.sub("", t) for t in _DISTRACTORS + _LOCALITY]
+    # inside a document a sentence-initial word follows a space (" Born", " Visitors"),
+    # and a value may open a sentence or a text with or without one
+    texts += [" " + t for t in texts]
     for pool in (_CITIES, _RIVERS, _OCCUPATIONS, _COLOURS, _INSTRUMENTS, _PRODUCTS, _KNOWN_FOR,
                  _MATERIALS, _PURPOSES, *_LOCALITY_WORDS.values()):
-        texts += [" ".join(pool), " ".join(v.capitalize() for v in pool)]
+        texts += [w for v in pool for w in (v, " " + v, v.capitalize(), " " + v.capitalize())]
     texts += [" an a The An A"]
     return texts
 
