@@ -43,16 +43,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
+import torch
 from torch import Tensor
 
-from metaopt.text import QA_ANSWER, QA_QUESTION, Tokenizer
+from metaopt.text import QA_ANSWER, QA_QUESTION, Tokenizer, batch_encode_qa, qa_prompt_ids
 
 __all__ = [
     "NAME_SYLLABLES",
     "SPLITS",
     "Document",
+    "EncodedDocuments",
     "QAPair",
     "Span",
+    "encode_documents",
     "entity_split",
     "heuristic_salient_spans",
     "locality_corpus",
@@ -461,6 +464,60 @@ def span_token_masks(tokenizer: Tokenizer, documents: Sequence[Document], max_le
     return tokenizer.batch_span_mask([d.text for d in documents],
                                      [getattr(d, f"{spans}_spans") for d in documents],
                                      max_len, pad=pad, add_bos=add_bos, add_eos=add_eos)
+
+
+@dataclass(frozen=True)
+class EncodedDocuments:
+    """Documents and their questions as token tensors (see :func:`encode_documents`).
+
+    Attributes:
+        doc_ids, doc_mask: ``(D, T)`` ``<bos> text <eos>``, right-padded; ``doc_mask`` 1 on
+            real tokens.
+        salient_mask, answer_span_mask: ``(D, T)`` bool, tokens overlapping the documents'
+            salient spans (names, values) / answer spans.
+        qa_ids, qa_answer_mask: ``(M, Tq)`` closed-book ``<bos> question: Q answer: A
+            <eos>`` sequences of all M questions and the mask of their answer tokens.
+        qa_doc: ``(M,)`` the document each question is about.
+        prompts: the M generation prompts ``<bos> question: Q answer:`` (1-D long).
+        golds: the M gold answer lists.
+    """
+
+    doc_ids: Tensor
+    doc_mask: Tensor
+    salient_mask: Tensor
+    answer_span_mask: Tensor
+    qa_ids: Tensor
+    qa_answer_mask: Tensor
+    qa_doc: Tensor
+    prompts: tuple[Tensor, ...]
+    golds: tuple[tuple[str, ...], ...]
+
+
+def encode_documents(tokenizer: Tokenizer, documents: Sequence[Document], max_len: int,
+                     qa_max_len: int = 40) -> EncodedDocuments:
+    """Token tensors of ``documents`` and of their questions (closed book, no context).
+
+    Documents are ``<bos> text <eos>`` cut to ``max_len`` tokens; a question whose answer
+    span was cut off is still included (the model must then know it otherwise).
+    """
+    if not documents:
+        raise ValueError("documents is empty")
+    texts = [d.text for d in documents]
+    doc_ids, doc_mask = tokenizer.batch_encode(texts, max_len, pad=False, add_bos=True,
+                                               add_eos=True)
+    masks = [span_token_masks(tokenizer, documents, max_len, spans=kind, pad=False,
+                              add_bos=True, add_eos=True) for kind in ("salient", "answer")]
+    pairs = [(i, qa) for i, d in enumerate(documents) for qa in d.qa]
+    qa_ids, _, qa_answer_mask = batch_encode_qa(tokenizer, [qa.question for _, qa in pairs],
+                                                [qa.answer for _, qa in pairs], qa_max_len,
+                                                pad=False)
+    prompts = tuple(torch.tensor(qa_prompt_ids(tokenizer, qa.question), dtype=torch.long)
+                    for _, qa in pairs)
+    return EncodedDocuments(doc_ids=doc_ids, doc_mask=doc_mask, salient_mask=masks[0],
+                            answer_span_mask=masks[1], qa_ids=qa_ids,
+                            qa_answer_mask=qa_answer_mask,
+                            qa_doc=torch.tensor([i for i, _ in pairs], dtype=torch.long),
+                            prompts=prompts, golds=tuple(qa.answers for _, qa in pairs))
 
 
 def locality_corpus(n_texts: int, seed: int = 0, sentences: tuple[int, int] = (3, 6)
