@@ -1,13 +1,15 @@
 """Train the CaMeLS base model: a TinyLM pretrained on documents and QA-tuned.
 
 1. Tokenizer: ``Tokenizer.build(vocabulary_texts(), extra_pieces=NAME_SYLLABLES)``.
-2. Pretraining: next-token loss on ``make_stream("train", --docs)`` documents (train-split
-   entities only) mixed with ``locality_corpus`` text (one locality text per
-   ``--locality-every`` documents in a batch).
-3. QA-tuning (the paper's base models are QA-tuned): next-token loss on the documents of
-   ``make_qa_tuning_set`` together with the answer-token loss of their closed-book
-   questions ``<bos> question: Q answer: A <eos>``, plus pretraining documents, so the
-   model learns to answer about what it read. Val/test entities are never seen.
+2. Pretraining: next-token loss on a corpus of train-split documents only:
+   ``make_stream("train", --docs)`` plus, for each of the ``--qa-docs`` entities of
+   ``make_qa_tuning_set``, ``--rewrites`` documents about it (``entity_documents``: the
+   same facts in fresh phrasings, so they are learnt), mixed with ``locality_corpus``
+   text (one locality text per ``--locality-every`` documents in a batch).
+3. QA-tuning (the paper's base models are QA-tuned): the answer-token loss of closed-book
+   questions ``<bos> question: Q answer: A <eos>`` about the QA-tuning entities (facts
+   the model has read in pretraining, never in a QA context), mixed with the pretraining
+   loss: the model learns to answer about what it read. Val/test entities are never seen.
 
 AdamW (:mod:`metaopt.optim`) with linear warm-up and cosine decay, seeded; one thread.
 Writes ``--out/tokenizer.json`` and ``--out/checkpoint/step_<n>/`` through
@@ -40,6 +42,7 @@ from metaopt.text import Tokenizer
 from tasks.documents import (
     NAME_SYLLABLES,
     encode_documents,
+    entity_documents,
     locality_corpus,
     make_qa_tuning_set,
     make_stream,
@@ -80,10 +83,15 @@ def train(args: argparse.Namespace) -> dict:
                        n_heads=args.heads, max_len=MAX_LEN)
     model = TinyLM(cfg)
     theta = {k: v.detach().clone() for k, v in model.named_parameters()}
-    docs = encode_documents(tok, make_stream("train", args.docs, seed=args.seed), MAX_LEN)
+    entities = make_qa_tuning_set(args.qa_docs, seed=args.seed)
+    rewrites = [r for d in entities for r in entity_documents(d.entity_id, args.rewrites,
+                                                              seed=args.seed)]
+    corpus = make_stream("train", args.docs, seed=args.seed) + entities + rewrites
+    docs = encode_documents(tok, corpus, MAX_LEN)
     loc_ids, loc_mask = tok.batch_encode(locality_corpus(args.docs // 4, seed=args.seed),
                                          MAX_LEN, pad=False, add_bos=True, add_eos=True)
-    tuning = encode_documents(tok, make_qa_tuning_set(args.qa_docs, seed=args.seed), MAX_LEN)
+    # the QA-tuning questions: every question of every document about the tuning entities
+    tuning = encode_documents(tok, entities + rewrites, MAX_LEN)
     total = args.pretrain_steps + args.qa_steps
     opt_state = adamw(args.lr, weight_decay=0.01).init(theta)
     log = []
@@ -99,15 +107,12 @@ def train(args: argparse.Namespace) -> dict:
         loss = lm_loss(model, th, ids, mask) + 0.25 * lm_loss(model, th, lids, lmask)
         parts = {"lm": float(loss.detach())}
         if qa_phase:
-            tp = [rng.randrange(tuning.doc_ids.shape[0]) for _ in range(args.batch // 2)]
-            tids, tmask = _trim(tuning.doc_ids[tp], tuning.doc_mask[tp])
             qp = [rng.randrange(tuning.qa_ids.shape[0]) for _ in range(args.batch)]
             qids, qmask = tuning.qa_ids[qp], tuning.qa_answer_mask[qp]
             width = int((qids != 0).sum(1).max())
-            tuning_lm = lm_loss(model, th, tids, tmask)
             qa = qa_loss(model, th, qids[:, :width], qmask[:, :width])
-            loss = loss + tuning_lm + qa
-            parts.update(tuning_lm=float(tuning_lm.detach()), qa=float(qa.detach()))
+            loss = loss + qa
+            parts.update(qa=float(qa.detach()))
         grads = dict(zip(th, torch.autograd.grad(loss, list(th.values()))))
         if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
             raise FloatingPointError(f"train_tiny_lm: non-finite gradient at step {step}")
@@ -151,9 +156,11 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--docs", type=int, default=4000, help="pretraining documents")
-    p.add_argument("--qa-docs", type=int, default=1500, help="QA-tuning documents")
-    p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--docs", type=int, default=3000, help="pretraining stream documents")
+    p.add_argument("--qa-docs", type=int, default=500, help="QA-tuning entities")
+    p.add_argument("--rewrites", type=int, default=4,
+                   help="extra pretraining documents per QA-tuning entity")
+    p.add_argument("--pretrain-steps", type=int, default=500)
     p.add_argument("--qa-steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--locality-every", type=int, default=8)

@@ -56,6 +56,7 @@ __all__ = [
     "QAPair",
     "Span",
     "encode_documents",
+    "entity_documents",
     "entity_split",
     "heuristic_salient_spans",
     "locality_corpus",
@@ -426,6 +427,23 @@ def _stream(purpose: str, split: str, n_documents: int, seed: int) -> list[Docum
 def make_stream(split: str, n_documents: int, seed: int = 0) -> list[Document]:
     """``n_documents`` documents about distinct entities of ``split`` (see the module doc)."""
     return _stream("stream", split, n_documents, seed)
+
+
+def entity_documents(entity_id: str, n_documents: int, seed: int = 0) -> list[Document]:
+    """``n_documents`` further documents about one entity ``"kind:Name"`` (any split).
+
+    The facts are the entity's own (the same in every stream); each document states a
+    fresh random subset of them in fresh phrasings, with fresh distractors — the
+    rewrites a pretraining corpus needs for facts to be learnt, not one sentence.
+    """
+    kind, _, name = entity_id.partition(":")
+    if kind not in _ATTRIBUTES or not name:
+        raise ValueError(f"entity_id must be 'kind:Name' with kind in {_KINDS}, got "
+                         f"{entity_id!r}")
+    if n_documents < 0:
+        raise ValueError(f"n_documents must be >= 0, got {n_documents}")
+    return [_document(kind, name, entity_id, random.Random(f"rewrite/{entity_id}/{seed}/{i}"))
+            for i in range(n_documents)]
 
 
 def make_qa_tuning_set(n_documents: int, seed: int = 0) -> list[Document]:

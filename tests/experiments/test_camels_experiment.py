@@ -45,8 +45,9 @@ def test_meta_steps_move_phi_and_evaluation_scores_the_stream():
     assert 0.0 <= ev["f1"] <= 1.0 and ev["answer_nll"] > 0
 
 
-def test_interrupt_and_resume_is_bit_identical(tmp_path):
-    cfg = cfg_for(TINY)
+@pytest.mark.parametrize("meta_gradient", ["estimator", "jvp"])
+def test_interrupt_and_resume_is_bit_identical(tmp_path, meta_gradient):
+    cfg = cfg_for({**TINY, "meta_gradient": meta_gradient})
     straight = build_experiment(cfg)
     losses = [straight.meta_step(s)["loss"] for s in (1, 2, 3, 4)]
     first = build_experiment(cfg)

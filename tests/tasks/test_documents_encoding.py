@@ -4,7 +4,13 @@ and every question closed-book with its answer mask, tied to its document."""
 from __future__ import annotations
 
 from metaopt.text import Tokenizer
-from tasks.documents import NAME_SYLLABLES, encode_documents, make_stream, vocabulary_texts
+from tasks.documents import (
+    NAME_SYLLABLES,
+    encode_documents,
+    entity_documents,
+    make_stream,
+    vocabulary_texts,
+)
 
 
 def test_documents_questions_and_masks_line_up() -> None:
@@ -27,3 +33,17 @@ def test_documents_questions_and_masks_line_up() -> None:
         answer = tok.decode(enc.qa_ids[j][enc.qa_answer_mask[j]].tolist())
         assert answer == " " + gold[0]
         assert enc.qa_ids[j, :len(enc.prompts[j])].tolist() == enc.prompts[j].tolist()
+
+
+def test_entity_documents_rewrite_the_same_facts() -> None:
+    doc = make_stream("train", 3, seed=1)[2]
+    rewrites = entity_documents(doc.entity_id, 6, seed=0)
+    assert entity_documents(doc.entity_id, 6, seed=0) == rewrites  # deterministic
+    assert len({r.text for r in rewrites}) == 6  # different texts
+    facts = {qa.question: qa.answer for qa in doc.qa}
+    for r in rewrites:
+        assert r.entity_id == doc.entity_id
+        for qa in r.qa:
+            assert qa.answer in r.text
+            if qa.question in facts:  # the same question has the same answer everywhere
+                assert facts[qa.question] == qa.answer

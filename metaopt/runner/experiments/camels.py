@@ -6,7 +6,8 @@ Each outer step samples ``meta_batch`` documents from a pool of train-split docu
 computes the CaMeLS meta-gradient (:class:`~metaopt.algorithms.camels.CaMeLS`: inner =
 ``inner_steps`` weighted SGD steps at ``inner_lr`` on the document, outer = the updated
 model's answer NLL + ``c_kl`` · KL(base ‖ updated) on the locality texts; exact second
-order through :class:`~metaopt.bilevel.Unrolled`, documents through the shared
+order through :class:`~metaopt.bilevel.Unrolled`, or — ``meta_gradient: jvp`` — the same
+exact one-step gradient from one Jacobian-vector product; documents through the shared
 :class:`~metaopt.bilevel.task_batch.TaskBatcher`). The weighting model's parameters φ
 take an Adam step (``outer_lr``, gradient-norm clipping at ``max_grad_norm``).
 
@@ -78,6 +79,7 @@ class CamelsConfig(ExperimentConfig):
     inner_lr: float = 0.3
     inner_steps: int = 1
     c_kl: float = 0.1
+    meta_gradient: str = "estimator"
     outer_lr: float = 1e-3
     max_grad_norm: float = 1.0
     meta_batch: int = 4
@@ -103,6 +105,11 @@ class CamelsConfig(ExperimentConfig):
         if not 1 <= self.questions <= 3:
             raise ValueError(f"questions must be 1, 2 or 3 (every document has >= 3), got "
                              f"{self.questions}")
+        if self.meta_gradient not in ("estimator", "jvp"):
+            raise ValueError(f"meta_gradient must be 'estimator' or 'jvp', got "
+                             f"{self.meta_gradient!r}")
+        if self.meta_gradient == "jvp" and self.inner_steps != 1:
+            raise ValueError("meta_gradient 'jvp' needs inner_steps: 1")
         init = self.weighting.get("init", "base")
         if init not in ("base", "random"):
             raise ValueError(f"weighting.init must be 'base' or 'random', got {init!r}")
@@ -183,7 +190,8 @@ class CamelsExperiment(Experiment):
         self.weighting = build_weighting(config.weighting, self.base).to(device=device,
                                                                          dtype=dtype)
         self.camels = CaMeLS(self.base, self.weighting, inner_lr=config.inner_lr,
-                             inner_steps=config.inner_steps, c_kl=config.c_kl)
+                             inner_steps=config.inner_steps, c_kl=config.c_kl,
+                             meta_gradient=config.meta_gradient)
         self.phi = {k: v.detach().clone() for k, v in self.weighting.named_parameters()}
         self.outer_state = adam(config.outer_lr).init(self.phi)
         self.generator = torch.Generator().manual_seed(seed)
