@@ -140,7 +140,7 @@ def plot_weights(exp: CamelsExperiment, path: Path, n_docs: int = 4) -> None:
         w = exp.trained_weighting()(enc.doc_ids, enc.doc_mask)
     top = float(w.max())
     cmap = colormaps["viridis"]
-    per_line, char_w, line_h = 92, 0.0105, 0.055
+    per_line, char_w, line_h = 150, 5.45 / (0.98 * 12 * 72), 0.055
     lines: list[list[tuple[str, float]]] = []
     for i in range(n_docs):
         row: list[tuple[str, float]] = []
@@ -157,7 +157,7 @@ def plot_weights(exp: CamelsExperiment, path: Path, n_docs: int = 4) -> None:
         lines.append(row)
         lines.append([])
     fig = plt.figure(figsize=(12, 0.32 * len(lines) + 0.8))
-    ax = fig.add_axes((0.01, 0.08, 0.98, 0.9))
+    ax = fig.add_axes((0.01, 0.16, 0.98, 0.82))
     ax.axis("off")
     ax.set_xlim(0, 1)
     ax.set_ylim(-len(lines) * line_h, line_h)
@@ -171,7 +171,7 @@ def plot_weights(exp: CamelsExperiment, path: Path, n_docs: int = 4) -> None:
                     color="white" if weight / top < 0.55 else "black")
             x += char_w * len(piece)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top))
-    cax = fig.add_axes((0.3, 0.03, 0.4, 0.015))
+    cax = fig.add_axes((0.3, 0.09, 0.4, 0.025))
     fig.colorbar(sm, cax=cax, orientation="horizontal", label="CaMeLS token weight")
     fig.savefig(path, dpi=110)
     plt.close(fig)
