@@ -15,7 +15,8 @@ Needs the base model (``scripts/train_tiny_lm.py --out results/camels/tiny_lm``)
 4. Write ``--out/results.json``, ``--out/results.md`` (mean ± std over test streams) and
    ``--out/token_weights.png`` (CaMeLS weights over a few test documents).
 
-Weightings (per real token of a document): ``uniform`` 1; ``tfidf`` the token's
+Weightings (per real token of a document): ``none`` 0 (no adaptation: the base model's
+own answers, the reference row); ``uniform`` 1; ``tfidf`` the token's
 inverse document frequency over the meta-training pool; ``salient`` 1 on entity
 names, numbers and attribute values (the generator's salient spans), else 0;
 ``oracle`` 1 on the tokens of the answers' spans only, else 0; ``camels`` the
@@ -47,6 +48,8 @@ from metaopt.runner.rundir import create_run_dir
 from tasks.documents import EncodedDocuments, encode_documents, locality_corpus, make_stream
 
 METHODS = ("uniform", "tfidf", "salient", "oracle", "camels")
+#: The reference row: the base model without streaming (zero weights: Adam's update is 0).
+NO_ADAPTATION = "none"
 #: Seeds of the streams this script draws (apart from the experiment's own).
 VAL_SEED, TEST_SEED, LOC_SEED = 20_000, 30_000, 40_000
 
@@ -194,6 +197,10 @@ def weight_summary(exp: CamelsExperiment, docs: int = 100) -> dict[str, float]:
 def markdown(results: dict) -> str:
     lines = ["| weighting | Adam lr (val) | EM | F1 | answer NLL | forgetting |",
              "|---|---|---|---|---|---|"]
+    r = results["test"][NO_ADAPTATION]
+    lines.append("| none (base model, no streaming) | – | " + " | ".join(
+        f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}"
+        for k in ("exact_match", "f1", "answer_nll", "forgetting")) + " |")
     for name in METHODS:
         r = results["test"][name]
         cells = [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}"
@@ -215,11 +222,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="meta-training seeds of CaMeLS")
     p.add_argument("--meta-steps", type=int, default=300)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
-    p.add_argument("--val-docs", type=int, default=100)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--val-docs", type=int, default=300,
+                   help="documents per validation stream (as long as the test streams)")
     p.add_argument("--val-streams", type=int, default=1)
     p.add_argument("--test-docs", type=int, default=300)
     p.add_argument("--test-streams", type=int, default=3)
+    p.add_argument("--tag", default="", help="prefix of the result file names")
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -232,10 +241,15 @@ def main() -> None:
                        args.val_streams) for s in args.seeds}
     lrs = {name: sweeps[first][name]["best_lr"] for name in METHODS if name != "camels"}
     per_seed_camels_lr = {s: sweeps[s]["camels"]["best_lr"] for s in args.seeds}
-    test: dict[str, list[dict]] = {name: [] for name in METHODS}
+    test: dict[str, list[dict]] = {name: [] for name in (NO_ADAPTATION, *METHODS)}
     for k in range(args.test_streams):
         s = args.seeds[k % len(args.seeds)]
         data = stream(exps[s], "test", args.test_docs, TEST_SEED + k)
+        none = score(exps[s], lambda enc: torch.zeros_like(uniform_weights(enc.doc_mask)),
+                     data, 1e-3)
+        test[NO_ADAPTATION].append(none)
+        print(f"test stream {k} none " + " ".join(f"{a}={b:.4f}" for a, b in none.items()),
+              flush=True)
         for name in METHODS:
             lr = per_seed_camels_lr[s] if name == "camels" else lrs[name]
             m = score(exps[s], fns[s][name], data, lr)
@@ -258,8 +272,8 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(out / "results.md", markdown(results))
+    atomic_write_text(out / f"{args.tag}results.json", json.dumps(results, indent=1))
+    atomic_write_text(out / f"{args.tag}results.md", markdown(results))
     plot_weights(exps[first], out / "token_weights.png")
     print(markdown(results))
     print(json.dumps(results["camels_weights"], indent=1))
