@@ -49,17 +49,16 @@ def test_meta_steps_move_phi_and_evaluation_scores_the_stream():
 def test_interrupt_and_resume_is_bit_identical(tmp_path, meta_gradient):
     cfg = cfg_for({**TINY, "meta_gradient": meta_gradient})
     straight = build_experiment(cfg)
-    losses = [straight.meta_step(s)["loss"] for s in (1, 2, 3, 4)]
+    losses = [straight.meta_step(s)["loss"] for s in (1, 2, 3)]
     first = build_experiment(cfg)
-    for s in (1, 2):
-        first.meta_step(s)
-    path = write_checkpoint(tmp_path, step=2, experiment=cfg.experiment, config=to_dict(cfg),
+    first.meta_step(1)
+    path = write_checkpoint(tmp_path, step=1, experiment=cfg.experiment, config=to_dict(cfg),
                             state=checkpoint_state(first, 0.0))
     resumed = build_experiment(cfg)
     torch.manual_seed(12345)  # a disturbed global RNG must not matter
     resumed.generator.manual_seed(999)  # nor the sampler's state before loading
     load_into(resumed, cfg, path)
-    assert [resumed.meta_step(s)["loss"] for s in (3, 4)] == losses[2:]
+    assert [resumed.meta_step(s)["loss"] for s in (2, 3)] == losses[1:]
     for k in straight.phi:
         assert torch.equal(straight.phi[k], resumed.phi[k]), k
     assert straight.evaluate("val") == resumed.evaluate("val")
