@@ -43,16 +43,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
+import torch
 from torch import Tensor
 
-from metaopt.text import QA_ANSWER, QA_QUESTION, Tokenizer
+from metaopt.text import QA_ANSWER, QA_QUESTION, Tokenizer, batch_encode_qa, qa_prompt_ids
 
 __all__ = [
     "NAME_SYLLABLES",
     "SPLITS",
     "Document",
+    "EncodedDocuments",
     "QAPair",
     "Span",
+    "encode_documents",
+    "entity_documents",
     "entity_split",
     "heuristic_salient_spans",
     "locality_corpus",
@@ -425,6 +429,23 @@ def make_stream(split: str, n_documents: int, seed: int = 0) -> list[Document]:
     return _stream("stream", split, n_documents, seed)
 
 
+def entity_documents(entity_id: str, n_documents: int, seed: int = 0) -> list[Document]:
+    """``n_documents`` further documents about one entity ``"kind:Name"`` (any split).
+
+    The facts are the entity's own (the same in every stream); each document states a
+    fresh random subset of them in fresh phrasings, with fresh distractors — the
+    rewrites a pretraining corpus needs for facts to be learnt, not one sentence.
+    """
+    kind, _, name = entity_id.partition(":")
+    if kind not in _ATTRIBUTES or not name:
+        raise ValueError(f"entity_id must be 'kind:Name' with kind in {_KINDS}, got "
+                         f"{entity_id!r}")
+    if n_documents < 0:
+        raise ValueError(f"n_documents must be >= 0, got {n_documents}")
+    return [_document(kind, name, entity_id, random.Random(f"rewrite/{entity_id}/{seed}/{i}"))
+            for i in range(n_documents)]
+
+
 def make_qa_tuning_set(n_documents: int, seed: int = 0) -> list[Document]:
     """Train-split documents for teaching a base model the QA format.
 
@@ -463,6 +484,60 @@ def span_token_masks(tokenizer: Tokenizer, documents: Sequence[Document], max_le
                                      max_len, pad=pad, add_bos=add_bos, add_eos=add_eos)
 
 
+@dataclass(frozen=True)
+class EncodedDocuments:
+    """Documents and their questions as token tensors (see :func:`encode_documents`).
+
+    Attributes:
+        doc_ids, doc_mask: ``(D, T)`` ``<bos> text <eos>``, right-padded; ``doc_mask`` 1 on
+            real tokens.
+        salient_mask, answer_span_mask: ``(D, T)`` bool, tokens overlapping the documents'
+            salient spans (names, values) / answer spans.
+        qa_ids, qa_answer_mask: ``(M, Tq)`` closed-book ``<bos> question: Q answer: A
+            <eos>`` sequences of all M questions and the mask of their answer tokens.
+        qa_doc: ``(M,)`` the document each question is about.
+        prompts: the M generation prompts ``<bos> question: Q answer:`` (1-D long).
+        golds: the M gold answer lists.
+    """
+
+    doc_ids: Tensor
+    doc_mask: Tensor
+    salient_mask: Tensor
+    answer_span_mask: Tensor
+    qa_ids: Tensor
+    qa_answer_mask: Tensor
+    qa_doc: Tensor
+    prompts: tuple[Tensor, ...]
+    golds: tuple[tuple[str, ...], ...]
+
+
+def encode_documents(tokenizer: Tokenizer, documents: Sequence[Document], max_len: int,
+                     qa_max_len: int = 40) -> EncodedDocuments:
+    """Token tensors of ``documents`` and of their questions (closed book, no context).
+
+    Documents are ``<bos> text <eos>`` cut to ``max_len`` tokens; a question whose answer
+    span was cut off is still included (the model must then know it otherwise).
+    """
+    if not documents:
+        raise ValueError("documents is empty")
+    texts = [d.text for d in documents]
+    doc_ids, doc_mask = tokenizer.batch_encode(texts, max_len, pad=False, add_bos=True,
+                                               add_eos=True)
+    masks = [span_token_masks(tokenizer, documents, max_len, spans=kind, pad=False,
+                              add_bos=True, add_eos=True) for kind in ("salient", "answer")]
+    pairs = [(i, qa) for i, d in enumerate(documents) for qa in d.qa]
+    qa_ids, _, qa_answer_mask = batch_encode_qa(tokenizer, [qa.question for _, qa in pairs],
+                                                [qa.answer for _, qa in pairs], qa_max_len,
+                                                pad=False)
+    prompts = tuple(torch.tensor(qa_prompt_ids(tokenizer, qa.question), dtype=torch.long)
+                    for _, qa in pairs)
+    return EncodedDocuments(doc_ids=doc_ids, doc_mask=doc_mask, salient_mask=masks[0],
+                            answer_span_mask=masks[1], qa_ids=qa_ids,
+                            qa_answer_mask=qa_answer_mask,
+                            qa_doc=torch.tensor([i for i, _ in pairs], dtype=torch.long),
+                            prompts=prompts, golds=tuple(qa.answers for _, qa in pairs))
+
+
 def locality_corpus(n_texts: int, seed: int = 0, sentences: tuple[int, int] = (3, 6)
                     ) -> list[str]:
     """``n_texts`` short texts of generic sentences that mention no entity or fact.
@@ -495,9 +570,12 @@ def vocabulary_texts() -> list[str]:
         for _, statements, questions in attrs.values():
             texts += [_SLOT.sub("", t) for t in statements + questions]
     texts += [_SLOT.sub("", t) for t in _DISTRACTORS + _LOCALITY]
+    # inside a document a sentence-initial word follows a space (" Born", " Visitors"),
+    # and a value may open a sentence or a text with or without one
+    texts += [" " + t for t in texts]
     for pool in (_CITIES, _RIVERS, _OCCUPATIONS, _COLOURS, _INSTRUMENTS, _PRODUCTS, _KNOWN_FOR,
                  _MATERIALS, _PURPOSES, *_LOCALITY_WORDS.values()):
-        texts += [" ".join(pool), " ".join(v.capitalize() for v in pool)]
+        texts += [w for v in pool for w in (v, " " + v, v.capitalize(), " " + v.capitalize())]
     texts += [" an a The An A"]
     return texts
 

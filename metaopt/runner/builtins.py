@@ -26,6 +26,7 @@ def register_builtins() -> None:
     register_estimators()
     import tasks  # noqa: F401  (the package registers its task families in TASKS)
     from metaopt.runner.experiments import (  # noqa: F401
+        camels,
         few_shot,
         hypercleaning,
         lopt_metatrain,

@@ -22,6 +22,17 @@ path (per-document loop: second-order gradients through LayerNorm are wrong unde
 First order does not apply: θ₀ does not depend on φ and φ reaches θ_K only through
 the inner gradient, so the stop-gradient of :class:`~metaopt.bilevel.FirstOrder`
 leaves a meta-gradient of exactly zero. :class:`CaMeLS` refuses it.
+
+``meta_gradient="jvp"`` — the same exact meta-gradient at first-order cost, for one SGD
+step on one document. With θ₁ = θ₀ − α ∇g(θ₀) and n = Σ_t m_t,
+
+    dF/dw_t = ⟨∇f(θ₁), dθ₁/dw_t⟩ = −(α/n) · m_t · ⟨∇f(θ₁), ∇ℓ_t(θ₀)⟩,
+
+and the vector of the inner products over t is ONE Jacobian-vector product of the
+per-token loss vector ℓ(θ₀) in the direction ∇f(θ₁) (:func:`torch.func.jvp`). So a task
+costs a gradient at θ₀, a gradient of f at θ₁, one forward-mode pass and a backward
+through the weighting model — no graph through the inner step. dF/dφ is then the
+vector-Jacobian product of dF/dw with the weighting model.
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ from metaopt.optim import sgd
 from metaopt.params import Params, functional_call
 
 __all__ = ["CaMeLS", "answer_nll", "locality_kl", "token_nll", "weighted_lm_loss"]
+
+#: How :class:`CaMeLS` computes dF/dφ.
+META_GRADIENTS = ("estimator", "jvp")
 
 #: Why CaMeLS runs documents one at a time.
 LOOP_ONLY = ("second-order gradients through LayerNorm are wrong under torch.func.vmap "
@@ -100,6 +114,9 @@ class CaMeLS:
         c_kl: weight of the locality KL term.
         estimator: :class:`~metaopt.bilevel.Unrolled` (default) or any task estimator
             except first-order ones (see the module docstring).
+        meta_gradient: ``"estimator"`` (through ``estimator``) or ``"jvp"`` (the exact
+            one-step meta-gradient from one Jacobian-vector product, see the module
+            docstring; one document per task, ``inner_steps=1``).
 
     ``meta_loss(doc_ids, doc_mask, qa_ids, answer_mask, loc_ids, loc_mask)`` takes a
     meta-batch of N tasks: ``doc_* (N, T)`` (one document each) or ``(N, D, T)`` (D
@@ -111,7 +128,15 @@ class CaMeLS:
 
     def __init__(self, base_model: nn.Module, weighting: nn.Module, *, inner_lr: float = 5e-4,
                  inner_steps: int = 1, c_kl: float = 0.1,
-                 estimator: TaskEstimator | None = None) -> None:
+                 estimator: TaskEstimator | None = None,
+                 meta_gradient: str = "estimator") -> None:
+        if meta_gradient not in META_GRADIENTS:
+            raise ValueError(f"meta_gradient must be one of {META_GRADIENTS}, got "
+                             f"{meta_gradient!r}")
+        if meta_gradient == "jvp" and (inner_steps != 1 or estimator is not None):
+            raise ValueError("meta_gradient='jvp' is exact for one inner SGD step: needs "
+                             "inner_steps=1 and no estimator")
+        self.meta_gradient = meta_gradient
         estimator = Unrolled() if estimator is None else estimator
         if isinstance(estimator, FirstOrder) or getattr(estimator, "first_order", False):
             raise ValueError("estimator: first-order gives CaMeLS a zero meta-gradient "
@@ -189,8 +214,38 @@ class CaMeLS:
                   functional: bool = False, checks: bool = True) -> Tensor:
         """F(φ) for one document; its gradient is the estimator's meta-gradient."""
         problem = self.problem(doc_ids, doc_mask, qa_ids, answer_mask, loc_ids, loc_mask)
+        if self.meta_gradient == "jvp":
+            return self._jvp_task_loss(problem, phi, doc_ids, doc_mask)
         return self.estimator.objective(problem, phi, self.base_parameters(),
                                         functional=functional, check_finite=checks).value
+
+    def _jvp_task_loss(self, problem: BilevelProblem, phi: Params, doc_ids: Tensor,
+                       doc_mask: Tensor) -> Tensor:
+        """F(θ₁) with dF/dφ = (dF/dw)ᵀ ∂w/∂φ, dF/dw from one JVP (module docstring)."""
+        if doc_ids.dim() == 2 and doc_ids.shape[0] != 1:
+            raise ValueError(f"meta_gradient='jvp' adapts on one document per task, got "
+                             f"doc_ids of shape {tuple(doc_ids.shape)}")
+        ids, mask = doc_ids.reshape(1, -1), doc_mask.reshape(1, -1)
+        theta0 = self.base_parameters()
+        w = self.weights(phi, ids, mask)
+        with torch.enable_grad():
+            leaves = {k: v.requires_grad_() for k, v in
+                      ((k, v.detach().clone()) for k, v in theta0.items())}
+            inner = weighted_lm_loss(self.logits(leaves, ids, mask), ids, w.detach(), mask)
+            g = torch.autograd.grad(inner, list(leaves.values()))
+            theta1 = {k: (v - self.inner_lr * gk).detach().requires_grad_()
+                      for (k, v), gk in zip(theta0.items(), g)}
+            outer = problem.outer_loss(theta1, {k: v.detach() for k, v in phi.items()})
+            direction = dict(zip(theta1, torch.autograd.grad(outer, list(theta1.values()))))
+
+        def per_token(theta: Params) -> Tensor:
+            return token_nll(self.logits(theta, ids, mask), ids)
+
+        _, dots = torch.func.jvp(per_token, (theta0,), (direction,))
+        target_mask = mask[:, 1:].to(dots.dtype)
+        d_w = -(self.inner_lr / target_mask.sum().clamp_min(1.0)) * target_mask * dots
+        surrogate = (w[:, 1:] * d_w.detach()).sum()
+        return outer.detach() + surrogate - surrogate.detach()
 
     # -- the public API ------------------------------------------------------------
     def meta_loss(self, doc_ids: Tensor, doc_mask: Tensor, qa_ids: Tensor,

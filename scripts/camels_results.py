@@ -1,0 +1,283 @@
+"""CaMeLS against uniform, TF-IDF, salient-span and oracle token weights on held-out entities.
+
+Needs the base model (``scripts/train_tiny_lm.py --out results/camels/tiny_lm``).
+
+1. Meta-train the CaMeLS weighting model through the runner (``configs/camels.yaml``,
+   ``metaopt.runner.loop.train``) once per meta-training seed, into
+   ``--out/runs/seed<k>`` (an existing finished run is reused, not retrained).
+2. For every weighting, sweep the Adam learning rate of online adaptation on
+   validation streams (val-split entities) and keep the best by F1 (ties: answer NLL).
+3. On ``--test-streams`` test streams (entity-disjoint test split, ``--test-docs``
+   documents each, a different seed each; stream k is paired with CaMeLS seed
+   ``k % len(seeds)``), stream every weighting at its lr and measure EM / F1 of greedy
+   closed-book answers to all questions of the stream, answer NLL before/after, and
+   forgetting (locality-text NLL after − before).
+4. Write ``--out/results.json``, ``--out/results.md`` (mean ± std over test streams) and
+   ``--out/token_weights.png`` (CaMeLS weights over a few test documents).
+
+Weightings (per real token of a document): ``none`` 0 (no adaptation: the base model's
+own answers, the reference row); ``uniform`` 1; ``tfidf`` the token's
+inverse document frequency over the meta-training pool; ``salient`` 1 on entity
+names, numbers and attribute values (the generator's salient spans), else 0;
+``oracle`` 1 on the tokens of the answers' spans only, else 0; ``camels`` the
+meta-learned weights. One thread, deterministic::
+
+    PYTHONPATH=. nice -n 10 python scripts/camels_results.py --out results/camels
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from metaopt.algorithms.camels import idf_weights, inverse_document_frequency, uniform_weights
+from metaopt.algorithms.camels.online_eval import span_weights
+from metaopt.fileio import atomic_write_text
+from metaopt.runner.checkpoint import latest_checkpoint, read_checkpoint
+from metaopt.runner.config import load_run_config
+from metaopt.runner.experiments.camels import MAX_LEN, CamelsExperiment, online_metrics
+from metaopt.runner.loop import build_experiment, load_into, train
+from metaopt.runner.rundir import create_run_dir
+from tasks.documents import EncodedDocuments, encode_documents, locality_corpus, make_stream
+
+METHODS = ("uniform", "tfidf", "salient", "oracle", "camels")
+#: The reference row: the base model without streaming (zero weights: Adam's update is 0).
+NO_ADAPTATION = "none"
+#: Seeds of the streams this script draws (apart from the experiment's own).
+VAL_SEED, TEST_SEED, LOC_SEED = 20_000, 30_000, 40_000
+
+WeightFn = Callable[[EncodedDocuments], Tensor]
+
+
+def meta_train(config: str, out: Path, seed: int, steps: int) -> CamelsExperiment:
+    """The CaMeLS experiment of ``seed`` after ``steps`` outer steps (trained if needed)."""
+    cfg = load_run_config(config, [f"seed={seed}", f"steps={steps}"])
+    run = out / "runs" / f"seed{seed}"
+    ckpt = latest_checkpoint(run / "checkpoints") if run.exists() else None
+    if ckpt is None or read_checkpoint(ckpt).step != steps:
+        if not run.exists():
+            create_run_dir(run, cfg, ["scripts/camels_results.py"])
+        t0 = time.perf_counter()
+        train(cfg, run, resume=ckpt, progress=True)
+        print(f"meta-trained seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
+        ckpt = latest_checkpoint(run / "checkpoints")
+    exp = build_experiment(cfg)
+    load_into(exp, cfg, ckpt)
+    return exp
+
+
+def weight_fns(exp: CamelsExperiment) -> dict[str, WeightFn]:
+    """The five weightings; TF-IDF's idf comes from the meta-training pool."""
+    V = exp.base.config.vocab_size
+    idf = inverse_document_frequency(exp.pool.doc_ids, exp.pool.doc_mask, V)
+    weighting = exp.trained_weighting()
+
+    @torch.no_grad()
+    def camels(enc: EncodedDocuments) -> Tensor:
+        return weighting(enc.doc_ids, enc.doc_mask)
+
+    return {
+        "uniform": lambda enc: uniform_weights(enc.doc_mask),
+        "tfidf": lambda enc: idf_weights(enc.doc_ids, enc.doc_mask, idf),
+        "salient": lambda enc: span_weights(enc.salient_mask, enc.doc_mask),
+        "oracle": lambda enc: span_weights(enc.answer_span_mask, enc.doc_mask),
+        "camels": camels,
+    }
+
+
+def stream(exp: CamelsExperiment, split: str, docs: int, seed: int
+           ) -> tuple[EncodedDocuments, Tensor, Tensor]:
+    tok = exp.tokenizer
+    enc = encode_documents(tok, make_stream(split, docs, seed=seed), MAX_LEN)
+    lids, lmask = tok.batch_encode(locality_corpus(32, seed=LOC_SEED + seed), MAX_LEN,
+                                   pad=False, add_bos=True, add_eos=True)
+    return enc, lids, lmask
+
+
+def score(exp: CamelsExperiment, fn: WeightFn, data: tuple, lr: float) -> dict[str, float]:
+    enc, lids, lmask = data
+    return online_metrics(exp.camels, exp.tokenizer, enc, fn(enc), lids, lmask, lr=lr)
+
+
+def sweep(exp: CamelsExperiment, fns: dict[str, WeightFn], lrs: list[float], docs: int,
+          streams: int) -> dict[str, dict]:
+    """Best lr per weighting on ``streams`` validation streams (mean F1, then NLL)."""
+    vals = [stream(exp, "val", docs, VAL_SEED + i) for i in range(streams)]
+    out = {}
+    for name, fn in fns.items():
+        rows = []
+        for lr in lrs:
+            ms = [score(exp, fn, v, lr) for v in vals]
+            rows.append({"lr": lr, "f1": statistics.mean(m["f1"] for m in ms),
+                         "answer_nll": statistics.mean(m["answer_nll"] for m in ms)})
+            print(f"  val {name:8s} lr={lr:g}  f1={rows[-1]['f1']:.4f}  "
+                  f"nll={rows[-1]['answer_nll']:.3f}", flush=True)
+        best = max(rows, key=lambda r: (round(r["f1"], 6), -r["answer_nll"]))
+        out[name] = {"best_lr": best["lr"], "grid": rows}
+    return out
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def plot_weights(exp: CamelsExperiment, path: Path, n_docs: int = 4) -> None:
+    """Tokens of a few test documents coloured by their CaMeLS weight (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    tok = exp.tokenizer
+    enc = encode_documents(tok, make_stream("test", n_docs, seed=TEST_SEED + 99), MAX_LEN)
+    with torch.no_grad():
+        w = exp.trained_weighting()(enc.doc_ids, enc.doc_mask)
+    top = float(w.max())
+    cmap = colormaps["viridis"]
+    per_line, char_w, line_h = 150, 5.45 / (0.98 * 12 * 72), 0.055
+    lines: list[list[tuple[str, float]]] = []
+    for i in range(n_docs):
+        row: list[tuple[str, float]] = []
+        used = 0
+        n = int(enc.doc_mask[i].sum())
+        for j in range(1, n - 1):  # skip <bos>, <eos>
+            piece = tok.decode([int(enc.doc_ids[i, j])])
+            if used + len(piece) > per_line:
+                lines.append(row)
+                row, used = [], 0
+                piece = piece.lstrip()
+            row.append((piece, float(w[i, j])))
+            used += len(piece)
+        lines.append(row)
+        lines.append([])
+    fig = plt.figure(figsize=(12, 0.32 * len(lines) + 0.8))
+    ax = fig.add_axes((0.01, 0.16, 0.98, 0.82))
+    ax.axis("off")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-len(lines) * line_h, line_h)
+    for r, row in enumerate(lines):
+        x = 0.0
+        for piece, weight in row:
+            ax.text(x, -r * line_h, piece.replace(" ", "\u00a0"), family="monospace",
+                    fontsize=9, va="center", ha="left",
+                    bbox={"boxstyle": "square,pad=0.05", "lw": 0,
+                          "fc": cmap(weight / top)},
+                    color="white" if weight / top < 0.55 else "black")
+            x += char_w * len(piece)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top))
+    cax = fig.add_axes((0.3, 0.09, 0.4, 0.025))
+    fig.colorbar(sm, cax=cax, orientation="horizontal", label="CaMeLS token weight")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def weight_summary(exp: CamelsExperiment, docs: int = 100) -> dict[str, float]:
+    """Mean CaMeLS weight on answer-span, other salient, and remaining tokens (test docs)."""
+    enc = encode_documents(exp.tokenizer, make_stream("test", docs, seed=TEST_SEED + 98),
+                           MAX_LEN)
+    with torch.no_grad():
+        w = exp.trained_weighting()(enc.doc_ids, enc.doc_mask)
+    real = enc.doc_mask.bool()
+    answer = enc.answer_span_mask & real
+    salient = enc.salient_mask & real & ~answer
+    rest = real & ~enc.salient_mask
+    return {"answer_tokens": float(w[answer].mean()), "other_salient_tokens":
+            float(w[salient].mean()), "other_tokens": float(w[rest].mean())}
+
+
+def markdown(results: dict) -> str:
+    lines = ["| weighting | Adam lr (val) | EM | F1 | answer NLL | forgetting |",
+             "|---|---|---|---|---|---|"]
+    r = results["test"][NO_ADAPTATION]
+    lines.append("| none (base model, no streaming) | – | " + " | ".join(
+        f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}"
+        for k in ("exact_match", "f1", "answer_nll", "forgetting")) + " |")
+    for name in METHODS:
+        r = results["test"][name]
+        cells = [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}"
+                 for k in ("exact_match", "f1", "answer_nll", "forgetting")]
+        lr = results["sweep"][name]["best_lr"]
+        lr = lr if isinstance(lr, (int, float)) else "/".join(f"{x:g}" for x in lr)
+        lines.append(f"| {name} | {lr if isinstance(lr, str) else f'{lr:g}'} | "
+                     + " | ".join(cells) + " |")
+    before = results["test"]["uniform"]["answer_nll_before"]
+    lines.append("")
+    lines.append(f"Answer NLL before streaming: {before['mean']:.3f} ± {before['std']:.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="results/camels")
+    p.add_argument("--config", default="configs/camels.yaml")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="meta-training seeds of CaMeLS")
+    p.add_argument("--meta-steps", type=int, default=300)
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--val-docs", type=int, default=300,
+                   help="documents per validation stream (as long as the test streams)")
+    p.add_argument("--val-streams", type=int, default=1)
+    p.add_argument("--test-docs", type=int, default=300)
+    p.add_argument("--test-streams", type=int, default=3)
+    p.add_argument("--tag", default="", help="prefix of the result file names")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    exps = {s: meta_train(args.config, out, s, args.meta_steps) for s in args.seeds}
+    fns = {s: weight_fns(e) for s, e in exps.items()}
+    first = args.seeds[0]
+    sweeps = {s: sweep(exps[s], {k: v for k, v in fns[s].items()
+                                 if k == "camels" or s == first}, args.lrs, args.val_docs,
+                       args.val_streams) for s in args.seeds}
+    lrs = {name: sweeps[first][name]["best_lr"] for name in METHODS if name != "camels"}
+    per_seed_camels_lr = {s: sweeps[s]["camels"]["best_lr"] for s in args.seeds}
+    test: dict[str, list[dict]] = {name: [] for name in (NO_ADAPTATION, *METHODS)}
+    for k in range(args.test_streams):
+        s = args.seeds[k % len(args.seeds)]
+        data = stream(exps[s], "test", args.test_docs, TEST_SEED + k)
+        none = score(exps[s], lambda enc: torch.zeros_like(uniform_weights(enc.doc_mask)),
+                     data, 1e-3)
+        test[NO_ADAPTATION].append(none)
+        print(f"test stream {k} none " + " ".join(f"{a}={b:.4f}" for a, b in none.items()),
+              flush=True)
+        for name in METHODS:
+            lr = per_seed_camels_lr[s] if name == "camels" else lrs[name]
+            m = score(exps[s], fns[s][name], data, lr)
+            test[name].append(m)
+            print(f"test stream {k} (camels seed {s}) {name:8s} lr={lr:g} "
+                  + " ".join(f"{a}={b:.4f}" for a, b in m.items()), flush=True)
+    results = {
+        "setup": {**vars(args), "methods": list(METHODS),
+                  "test_entities": "test split (entity-disjoint from train/val)",
+                  "questions_per_stream": [len(stream(exps[args.seeds[0]], "test", args.test_docs,
+                                                      TEST_SEED + k)[0].golds)
+                                           for k in range(args.test_streams)]},
+        "sweep": {**{name: sweeps[first][name] for name in lrs},
+                  "camels": {"best_lr": [per_seed_camels_lr[s] for s in args.seeds],
+                             "grid": {str(s): sweeps[s]["camels"]["grid"] for s in args.seeds}}},
+        "test": {name: {key: _mean_std([m[key] for m in rows]) for key in rows[0]}
+                 for name, rows in test.items()},
+        "test_runs": test,
+        "camels_weights": {str(s): weight_summary(e) for s, e in exps.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{args.tag}results.json", json.dumps(results, indent=1))
+    atomic_write_text(out / f"{args.tag}results.md", markdown(results))
+    plot_weights(exps[first], out / "token_weights.png")
+    print(markdown(results))
+    print(json.dumps(results["camels_weights"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

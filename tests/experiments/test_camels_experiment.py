@@ -1,0 +1,108 @@
+"""The ``camels`` runner experiment: meta-steps change the token weights along the
+CaMeLS meta-gradient, evaluation streams documents and scores them, an interrupted and
+resumed run is bit-identical to an uninterrupted one, and the base-model files are
+verified (checksums, tokenizer identity) when loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaopt.errors import CheckpointError
+from metaopt.models import TinyLM, TinyLMConfig
+from metaopt.runner.base_lm import load_base_lm, save_base_lm
+from metaopt.runner.checkpoint import read_checkpoint, write_checkpoint
+from metaopt.runner.config import load_run_config, parse_run_config, to_dict
+from metaopt.runner.loop import build_experiment, checkpoint_state, load_into, train
+from metaopt.runner.rundir import create_run_dir
+from metaopt.text import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {"base_checkpoint": None, "base_model": {"d_model": 16, "n_layers": 1, "n_heads": 2},
+        "weighting": {"d_model": 16, "n_layers": 1, "n_heads": 2, "width": 8, "init": "base"},
+        "inner_lr": 0.5, "outer_lr": 0.01, "train_docs": 16, "meta_batch": 2, "locality": 1,
+        "eval_docs": 3, "eval_max_new_tokens": 3}
+
+
+def cfg_for(settings: dict, seed: int = 1, steps: int = 4):
+    return parse_run_config({"experiment": "camels", "seed": seed, "steps": steps,
+                             "settings": settings})
+
+
+def test_meta_steps_move_phi_and_evaluation_scores_the_stream():
+    exp = build_experiment(cfg_for(TINY))
+    before = {k: v.clone() for k, v in exp.phi.items()}
+    m = exp.meta_step(1)
+    assert m["grad_norm"] > 0 and m["loss"] > 0
+    # the head's last layer starts at zero: every real token weighs softplus_3(0) = ln2/3
+    assert m["mean_weight"] == pytest.approx(torch.log(torch.tensor(2.0)).item() / 3, rel=0.05)
+    changed = [k for k in before if not torch.equal(before[k], exp.phi[k])]
+    assert "out.weight" in changed and "out.bias" in changed
+    ev = exp.evaluate("val")
+    assert set(ev) == {"exact_match", "f1", "answer_nll", "answer_nll_before", "forgetting"}
+    assert 0.0 <= ev["f1"] <= 1.0 and ev["answer_nll"] > 0
+
+
+@pytest.mark.parametrize("meta_gradient", ["estimator", "jvp"])
+def test_interrupt_and_resume_is_bit_identical(tmp_path, meta_gradient):
+    cfg = cfg_for({**TINY, "meta_gradient": meta_gradient})
+    straight = build_experiment(cfg)
+    losses = [straight.meta_step(s)["loss"] for s in (1, 2, 3)]
+    first = build_experiment(cfg)
+    first.meta_step(1)
+    path = write_checkpoint(tmp_path, step=1, experiment=cfg.experiment, config=to_dict(cfg),
+                            state=checkpoint_state(first, 0.0))
+    resumed = build_experiment(cfg)
+    torch.manual_seed(12345)  # a disturbed global RNG must not matter
+    resumed.generator.manual_seed(999)  # nor the sampler's state before loading
+    load_into(resumed, cfg, path)
+    assert [resumed.meta_step(s)["loss"] for s in (2, 3)] == losses[1:]
+    for k in straight.phi:
+        assert torch.equal(straight.phi[k], resumed.phi[k]), k
+    assert straight.evaluate("val") == resumed.evaluate("val")
+
+
+def test_runner_train_resumed_from_a_middle_checkpoint_ends_where_a_straight_run_does(
+        tmp_path):
+    cfg = parse_run_config({"experiment": "camels", "seed": 2, "steps": 3,
+                            "checkpoint_every": 1, "eval_every": 3, "settings": TINY})
+    straight = create_run_dir(tmp_path / "a", cfg, ["pytest"])
+    result = train(cfg, straight, progress=False)
+    assert result.status == "finished" and result.step == 3 and "f1" in result.eval_metrics
+    # run B: resume from its step-1 checkpoint (as after a kill) and finish
+    other = create_run_dir(tmp_path / "b", cfg, ["pytest"])
+    train(cfg, other, progress=False)
+    again = train(cfg, other, resume=other / "checkpoints" / "step_00000001", progress=False)
+    assert again.eval_metrics == result.eval_metrics
+    a = read_checkpoint(straight / "checkpoints" / "step_00000003").state["experiment"]
+    b = read_checkpoint(other / "checkpoints" / "step_00000003").state["experiment"]
+    for k in a["phi"]:
+        assert torch.equal(a["phi"][k], b["phi"][k]), k
+
+
+def test_base_model_files_round_trip_and_are_verified(tmp_path):
+    tok = Tokenizer.build(["alpha beta gamma"])
+    model = TinyLM(TinyLMConfig(vocab_size=tok.vocab_size, d_model=8, n_layers=1, n_heads=2,
+                                max_len=16))
+    save_base_lm(tmp_path, model, tok, step=5, training={"steps": 5})
+    loaded, tok2, config = load_base_lm(tmp_path)
+    assert tok2 == tok and config["training"] == {"steps": 5}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    other = Tokenizer.build(["alpha beta gamma delta"])
+    other.save(tmp_path / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        load_base_lm(tmp_path)
+    with pytest.raises(CheckpointError, match="no base-model checkpoint"):
+        load_base_lm(tmp_path / "missing")
+
+
+def test_shipped_config_parses_and_bad_settings_name_the_field():
+    cfg = load_run_config(ROOT / "configs" / "camels.yaml")
+    assert cfg.experiment == "camels" and cfg.settings.c_kl == 0.1
+    with pytest.raises(Exception, match="inner_lr"):
+        cfg_for({**TINY, "inner_lr": -1.0})
+    with pytest.raises(Exception, match="weighting.init"):
+        cfg_for({**TINY, "weighting": {"init": "pretrained"}})
