@@ -24,7 +24,7 @@ import pytest
 
 from metaopt.distributed.loopback import can_unshare, loopback_env, netns_command
 
-pytest.importorskip("ray.tune")
+pytest.importorskip("ray.tune", exc_type=ImportError)  # also: tune extra missing
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("tune_checks.py")
