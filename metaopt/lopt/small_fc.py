@@ -174,8 +174,8 @@ class SmallFCLOpt(LearnedOptimizer):
             acc = {k: state[k][name] for k in _ACCUMULATORS}
             scale = self._step_scale(state, name)
             if kern is not None and self._kernel_ok(kern, p, g, acc):
-                if kernel_const is None:  # one set per step
-                    kernel_const = self._kernel_constants(*cache[key])
+                if kernel_const is None:  # one set per step, in the one-row layout
+                    kernel_const = _one_row(self._kernel_constants(*cache[key]))
                 new_p, new_acc = self._kernel_update_tensor(
                     kern, p, g, acc, kernel_const,
                     inplace=None if inplace is None else (inplace[0].get(name, 1.0),
@@ -350,7 +350,8 @@ class SmallFCLOpt(LearnedOptimizer):
         kernel (diagonal second moments for vectors, factored ones for matrices): the
         one-row case of :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows`.
 
-        ``const`` comes from :meth:`_kernel_constants`. ``inplace=(lr, weight_decay)``
+        ``const``: :meth:`_kernel_constants` in the one-row layout of ``small_fc_rows``
+        (:func:`_one_row`, built once per step). ``inplace=(lr, weight_decay)``
         writes ``p + lr·(p_learned − p) − lr·wd·p`` into ``p`` and the new accumulators
         into the old ones (``p``/``acc`` contiguous); ``scale`` multiplies the learned step
         (μLO)."""
@@ -361,12 +362,9 @@ class SmallFCLOpt(LearnedOptimizer):
             return p, new_acc
         lr, wd = inplace if inplace is not None else (1.0, 0.0)
         dims = F.factored_dims(p.shape)
-        one = {key: (v if key == "mlp" else v.unsqueeze(0)) for key, v in const.items()}
-        one["mlp"] = [t.unsqueeze(0) for t in const["mlp"]]
-        one["rms_d"] = [float(const["rms_d"])]
         new_p, m, rms, v_row, v_col, v_diag = kern.small_fc_rows(
             *(t.contiguous().unsqueeze(0) for t in (g, *tensors)),
-            None if dims is None else dims[1], one, self.exp_mult,
+            None if dims is None else dims[1], const, self.exp_mult,
             [self.step_mult * scale * lr], [1.0 - lr * wd], inplace=inplace is not None)
         new_acc = {"m": m.view(acc["m"].shape), "rms": rms.view(acc["rms"].shape),
                    "v_row": v_row.view(acc["v_row"].shape),
@@ -400,7 +398,8 @@ class SmallFCLOpt(LearnedOptimizer):
         :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call per tensor.
         Requires :meth:`rows_supported`; no host-side guards (the estimators flag and
         reset non-finite rows). Pure: returns new parameters and a new state."""
-        if not self.rows_supported(kern, params, state):
+        # (dtypes, devices, shapes and contiguity are checked by small_fc_rows itself)
+        if kern is None or torch.is_grad_enabled():
             raise ValueError("update_rows needs the fused kernels and float32 CPU vector or "
                              "matrix rows outside autograd (see rows_supported)")
         iteration = state["iteration"]
@@ -433,6 +432,14 @@ class SmallFCLOpt(LearnedOptimizer):
         for extra in state.keys() - new_state.keys():  # e.g. μLO's per-tensor scales
             new_state[extra] = state[extra]
         return new_params, new_state
+
+
+def _one_row(const: dict[str, Any]) -> dict[str, Any]:
+    """Per-step kernel constants (one set) in ``small_fc_rows``' layout for ``R = 1``."""
+    one = {key: v.unsqueeze(0) for key, v in const.items() if key != "mlp"}
+    one["mlp"] = [t.unsqueeze(0) for t in const["mlp"]]
+    one["rms_d"] = [float(const["rms_d"])]
+    return one
 
 
 #: Elements per block of the per-element MLP (keeps a block's features in cache).
