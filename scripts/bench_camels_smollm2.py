@@ -3,6 +3,8 @@
 Modes (each in its own process, so peak memory is its own):
   plain         one SGD fine-tuning step of the base model on the document batch
   second_order  one CaMeLS meta-step (Unrolled through one weighted SGD step), eager attention
+  jvp           the same exact meta-gradient at first-order cost (CaMeLS(meta_gradient="jvp"):
+                two gradients and one forward-mode pass, no graph through the inner step)
   checkpointed  the same with the base model's decoder layers recomputed in backward
                 (weights passed explicitly to torch.utils.checkpoint)
 
@@ -26,7 +28,7 @@ import time
 
 import torch
 
-MODES = ("plain", "second_order", "checkpointed")
+MODES = ("plain", "second_order", "jvp", "checkpointed")
 
 
 def _rss_mib() -> float:
@@ -53,7 +55,8 @@ def run_mode(mode: str, batch: int, seq: int, repeats: int, cache_dir: str) -> d
     answer = torch.zeros_like(qa)
     answer[..., -6:] = 1
     loc = torch.randint(0, vocab, (batch, 1, 64), generator=g)
-    camels = CaMeLS(base, weighting, inner_lr=5e-4, c_kl=0.1)
+    camels = CaMeLS(base, weighting, inner_lr=5e-4, c_kl=0.1,
+                    meta_gradient="jvp" if mode == "jvp" else "estimator")
     params = [p for p in base.parameters()]
     rss0 = _rss_mib()
 
