@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from metaopt.text.tokenizer import Tokenizer
+from metaopt.text.tokenizer import TokenEncoder
 
 __all__ = ["QA_ANSWER", "QA_QUESTION", "batch_encode_qa", "encode_qa", "qa_prompt_ids"]
 
@@ -25,7 +25,7 @@ QA_QUESTION = "question: "
 QA_ANSWER = " answer:"
 
 
-def qa_prompt_ids(tokenizer: Tokenizer, question: str, context: str | None = None) -> list[int]:
+def qa_prompt_ids(tokenizer: TokenEncoder, question: str, context: str | None = None) -> list[int]:
     """``<bos> [context <sep>] question: {question} answer:`` as ids (a generation prompt)."""
     ids = [tokenizer.bos_id]
     if context is not None:
@@ -33,7 +33,7 @@ def qa_prompt_ids(tokenizer: Tokenizer, question: str, context: str | None = Non
     return ids + tokenizer.encode(QA_QUESTION + question + QA_ANSWER)
 
 
-def encode_qa(tokenizer: Tokenizer, question: str, answer: str,
+def encode_qa(tokenizer: TokenEncoder, question: str, answer: str,
               context: str | None = None) -> tuple[list[int], list[bool]]:
     """Ids of the full QA example and the mask of its answer tokens (``" {answer}" <eos>``)."""
     prompt = qa_prompt_ids(tokenizer, question, context)
@@ -41,7 +41,7 @@ def encode_qa(tokenizer: Tokenizer, question: str, answer: str,
     return prompt + target, [False] * len(prompt) + [True] * len(target)
 
 
-def batch_encode_qa(tokenizer: Tokenizer, questions: Sequence[str], answers: Sequence[str],
+def batch_encode_qa(tokenizer: TokenEncoder, questions: Sequence[str], answers: Sequence[str],
                     max_len: int, contexts: Sequence[str | None] | None = None,
                     pad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(input_ids, attention_mask, answer_mask)`` of shape ``[B, T]`` (Long, Long, Bool).

@@ -35,7 +35,7 @@ from torch import Tensor
 from metaopt.errors import FormatError
 from metaopt.fileio import atomic_write_text
 
-__all__ = ["SPECIAL_TOKENS", "Tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "TokenEncoder", "Tokenizer"]
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<sep>")
 _FORMAT = "metaopt-word-tokenizer"
@@ -48,7 +48,75 @@ _CHARS = tuple(c for c in string.printable if c not in "\x0b\x0c\r")
 _BASE = SPECIAL_TOKENS + _BYTES + _CHARS + tuple(" " + c for c in _CHARS if not c.isspace())
 
 
-class Tokenizer:
+class TokenEncoder:
+    """What the project's text code needs of a tokenizer, and the batch/span logic on top.
+
+    A subclass provides ``encode``, ``encode_with_offsets``, ``decode``, ``vocab_size``
+    and the ids ``pad_id``, ``bos_id``, ``eos_id``, ``sep_id``; batching, padding and
+    span → token masks are written once, here, for every tokenizer (the project's own
+    :class:`Tokenizer`, and ``metaopt.algorithms.camels.hf.HFTokenizer`` over a
+    Hugging Face tokenizer).
+    """
+
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    sep_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        raise NotImplementedError
+
+    def batch_encode(self, texts: Sequence[str], max_len: int, pad: bool = True,
+                     add_bos: bool = False, add_eos: bool = False) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)``, both ``LongTensor [B, T]``.
+
+        Sequences are cut to ``max_len`` tokens (from the right) and right-padded with
+        ``<pad>``; ``T = max_len`` when ``pad``, else the longest sequence.
+        """
+        return _pad([self.encode(t, add_bos, add_eos)[:_check_len(max_len)] for t in texts],
+                    max_len, pad, self.pad_id)
+
+    # ---------------------------------------------------------------- span masks
+    def span_mask(self, text: str, spans: Iterable[tuple[int, int]],
+                  add_bos: bool = False, add_eos: bool = False) -> list[bool]:
+        """Per token of ``encode(text, add_bos, add_eos)``: does it overlap a char span?
+
+        A token covering ``[a, b)`` is marked when some span ``[s, e)`` has
+        ``a < e and s < b``; ``<bos>`` / ``<eos>`` are never marked.
+        """
+        spans = [(int(s), int(e)) for s, e in spans]
+        for s, e in spans:
+            if not 0 <= s <= e <= len(text):
+                raise ValueError(f"span ({s}, {e}) outside a text of {len(text)} characters")
+        _, offsets = self.encode_with_offsets(text)
+        mask = [any(a < e and s < b for s, e in spans) for a, b in offsets]
+        return ([False] if add_bos else []) + mask + ([False] if add_eos else [])
+
+    def batch_span_mask(self, texts: Sequence[str],
+                        spans: Sequence[Iterable[tuple[int, int]]], max_len: int,
+                        pad: bool = True, add_bos: bool = False,
+                        add_eos: bool = False) -> Tensor:
+        """``BoolTensor [B, T]`` of :meth:`span_mask` rows, aligned with
+        :meth:`batch_encode` called with the same arguments."""
+        if len(texts) != len(spans):
+            raise ValueError(f"{len(texts)} texts but {len(spans)} span lists")
+        rows = [self.span_mask(t, s, add_bos, add_eos)[:_check_len(max_len)]
+                for t, s in zip(texts, spans, strict=True)]
+        return _pad([[int(m) for m in r] for r in rows], max_len, pad, 0)[0].bool()
+
+
+
+class Tokenizer(TokenEncoder):
     """Word + digit + symbol tokenizer over an ordered vocabulary (see the module doc)."""
 
     def __init__(self, vocab: Sequence[str]) -> None:
@@ -186,44 +254,6 @@ class Tokenizer:
         if pending:
             out.append(pending.decode("utf-8", errors="replace"))
         return "".join(out)
-
-    def batch_encode(self, texts: Sequence[str], max_len: int, pad: bool = True,
-                     add_bos: bool = False, add_eos: bool = False) -> tuple[Tensor, Tensor]:
-        """``(input_ids, attention_mask)``, both ``LongTensor [B, T]``.
-
-        Sequences are cut to ``max_len`` tokens (from the right) and right-padded with
-        ``<pad>``; ``T = max_len`` when ``pad``, else the longest sequence.
-        """
-        return _pad([self.encode(t, add_bos, add_eos)[:_check_len(max_len)] for t in texts],
-                    max_len, pad, self.pad_id)
-
-    # ---------------------------------------------------------------- span masks
-    def span_mask(self, text: str, spans: Iterable[tuple[int, int]],
-                  add_bos: bool = False, add_eos: bool = False) -> list[bool]:
-        """Per token of ``encode(text, add_bos, add_eos)``: does it overlap a char span?
-
-        A token covering ``[a, b)`` is marked when some span ``[s, e)`` has
-        ``a < e and s < b``; ``<bos>`` / ``<eos>`` are never marked.
-        """
-        spans = [(int(s), int(e)) for s, e in spans]
-        for s, e in spans:
-            if not 0 <= s <= e <= len(text):
-                raise ValueError(f"span ({s}, {e}) outside a text of {len(text)} characters")
-        _, offsets = self.encode_with_offsets(text)
-        mask = [any(a < e and s < b for s, e in spans) for a, b in offsets]
-        return ([False] if add_bos else []) + mask + ([False] if add_eos else [])
-
-    def batch_span_mask(self, texts: Sequence[str],
-                        spans: Sequence[Iterable[tuple[int, int]]], max_len: int,
-                        pad: bool = True, add_bos: bool = False,
-                        add_eos: bool = False) -> Tensor:
-        """``BoolTensor [B, T]`` of :meth:`span_mask` rows, aligned with
-        :meth:`batch_encode` called with the same arguments."""
-        if len(texts) != len(spans):
-            raise ValueError(f"{len(texts)} texts but {len(spans)} span lists")
-        rows = [self.span_mask(t, s, add_bos, add_eos)[:_check_len(max_len)]
-                for t, s in zip(texts, spans, strict=True)]
-        return _pad([[int(m) for m in r] for r in rows], max_len, pad, 0)[0].bool()
 
     # ---------------------------------------------------------------- files
     def to_dict(self) -> dict[str, object]:

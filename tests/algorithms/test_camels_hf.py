@@ -81,3 +81,68 @@ def test_hf_backbone_for_the_weighting_model_starts_uniform() -> None:
 def test_missing_extra_names_lm() -> None:
     with pytest.raises(MissingExtraError, match=r"metaopt\[lm\]"):
         require_lm("a test", ("no_such_module_for_metaopt",))
+
+
+def _hf_tokenizer():
+    """A fast word-level Hugging Face tokenizer built in memory (no files, no download)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["<pad>", "<s>", "</s>", "<unk>", "Mara", "Voss", "lives", "in", "Keld", ".",
+             "She", "plays", "the", "violin", "question", ":", "Where", "does", "live", "?",
+             "answer", "What", "instrument"]
+    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+        [tokenizers.pre_tokenizers.WhitespaceSplit(), tokenizers.pre_tokenizers.Punctuation()])
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                               bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>")
+
+
+@pytest.mark.slow
+def test_hf_tokenizer_drives_the_documents_pipeline() -> None:
+    """HFTokenizer: the project's encode/offset/span/batch contract over a fast tokenizer,
+    so ``encode_documents`` and the QA format run unchanged on a Hugging Face model."""
+    from metaopt.algorithms.camels.hf import HFTokenizer
+    from tasks.documents import Document, QAPair, encode_documents
+
+    tok = HFTokenizer(_hf_tokenizer())
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.sep_id, tok.vocab_size) == (0, 1, 2, 2, 23)
+    text = "Mara Voss lives in Keld. She plays the violin."
+    ids, offsets = tok.encode_with_offsets(text)
+    assert [text[a:b] for a, b in offsets] == ["Mara", "Voss", "lives", "in", "Keld", ".",
+                                                "She", "plays", "the", "violin", "."]
+    assert tok.encode(text, add_bos=True, add_eos=True) == [1, *ids, 2]
+    keld = text.index("Keld")
+    assert tok.span_mask(text, [(keld, keld + 4)], add_bos=True) == [
+        False, False, False, False, False, True] + [False] * 6
+    doc = Document(text=text, qa=(QAPair("Where does Mara Voss live?", "Keld"),
+                                  QAPair("What instrument does Mara Voss play?", "violin")),
+                   answer_spans=((keld, keld + 4), (text.index("violin"), len(text) - 1)),
+                   salient_spans=((0, 9),), entity_id="person:mara")
+    enc = encode_documents(tok, [doc], max_len=8)
+    assert enc.doc_ids.shape == (1, 8) and enc.doc_ids[0, 0] == 1  # cut to max_len
+    assert enc.answer_span_mask[0].tolist() == [False] * 5 + [True, False, False]
+    assert enc.salient_mask[0].tolist() == [False, True, True] + [False] * 5
+    answer = enc.qa_ids[0][enc.qa_answer_mask[0]].tolist()
+    assert tok.decode(answer) == "Keld" and answer[-1] == tok.eos_id
+    assert enc.prompts[0].tolist() == [tok.bos_id, *tok.encode(
+        "question: Where does Mara Voss live? answer:")]
+    assert tok.decode(enc.prompts[0].tolist()) == "question : Where does Mara Voss live? answer :"
+
+
+@pytest.mark.slow
+def test_hf_tokenizer_refuses_a_slow_tokenizer_and_missing_ids() -> None:
+    from metaopt.algorithms.camels.hf import HFTokenizer
+
+    class Slow:
+        is_fast = False
+
+    with pytest.raises(ValueError, match="fast tokenizer"):
+        HFTokenizer(Slow())
+    fast = _hf_tokenizer()
+    fast.bos_token = None
+    with pytest.raises(ValueError, match="bos_id"):
+        HFTokenizer(fast)
+    assert HFTokenizer(fast, bos_id=3).bos_id == 3

