@@ -160,38 +160,38 @@ class SmallFCLOpt(LearnedOptimizer):
               kern: cpu_kernels.LoptCpuKernels | None
               ) -> tuple[Params, LOptState]:
         """Shared loop of :meth:`_update` and (``inplace=(lr, weight_decay)``) :meth:`_update_`:
-        per tensor, the fused kernel (:meth:`_kernel_update_tensor`) or the reference."""
+        every tensor the fused kernels step (:meth:`_kernel_ok`) in one
+        :meth:`_kernel_step`, the others through the reference :meth:`_update_tensor`."""
         iteration = state["iteration"]
         new_state: LOptState = {k: {} for k in _ACCUMULATORS}
         new_params: Params = {}
         cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
-        kernel_const: dict[str, Any] | None = None
+        fused: list[str] = []
         for name, p in params.items():
             g = grads[name]
+            acc = {k: state[k][name] for k in _ACCUMULATORS}
+            if kern is not None and self._kernel_ok(kern, p, g, acc):
+                fused.append(name)
+                continue
             key = (_compute_dtype(p.dtype), p.device)
             if key not in cache:
                 cache[key] = self._prepare(iteration, *key)
-            acc = {k: state[k][name] for k in _ACCUMULATORS}
             scale = self._step_scale(state, name)
-            if kern is not None and self._kernel_ok(kern, p, g, acc):
-                if kernel_const is None:  # one set per step, in the one-row layout
-                    kernel_const = _one_row(self._kernel_constants(*cache[key]))
-                new_p, new_acc = self._kernel_update_tensor(
-                    kern, p, g, acc, kernel_const,
-                    inplace=None if inplace is None else (inplace[0].get(name, 1.0),
-                                                          inplace[1].get(name, 0.0)),
-                    scale=float(scale))
-            else:
-                new_p, new_acc = self._update_tensor(p, g, acc, *cache[key])
-                if not (isinstance(scale, float) and scale == 1.0):
-                    # p - p_new is exact in float32 (Sterbenz): one more rounding only
-                    new_p = p - scale.to(p.dtype) * (p - new_p)
-                if inplace is not None:
-                    apply_step_(p, new_p, inplace[0].get(name, 1.0), inplace[1].get(name, 0.0))
-                    new_p = p
+            new_p, new_acc = self._update_tensor(p, g, acc, *cache[key])
+            if not (isinstance(scale, float) and scale == 1.0):
+                # p - p_new is exact in float32 (Sterbenz): one more rounding only
+                new_p = p - scale.to(p.dtype) * (p - new_p)
+            if inplace is not None:
+                apply_step_(p, new_p, inplace[0].get(name, 1.0), inplace[1].get(name, 0.0))
+                new_p = p
             new_params[name] = new_p
             for k, v in new_acc.items():
                 new_state[k][name] = v
+        if fused:
+            self._kernel_step(kern, fused, grads, state, params, inplace, new_params, new_state)
+            new_params = {name: new_params[name] for name in params}
+            for k in _ACCUMULATORS:
+                new_state[k] = {name: new_state[k][name] for name in params}
         new_state["iteration"] = iteration + 1
         new_state["num_steps"] = state["num_steps"]
         for extra in state.keys() - new_state.keys():  # e.g. μLO's per-tensor scales
@@ -342,35 +342,56 @@ class SmallFCLOpt(LearnedOptimizer):
             "mlp": [t.contiguous() for t in (weights[0], biases[0], weights[1], biases[1])],
         }
 
-    def _kernel_update_tensor(self, kern: cpu_kernels.LoptCpuKernels, p: Tensor, g: Tensor,
-                              acc: dict[str, Tensor],
-                              const: dict[str, Any], inplace: tuple[float, float] | None = None,
-                              scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`_update_tensor` for a float32 CPU vector or matrix, in the fused C
-        kernel (diagonal second moments for vectors, factored ones for matrices): the
-        one-row case of :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows`.
+    def _kernel_step(self, kern: cpu_kernels.LoptCpuKernels, names: list[str],
+                     grads: Params, state: LOptState, params: Params,
+                     inplace: tuple[Mapping[str, float], Mapping[str, float]] | None,
+                     new_params: Params, new_state: LOptState) -> None:
+        """:meth:`_update_tensor` for the float32 CPU vectors and matrices ``names``, all in
+        one :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call (``R = 1``;
+        diagonal second moments for vectors, factored ones for matrices), written into
+        ``new_params`` / ``new_state``.
 
-        ``const``: :meth:`_kernel_constants` in the one-row layout of ``small_fc_rows``
-        (:func:`_one_row`, built once per step). ``inplace=(lr, weight_decay)``
-        writes ``p + lr·(p_learned − p) − lr·wd·p`` into ``p`` and the new accumulators
-        into the old ones (``p``/``acc`` contiguous); ``scale`` multiplies the learned step
-        (μLO)."""
-        tensors = (p, acc["m"], acc["rms"], acc["v_row"], acc["v_col"], acc["v_diag"])
-        if inplace is not None and not all(t.is_contiguous() for t in tensors):
-            new_p, new_acc = self._kernel_update_tensor(kern, p, g, acc, const, scale=scale)
-            apply_step_(p, new_p, *inplace)
-            return p, new_acc
-        lr, wd = inplace if inplace is not None else (1.0, 0.0)
-        dims = F.factored_dims(p.shape)
-        new_p, m, rms, v_row, v_col, v_diag = kern.small_fc_rows(
-            *(t.contiguous().unsqueeze(0) for t in (g, *tensors)),
-            None if dims is None else dims[1], const, self.exp_mult,
-            [self.step_mult * scale * lr], [1.0 - lr * wd], inplace=inplace is not None)
-        new_acc = {"m": m.view(acc["m"].shape), "rms": rms.view(acc["rms"].shape),
-                   "v_row": v_row.view(acc["v_row"].shape),
-                   "v_col": v_col.view(acc["v_col"].shape),
-                   "v_diag": v_diag.view(acc["v_diag"].shape)}
-        return new_p.view(p.shape), new_acc
+        ``inplace=(lr, weight_decay)`` writes ``p·(1 − lr·wd) − lr·step`` into ``p`` and the
+        new accumulators into the old ones; a tensor whose parameter or state is not
+        contiguous is stepped out of place and then applied with
+        :func:`~metaopt.lopt.base.apply_step_` (in a second call). ``_step_scale``
+        multiplies the learned step (μLO)."""
+        const = _one_row(self._kernel_constants(
+            *self._prepare(state["iteration"], torch.float32, torch.device("cpu"))))
+        direct: list[tuple[str, float, float, float]] = []
+        copied: list[tuple[str, float, float, float]] = []
+        for name in names:
+            lr, wd = (1.0, 0.0) if inplace is None else (inplace[0].get(name, 1.0),
+                                                         inplace[1].get(name, 0.0))
+            scale = float(self._step_scale(state, name))
+            if inplace is None or (params[name].is_contiguous() and all(
+                    state[k][name].is_contiguous() for k in _ACCUMULATORS)):
+                direct.append((name, lr, wd, scale))
+            else:
+                copied.append((name, lr, wd, scale))
+        for batch, write in ((direct, inplace is not None), (copied, False)):
+            if not batch:
+                continue
+            items = [cpu_kernels.SmallFCRows(
+                *(t.contiguous().unsqueeze(0) for t in (
+                    grads[name], params[name], *(state[k][name] for k in _ACCUMULATORS))),
+                _factored_d0(params[name].shape)) for name, *_ in batch]
+            if write:
+                coef = [[self.step_mult * scale * lr] for _, lr, _, scale in batch]
+                p_decay = [[1.0 - lr * wd] for _, lr, wd, _ in batch]
+            else:
+                coef = [[self.step_mult * scale] for *_, scale in batch]
+                p_decay = [[1.0]] * len(batch)
+            outs = kern.small_fc_rows(items, const, self.exp_mult, coef, p_decay, inplace=write)
+            for (name, lr, wd, _), out in zip(batch, outs):
+                p = params[name]
+                new_p = out[0].view(p.shape)
+                if inplace is not None and not write:
+                    apply_step_(p, new_p, lr, wd)
+                    new_p = p
+                new_params[name] = new_p
+                for k, v in zip(_ACCUMULATORS, out[1:]):
+                    new_state[k][name] = v.view(state[k][name].shape)
 
     # ------------------------------------------------------------------ batched rows
     def rows_supported(self, kern: cpu_kernels.LoptCpuKernels | None, params: Params,
@@ -395,7 +416,8 @@ class SmallFCLOpt(LearnedOptimizer):
         The same result as ``vmap`` of :meth:`update_unchecked` over rows (tested, to
         float32 rounding), through the fused kernels: the per-step constants of all rows
         in one ``vmap`` of :meth:`_kernel_constants`, then one checked
-        :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call per tensor.
+        :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call (one C call)
+        for every row of every tensor.
         Requires :meth:`rows_supported`; no host-side guards (the estimators flag and
         reset non-finite rows). Pure: returns new parameters and a new state."""
         # (dtypes, devices, shapes and contiguity are checked by small_fc_rows itself)
@@ -411,22 +433,26 @@ class SmallFCLOpt(LearnedOptimizer):
         raw = torch.func.vmap(constants)(dict(meta_rows), iteration)
         const = {key: v.contiguous() for key, v in raw.items() if key != "mlp"}
         const["mlp"] = [t.contiguous() for t in raw["mlp"]]
-        const["rms_d"] = const["rms_d"].tolist()
         rows = iteration.shape[0]
+        names = list(params)
+        items, coef = [], []
+        for name in names:
+            items.append(cpu_kernels.SmallFCRows(
+                *(t.contiguous() for t in (grads[name], params[name],
+                                           *(state[k][name] for k in _ACCUMULATORS))),
+                _factored_d0(params[name].shape[1:])))
+            scale = self._step_scale(state, name)
+            coef.append((self.step_mult * scale).to(torch.float32).reshape(rows)
+                        if isinstance(scale, Tensor)
+                        else torch.full((rows,), self.step_mult * float(scale)))
+        outs = kern.small_fc_rows(items, const, self.exp_mult, torch.stack(coef),
+                                  torch.ones(len(names), rows), inplace=False)
         new_params: Params = {}
         new_state: LOptState = {k: {} for k in _ACCUMULATORS}
-        for name, p in params.items():
-            scale = self._step_scale(state, name)
-            scales = scale.tolist() if isinstance(scale, Tensor) else [float(scale)] * rows
-            dims = F.factored_dims(p.shape[1:])
-            acc = [state[k][name].contiguous() for k in _ACCUMULATORS]
-            outs = kern.small_fc_rows(
-                grads[name].contiguous(), p.contiguous(), *acc,
-                None if dims is None else dims[1], const, self.exp_mult,
-                [self.step_mult * s for s in scales], [1.0] * rows)
-            new_params[name] = outs[0]
-            for k, v, old in zip(_ACCUMULATORS, outs[1:], acc):
-                new_state[k][name] = v.view(old.shape)
+        for name, out in zip(names, outs):
+            new_params[name] = out[0]
+            for k, v in zip(_ACCUMULATORS, out[1:]):
+                new_state[k][name] = v
         new_state["iteration"] = iteration + 1
         new_state["num_steps"] = state["num_steps"]
         for extra in state.keys() - new_state.keys():  # e.g. μLO's per-tensor scales
@@ -438,8 +464,13 @@ def _one_row(const: dict[str, Any]) -> dict[str, Any]:
     """Per-step kernel constants (one set) in ``small_fc_rows``' layout for ``R = 1``."""
     one = {key: v.unsqueeze(0) for key, v in const.items() if key != "mlp"}
     one["mlp"] = [t.unsqueeze(0) for t in const["mlp"]]
-    one["rms_d"] = [float(const["rms_d"])]
     return one
+
+
+def _factored_d0(shape: torch.Size) -> int | None:
+    """The axis ``v_row`` averages over (``features.factored_dims``), None for vectors."""
+    dims = F.factored_dims(shape)
+    return None if dims is None else dims[1]
 
 
 #: Elements per block of the per-element MLP (keeps a block's features in cache).
