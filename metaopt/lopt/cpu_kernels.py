@@ -293,18 +293,20 @@ def _row_stack(name: str, t: Tensor, rows: int, inner: tuple[int, ...]) -> tuple
     """(address of row 0, row stride in floats) of a float32 CPU ``(rows, *inner)`` array
     whose every row is contiguous and whose rows do not overlap, or a one-line error
     naming the argument."""
-    if t.dtype is not torch.float32 or t.device.type != "cpu":
+    if t.dtype is not torch.float32 or not t.is_cpu:
         raise ValueError(f"kernel argument '{name}' must be a float32 CPU tensor, got "
                          f"{t.dtype} on {t.device}")
-    if tuple(t.shape) != (rows, *inner):
-        raise ValueError(f"kernel argument '{name}' has shape {tuple(t.shape)}, expected "
+    shape = t.shape
+    if len(shape) != 1 + len(inner) or shape[0] != rows or shape[1:] != inner:
+        raise ValueError(f"kernel argument '{name}' has shape {tuple(shape)}, expected "
                          f"{(rows, *inner)}")
     strides = t.stride()
     size = 1
-    for extent, stride in zip(reversed(inner), reversed(strides[1:])):
-        if extent != 1 and stride != size:
+    for axis in range(len(inner), 0, -1):
+        extent = shape[axis]
+        if extent != 1 and strides[axis] != size:
             raise ValueError(f"kernel argument '{name}': each row must be contiguous, got "
-                             f"strides {strides} for shape {tuple(t.shape)}")
+                             f"strides {strides} for shape {tuple(shape)}")
         size *= extent
     row_stride = strides[0] if rows > 1 else size
     if row_stride < size:

@@ -205,14 +205,21 @@ class SmallFCLOpt(LearnedOptimizer):
     def _prepare(self, iteration: Tensor, dtype: torch.dtype, device: torch.device,
                  meta: Mapping[str, Tensor] | None = None) -> tuple:
         """Decays, MLP weights and the (constant per step) time-feature bias of layer 0
-        (from ``meta`` when given, else the module's parameters)."""
+        (from ``meta`` when given, else the module's parameters).
+
+        Broadcasts over leading row axes: with ``meta`` leaves of shape ``(R, ...)`` and
+        ``iteration`` of shape ``(R,)`` every result gets the leading ``R`` (each row the
+        unbatched result of its own row; :meth:`update_rows`)."""
         meta = dict(self.named_parameters()) if meta is None else meta
         decays = tuple(d.to(dtype=dtype, device=device) for d in self.decays(meta))
         weights = [meta[f"w{i}"].to(dtype=dtype, device=device) for i in range(self.n_layers)]
         biases = [meta[f"b{i}"].to(dtype=dtype, device=device) for i in range(self.n_layers)]
-        time = F.tanh_time_embedding(iteration.to(device), dtype=torch.float32).to(dtype)
-        w0_feat, w0_time = weights[0][: self.n_features], weights[0][self.n_features:]
-        bias0 = time @ w0_time + biases[0]
+        time = F.tanh_time_embedding(iteration.to(device).unsqueeze(-1),
+                                     dtype=torch.float32).to(dtype)
+        w0_feat = weights[0][..., : self.n_features, :]
+        w0_time = weights[0][..., self.n_features:, :]
+        # (1, T) @ (T, H) is what torch.matmul does for a (T,) vector: the same rounding
+        bias0 = torch.matmul(time.unsqueeze(-2), w0_time).squeeze(-2) + biases[0]
         return decays, w0_feat, bias0, weights[1:], biases[1:]
 
     def _feature_block(self, sl: slice, g: Tensor, p: Tensor, m: Tensor, rms: Tensor,
@@ -323,21 +330,23 @@ class SmallFCLOpt(LearnedOptimizer):
 
     def _kernel_constants(self, decays: tuple, w0_feat: Tensor, bias0: Tensor,
                           weights: list[Tensor], biases: list[Tensor]) -> dict[str, Any]:
-        """What the kernel calls of one step share across tensors (contiguous float32)."""
+        """What the kernel calls of one step share across tensors (contiguous float32;
+        with a leading row axis when :meth:`_prepare` gave one)."""
         k = len(self.initial_momentum_decays)
         mom_d, rms_d, fac_d = decays
         w0 = w0_feat
         rows = list(range(4 + 3 * k)) + list(range(4 + 7 * k, 4 + 8 * k))
         return {
-            "mom_d": mom_d.contiguous(), "rms_d": torch.clamp(rms_d, 0.0, 1.0).reshape(()),
+            "mom_d": mom_d.contiguous(), "rms_d": torch.clamp(rms_d, 0.0, 1.0).squeeze(-1),
             "fac_d": torch.clamp(fac_d, 0.0, 1.0).contiguous(),
-            "w_stat": w0[4 + 3 * k:4 + 7 * k].contiguous(),  # v_row, v_col and their rsqrt
-            "w_factored": w0[rows].contiguous(),
+            # v_row, v_col and their rsqrt
+            "w_stat": w0[..., 4 + 3 * k:4 + 7 * k, :].contiguous(),
+            "w_factored": w0[..., rows, :].contiguous(),
             # vectors: the v and rsqrt(v) channels are fed twice, so their weights add up
-            "w_diag": torch.cat([w0[:4 + 3 * k],
-                                 w0[4 + 3 * k:4 + 4 * k] + w0[4 + 4 * k:4 + 5 * k],
-                                 w0[4 + 5 * k:4 + 6 * k] + w0[4 + 6 * k:4 + 7 * k],
-                                 w0[4 + 7 * k:]]).contiguous(),
+            "w_diag": torch.cat([w0[..., :4 + 3 * k, :],
+                                 w0[..., 4 + 3 * k:4 + 4 * k, :] + w0[..., 4 + 4 * k:4 + 5 * k, :],
+                                 w0[..., 4 + 5 * k:4 + 6 * k, :] + w0[..., 4 + 6 * k:4 + 7 * k, :],
+                                 w0[..., 4 + 7 * k:, :]], dim=-2).contiguous(),
             "bias0": bias0.contiguous(),
             "mlp": [t.contiguous() for t in (weights[0], biases[0], weights[1], biases[1])],
         }
@@ -415,7 +424,8 @@ class SmallFCLOpt(LearnedOptimizer):
 
         The same result as ``vmap`` of :meth:`update_unchecked` over rows (tested, to
         float32 rounding), through the fused kernels: the per-step constants of all rows
-        in one ``vmap`` of :meth:`_kernel_constants`, then one checked
+        at once (:meth:`_prepare` and :meth:`_kernel_constants` broadcast over rows), then
+        one checked
         :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call (one C call)
         for every row of every tensor.
         Requires :meth:`rows_supported`; no host-side guards (the estimators flag and
@@ -425,14 +435,10 @@ class SmallFCLOpt(LearnedOptimizer):
             raise ValueError("update_rows needs the fused kernels and float32 CPU vector or "
                              "matrix rows outside autograd (see rows_supported)")
         iteration = state["iteration"]
-
-        def constants(meta: Params, it: Tensor) -> dict[str, Any]:
-            return self._kernel_constants(*self._prepare(it, torch.float32,
-                                                         torch.device("cpu"), meta))
-
-        raw = torch.func.vmap(constants)(dict(meta_rows), iteration)
-        const = {key: v.contiguous() for key, v in raw.items() if key != "mlp"}
-        const["mlp"] = [t.contiguous() for t in raw["mlp"]]
+        # every row's constants at once (_prepare and _kernel_constants broadcast over rows)
+        const = self._kernel_constants(*self._prepare(iteration, torch.float32,
+                                                      torch.device("cpu"), meta_rows))
+        const["rms_d"] = const["rms_d"].contiguous()
         rows = iteration.shape[0]
         names = list(params)
         items, coef = [], []
@@ -447,17 +453,13 @@ class SmallFCLOpt(LearnedOptimizer):
                         else torch.full((rows,), self.step_mult * float(scale)))
         outs = kern.small_fc_rows(items, const, self.exp_mult, torch.stack(coef),
                                   torch.ones(len(names), rows), inplace=False)
-        new_params: Params = {}
-        new_state: LOptState = {k: {} for k in _ACCUMULATORS}
-        for name, out in zip(names, outs):
-            new_params[name] = out[0]
-            for k, v in zip(_ACCUMULATORS, out[1:]):
-                new_state[k][name] = v
-        new_state["iteration"] = iteration + 1
-        new_state["num_steps"] = state["num_steps"]
-        for extra in state.keys() - new_state.keys():  # e.g. μLO's per-tensor scales
-            new_state[extra] = state[extra]
-        return new_params, new_state
+        new_params: Params = {name: out[0] for name, out in zip(names, outs)}
+        stepped = {k: {name: out[1 + i] for name, out in zip(names, outs)}
+                   for i, k in enumerate(_ACCUMULATORS)}
+        stepped["iteration"] = iteration + 1
+        # the state's own key order (the rows' trees keep one structure); other entries,
+        # e.g. μLO's per-tensor scales, and num_steps are carried over
+        return new_params, {key: stepped.get(key, value) for key, value in state.items()}
 
 
 def _one_row(const: dict[str, Any]) -> dict[str, Any]:
