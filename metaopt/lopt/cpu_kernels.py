@@ -48,7 +48,7 @@ from metaopt.errors import MetaoptError
 from metaopt.fileio import atomic_write_bytes, atomic_write_text, sha256_hex
 
 __all__ = ["BACKENDS", "KernelBuildError", "KernelCacheError", "LoptCpuKernels", "MLPSlots",
-           "SmallFCRows", "VeLOPlanBatch", "VeLOTensorPlan",
+           "SmallFCPlan", "SmallFCRows", "VeLOPlanBatch", "VeLOTensorPlan",
            "kernels", "kernels_available", "load_kernels", "select_backend"]
 
 _ABI_VERSION = 10
@@ -328,11 +328,73 @@ class SmallFCRows(NamedTuple):
     d0: int | None
 
 
+class SmallFCPlan:
+    """small_fc_lopt's in-place shell step of a fixed list of tensors (``R = 1``), checked
+    once: the ``lopt_small_fc_rows`` table of :meth:`LoptCpuKernels.small_fc_rows`
+    (``inplace=True``), kept with **strong** references to the tensors it addresses.
+
+    The torch.optim shell steps the same parameters with the same state tensors every
+    step; a plan per step only checks the gradients (float32, CPU, contiguous, the
+    parameter's shape), sets their addresses and the step coefficients, and makes the
+    one C call. :meth:`matches` tells whether the tensors handed in are still those
+    planned for (state by identity, the parameters — fresh ``detach()`` views each
+    step — by address, shape and strides). Kept in the shell's workspace (dropped on
+    ``load_state_dict``).
+    """
+
+    def __init__(self, kern: LoptCpuKernels, tensors: Sequence[SmallFCRows]) -> None:
+        self.kern, self.count = kern, len(tensors)
+        self.table = (ctypes.c_int64 * max(1, self.count * _SR_SLOTS))()
+        self.coef = (ctypes.c_float * max(1, self.count))()
+        self.p_decay = (ctypes.c_float * max(1, self.count))()
+        self.refs = [tuple(item[1:7]) for item in tensors]  # not the gradients
+        self.keys = [(item.p.data_ptr(), tuple(item.p.shape), item.p.stride()) for item in tensors]
+        for j, item in enumerate(tensors):
+            one_row = SmallFCRows(*(t.unsqueeze(0) for t in item[:7]), item.d0)
+            entry, _ = kern._small_fc_entry(j, one_row, 1, True)
+            self.table[j * _SR_SLOTS:(j + 1) * _SR_SLOTS] = entry
+        self.shapes = [tuple(item.g.shape) for item in tensors]
+
+    def matches(self, tensors: Sequence[SmallFCRows]) -> bool:
+        """Whether ``tensors`` (no row axis) are the planned ones, in order (gradients
+        not compared)."""
+        if len(tensors) != self.count:
+            return False
+        for item, refs, key in zip(tensors, self.refs, self.keys):
+            p = item.p
+            if not (all(a is b for a, b in zip(item[2:7], refs[1:]))
+                    and p.data_ptr() == key[0] and tuple(p.shape) == key[1]
+                    and p.stride() == key[2] and p.dtype is torch.float32):
+                return False
+        return True
+
+    def step(self, grads: Sequence[Tensor], const: Mapping[str, Any], exp_mult: float,
+             coef: Sequence[float], p_decay: Sequence[float]) -> None:
+        """One in-place step: tensor ``j`` with gradient ``grads[j]`` (shaped as its
+        planned ``g``), ``p·p_decay[j] − step·coef[j]``; ``const`` as for
+        :meth:`LoptCpuKernels.small_fc_rows` with one row."""
+        if len(grads) != self.count or len(coef) != self.count or len(p_decay) != self.count:
+            raise ValueError(f"a small_fc plan of {self.count} tensors got {len(grads)} "
+                             f"gradients, {len(coef)} coefficients, {len(p_decay)} decays")
+        for j, (g, shape) in enumerate(zip(grads, self.shapes)):
+            if not (g.dtype is torch.float32 and g.is_cpu and g.is_contiguous()
+                    and tuple(g.shape) == shape):
+                raise ValueError(f"kernel argument 'g[{j}]' must be a contiguous float32 CPU "
+                                 f"tensor of shape {shape}, got {g.dtype} {tuple(g.shape)} on "
+                                 f"{g.device} (contiguous={g.is_contiguous()})")
+            self.table[j * _SR_SLOTS + _SR_G] = g.data_ptr()
+            self.coef[j], self.p_decay[j] = coef[j], p_decay[j]
+        self.kern._small_fc_call(self.count, self.table, 1, const,
+                                 ctypes.addressof(self.coef), ctypes.addressof(self.p_decay),
+                                 exp_mult)
+
+
 #: Columns of a ``lopt_small_fc_rows`` table row (``SR_*`` in the C file): mode, sizes,
 #: d0, then the row-0 addresses and the row strides of the 11 arrays, in this order.
 _SR_ARRAYS = ("g", "p", "m_old", "rms_old", "p_new", "m_new", "rms_new", "v_row", "v_col",
               "v_old", "v_new")
 _SR_SLOTS = 4 + 2 * len(_SR_ARRAYS)
+_SR_G = 4  # the gradient's address
 
 
 def _mode(mode: str) -> int:
@@ -542,8 +604,37 @@ class LoptCpuKernels:
         if count == 0:
             return []
         rows = tensors[0].p.shape[0] if tensors[0].p.dim() else 0
+        scalars = []  # (kept referenced until the call returns)
+        for name, values in (("coef", coef), ("p_decay", p_decay)):
+            t = values if isinstance(values, Tensor) else torch.tensor(values,
+                                                                       dtype=torch.float32)
+            if tuple(t.shape) != (count, rows):
+                raise ValueError(f"kernel argument '{name}' has shape {tuple(t.shape)}, "
+                                 f"expected ({count}, {rows}) (tensors, rows)")
+            _f32(name, t)
+            scalars.append(t)
+        table = (ctypes.c_int64 * (count * _SR_SLOTS))()
+        outs = []
+        for j, item in enumerate(tensors):
+            entry, out = self._small_fc_entry(j, item, rows, inplace)
+            table[j * _SR_SLOTS:(j + 1) * _SR_SLOTS] = entry
+            outs.append(out)
+        self._small_fc_call(count, table, rows, const, scalars[0].data_ptr(),
+                            scalars[1].data_ptr(), exp_mult)
+        return outs
+
+    def small_fc_plan(self, tensors: Sequence[SmallFCRows]) -> SmallFCPlan:
+        """:meth:`small_fc_rows`' in-place step of these tensors — each one task's, **no**
+        row axis (``R = 1``) — checked once (see :class:`SmallFCPlan`; each ``g`` only
+        gives its gradient's shape)."""
+        return SmallFCPlan(self, tensors)
+
+    def _small_fc_call(self, count: int, table: ctypes.Array, rows: int,
+                       const: Mapping[str, Any], coef: int, p_decay: int,
+                       exp_mult: float) -> None:
+        """Check the per-row constants and run ``lopt_small_fc_rows`` on a filled table
+        (``coef``/``p_decay``: addresses of ``count × rows`` floats)."""
         k, hidden = self.decays, self.hidden
-        f32 = torch.float32
         consts = [_f32(name, t, rows * size) for name, t, size in (
             ("mom_d", const["mom_d"], k), ("fac_d", const["fac_d"], k),
             ("rms_d", const["rms_d"], 1),
@@ -552,28 +643,14 @@ class LoptCpuKernels:
             ("w_stat", const["w_stat"], 4 * k * hidden), ("bias0", const["bias0"], hidden),
             ("w1", const["mlp"][0], hidden * hidden), ("b1", const["mlp"][1], hidden),
             ("w2", const["mlp"][2], hidden * 2), ("b2", const["mlp"][3], 2))]
-        scalars = []
-        for name, values in (("coef", coef), ("p_decay", p_decay)):
-            t = values if isinstance(values, Tensor) else torch.tensor(values, dtype=f32)
-            if tuple(t.shape) != (count, rows):
-                raise ValueError(f"kernel argument '{name}' has shape {tuple(t.shape)}, "
-                                 f"expected ({count}, {rows}) (tensors, rows)")
-            scalars.append((t, _f32(name, t)))
-        table = (ctypes.c_int64 * (count * _SR_SLOTS))()
-        outs = []
-        for j, item in enumerate(tensors):
-            entry, out = self._small_fc_entry(j, item, rows, inplace)
-            table[j * _SR_SLOTS:(j + 1) * _SR_SLOTS] = entry
-            outs.append(out)
-        status = self._lib.lopt_small_fc_rows(count, table, rows, *consts, scalars[0][1],
-                                              scalars[1][1], float(exp_mult), self._threads())
+        status = self._lib.lopt_small_fc_rows(count, table, rows, *consts, coef, p_decay,
+                                              float(exp_mult), self._threads())
         if status < 0:  # the wrapper's own checks should have caught it
             raise ValueError(f"lopt_small_fc_rows refused table row {-status - 1} "
                              f"(tensor {-status - 1}: mode, sizes, d0, addresses or strides)")
         if status > 0:
             raise MemoryError(f"lopt_small_fc_rows could not allocate the scratch of tensor "
                               f"{status - 1}")
-        return outs
 
     def _small_fc_entry(self, j: int, item: SmallFCRows, rows: int, inplace: bool
                         ) -> tuple[list[int], tuple[Tensor, ...]]:

@@ -151,17 +151,18 @@ class SmallFCLOpt(LearnedOptimizer):
                  backend: cpu_kernels.LoptCpuKernels | None, workspace: dict | None
                  ) -> LOptState:
         """In-place step: the fused kernel writes into the parameters and accumulators."""
-        del loss, workspace
-        _, new_state = self._step(grads, state, params, (lr, weight_decay), backend)
+        del loss
+        _, new_state = self._step(grads, state, params, (lr, weight_decay), backend, workspace)
         return new_state
 
     def _step(self, grads: Params, state: LOptState, params: Params,
               inplace: tuple[Mapping[str, float], Mapping[str, float]] | None,
-              kern: cpu_kernels.LoptCpuKernels | None
+              kern: cpu_kernels.LoptCpuKernels | None, workspace: dict | None = None
               ) -> tuple[Params, LOptState]:
         """Shared loop of :meth:`_update` and (``inplace=(lr, weight_decay)``) :meth:`_update_`:
         every tensor the fused kernels step (:meth:`_kernel_ok`) in one
-        :meth:`_kernel_step`, the others through the reference :meth:`_update_tensor`."""
+        :meth:`_kernel_step`, the others through the reference :meth:`_update_tensor`.
+        ``workspace`` (the in-place shell's) keeps the kernel plan across steps."""
         iteration = state["iteration"]
         new_state: LOptState = {k: {} for k in _ACCUMULATORS}
         new_params: Params = {}
@@ -188,7 +189,8 @@ class SmallFCLOpt(LearnedOptimizer):
             for k, v in new_acc.items():
                 new_state[k][name] = v
         if fused:
-            self._kernel_step(kern, fused, grads, state, params, inplace, new_params, new_state)
+            self._kernel_step(kern, fused, grads, state, params, inplace, new_params, new_state,
+                              workspace)
             new_params = {name: new_params[name] for name in params}
             for k in _ACCUMULATORS:
                 new_state[k] = {name: new_state[k][name] for name in params}
@@ -354,7 +356,7 @@ class SmallFCLOpt(LearnedOptimizer):
     def _kernel_step(self, kern: cpu_kernels.LoptCpuKernels, names: list[str],
                      grads: Params, state: LOptState, params: Params,
                      inplace: tuple[Mapping[str, float], Mapping[str, float]] | None,
-                     new_params: Params, new_state: LOptState) -> None:
+                     new_params: Params, new_state: LOptState, workspace: dict | None) -> None:
         """:meth:`_update_tensor` for the float32 CPU vectors and matrices ``names``, all in
         one :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call (``R = 1``;
         diagonal second moments for vectors, factored ones for matrices), written into
@@ -364,7 +366,9 @@ class SmallFCLOpt(LearnedOptimizer):
         new accumulators into the old ones; a tensor whose parameter or state is not
         contiguous is stepped out of place and then applied with
         :func:`~metaopt.lopt.base.apply_step_` (in a second call). ``_step_scale``
-        multiplies the learned step (μLO)."""
+        multiplies the learned step (μLO). With a ``workspace`` the in-place call goes
+        through a :class:`~metaopt.lopt.cpu_kernels.SmallFCPlan` kept there (checked once,
+        rebuilt when the tensors change)."""
         const = _one_row(self._kernel_constants(
             *self._prepare(state["iteration"], torch.float32, torch.device("cpu"))))
         direct: list[tuple[str, float, float, float]] = []
@@ -378,6 +382,12 @@ class SmallFCLOpt(LearnedOptimizer):
                 direct.append((name, lr, wd, scale))
             else:
                 copied.append((name, lr, wd, scale))
+        if inplace is not None and workspace is not None and direct:
+            self._planned_step(kern, workspace, direct, grads, state, params, const)
+            new_params.update((name, params[name]) for name, *_ in direct)
+            for k in _ACCUMULATORS:
+                new_state[k].update((name, state[k][name]) for name, *_ in direct)
+            direct = []
         for batch, write in ((direct, inplace is not None), (copied, False)):
             if not batch:
                 continue
@@ -401,6 +411,21 @@ class SmallFCLOpt(LearnedOptimizer):
                 new_params[name] = new_p
                 for k, v in zip(_ACCUMULATORS, out[1:]):
                     new_state[k][name] = v.view(state[k][name].shape)
+
+    def _planned_step(self, kern: cpu_kernels.LoptCpuKernels, workspace: dict,
+                      batch: list[tuple[str, float, float, float]], grads: Params,
+                      state: LOptState, params: Params, const: dict[str, Any]) -> None:
+        """The in-place kernel step of ``batch`` (contiguous tensors: name, lr, wd, scale)
+        through the workspace's plan (built, or rebuilt, when its tensors changed)."""
+        items = [cpu_kernels.SmallFCRows(
+            grads[name].contiguous(), params[name], *(state[k][name] for k in _ACCUMULATORS),
+            _factored_d0(params[name].shape)) for name, *_ in batch]
+        plan = workspace.get("small_fc_plan")
+        if plan is None or plan.kern is not kern or not plan.matches(items):
+            plan = workspace["small_fc_plan"] = kern.small_fc_plan(items)
+        plan.step([item.g for item in items], const, self.exp_mult,
+                  [self.step_mult * scale * lr for _, lr, _, scale in batch],
+                  [1.0 - lr * wd for _, lr, wd, _ in batch])
 
     # ------------------------------------------------------------------ batched rows
     def rows_supported(self, kern: cpu_kernels.LoptCpuKernels | None, params: Params,
