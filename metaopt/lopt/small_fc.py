@@ -316,18 +316,21 @@ class SmallFCLOpt(LearnedOptimizer):
 
     # ------------------------------------------------------------------ fused CPU kernel
     def _kernel_ok(self, kern: cpu_kernels.LoptCpuKernels, p: Tensor, g: Tensor,
-                   acc: dict[str, Tensor]) -> bool:
+                   acc: dict[str, Tensor], rows: int = 0) -> bool:
         """Whether the fused C kernel steps this tensor (decided by structure alone): no
         autograd graph is recorded, a non-empty float32 CPU vector or matrix with float32
         gradient and accumulators, and the architecture shape the library is built for
-        (two hidden layers, one rms decay, as many momentum as adafactor decays)."""
+        (two hidden layers, one rms decay, as many momentum as adafactor decays).
+        ``rows > 0``: the tensors are ``rows`` stacked rows of such tensors."""
         k = len(self.initial_momentum_decays)
-        return (not torch.is_grad_enabled() and p.dim() in (1, 2) and p.numel() > 0
-                and p.dtype == torch.float32 and g.dtype == torch.float32
-                and p.device.type == "cpu" and g.device.type == "cpu"
+        lead = 1 if rows else 0
+        return (not torch.is_grad_enabled() and p.dim() - lead in (1, 2) and p.numel() > 0
+                and (not rows or p.shape[0] == rows)
+                and p.dtype is torch.float32 and g.dtype is torch.float32
+                and p.is_cpu and g.is_cpu
                 and self.hidden_layers == 2 and len(self.initial_rms_decays) == 1
                 and len(self.initial_adafactor_decays) == k
-                and all(v.dtype == torch.float32 for v in acc.values())
+                and all(v.dtype is torch.float32 for v in acc.values())
                 and kern.supports(k, self.hidden_size))
 
     def _kernel_constants(self, decays: tuple, w0_feat: Tensor, bias0: Tensor,
@@ -437,9 +440,8 @@ class SmallFCLOpt(LearnedOptimizer):
         if kern is None or not params:
             return False
         rows = state["iteration"].shape
-        return len(rows) == 1 and all(
-            p.dim() in (2, 3) and p.shape[0] == rows[0]
-            and self._kernel_ok(kern, p[0], p[0], {k: state[k][name][0] for k in _ACCUMULATORS})
+        return len(rows) == 1 and rows[0] > 0 and all(
+            self._kernel_ok(kern, p, p, {k: state[k][name] for k in _ACCUMULATORS}, rows[0])
             for name, p in params.items())
 
     def update_rows(self, meta_rows: Params, grads: Params, state: LOptState, params: Params,
