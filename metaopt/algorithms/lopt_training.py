@@ -17,7 +17,9 @@ Python loop — the reference the batched path is tested equal to, and the basel
 steps the rows through the optimizer's fused kernels
 (:meth:`~metaopt.lopt.LearnedOptimizer.update_rows`) wherever that is defined — no
 autograd graph (ES/PES, not truncated BPTT), float32 CPU vectors and matrices — and
-the vmapped reference everywhere else; tested equal to it to float32 rounding.
+the vmapped reference everywhere else; tested equal to it to float32 rounding. That
+path takes every row's task gradient from one backward pass through the sum of the
+vmapped per-row losses (:meth:`LearnedOptimizerSystem._row_grads`).
 
 A task is anything with ``init_params(gen)``, ``loss(params, batch)``,
 ``sample_batch(gen, split)`` and optional ``mup_scales`` (``tasks.lopt_tasks.LoptTask``).
