@@ -475,7 +475,8 @@ class SmallFCLOpt(LearnedOptimizer):
                                            *(state[k][name] for k in _ACCUMULATORS))),
                 _factored_d0(params[name].shape[1:])))
             scale = self._step_scale(state, name)
-            coef.append((self.step_mult * scale).to(torch.float32).reshape(rows)
+            # step_mult · scale in float64, rounded once to float32 (as a C float argument)
+            coef.append((scale.double() * self.step_mult).float().reshape(rows)
                         if isinstance(scale, Tensor)
                         else torch.full((rows,), self.step_mult * float(scale)))
         outs = kern.small_fc_rows(items, const, self.exp_mult, torch.stack(coef),
