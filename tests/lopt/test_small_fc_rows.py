@@ -235,3 +235,23 @@ def test_shell_keeps_one_plan_and_rebuilds_it_after_load_state_dict():
     opt.step()
     assert opt._workspace["small_fc_plan"] is not calls[0]
     assert lib is opt.backend._lib
+
+
+def test_rows_do_not_depend_on_the_thread_count():
+    # with R > 1 each (tensor, row) job runs on one thread: any thread count gives the
+    # same bits (deterministic meta-training)
+    kern = cpu_kernels.kernels()
+    lopt, params, grads, state, const, coef, p_decay = _setup()
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(kern.small_fc_rows(_items(params, grads, state), const,
+                                              lopt.exp_mult, coef, p_decay))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a_outs, b_outs in zip(results[0], other):
+            for a, b in zip(a_outs, b_outs):
+                assert torch.equal(a, b)
