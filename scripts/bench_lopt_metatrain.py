@@ -10,7 +10,10 @@ cross-entropy, 8×8×1 N(0,1) inputs labelled by a fixed random linear teacher, 
 128). One outer step runs ``2 · tasks · 50`` inner steps (both particles of every
 task); inner-steps/s counts them all, as learned_optimization's figure (~1,800/s at 8
 tasks on this 2-core CPU, after ~20 s of jit compilation) does. One warm-up outer step
-(no compilation here; it fills caches), then the mean over ``--outer-steps``.
+(no compilation here; it fills caches), then the mean over ``--outer-steps``. Each row
+also gives the process CPU time per outer step (all threads): on a shared machine the
+wall clock counts the time other processes held the cores, the CPU time does not (with
+one thread it is the single-core throughput; with more it includes threads' waiting).
 
 Paths: ``kernels`` — rows batched, the optimizer step through the fused CPU kernels
 (``LearnedOptimizerSystem(backend="cpu_kernels")``, the task gradient vmapped);
@@ -49,13 +52,17 @@ def measure(num_tasks: int, path: str, outer_steps: int) -> dict:
     t0 = time.perf_counter()
     hg = est(system, phi, None, None)
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(outer_steps):
         hg = est(system, phi, None, hg.state)
     per_outer = (time.perf_counter() - t0) / outer_steps
+    cpu_per_outer = (time.process_time() - c0) / outer_steps
+    inner = 2 * num_tasks * TRUNCATION
     return {"tasks": num_tasks, "path": path,
             "s_per_outer_step": round(per_outer, 4), "first_outer_step_s": round(first, 3),
-            "inner_steps_per_s": round(2 * num_tasks * TRUNCATION / per_outer, 1)}
+            "inner_steps_per_s": round(inner / per_outer, 1),
+            "cpu_s_per_outer_step": round(cpu_per_outer, 4),
+            "inner_steps_per_cpu_s": round(inner / cpu_per_outer, 1)}
 
 
 def main() -> None:
@@ -76,7 +83,9 @@ def main() -> None:
             row = measure(n, path, args.outer_steps)
             rows.append(row)
             print(f"{row['tasks']:>3} tasks  {row['path']:<13} {row['s_per_outer_step']:.3f} "
-                  f"s/outer step  {row['inner_steps_per_s']:>8.0f} inner steps/s", flush=True)
+                  f"s/outer step  {row['inner_steps_per_s']:>8.0f} inner steps/s  "
+                  f"(process CPU {row['cpu_s_per_outer_step']:.3f} s/outer step, "
+                  f"{row['inner_steps_per_cpu_s']:.0f} inner steps per CPU-s)", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"threads": args.threads, "rows": rows}, f, indent=1)

@@ -17,7 +17,9 @@ Python loop — the reference the batched path is tested equal to, and the basel
 steps the rows through the optimizer's fused kernels
 (:meth:`~metaopt.lopt.LearnedOptimizer.update_rows`) wherever that is defined — no
 autograd graph (ES/PES, not truncated BPTT), float32 CPU vectors and matrices — and
-the vmapped reference everywhere else; tested equal to it to float32 rounding.
+the vmapped reference everywhere else; tested equal to it to float32 rounding. That
+path takes every row's task gradient from one backward pass through the sum of the
+vmapped per-row losses (:meth:`LearnedOptimizerSystem._row_grads`).
 
 A task is anything with ``init_params(gen)``, ``loss(params, batch)``,
 ``sample_batch(gen, split)`` and optional ``mup_scales`` (``tasks.lopt_tasks.LoptTask``).
@@ -121,15 +123,15 @@ class LearnedOptimizerSystem:
              ) -> tuple[Any, Tensor]:
         if self._template is None:
             self._template = self._init_row(int(seeds[0]))
-        _, leaves = tree_leaves(state)
         batch = self._batches(seeds, steps)
         theta, opt_state = state["theta"], state["opt"]
         if self.batched and self.lopt.rows_supported(self._kern, theta, opt_state):
-            grads, loss = torch.func.vmap(torch.func.grad_and_value(self.task.loss),
-                                          randomness="error")(theta, batch)
+            grads, loss = self._row_grads(theta, batch)
             new_theta, new_opt = self.lopt.update_rows(phi, grads, opt_state, theta, self._kern)
-            _, new_leaves = tree_leaves({"theta": new_theta, "opt": new_opt})
-        elif self.batched:
+            # (update_rows keeps the trees' key order: the same structure as ``state``)
+            return self._clip({**state, "theta": new_theta, "opt": new_opt}, loss)
+        _, leaves = tree_leaves(state)
+        if self.batched:
             new_leaves, loss = torch.func.vmap(self._row_step, randomness="error")(
                 phi, leaves, batch)
         else:
@@ -138,6 +140,22 @@ class LearnedOptimizerSystem:
                     for r in range(len(seeds))]
             new_leaves = [torch.stack([o[0][i] for o in outs]) for i in range(len(leaves))]
             loss = torch.stack([o[1] for o in outs])
+        return self._clip(tree_rebuild(state, new_leaves), loss)
+
+    def _clip(self, state: Any, loss: Tensor) -> tuple[Any, Tensor]:
         if self.max_loss is not None:
             loss = loss.clamp(max=self.max_loss)
-        return tree_rebuild(state, new_leaves), loss
+        return state, loss
+
+    def _row_grads(self, theta: Params, batch: tuple) -> tuple[Params, Tensor]:
+        """Every row's task gradient and loss: reverse mode through the sum of the
+        vmapped per-row losses. Row ``r``'s loss depends on row ``r`` of ``theta`` only,
+        so the gradient of the sum with respect to that row is row ``r``'s own gradient
+        (what ``vmap(grad_and_value(loss))`` gives, tested equal; one backward pass
+        without the per-row ``grad`` transform's overhead)."""
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in theta.items()}
+            loss = torch.func.vmap(self.task.loss, randomness="error")(leaves, batch)
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()), allow_unused=True,
+                                        materialize_grads=True)
+        return dict(zip(leaves, grads)), loss.detach()

@@ -163,7 +163,8 @@ class LearnedOptimizer(nn.Module):
                     params: Params, backend: LoptCpuKernels) -> tuple[Params, LOptState]:
         """``R`` independent steps, row ``r`` with row ``r`` of ``meta_rows``, through the
         fused backend (only where :meth:`rows_supported`); equal to ``vmap`` of
-        :meth:`update_unchecked` over rows up to float rounding."""
+        :meth:`update_unchecked` over rows up to float rounding; the new state keeps
+        ``state``'s key order (the same tree structure)."""
         raise NotImplementedError(f"{type(self).__name__} has no fused batched-rows step")
 
     def _update_(self, grads: Params, state: LOptState, params: Params, loss: Tensor | None,

@@ -36,10 +36,10 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,10 +48,10 @@ from metaopt.errors import MetaoptError
 from metaopt.fileio import atomic_write_bytes, atomic_write_text, sha256_hex
 
 __all__ = ["BACKENDS", "KernelBuildError", "KernelCacheError", "LoptCpuKernels", "MLPSlots",
-           "VeLOPlanBatch", "VeLOTensorPlan",
+           "SmallFCPlan", "SmallFCRows", "VeLOPlanBatch", "VeLOTensorPlan",
            "kernels", "kernels_available", "load_kernels", "select_backend"]
 
-_ABI_VERSION = 9
+_ABI_VERSION = 10
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
 _MODES = {"small_fc": 0, "velo": 1, "small_fc_diag": 2, "velo_diag": 3}
 #: Names accepted by :func:`select_backend`.
@@ -289,10 +289,112 @@ def _f64(name: str, t: Tensor, numel: int) -> int:
     return t.data_ptr()
 
 
-def _rows_f32(name: str, t: Tensor, rows: int, per_row: int) -> tuple[int, int]:
-    """(address, bytes per row) of a contiguous float32 CPU tensor of ``rows`` rows of
-    ``per_row`` elements, or an error naming the argument (one check for all rows)."""
-    return _f32(name, t, rows * per_row), 4 * per_row
+def _row_stack(name: str, t: Tensor, rows: int, inner: tuple[int, ...]) -> tuple[int, int]:
+    """(address of row 0, row stride in floats) of a float32 CPU ``(rows, *inner)`` array
+    whose every row is contiguous and whose rows do not overlap, or a one-line error
+    naming the argument."""
+    if t.dtype is not torch.float32 or not t.is_cpu:
+        raise ValueError(f"kernel argument '{name}' must be a float32 CPU tensor, got "
+                         f"{t.dtype} on {t.device}")
+    shape = t.shape
+    if len(shape) != 1 + len(inner) or shape[0] != rows or shape[1:] != inner:
+        raise ValueError(f"kernel argument '{name}' has shape {tuple(shape)}, expected "
+                         f"{(rows, *inner)}")
+    strides = t.stride()
+    size = 1
+    for axis in range(len(inner), 0, -1):
+        extent = shape[axis]
+        if extent != 1 and strides[axis] != size:
+            raise ValueError(f"kernel argument '{name}': each row must be contiguous, got "
+                             f"strides {strides} for shape {tuple(shape)}")
+        size *= extent
+    row_stride = strides[0] if rows > 1 else size
+    if row_stride < size:
+        raise ValueError(f"kernel argument '{name}' has row stride {row_stride} < row size "
+                         f"{size}: its rows overlap")
+    return t.data_ptr(), row_stride
+
+
+class SmallFCRows(NamedTuple):
+    """One tensor's arrays for :meth:`LoptCpuKernels.small_fc_rows` (each ``(R, ...)``)."""
+
+    g: Tensor
+    p: Tensor
+    m: Tensor
+    rms: Tensor
+    v_row: Tensor
+    v_col: Tensor
+    v_diag: Tensor
+    d0: int | None
+
+
+class SmallFCPlan:
+    """small_fc_lopt's in-place shell step of a fixed list of tensors (``R = 1``), checked
+    once: the ``lopt_small_fc_rows`` table of :meth:`LoptCpuKernels.small_fc_rows`
+    (``inplace=True``), kept with **strong** references to the tensors it addresses.
+
+    The torch.optim shell steps the same parameters with the same state tensors every
+    step; a plan per step only checks the gradients (float32, CPU, contiguous, the
+    parameter's shape), sets their addresses and the step coefficients, and makes the
+    one C call. :meth:`matches` tells whether the tensors handed in are still those
+    planned for (state by identity, the parameters — fresh ``detach()`` views each
+    step — by address, shape and strides). Kept in the shell's workspace (dropped on
+    ``load_state_dict``).
+    """
+
+    def __init__(self, kern: LoptCpuKernels, tensors: Sequence[SmallFCRows]) -> None:
+        self.kern, self.count = kern, len(tensors)
+        self.table = (ctypes.c_int64 * max(1, self.count * _SR_SLOTS))()
+        self.coef = (ctypes.c_float * max(1, self.count))()
+        self.p_decay = (ctypes.c_float * max(1, self.count))()
+        self.refs = [tuple(item[1:7]) for item in tensors]  # not the gradients
+        self.keys = [(item.p.data_ptr(), tuple(item.p.shape), item.p.stride()) for item in tensors]
+        for j, item in enumerate(tensors):
+            one_row = SmallFCRows(*(t.unsqueeze(0) for t in item[:7]), item.d0)
+            entry, _ = kern._small_fc_entry(j, one_row, 1, True)
+            self.table[j * _SR_SLOTS:(j + 1) * _SR_SLOTS] = entry
+        self.shapes = [tuple(item.g.shape) for item in tensors]
+
+    def matches(self, tensors: Sequence[SmallFCRows]) -> bool:
+        """Whether ``tensors`` (no row axis) are the planned ones, in order (gradients
+        not compared)."""
+        if len(tensors) != self.count:
+            return False
+        for item, refs, key in zip(tensors, self.refs, self.keys):
+            p = item.p
+            if not (all(a is b for a, b in zip(item[2:7], refs[1:]))
+                    and p.data_ptr() == key[0] and tuple(p.shape) == key[1]
+                    and p.stride() == key[2] and p.dtype is torch.float32):
+                return False
+        return True
+
+    def step(self, grads: Sequence[Tensor], const: Mapping[str, Any], exp_mult: float,
+             coef: Sequence[float], p_decay: Sequence[float]) -> None:
+        """One in-place step: tensor ``j`` with gradient ``grads[j]`` (shaped as its
+        planned ``g``), ``p·p_decay[j] − step·coef[j]``; ``const`` as for
+        :meth:`LoptCpuKernels.small_fc_rows` with one row."""
+        if len(grads) != self.count or len(coef) != self.count or len(p_decay) != self.count:
+            raise ValueError(f"a small_fc plan of {self.count} tensors got {len(grads)} "
+                             f"gradients, {len(coef)} coefficients, {len(p_decay)} decays")
+        for j, (g, shape) in enumerate(zip(grads, self.shapes)):
+            if not (g.dtype is torch.float32 and g.is_cpu and g.is_contiguous()
+                    and tuple(g.shape) == shape):
+                raise ValueError(f"kernel argument 'g[{j}]' must be a contiguous float32 CPU "
+                                 f"tensor of shape {shape}, got {g.dtype} {tuple(g.shape)} on "
+                                 f"{g.device} (contiguous={g.is_contiguous()})")
+            self.table[j * _SR_SLOTS + _SR_G] = g.data_ptr()
+            self.coef[j], self.p_decay[j] = coef[j], p_decay[j]
+        self.kern._small_fc_call(self.count, self.table, 1, const,
+                                 ctypes.addressof(self.coef), ctypes.addressof(self.p_decay),
+                                 exp_mult)
+
+
+#: Columns of a ``lopt_small_fc_rows`` table row (``SR_*`` in the C file): mode, sizes,
+#: d0, then the row-0 addresses and the row strides of the 11 arrays, in this order.
+_SR_ARRAYS = ("g", "p", "m_old", "rms_old", "p_new", "m_new", "rms_new", "v_row", "v_col",
+              "v_old", "v_new")
+_SR_SLOTS = 4 + 2 * len(_SR_ARRAYS)
+_SR_G = 4  # the gradient's address
 
 
 def _mode(mode: str) -> int:
@@ -331,6 +433,12 @@ class LoptCpuKernels:
         lib.lopt_velo_pass1_plans.restype = i32
         lib.lopt_velo_pass2_plans.argtypes = [i64, vp, vp, i64, vp, vp, f32, i32]
         lib.lopt_velo_pass2_plans.restype = None
+        lib.lopt_small_fc_slots.restype = i32
+        lib.lopt_small_fc_rows.argtypes = [i64, vp, i64, *([vp] * 13), f32, i32]
+        lib.lopt_small_fc_rows.restype = i32
+        if int(lib.lopt_small_fc_slots()) != _SR_SLOTS:
+            raise KernelBuildError("kernel library's small_fc table layout differs from "
+                                   f"{_SR_SLOTS} columns")
 
     def n_channels(self, mode: str) -> int:
         """Per-element input channels of ``mode`` (with :attr:`decays` decays)."""
@@ -471,104 +579,124 @@ class LoptCpuKernels:
             self._threads())
         return p_new
 
-    def small_fc_rows(self, g: Tensor, p: Tensor, m: Tensor, rms: Tensor, v_row: Tensor,
-                      v_col: Tensor, v_diag: Tensor, d0: int | None, const: dict,
-                      exp_mult: float,
-                      coef: list[float], p_decay: list[float], *, inplace: bool = False
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """small_fc_lopt's whole step for ``R`` rows of one tensor (row ``r``: one task's
-        tensor, stepped with row ``r`` of the meta-parameters) — the fused path of both the
-        single-tensor step (``R = 1``) and the batched rows of meta-training.
+    def small_fc_rows(self, tensors: Sequence[SmallFCRows], const: Mapping[str, Any],
+                      exp_mult: float, coef: Tensor | Sequence[Sequence[float]],
+                      p_decay: Tensor | Sequence[Sequence[float]], *, inplace: bool = False
+                      ) -> list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]:
+        """small_fc_lopt's whole step for ``R`` rows of several tensors in **one** C call
+        (``lopt_small_fc_rows``; row ``r`` of a tensor: one task's tensor, stepped with
+        row ``r`` of the meta-parameters) — the fused path of both the torch.optim shell's
+        step of a whole model (``R = 1``) and the batched rows of meta-training.
 
-        Every tensor is a contiguous float32 CPU ``(R, ...)`` array, checked once (not per
-        row): ``g``, ``p`` ``(R, *shape)`` with ``shape`` a vector ``(n,)`` (diagonal
-        second moments) or a matrix ``(a, b)`` (factored); the decay-first accumulators
-        ``m`` ``(R, k, *shape)``, ``rms`` ``(R, 1, *shape)``, for matrices ``v_row``,
-        ``v_col`` ``(R, k, len)``, for vectors ``v_diag`` ``(R, k, n)``; ``d0``: the matrix
-        axis ``v_row`` averages over (``features.factored_dims``). ``const`` holds
-        per-row constants (``small_fc.SmallFCLOpt._kernel_constants`` with a leading row
-        axis; ``rms_d`` as a list of floats). Row ``r``'s new parameter is
-        ``p·p_decay[r] − step·coef[r]``. Returns new ``(p, m, rms, v_row, v_col,
-        v_diag)``; with ``inplace`` they are the given tensors, overwritten."""
-        rows = p.shape[0]
+        Every :class:`SmallFCRows` holds float32 CPU ``(R, ...)`` arrays, each row
+        contiguous (rows may be apart: a row stride at least a row's size): ``g``, ``p``
+        ``(R, *shape)`` with ``shape`` a vector ``(n,)`` (diagonal second moments) or a
+        matrix ``(a, b)`` (factored); the decay-first accumulators ``m`` ``(R, k, *shape)``,
+        ``rms`` ``(R, 1, *shape)``, for matrices ``v_row``, ``v_col`` ``(R, k, len)`` and
+        ``d0`` the axis ``v_row`` averages over (``features.factored_dims``), for vectors
+        ``v_diag`` ``(R, k, n)``. ``const`` holds the per-row constants
+        (``small_fc.SmallFCLOpt._kernel_constants`` with a leading row axis, contiguous).
+        Tensor ``j``'s row ``r`` becomes ``p·p_decay[j, r] − step·coef[j, r]``
+        (``coef``/``p_decay``: ``(len(tensors), R)``). Returns per tensor the new ``(p, m,
+        rms, v_row, v_col, v_diag)`` (the unused factored slots as given); with
+        ``inplace`` they are the given tensors, overwritten."""
+        count = len(tensors)
+        if count == 0:
+            return []
+        rows = tensors[0].p.shape[0] if tensors[0].p.dim() else 0
+        scalars = []  # (kept referenced until the call returns)
+        for name, values in (("coef", coef), ("p_decay", p_decay)):
+            t = values if isinstance(values, Tensor) else torch.tensor(values,
+                                                                       dtype=torch.float32)
+            if tuple(t.shape) != (count, rows):
+                raise ValueError(f"kernel argument '{name}' has shape {tuple(t.shape)}, "
+                                 f"expected ({count}, {rows}) (tensors, rows)")
+            _f32(name, t)
+            scalars.append(t)
+        table = (ctypes.c_int64 * (count * _SR_SLOTS))()
+        outs = []
+        for j, item in enumerate(tensors):
+            entry, out = self._small_fc_entry(j, item, rows, inplace)
+            table[j * _SR_SLOTS:(j + 1) * _SR_SLOTS] = entry
+            outs.append(out)
+        self._small_fc_call(count, table, rows, const, scalars[0].data_ptr(),
+                            scalars[1].data_ptr(), exp_mult)
+        return outs
+
+    def small_fc_plan(self, tensors: Sequence[SmallFCRows]) -> SmallFCPlan:
+        """:meth:`small_fc_rows`' in-place step of these tensors — each one task's, **no**
+        row axis (``R = 1``) — checked once (see :class:`SmallFCPlan`; each ``g`` only
+        gives its gradient's shape)."""
+        return SmallFCPlan(self, tensors)
+
+    def _small_fc_call(self, count: int, table: ctypes.Array, rows: int,
+                       const: Mapping[str, Any], coef: int, p_decay: int,
+                       exp_mult: float) -> None:
+        """Check the per-row constants and run ``lopt_small_fc_rows`` on a filled table
+        (``coef``/``p_decay``: addresses of ``count × rows`` floats)."""
+        k, hidden = self.decays, self.hidden
+        consts = [_f32(name, t, rows * size) for name, t, size in (
+            ("mom_d", const["mom_d"], k), ("fac_d", const["fac_d"], k),
+            ("rms_d", const["rms_d"], 1),
+            ("w_factored", const["w_factored"], self.n_channels("small_fc") * hidden),
+            ("w_diag", const["w_diag"], self.n_channels("small_fc_diag") * hidden),
+            ("w_stat", const["w_stat"], 4 * k * hidden), ("bias0", const["bias0"], hidden),
+            ("w1", const["mlp"][0], hidden * hidden), ("b1", const["mlp"][1], hidden),
+            ("w2", const["mlp"][2], hidden * 2), ("b2", const["mlp"][3], 2))]
+        status = self._lib.lopt_small_fc_rows(count, table, rows, *consts, coef, p_decay,
+                                              float(exp_mult), self._threads())
+        if status < 0:  # the wrapper's own checks should have caught it
+            raise ValueError(f"lopt_small_fc_rows refused table row {-status - 1} "
+                             f"(tensor {-status - 1}: mode, sizes, d0, addresses or strides)")
+        if status > 0:
+            raise MemoryError(f"lopt_small_fc_rows could not allocate the scratch of tensor "
+                              f"{status - 1}")
+
+    def _small_fc_entry(self, j: int, item: SmallFCRows, rows: int, inplace: bool
+                        ) -> tuple[list[int], tuple[Tensor, ...]]:
+        """Table row (``_SR_COLUMNS``) and outputs of tensor ``j`` of :meth:`small_fc_rows`."""
+        g, p, m, rms, v_row, v_col, v_diag, d0 = item
         shape = tuple(p.shape[1:])
-        if len(shape) not in (1, 2) or tuple(g.shape) != tuple(p.shape) or rows < 1:
-            raise ValueError(f"small_fc_rows steps (R, n) or (R, a, b) tensors; got p "
-                             f"{tuple(p.shape)}, g {tuple(g.shape)}")
-        for name, seq in (("coef", coef), ("p_decay", p_decay), ("rms_d", const["rms_d"])):
-            if len(seq) != rows:
-                raise ValueError(f"kernel argument '{name}' has {len(seq)} rows, expected {rows}")
+        if len(shape) not in (1, 2) or p.shape[0] != rows or shape[-1] < 1 or shape[0] < 1:
+            raise ValueError(f"small_fc_rows tensor {j}: p must be ({rows}, n) or ({rows}, a, "
+                             f"b) with n, a, b >= 1, got {tuple(p.shape)}")
+        k = self.decays
         diag = len(shape) == 1
-        mode = "small_fc_diag" if diag else "small_fc"
         a, b = (1, shape[0]) if diag else shape
-        n, k, hidden = a * b, self.decays, self.hidden
-        n_ch = self.n_channels(mode)
-        w_in = const["w_diag"] if diag else const["w_factored"]
-        w1, b1, w2, b2 = const["mlp"]
         f32 = torch.float32
-        out = {"p": p, "m": m, "rms": rms} if inplace else {
-            "p": torch.empty_like(p), "m": torch.empty(rows, k, n, dtype=f32),
-            "rms": torch.empty(rows, 1, n, dtype=f32)}
-        sumsq = torch.empty(rows, n_ch, dtype=torch.float64)
-        ptr = {name: _rows_f32(name, t, rows, per_row) for name, t, per_row in (
-            ("g", g, n), ("p", p, n), ("m_old", m, k * n), ("rms_old", rms, n),
-            ("p_new", out["p"], n), ("m_new", out["m"], k * n), ("rms_new", out["rms"], n),
-            ("mom_decay", const["mom_d"], k), ("fac_decay", const["fac_d"], k),
-            ("w_in", w_in, n_ch * hidden), ("w1", w1, hidden * hidden), ("b1", b1, hidden),
-            ("w2", w2, hidden * 2), ("b2", b2, 2), ("bias0", const["bias0"], hidden))}
-        ptr["sumsq"] = (sumsq.data_ptr(), n_ch * 8)
+        if inplace:
+            p_new, m_new, rms_new = p, m, rms
+        else:
+            p_new = torch.empty((rows, *shape), dtype=f32)
+            m_new = torch.empty((rows, k, *shape), dtype=f32)
+            rms_new = torch.empty((rows, 1, *shape), dtype=f32)
+        arrays = [("g", g, shape), ("p", p, shape), ("m", m, (k, *shape)),
+                  ("rms", rms, (1, *shape)), ("p_new", p_new, shape),
+                  ("m_new", m_new, (k, *shape)), ("rms_new", rms_new, (1, *shape))]
         if diag:
-            new_v = v_diag if inplace else torch.empty(rows, k, n, dtype=f32)
-            ptr["v_old"] = _rows_f32("v_diag", v_diag, rows, k * n)
-            ptr["v_new"] = _rows_f32("v_diag_new", new_v, rows, k * n)
-            new_row, new_col = v_row, v_col
+            d0 = 0
+            v_new = v_diag if inplace else torch.empty((rows, k, *shape), dtype=f32)
+            out = (p_new, m_new, rms_new, v_row, v_col, v_new)
+            arrays += [("v_row", None, None), ("v_col", None, None),
+                       ("v_diag", v_diag, (k, *shape)), ("v_diag_new", v_new, (k, *shape))]
         else:
             if d0 not in (0, 1):
-                raise ValueError(f"kernel argument 'd0' must be 0 or 1 for a matrix, got {d0!r}")
+                raise ValueError(f"small_fc_rows tensor {j}: 'd0' must be 0 or 1 for a matrix, "
+                                 f"got {d0!r}")
             len_r, len_c = (b, a) if d0 == 0 else (a, b)
-            new_row = v_row if inplace else v_row.clone()
-            new_col = v_col if inplace else v_col.clone()
-            new_v = v_diag
-            fac_a = torch.empty(rows, k, a, dtype=f32)
-            fac_b = torch.empty(rows, k, b, dtype=f32)
-            u_a = torch.empty(rows, hidden, a, dtype=f32)
-            u_b = torch.empty(rows, hidden, b, dtype=f32)
-            for name, t, per_row in (("v_row", new_row, k * len_r), ("v_col", new_col, k * len_c),
-                                     ("w_stat", const["w_stat"], 4 * k * hidden),
-                                     ("fac_a", fac_a, k * a), ("fac_b", fac_b, k * b),
-                                     ("u_a", u_a, hidden * a), ("u_b", u_b, hidden * b)):
-                ptr[name] = _rows_f32(name, t, rows, per_row)
-        at = {name: [base + r * stride for r in range(rows)]
-              for name, (base, stride) in ptr.items()}
-        lib, threads, code = self._lib, self._threads(), _mode(mode)
-        for r in range(rows):
-            if diag:
-                lib.lopt_pass1(code, a, b, at["g"][r], at["p"][r], at["m_old"][r],
-                               at["rms_old"][r], at["m_new"][r], at["rms_new"][r],
-                               at["mom_decay"][r], const["rms_d"][r], None, None,
-                               at["v_old"][r], at["v_new"][r], at["fac_decay"][r],
-                               at["sumsq"][r], None, threads)
-                lib.lopt_pass2(code, a, b, at["g"][r], at["p"][r], at["m_new"][r],
-                               at["rms_new"][r], None, None, at["v_new"][r], at["w_in"][r],
-                               at["sumsq"][r], at["bias0"][r], None, at["w1"][r], at["b1"][r],
-                               at["w2"][r], at["b2"][r], exp_mult, coef[r], p_decay[r],
-                               at["p_new"][r], threads)
-                continue
-            status = lib.lopt_factored_prepare(
-                a, b, d0, 1, at["g"][r], 0.0, at["v_row"][r], len_r, 1, at["v_col"][r], len_c,
-                1, at["fac_decay"][r], at["w_stat"][r], at["bias0"][r], at["fac_a"][r],
-                at["fac_b"][r], at["u_a"][r], at["u_b"][r], threads)
-            if status != 0:
-                raise MemoryError("lopt_factored_prepare could not allocate its row/column sums")
-            lib.lopt_pass1(code, a, b, at["g"][r], at["p"][r], at["m_old"][r], at["rms_old"][r],
-                           at["m_new"][r], at["rms_new"][r], at["mom_decay"][r],
-                           const["rms_d"][r], at["fac_a"][r], at["fac_b"][r], None, None, None,
-                           at["sumsq"][r], None, threads)
-            lib.lopt_pass2(code, a, b, at["g"][r], at["p"][r], at["m_new"][r], at["rms_new"][r],
-                           at["fac_a"][r], at["fac_b"][r], None, at["w_in"][r], at["sumsq"][r],
-                           at["u_a"][r], at["u_b"][r], at["w1"][r], at["b1"][r], at["w2"][r],
-                           at["b2"][r], exp_mult, coef[r], p_decay[r], at["p_new"][r], threads)
-        return out["p"], out["m"], out["rms"], new_row, new_col, new_v
+            if not inplace:
+                v_row = v_row.clone(memory_format=torch.contiguous_format)
+                v_col = v_col.clone(memory_format=torch.contiguous_format)
+            out = (p_new, m_new, rms_new, v_row, v_col, v_diag)
+            arrays += [("v_row", v_row, (k, len_r)), ("v_col", v_col, (k, len_c)),
+                       ("v_diag", None, None), ("v_diag_new", None, None)]
+        addrs, strides = [], []
+        for name, t, inner in arrays:
+            addr, stride = (0, 0) if t is None else _row_stack(f"{name}[{j}]", t, rows, inner)
+            addrs.append(addr)
+            strides.append(stride)
+        return [_MODES["small_fc_diag" if diag else "small_fc"], a, b, int(d0), *addrs,
+                *strides], out
 
     def velo_scalars(self, iteration: int, num_steps: int, buffer_iteration: int, loss: float,
                      buffer: Mapping[str, Tensor], timescales: Tensor, stats: Tensor,

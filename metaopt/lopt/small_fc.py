@@ -151,47 +151,49 @@ class SmallFCLOpt(LearnedOptimizer):
                  backend: cpu_kernels.LoptCpuKernels | None, workspace: dict | None
                  ) -> LOptState:
         """In-place step: the fused kernel writes into the parameters and accumulators."""
-        del loss, workspace
-        _, new_state = self._step(grads, state, params, (lr, weight_decay), backend)
+        del loss
+        _, new_state = self._step(grads, state, params, (lr, weight_decay), backend, workspace)
         return new_state
 
     def _step(self, grads: Params, state: LOptState, params: Params,
               inplace: tuple[Mapping[str, float], Mapping[str, float]] | None,
-              kern: cpu_kernels.LoptCpuKernels | None
+              kern: cpu_kernels.LoptCpuKernels | None, workspace: dict | None = None
               ) -> tuple[Params, LOptState]:
         """Shared loop of :meth:`_update` and (``inplace=(lr, weight_decay)``) :meth:`_update_`:
-        per tensor, the fused kernel (:meth:`_kernel_update_tensor`) or the reference."""
+        every tensor the fused kernels step (:meth:`_kernel_ok`) in one
+        :meth:`_kernel_step`, the others through the reference :meth:`_update_tensor`.
+        ``workspace`` (the in-place shell's) keeps the kernel plan across steps."""
         iteration = state["iteration"]
         new_state: LOptState = {k: {} for k in _ACCUMULATORS}
         new_params: Params = {}
         cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
-        kernel_const: dict[str, Any] | None = None
+        fused: list[str] = []
         for name, p in params.items():
             g = grads[name]
+            acc = {k: state[k][name] for k in _ACCUMULATORS}
+            if kern is not None and self._kernel_ok(kern, p, g, acc):
+                fused.append(name)
+                continue
             key = (_compute_dtype(p.dtype), p.device)
             if key not in cache:
                 cache[key] = self._prepare(iteration, *key)
-            acc = {k: state[k][name] for k in _ACCUMULATORS}
             scale = self._step_scale(state, name)
-            if kern is not None and self._kernel_ok(kern, p, g, acc):
-                if kernel_const is None:  # one set per step, in the one-row layout
-                    kernel_const = _one_row(self._kernel_constants(*cache[key]))
-                new_p, new_acc = self._kernel_update_tensor(
-                    kern, p, g, acc, kernel_const,
-                    inplace=None if inplace is None else (inplace[0].get(name, 1.0),
-                                                          inplace[1].get(name, 0.0)),
-                    scale=float(scale))
-            else:
-                new_p, new_acc = self._update_tensor(p, g, acc, *cache[key])
-                if not (isinstance(scale, float) and scale == 1.0):
-                    # p - p_new is exact in float32 (Sterbenz): one more rounding only
-                    new_p = p - scale.to(p.dtype) * (p - new_p)
-                if inplace is not None:
-                    apply_step_(p, new_p, inplace[0].get(name, 1.0), inplace[1].get(name, 0.0))
-                    new_p = p
+            new_p, new_acc = self._update_tensor(p, g, acc, *cache[key])
+            if not (isinstance(scale, float) and scale == 1.0):
+                # p - p_new is exact in float32 (Sterbenz): one more rounding only
+                new_p = p - scale.to(p.dtype) * (p - new_p)
+            if inplace is not None:
+                apply_step_(p, new_p, inplace[0].get(name, 1.0), inplace[1].get(name, 0.0))
+                new_p = p
             new_params[name] = new_p
             for k, v in new_acc.items():
                 new_state[k][name] = v
+        if fused:
+            self._kernel_step(kern, fused, grads, state, params, inplace, new_params, new_state,
+                              workspace)
+            new_params = {name: new_params[name] for name in params}
+            for k in _ACCUMULATORS:
+                new_state[k] = {name: new_state[k][name] for name in params}
         new_state["iteration"] = iteration + 1
         new_state["num_steps"] = state["num_steps"]
         for extra in state.keys() - new_state.keys():  # e.g. μLO's per-tensor scales
@@ -205,14 +207,21 @@ class SmallFCLOpt(LearnedOptimizer):
     def _prepare(self, iteration: Tensor, dtype: torch.dtype, device: torch.device,
                  meta: Mapping[str, Tensor] | None = None) -> tuple:
         """Decays, MLP weights and the (constant per step) time-feature bias of layer 0
-        (from ``meta`` when given, else the module's parameters)."""
+        (from ``meta`` when given, else the module's parameters).
+
+        Broadcasts over leading row axes: with ``meta`` leaves of shape ``(R, ...)`` and
+        ``iteration`` of shape ``(R,)`` every result gets the leading ``R`` (each row the
+        unbatched result of its own row; :meth:`update_rows`)."""
         meta = dict(self.named_parameters()) if meta is None else meta
         decays = tuple(d.to(dtype=dtype, device=device) for d in self.decays(meta))
         weights = [meta[f"w{i}"].to(dtype=dtype, device=device) for i in range(self.n_layers)]
         biases = [meta[f"b{i}"].to(dtype=dtype, device=device) for i in range(self.n_layers)]
-        time = F.tanh_time_embedding(iteration.to(device), dtype=torch.float32).to(dtype)
-        w0_feat, w0_time = weights[0][: self.n_features], weights[0][self.n_features:]
-        bias0 = time @ w0_time + biases[0]
+        time = F.tanh_time_embedding(iteration.to(device).unsqueeze(-1),
+                                     dtype=torch.float32).to(dtype)
+        w0_feat = weights[0][..., : self.n_features, :]
+        w0_time = weights[0][..., self.n_features:, :]
+        # (1, T) @ (T, H) is what torch.matmul does for a (T,) vector: the same rounding
+        bias0 = torch.matmul(time.unsqueeze(-2), w0_time).squeeze(-2) + biases[0]
         return decays, w0_feat, bias0, weights[1:], biases[1:]
 
     def _feature_block(self, sl: slice, g: Tensor, p: Tensor, m: Tensor, rms: Tensor,
@@ -307,70 +316,119 @@ class SmallFCLOpt(LearnedOptimizer):
 
     # ------------------------------------------------------------------ fused CPU kernel
     def _kernel_ok(self, kern: cpu_kernels.LoptCpuKernels, p: Tensor, g: Tensor,
-                   acc: dict[str, Tensor]) -> bool:
+                   acc: dict[str, Tensor], rows: int = 0) -> bool:
         """Whether the fused C kernel steps this tensor (decided by structure alone): no
         autograd graph is recorded, a non-empty float32 CPU vector or matrix with float32
         gradient and accumulators, and the architecture shape the library is built for
-        (two hidden layers, one rms decay, as many momentum as adafactor decays)."""
+        (two hidden layers, one rms decay, as many momentum as adafactor decays).
+        ``rows > 0``: the tensors are ``rows`` stacked rows of such tensors."""
         k = len(self.initial_momentum_decays)
-        return (not torch.is_grad_enabled() and p.dim() in (1, 2) and p.numel() > 0
-                and p.dtype == torch.float32 and g.dtype == torch.float32
-                and p.device.type == "cpu" and g.device.type == "cpu"
+        lead = 1 if rows else 0
+        return (not torch.is_grad_enabled() and p.dim() - lead in (1, 2) and p.numel() > 0
+                and (not rows or p.shape[0] == rows)
+                and p.dtype is torch.float32 and g.dtype is torch.float32
+                and p.is_cpu and g.is_cpu
                 and self.hidden_layers == 2 and len(self.initial_rms_decays) == 1
                 and len(self.initial_adafactor_decays) == k
-                and all(v.dtype == torch.float32 for v in acc.values())
+                and all(v.dtype is torch.float32 for v in acc.values())
                 and kern.supports(k, self.hidden_size))
 
     def _kernel_constants(self, decays: tuple, w0_feat: Tensor, bias0: Tensor,
                           weights: list[Tensor], biases: list[Tensor]) -> dict[str, Any]:
-        """What the kernel calls of one step share across tensors (contiguous float32)."""
+        """What the kernel calls of one step share across tensors (contiguous float32;
+        with a leading row axis when :meth:`_prepare` gave one)."""
         k = len(self.initial_momentum_decays)
         mom_d, rms_d, fac_d = decays
         w0 = w0_feat
         rows = list(range(4 + 3 * k)) + list(range(4 + 7 * k, 4 + 8 * k))
         return {
-            "mom_d": mom_d.contiguous(), "rms_d": torch.clamp(rms_d, 0.0, 1.0).reshape(()),
+            "mom_d": mom_d.contiguous(), "rms_d": torch.clamp(rms_d, 0.0, 1.0).squeeze(-1),
             "fac_d": torch.clamp(fac_d, 0.0, 1.0).contiguous(),
-            "w_stat": w0[4 + 3 * k:4 + 7 * k].contiguous(),  # v_row, v_col and their rsqrt
-            "w_factored": w0[rows].contiguous(),
+            # v_row, v_col and their rsqrt
+            "w_stat": w0[..., 4 + 3 * k:4 + 7 * k, :].contiguous(),
+            "w_factored": w0[..., rows, :].contiguous(),
             # vectors: the v and rsqrt(v) channels are fed twice, so their weights add up
-            "w_diag": torch.cat([w0[:4 + 3 * k],
-                                 w0[4 + 3 * k:4 + 4 * k] + w0[4 + 4 * k:4 + 5 * k],
-                                 w0[4 + 5 * k:4 + 6 * k] + w0[4 + 6 * k:4 + 7 * k],
-                                 w0[4 + 7 * k:]]).contiguous(),
+            "w_diag": torch.cat([w0[..., :4 + 3 * k, :],
+                                 w0[..., 4 + 3 * k:4 + 4 * k, :] + w0[..., 4 + 4 * k:4 + 5 * k, :],
+                                 w0[..., 4 + 5 * k:4 + 6 * k, :] + w0[..., 4 + 6 * k:4 + 7 * k, :],
+                                 w0[..., 4 + 7 * k:, :]], dim=-2).contiguous(),
             "bias0": bias0.contiguous(),
             "mlp": [t.contiguous() for t in (weights[0], biases[0], weights[1], biases[1])],
         }
 
-    def _kernel_update_tensor(self, kern: cpu_kernels.LoptCpuKernels, p: Tensor, g: Tensor,
-                              acc: dict[str, Tensor],
-                              const: dict[str, Any], inplace: tuple[float, float] | None = None,
-                              scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`_update_tensor` for a float32 CPU vector or matrix, in the fused C
-        kernel (diagonal second moments for vectors, factored ones for matrices): the
-        one-row case of :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows`.
+    def _kernel_step(self, kern: cpu_kernels.LoptCpuKernels, names: list[str],
+                     grads: Params, state: LOptState, params: Params,
+                     inplace: tuple[Mapping[str, float], Mapping[str, float]] | None,
+                     new_params: Params, new_state: LOptState, workspace: dict | None) -> None:
+        """:meth:`_update_tensor` for the float32 CPU vectors and matrices ``names``, all in
+        one :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call (``R = 1``;
+        diagonal second moments for vectors, factored ones for matrices), written into
+        ``new_params`` / ``new_state``.
 
-        ``const``: :meth:`_kernel_constants` in the one-row layout of ``small_fc_rows``
-        (:func:`_one_row`, built once per step). ``inplace=(lr, weight_decay)``
-        writes ``p + lr·(p_learned − p) − lr·wd·p`` into ``p`` and the new accumulators
-        into the old ones (``p``/``acc`` contiguous); ``scale`` multiplies the learned step
-        (μLO)."""
-        tensors = (p, acc["m"], acc["rms"], acc["v_row"], acc["v_col"], acc["v_diag"])
-        if inplace is not None and not all(t.is_contiguous() for t in tensors):
-            new_p, new_acc = self._kernel_update_tensor(kern, p, g, acc, const, scale=scale)
-            apply_step_(p, new_p, *inplace)
-            return p, new_acc
-        lr, wd = inplace if inplace is not None else (1.0, 0.0)
-        dims = F.factored_dims(p.shape)
-        new_p, m, rms, v_row, v_col, v_diag = kern.small_fc_rows(
-            *(t.contiguous().unsqueeze(0) for t in (g, *tensors)),
-            None if dims is None else dims[1], const, self.exp_mult,
-            [self.step_mult * scale * lr], [1.0 - lr * wd], inplace=inplace is not None)
-        new_acc = {"m": m.view(acc["m"].shape), "rms": rms.view(acc["rms"].shape),
-                   "v_row": v_row.view(acc["v_row"].shape),
-                   "v_col": v_col.view(acc["v_col"].shape),
-                   "v_diag": v_diag.view(acc["v_diag"].shape)}
-        return new_p.view(p.shape), new_acc
+        ``inplace=(lr, weight_decay)`` writes ``p·(1 − lr·wd) − lr·step`` into ``p`` and the
+        new accumulators into the old ones; a tensor whose parameter or state is not
+        contiguous is stepped out of place and then applied with
+        :func:`~metaopt.lopt.base.apply_step_` (in a second call). ``_step_scale``
+        multiplies the learned step (μLO). With a ``workspace`` the in-place call goes
+        through a :class:`~metaopt.lopt.cpu_kernels.SmallFCPlan` kept there (checked once,
+        rebuilt when the tensors change)."""
+        const = _one_row(self._kernel_constants(
+            *self._prepare(state["iteration"], torch.float32, torch.device("cpu"))))
+        direct: list[tuple[str, float, float, float]] = []
+        copied: list[tuple[str, float, float, float]] = []
+        for name in names:
+            lr, wd = (1.0, 0.0) if inplace is None else (inplace[0].get(name, 1.0),
+                                                         inplace[1].get(name, 0.0))
+            scale = float(self._step_scale(state, name))
+            if inplace is None or (params[name].is_contiguous() and all(
+                    state[k][name].is_contiguous() for k in _ACCUMULATORS)):
+                direct.append((name, lr, wd, scale))
+            else:
+                copied.append((name, lr, wd, scale))
+        if inplace is not None and workspace is not None and direct:
+            self._planned_step(kern, workspace, direct, grads, state, params, const)
+            new_params.update((name, params[name]) for name, *_ in direct)
+            for k in _ACCUMULATORS:
+                new_state[k].update((name, state[k][name]) for name, *_ in direct)
+            direct = []
+        for batch, write in ((direct, inplace is not None), (copied, False)):
+            if not batch:
+                continue
+            items = [cpu_kernels.SmallFCRows(
+                *(t.contiguous().unsqueeze(0) for t in (
+                    grads[name], params[name], *(state[k][name] for k in _ACCUMULATORS))),
+                _factored_d0(params[name].shape)) for name, *_ in batch]
+            if write:
+                coef = [[self.step_mult * scale * lr] for _, lr, _, scale in batch]
+                p_decay = [[1.0 - lr * wd] for _, lr, wd, _ in batch]
+            else:
+                coef = [[self.step_mult * scale] for *_, scale in batch]
+                p_decay = [[1.0]] * len(batch)
+            outs = kern.small_fc_rows(items, const, self.exp_mult, coef, p_decay, inplace=write)
+            for (name, lr, wd, _), out in zip(batch, outs):
+                p = params[name]
+                new_p = out[0].view(p.shape)
+                if inplace is not None and not write:
+                    apply_step_(p, new_p, lr, wd)
+                    new_p = p
+                new_params[name] = new_p
+                for k, v in zip(_ACCUMULATORS, out[1:]):
+                    new_state[k][name] = v.view(state[k][name].shape)
+
+    def _planned_step(self, kern: cpu_kernels.LoptCpuKernels, workspace: dict,
+                      batch: list[tuple[str, float, float, float]], grads: Params,
+                      state: LOptState, params: Params, const: dict[str, Any]) -> None:
+        """The in-place kernel step of ``batch`` (contiguous tensors: name, lr, wd, scale)
+        through the workspace's plan (built, or rebuilt, when its tensors changed)."""
+        items = [cpu_kernels.SmallFCRows(
+            grads[name].contiguous(), params[name], *(state[k][name] for k in _ACCUMULATORS),
+            _factored_d0(params[name].shape)) for name, *_ in batch]
+        plan = workspace.get("small_fc_plan")
+        if plan is None or plan.kern is not kern or not plan.matches(items):
+            plan = workspace["small_fc_plan"] = kern.small_fc_plan(items)
+        plan.step([item.g for item in items], const, self.exp_mult,
+                  [self.step_mult * scale * lr for _, lr, _, scale in batch],
+                  [1.0 - lr * wd for _, lr, wd, _ in batch])
 
     # ------------------------------------------------------------------ batched rows
     def rows_supported(self, kern: cpu_kernels.LoptCpuKernels | None, params: Params,
@@ -382,9 +440,8 @@ class SmallFCLOpt(LearnedOptimizer):
         if kern is None or not params:
             return False
         rows = state["iteration"].shape
-        return len(rows) == 1 and all(
-            p.dim() in (2, 3) and p.shape[0] == rows[0]
-            and self._kernel_ok(kern, p[0], p[0], {k: state[k][name][0] for k in _ACCUMULATORS})
+        return len(rows) == 1 and rows[0] > 0 and all(
+            self._kernel_ok(kern, p, p, {k: state[k][name] for k in _ACCUMULATORS}, rows[0])
             for name, p in params.items())
 
     def update_rows(self, meta_rows: Params, grads: Params, state: LOptState, params: Params,
@@ -394,8 +451,10 @@ class SmallFCLOpt(LearnedOptimizer):
 
         The same result as ``vmap`` of :meth:`update_unchecked` over rows (tested, to
         float32 rounding), through the fused kernels: the per-step constants of all rows
-        in one ``vmap`` of :meth:`_kernel_constants`, then one checked
-        :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call per tensor.
+        at once (:meth:`_prepare` and :meth:`_kernel_constants` broadcast over rows), then
+        one checked
+        :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.small_fc_rows` call (one C call)
+        for every row of every tensor.
         Requires :meth:`rows_supported`; no host-side guards (the estimators flag and
         reset non-finite rows). Pure: returns new parameters and a new state."""
         # (dtypes, devices, shapes and contiguity are checked by small_fc_rows itself)
@@ -403,43 +462,45 @@ class SmallFCLOpt(LearnedOptimizer):
             raise ValueError("update_rows needs the fused kernels and float32 CPU vector or "
                              "matrix rows outside autograd (see rows_supported)")
         iteration = state["iteration"]
-
-        def constants(meta: Params, it: Tensor) -> dict[str, Any]:
-            return self._kernel_constants(*self._prepare(it, torch.float32,
-                                                         torch.device("cpu"), meta))
-
-        raw = torch.func.vmap(constants)(dict(meta_rows), iteration)
-        const = {key: v.contiguous() for key, v in raw.items() if key != "mlp"}
-        const["mlp"] = [t.contiguous() for t in raw["mlp"]]
-        const["rms_d"] = const["rms_d"].tolist()
+        # every row's constants at once (_prepare and _kernel_constants broadcast over rows)
+        const = self._kernel_constants(*self._prepare(iteration, torch.float32,
+                                                      torch.device("cpu"), meta_rows))
+        const["rms_d"] = const["rms_d"].contiguous()
         rows = iteration.shape[0]
-        new_params: Params = {}
-        new_state: LOptState = {k: {} for k in _ACCUMULATORS}
-        for name, p in params.items():
+        names = list(params)
+        items, coef = [], []
+        for name in names:
+            items.append(cpu_kernels.SmallFCRows(
+                *(t.contiguous() for t in (grads[name], params[name],
+                                           *(state[k][name] for k in _ACCUMULATORS))),
+                _factored_d0(params[name].shape[1:])))
             scale = self._step_scale(state, name)
-            scales = scale.tolist() if isinstance(scale, Tensor) else [float(scale)] * rows
-            dims = F.factored_dims(p.shape[1:])
-            acc = [state[k][name].contiguous() for k in _ACCUMULATORS]
-            outs = kern.small_fc_rows(
-                grads[name].contiguous(), p.contiguous(), *acc,
-                None if dims is None else dims[1], const, self.exp_mult,
-                [self.step_mult * s for s in scales], [1.0] * rows)
-            new_params[name] = outs[0]
-            for k, v, old in zip(_ACCUMULATORS, outs[1:], acc):
-                new_state[k][name] = v.view(old.shape)
-        new_state["iteration"] = iteration + 1
-        new_state["num_steps"] = state["num_steps"]
-        for extra in state.keys() - new_state.keys():  # e.g. μLO's per-tensor scales
-            new_state[extra] = state[extra]
-        return new_params, new_state
+            # step_mult · scale in float64, rounded once to float32 (as a C float argument)
+            coef.append((scale.double() * self.step_mult).float().reshape(rows)
+                        if isinstance(scale, Tensor)
+                        else torch.full((rows,), self.step_mult * float(scale)))
+        outs = kern.small_fc_rows(items, const, self.exp_mult, torch.stack(coef),
+                                  torch.ones(len(names), rows), inplace=False)
+        new_params: Params = {name: out[0] for name, out in zip(names, outs)}
+        stepped = {k: {name: out[1 + i] for name, out in zip(names, outs)}
+                   for i, k in enumerate(_ACCUMULATORS)}
+        stepped["iteration"] = iteration + 1
+        # the state's own key order (the rows' trees keep one structure); other entries,
+        # e.g. μLO's per-tensor scales, and num_steps are carried over
+        return new_params, {key: stepped.get(key, value) for key, value in state.items()}
 
 
 def _one_row(const: dict[str, Any]) -> dict[str, Any]:
     """Per-step kernel constants (one set) in ``small_fc_rows``' layout for ``R = 1``."""
     one = {key: v.unsqueeze(0) for key, v in const.items() if key != "mlp"}
     one["mlp"] = [t.unsqueeze(0) for t in const["mlp"]]
-    one["rms_d"] = [float(const["rms_d"])]
     return one
+
+
+def _factored_d0(shape: torch.Size) -> int | None:
+    """The axis ``v_row`` averages over (``features.factored_dims``), None for vectors."""
+    dims = F.factored_dims(shape)
+    return None if dims is None else dims[1]
 
 
 #: Elements per block of the per-element MLP (keeps a block's features in cache).

@@ -164,3 +164,22 @@ def test_pes_with_fused_rows_matches_the_reference_estimate():
         grads.append(est(system, phi, None, None).grad)
     for k in grads[0]:
         assert torch.equal(grads[0][k], grads[1][k])
+
+
+def test_row_gradients_of_the_summed_losses_equal_per_row_gradients():
+    # d(sum_r L_r(theta_r)) / d theta_r = dL_r / d theta_r: the fused path's one backward
+    # pass gives what vmap(grad_and_value(loss)) gives, bit for bit here
+    lopt, task = SmallFCLOpt(), teacher_task(batch_size=16)
+    system = LearnedOptimizerSystem(lopt, task, num_steps=20)
+    phi = _perturbed_rows(meta_parameters(lopt), 3, seed=0)
+    seeds = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        state = system.init(phi, seeds)
+        batch = system._batches(seeds, torch.tensor([0, 4, 9]))
+        grads, loss = system._row_grads(state["theta"], batch)
+        ref_g, ref_l = torch.func.vmap(torch.func.grad_and_value(task.loss))(state["theta"],
+                                                                             batch)
+    assert torch.equal(loss, ref_l)
+    for k in ref_g:
+        torch.testing.assert_close(grads[k], ref_g[k], rtol=1e-6, atol=1e-7)
+        assert not grads[k].requires_grad

@@ -44,7 +44,7 @@ enum { MODE_SMALL_FC = 0, MODE_VELO = 1, MODE_SMALL_FC_DIAG = 2, MODE_VELO_DIAG 
 #define N_CH(mode) ((mode) == MODE_SMALL_FC ? NCH_SMALL_FC : (mode) == MODE_VELO ? NCH_VELO \
                     : (mode) == MODE_SMALL_FC_DIAG ? NCH_SMALL_FC_DIAG : NCH_VELO_DIAG)
 
-int lopt_abi_version(void) { return 9; }
+int lopt_abi_version(void) { return 10; }
 int lopt_decays(void) { return K; }
 int lopt_hidden(void) { return H; }
 int lopt_n_channels(int mode) { return N_CH(mode); }
@@ -713,4 +713,140 @@ void lopt_velo_pass2_plans(int64_t count, const int64_t *table, const float *pac
                    row + t[PL_SL_W2], row + t[PL_SL_B2], exp_mult, coef[j], p_decay[j], p,
                    nthreads);
     }
+}
+
+
+/* small_fc_lopt's whole step for `count` tensors x `rows` rows in one call (the one
+ * orchestration of metaopt/lopt/cpu_kernels.py::LoptCpuKernels.small_fc_rows; rows = 1
+ * is the torch.optim shell's step of a whole model, rows = R the meta-training rows).
+ *
+ * Tensor j is described by row j of `table` (SR_SLOTS int64): its mode (MODE_SMALL_FC:
+ * an (a, b) matrix with factored second moments, v_row/v_col decay-first (K, len) and
+ * d0 the axis v_row averages over; MODE_SMALL_FC_DIAG: a vector, a = 1, b = n, v (K, n)),
+ * the base addresses of row 0 of its arrays and, per array, the distance between rows
+ * (in floats). Row r of tensor j is stepped with row r of every per-row constant (each a
+ * contiguous (rows, size) array: mom_d, fac_d (K), rms_d (1), w_factored (NCH_SMALL_FC,
+ * H), w_diag (NCH_SMALL_FC_DIAG, H), w_stat (4K, H), bias0 (H), w1 (H, H), b1 (H),
+ * w2 (H, 2), b2 (2)) and coef[j * rows + r], p_decay[j * rows + r]: the work of each
+ * (tensor, row) is exactly lopt_factored_prepare + lopt_pass1 + lopt_pass2 (or pass 1 and
+ * 2 of the diagonal mode). Outputs may alias inputs (in place); v_row/v_col are updated
+ * in place. With rows > 1 the (tensor, row) jobs run in parallel (each on one thread),
+ * with rows = 1 one after another (each on nthreads).
+ *
+ * Returns 0; -(1 + j) when table row j is malformed (unknown mode, non-positive size,
+ * d0 not 0/1, a NULL address, a row stride smaller than a row: nothing is written then);
+ * 1 + j when tensor j's scratch could not be allocated. */
+enum {
+    SR_MODE, SR_A, SR_B, SR_D0,
+    SR_G, SR_P, SR_M_OLD, SR_RMS_OLD, SR_P_NEW, SR_M_NEW, SR_RMS_NEW, SR_V_ROW, SR_V_COL,
+    SR_V_OLD, SR_V_NEW, /* addresses (as integers) of row 0 */
+    SR_S_G, SR_S_P, SR_S_M_OLD, SR_S_RMS_OLD, SR_S_P_NEW, SR_S_M_NEW, SR_S_RMS_NEW,
+    SR_S_V_ROW, SR_S_V_COL, SR_S_V_OLD, SR_S_V_NEW, /* per-row strides, in floats */
+    SR_SLOTS
+};
+#define SR_ADDR0 SR_G
+#define SR_N_ADDR (SR_S_G - SR_G)
+
+int lopt_small_fc_slots(void) { return SR_SLOTS; }
+
+/* The floats one row of array `slot` (an SR_* address) of a table row holds; 0: unused. */
+static int64_t sr_row_size(const int64_t *t, int slot) {
+    const int64_t a = t[SR_A], b = t[SR_B], n = a * b;
+    const int diag = t[SR_MODE] == MODE_SMALL_FC_DIAG;
+    const int64_t len_r = t[SR_D0] == 0 ? b : a, len_c = t[SR_D0] == 0 ? a : b;
+    switch (slot) {
+    case SR_G: case SR_P: case SR_RMS_OLD: case SR_P_NEW: case SR_RMS_NEW: return n;
+    case SR_M_OLD: case SR_M_NEW: return K * n;
+    case SR_V_ROW: return diag ? 0 : K * len_r;
+    case SR_V_COL: return diag ? 0 : K * len_c;
+    case SR_V_OLD: case SR_V_NEW: return diag ? K * n : 0;
+    default: return 0;
+    }
+}
+
+static int sr_row_ok(const int64_t *t) {
+    if (t[SR_MODE] != MODE_SMALL_FC && t[SR_MODE] != MODE_SMALL_FC_DIAG) return 0;
+    if (t[SR_A] < 1 || t[SR_B] < 1) return 0;
+    if (t[SR_MODE] == MODE_SMALL_FC_DIAG ? t[SR_A] != 1 : (t[SR_D0] != 0 && t[SR_D0] != 1))
+        return 0;
+    for (int s = SR_ADDR0; s < SR_ADDR0 + SR_N_ADDR; s++) {
+        const int64_t size = sr_row_size(t, s);
+        if (size == 0) continue;
+        if (t[s] == 0 || t[s + SR_N_ADDR] < size) return 0;
+    }
+    return 1;
+}
+
+#define SR_F(t, s, r) ((float *)(uintptr_t)(t)[s] + (r) * (t)[(s) + SR_N_ADDR])
+
+/* One (tensor, row) job; returns 0 or -1 (out of memory). */
+static int small_fc_job(const int64_t *t, int64_t r, const float *mom_d, const float *fac_d,
+                        const float *rms_d, const float *w_factored, const float *w_diag,
+                        const float *w_stat, const float *bias0, const float *w1,
+                        const float *b1, const float *w2, const float *b2, float coef,
+                        float p_decay, float exp_mult, int nthreads) {
+    const int mode = (int)t[SR_MODE];
+    const int64_t a = t[SR_A], b = t[SR_B];
+    const float *md = mom_d + r * K, *fd = fac_d + r * K, *bz = bias0 + r * H;
+    const float *w1r = w1 + r * H * H, *b1r = b1 + r * H, *w2r = w2 + r * 2 * H,
+                *b2r = b2 + r * 2;
+    double sumsq[NCH_MAX];
+    const float *g = SR_F(t, SR_G, r), *p = SR_F(t, SR_P, r);
+    float *m_new = SR_F(t, SR_M_NEW, r), *rms_new = SR_F(t, SR_RMS_NEW, r);
+    if (mode == MODE_SMALL_FC_DIAG) {
+        float *v_new = SR_F(t, SR_V_NEW, r);
+        lopt_pass1(mode, 1, b, g, p, SR_F(t, SR_M_OLD, r), SR_F(t, SR_RMS_OLD, r), m_new,
+                   rms_new, md, rms_d[r], NULL, NULL, SR_F(t, SR_V_OLD, r), v_new, fd, sumsq,
+                   NULL, nthreads);
+        lopt_pass2(mode, 1, b, g, p, m_new, rms_new, NULL, NULL, v_new,
+                   w_diag + r * NCH_SMALL_FC_DIAG * H, sumsq, bz, NULL, w1r, b1r, w2r, b2r,
+                   exp_mult, coef, p_decay, SR_F(t, SR_P_NEW, r), nthreads);
+        return 0;
+    }
+    const int d0 = (int)t[SR_D0];
+    const int64_t len_r = d0 == 0 ? b : a, len_c = d0 == 0 ? a : b;
+    float *scratch = (float *)malloc((size_t)(K * (a + b) + H * (a + b)) * sizeof(float));
+    if (!scratch) return -1;
+    float *fac_a = scratch, *fac_b = fac_a + K * a, *u_a = fac_b + K * b, *u_b = u_a + H * a;
+    if (lopt_factored_prepare(a, b, d0, 1, g, 0.0f, SR_F(t, SR_V_ROW, r), len_r, 1,
+                              SR_F(t, SR_V_COL, r), len_c, 1, fd, w_stat + r * 4 * K * H, bz,
+                              fac_a, fac_b, u_a, u_b, nthreads) != 0) {
+        free(scratch);
+        return -1;
+    }
+    lopt_pass1(mode, a, b, g, p, SR_F(t, SR_M_OLD, r), SR_F(t, SR_RMS_OLD, r), m_new, rms_new,
+               md, rms_d[r], fac_a, fac_b, NULL, NULL, NULL, sumsq, NULL, nthreads);
+    lopt_pass2(mode, a, b, g, p, m_new, rms_new, fac_a, fac_b, NULL,
+               w_factored + r * NCH_SMALL_FC * H, sumsq, u_a, u_b, w1r, b1r, w2r, b2r,
+               exp_mult, coef, p_decay, SR_F(t, SR_P_NEW, r), nthreads);
+    free(scratch);
+    return 0;
+}
+
+int lopt_small_fc_rows(int64_t count, const int64_t *table, int64_t rows, const float *mom_d,
+                       const float *fac_d, const float *rms_d, const float *w_factored,
+                       const float *w_diag, const float *w_stat, const float *bias0,
+                       const float *w1, const float *b1, const float *w2, const float *b2,
+                       const float *coef, const float *p_decay, float exp_mult, int nthreads) {
+    for (int64_t j = 0; j < count; j++)
+        if (!sr_row_ok(table + j * SR_SLOTS)) return (int)(-(1 + j));
+    int64_t failed = -1;
+    const int64_t jobs = count * rows;
+#define SMALL_FC_JOB(JOB, THREADS)                                                             \
+    small_fc_job(table + ((JOB) / rows) * SR_SLOTS, (JOB) % rows, mom_d, fac_d, rms_d,         \
+                 w_factored, w_diag, w_stat, bias0, w1, b1, w2, b2, coef[JOB], p_decay[JOB], \
+                 exp_mult, THREADS)
+    if (rows > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+        for (int64_t job = 0; job < jobs; job++)
+            if (SMALL_FC_JOB(job, 1) != 0) {
+#pragma omp critical
+                if (failed < 0 || job / rows < failed) failed = job / rows;
+            }
+    } else {
+        for (int64_t job = 0; job < jobs && failed < 0; job++)
+            if (SMALL_FC_JOB(job, nthreads) != 0) failed = job;
+    }
+#undef SMALL_FC_JOB
+    return failed < 0 ? 0 : (int)(1 + failed);
 }
