@@ -129,29 +129,28 @@ def main() -> None:
         weightings = {"uniform": uniform_weights(enc.doc_mask),
                       "oracle": span_weights(enc.answer_span_mask, enc.doc_mask),
                       "camels": weighting(enc.doc_ids, enc.doc_mask)}
-    rows = []
-    for lr in args.lrs:
-        for name, w in weightings.items():
-            t1 = time.perf_counter()
-            m = online_metrics(camels, tok, enc, w, loc_ids, loc_mask, lr=lr, max_new_tokens=6)
-            rows.append({"weighting": name, "lr": lr, **m,
-                         "uptake": m["answer_nll_before"] - m["answer_nll"],
-                         "seconds": time.perf_counter() - t1})
-            print(f"lr {lr:.0e} {name:8s} answer NLL {m['answer_nll_before']:.3f} -> "
-                  f"{m['answer_nll']:.3f}  F1 {m['f1']:.3f}  EM {m['exact_match']:.3f}  "
-                  f"forgetting {m['forgetting']:+.3f}", flush=True)
     span = enc.answer_span_mask & enc.doc_mask.bool()
     cw = weightings["camels"]
     mean_w = {"answer_span": float(cw[span].mean()),
               "other": float(cw[~span & enc.doc_mask.bool()].mean())}
     print(f"CaMeLS mean weight: answer-span tokens {mean_w['answer_span']:.3f}, "
-          f"other tokens {mean_w['other']:.3f}")
+          f"other tokens {mean_w['other']:.3f}", flush=True)
     out = {"args": vars(args), "torch": torch.__version__, "meta_seconds": meta_seconds,
-           "meta_log": log, "questions": int(enc.qa_ids.shape[0]), "rows": rows,
+           "meta_log": log, "questions": int(enc.qa_ids.shape[0]), "rows": [],
            "camels_mean_weight": mean_w}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json, json.dumps(out, indent=1))
+    for lr in args.lrs:
+        for name, w in weightings.items():
+            t1 = time.perf_counter()
+            m = online_metrics(camels, tok, enc, w, loc_ids, loc_mask, lr=lr, max_new_tokens=6)
+            out["rows"].append({"weighting": name, "lr": lr, **m,
+                                "uptake": m["answer_nll_before"] - m["answer_nll"],
+                                "seconds": time.perf_counter() - t1})
+            print(f"lr {lr:.0e} {name:8s} answer NLL {m['answer_nll_before']:.3f} -> "
+                  f"{m['answer_nll']:.3f}  F1 {m['f1']:.3f}  EM {m['exact_match']:.3f}  "
+                  f"forgetting {m['forgetting']:+.3f}", flush=True)
+            if args.json:  # after every row: a long run keeps what it has measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(args.json, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
