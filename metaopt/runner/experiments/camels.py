@@ -10,6 +10,8 @@ order through :class:`~metaopt.bilevel.Unrolled`, or — ``meta_gradient: jvp`` 
 exact one-step gradient from one Jacobian-vector product; documents through the shared
 :class:`~metaopt.bilevel.task_batch.TaskBatcher`). The weighting model's parameters φ
 take an Adam step (``outer_lr``, gradient-norm clipping at ``max_grad_norm``).
+``adapt_params`` (name prefixes, e.g. ``["blocks."]``; empty: all) limits which base-model
+parameters the inner step — and the evaluation's online Adam — update.
 
 Evaluation is online adaptation (:func:`~metaopt.algorithms.camels.online_eval.
 run_online`): ``eval_streams`` validation streams of ``eval_docs`` documents about
@@ -80,6 +82,7 @@ class CamelsConfig(ExperimentConfig):
     inner_steps: int = 1
     c_kl: float = 0.1
     meta_gradient: str = "estimator"
+    adapt_params: list[str] = field(default_factory=list)
     outer_lr: float = 1e-3
     max_grad_norm: float = 1.0
     meta_batch: int = 4
@@ -110,6 +113,10 @@ class CamelsConfig(ExperimentConfig):
                              f"{self.meta_gradient!r}")
         if self.meta_gradient == "jvp" and self.inner_steps != 1:
             raise ValueError("meta_gradient 'jvp' needs inner_steps: 1")
+        if not (isinstance(self.adapt_params, list)
+                and all(isinstance(a, str) and a for a in self.adapt_params)):
+            raise ValueError(f"adapt_params must be a list of parameter-name prefixes, got "
+                             f"{self.adapt_params!r}")
         init = self.weighting.get("init", "base")
         if init not in ("base", "random"):
             raise ValueError(f"weighting.init must be 'base' or 'random', got {init!r}")
@@ -159,12 +166,14 @@ def encode_stream_batch(enc: EncodedDocuments, docs: list[int], questions: list[
 def online_metrics(camels: CaMeLS, tokenizer: Tokenizer, enc: EncodedDocuments, weights: Tensor,
                    loc_ids: Tensor, loc_mask: Tensor, *, lr: float,
                    max_new_tokens: int = 8) -> dict[str, float]:
-    """EM / F1 / answer NLL / forgetting after streaming ``enc``'s documents with ``weights``."""
+    """EM / F1 / answer NLL / forgetting after streaming ``enc``'s documents with ``weights``
+    (Adam updates the parameters ``camels.adapt_params`` names, as CaMeLS's inner step does)."""
     qa = QASet(prompts=enc.prompts, golds=enc.golds, qa_ids=enc.qa_ids,
                answer_mask=enc.qa_answer_mask)
     r = run_online(camels.logits, camels.base_parameters(), enc.doc_ids, enc.doc_mask,
                    weights, qa, loc_ids, loc_mask, tokenizer.decode, lr=lr,
-                   eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
+                   eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens,
+                   adapt=camels.adapt_params)
     return {"exact_match": r.exact_match, "f1": r.f1, "answer_nll": r.answer_nll,
             "answer_nll_before": r.answer_nll_before, "forgetting": r.forgetting}
 
@@ -191,7 +200,7 @@ class CamelsExperiment(Experiment):
                                                                          dtype=dtype)
         self.camels = CaMeLS(self.base, self.weighting, inner_lr=config.inner_lr,
                              inner_steps=config.inner_steps, c_kl=config.c_kl,
-                             meta_gradient=config.meta_gradient)
+                             meta_gradient=config.meta_gradient, adapt_params=config.adapt_params)
         self.phi = {k: v.detach().clone() for k, v in self.weighting.named_parameters()}
         self.outer_state = adam(config.outer_lr).init(self.phi)
         self.generator = torch.Generator().manual_seed(seed)
