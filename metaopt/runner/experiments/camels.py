@@ -29,6 +29,7 @@ the base model's weights when ``weighting.init`` is ``"base"`` (sizes must then 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 
 from metaopt.algorithms.camels import CaMeLS, TokenWeighting
+from metaopt.algorithms.camels.metrics import f1
 from metaopt.algorithms.camels.online_eval import QASet, run_online
 from metaopt.models import TinyLM, TinyLMConfig
 from metaopt.optim import adam, apply_updates
@@ -165,17 +167,30 @@ def encode_stream_batch(enc: EncodedDocuments, docs: list[int], questions: list[
 
 def online_metrics(camels: CaMeLS, tokenizer: Tokenizer, enc: EncodedDocuments, weights: Tensor,
                    loc_ids: Tensor, loc_mask: Tensor, *, lr: float,
-                   max_new_tokens: int = 8) -> dict[str, float]:
+                   max_new_tokens: int = 8,
+                   control_golds: Sequence[Sequence[str]] | None = None) -> dict[str, float]:
     """EM / F1 / answer NLL / forgetting after streaming ``enc``'s documents with ``weights``
-    (Adam updates the parameters ``camels.adapt_params`` names, as CaMeLS's inner step does)."""
+    (Adam updates the parameters ``camels.adapt_params`` names, as CaMeLS's inner step does).
+
+    ``control_golds`` (one answer list per question, e.g.
+    :func:`tasks.documents.other_entity_answers`): also ``f1_other_entity``, the F1 of the
+    same answers against them.
+    """
     qa = QASet(prompts=enc.prompts, golds=enc.golds, qa_ids=enc.qa_ids,
                answer_mask=enc.qa_answer_mask)
     r = run_online(camels.logits, camels.base_parameters(), enc.doc_ids, enc.doc_mask,
                    weights, qa, loc_ids, loc_mask, tokenizer.decode, lr=lr,
                    eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens,
                    adapt=camels.adapt_params)
-    return {"exact_match": r.exact_match, "f1": r.f1, "answer_nll": r.answer_nll,
-            "answer_nll_before": r.answer_nll_before, "forgetting": r.forgetting}
+    out = {"exact_match": r.exact_match, "f1": r.f1, "answer_nll": r.answer_nll,
+           "answer_nll_before": r.answer_nll_before, "forgetting": r.forgetting}
+    if control_golds is not None:
+        if len(control_golds) != len(r.answers):
+            raise ValueError(f"control_golds has {len(control_golds)} entries for "
+                             f"{len(r.answers)} questions")
+        out["f1_other_entity"] = sum(f1(a, g) for a, g in zip(r.answers, control_golds)
+                                     ) / len(r.answers)
+    return out
 
 
 @register_experiment("camels", config=CamelsConfig)
