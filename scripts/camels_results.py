@@ -11,7 +11,14 @@ Needs the base model (``scripts/train_tiny_lm.py --out results/camels/tiny_lm``)
    documents each, a different seed each; stream k is paired with CaMeLS seed
    ``k % len(seeds)``), stream every weighting at its lr and measure EM / F1 of greedy
    closed-book answers to all questions of the stream, answer NLL before/after, and
-   forgetting (locality-text NLL after − before).
+   forgetting (locality-text NLL after − before); also the F1 of the same answers
+   against another entity's answer to the same question (``f1_other_entity``,
+   :func:`tasks.documents.other_entity_answers`: what is answered whatever the entity),
+   the entity-specific F1 (F1 − that), and F1 − uniform's F1 on the same stream
+   (paired). Steps 2–3 run twice: on ``--test-docs``-document streams (the issue's
+   "hundreds of documents") and on ``--short-docs``-document streams (a diagnostic:
+   there the tiny base model still retains what it read; its lr swept on short val
+   streams).
 4. Write ``--out/results.json``, ``--out/results.md`` (mean ± std over test streams) and
    ``--out/token_weights.png`` (CaMeLS weights over a few test documents).
 
@@ -287,12 +294,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="meta-training seeds of CaMeLS")
     p.add_argument("--meta-steps", type=int, default=300)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
     p.add_argument("--val-docs", type=int, default=300,
                    help="documents per validation stream (as long as the test streams)")
     p.add_argument("--val-streams", type=int, default=2)
     p.add_argument("--test-docs", type=int, default=300)
-    p.add_argument("--test-streams", type=int, default=3)
+    p.add_argument("--test-streams", type=int, default=6)
     p.add_argument("--short-docs", type=int, default=20,
                    help="documents per stream of the short-stream comparison (0: skip it)")
     p.add_argument("--short-val-streams", type=int, default=4)
