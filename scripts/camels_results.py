@@ -11,7 +11,14 @@ Needs the base model (``scripts/train_tiny_lm.py --out results/camels/tiny_lm``)
    documents each, a different seed each; stream k is paired with CaMeLS seed
    ``k % len(seeds)``), stream every weighting at its lr and measure EM / F1 of greedy
    closed-book answers to all questions of the stream, answer NLL before/after, and
-   forgetting (locality-text NLL after − before).
+   forgetting (locality-text NLL after − before); also the F1 of the same answers
+   against another entity's answer to the same question (``f1_other_entity``,
+   :func:`tasks.documents.other_entity_answers`: what is answered whatever the entity),
+   the entity-specific F1 (F1 − that), and F1 − uniform's F1 on the same stream
+   (paired). Steps 2–3 run twice: on ``--test-docs``-document streams (the issue's
+   "hundreds of documents") and on ``--short-docs``-document streams (a diagnostic:
+   there the tiny base model still retains what it read; its lr swept on short val
+   streams).
 4. Write ``--out/results.json``, ``--out/results.md`` (mean ± std over test streams) and
    ``--out/token_weights.png`` (CaMeLS weights over a few test documents).
 
@@ -45,13 +52,21 @@ from metaopt.runner.config import load_run_config
 from metaopt.runner.experiments.camels import MAX_LEN, CamelsExperiment, online_metrics
 from metaopt.runner.loop import build_experiment, load_into, train
 from metaopt.runner.rundir import create_run_dir
-from tasks.documents import EncodedDocuments, encode_documents, locality_corpus, make_stream
+from tasks.documents import (
+    EncodedDocuments,
+    encode_documents,
+    locality_corpus,
+    make_stream,
+    other_entity_answers,
+)
 
 METHODS = ("uniform", "tfidf", "salient", "oracle", "camels")
 #: The reference row: the base model without streaming (zero weights: Adam's update is 0).
 NO_ADAPTATION = "none"
 #: Seeds of the streams this script draws (apart from the experiment's own).
 VAL_SEED, TEST_SEED, LOC_SEED = 20_000, 30_000, 40_000
+#: Offset of the short streams' seeds (disjoint from the long streams').
+SHORT = 5_000
 
 WeightFn = Callable[[EncodedDocuments], Tensor]
 
@@ -92,24 +107,28 @@ def weight_fns(exp: CamelsExperiment) -> dict[str, WeightFn]:
     }
 
 
-def stream(exp: CamelsExperiment, split: str, docs: int, seed: int
-           ) -> tuple[EncodedDocuments, Tensor, Tensor]:
+def stream(exp: CamelsExperiment, split: str, docs: int, seed: int) -> tuple:
+    """A stream's encoded documents, locality text and other-entity control answers."""
     tok = exp.tokenizer
-    enc = encode_documents(tok, make_stream(split, docs, seed=seed), MAX_LEN)
+    documents = make_stream(split, docs, seed=seed)
+    enc = encode_documents(tok, documents, MAX_LEN)
     lids, lmask = tok.batch_encode(locality_corpus(32, seed=LOC_SEED + seed), MAX_LEN,
                                    pad=False, add_bos=True, add_eos=True)
-    return enc, lids, lmask
+    return enc, lids, lmask, other_entity_answers(documents, seed=seed)
 
 
 def score(exp: CamelsExperiment, fn: WeightFn, data: tuple, lr: float) -> dict[str, float]:
-    enc, lids, lmask = data
-    return online_metrics(exp.camels, exp.tokenizer, enc, fn(enc), lids, lmask, lr=lr)
+    enc, lids, lmask, control = data
+    m = online_metrics(exp.camels, exp.tokenizer, enc, fn(enc), lids, lmask, lr=lr,
+                       control_golds=control)
+    m["f1_entity_specific"] = m["f1"] - m["f1_other_entity"]
+    return m
 
 
 def sweep(exp: CamelsExperiment, fns: dict[str, WeightFn], lrs: list[float], docs: int,
-          streams: int) -> dict[str, dict]:
+          streams: int, offset: int = 0) -> dict[str, dict]:
     """Best lr per weighting on ``streams`` validation streams (mean F1, then NLL)."""
-    vals = [stream(exp, "val", docs, VAL_SEED + i) for i in range(streams)]
+    vals = [stream(exp, "val", docs, VAL_SEED + offset + i) for i in range(streams)]
     out = {}
     for name, fn in fns.items():
         rows = []
@@ -194,24 +213,77 @@ def weight_summary(exp: CamelsExperiment, docs: int = 100) -> dict[str, float]:
             float(w[salient].mean()), "other_tokens": float(w[rest].mean())}
 
 
-def markdown(results: dict) -> str:
-    lines = ["| weighting | Adam lr (val) | EM | F1 | answer NLL | forgetting |",
-             "|---|---|---|---|---|---|"]
-    r = results["test"][NO_ADAPTATION]
-    lines.append("| none (base model, no streaming) | – | " + " | ".join(
-        f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}"
-        for k in ("exact_match", "f1", "answer_nll", "forgetting")) + " |")
-    for name in METHODS:
-        r = results["test"][name]
-        cells = [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}"
-                 for k in ("exact_match", "f1", "answer_nll", "forgetting")]
-        lr = results["sweep"][name]["best_lr"]
-        lr = lr if isinstance(lr, (int, float)) else "/".join(f"{x:g}" for x in lr)
-        lines.append(f"| {name} | {lr if isinstance(lr, str) else f'{lr:g}'} | "
-                     + " | ".join(cells) + " |")
-    before = results["test"]["uniform"]["answer_nll_before"]
+COLUMNS = ("exact_match", "f1", "f1_other_entity", "f1_entity_specific", "answer_nll",
+           "forgetting")
+
+
+def compare(exps: dict[int, CamelsExperiment], fns: dict[int, dict[str, WeightFn]],
+            lrs: list[float], val_docs: int, val_streams: int, test_docs: int,
+            test_streams: int, offset: int) -> dict:
+    """Sweep every weighting's lr on val streams, then score all on the test streams.
+
+    Baselines are swept with the first seed's experiment (they do not depend on the
+    CaMeLS seed), CaMeLS per seed; test stream k is paired with CaMeLS seed k % #seeds.
+    ``paired``: mean ± std over test streams of F1(method) − F1(uniform) on the same
+    stream (the streams' own difficulty cancels).
+    """
+    seeds = list(exps)
+    first = seeds[0]
+    sweeps = {s: sweep(exps[s], {k: v for k, v in fns[s].items() if k == "camels" or s == first},
+                       lrs, val_docs, val_streams, offset) for s in seeds}
+    best = {name: sweeps[first][name]["best_lr"] for name in METHODS if name != "camels"}
+    camels_lr = {s: sweeps[s]["camels"]["best_lr"] for s in seeds}
+    test: dict[str, list[dict]] = {name: [] for name in (NO_ADAPTATION, *METHODS)}
+    questions = []
+    for k in range(test_streams):
+        s = seeds[k % len(seeds)]
+        data = stream(exps[s], "test", test_docs, TEST_SEED + offset + k)
+        questions.append(len(data[0].golds))
+        none = score(exps[s], lambda enc: torch.zeros_like(uniform_weights(enc.doc_mask)),
+                     data, 1e-3)
+        test[NO_ADAPTATION].append(none)
+        for name in METHODS:
+            lr = camels_lr[s] if name == "camels" else best[name]
+            test[name].append(score(exps[s], fns[s][name], data, lr))
+        print(f"test stream {k} ({test_docs} docs, camels seed {s}) F1 " + " ".join(
+            f"{n}={test[n][-1]['f1']:.4f}" for n in test), flush=True)
+    return {
+        "docs_per_test_stream": test_docs, "questions_per_stream": questions,
+        "sweep": {**{name: sweeps[first][name] for name in best},
+                  "camels": {"best_lr": [camels_lr[s] for s in seeds],
+                             "grid": {str(s): sweeps[s]["camels"]["grid"] for s in seeds}}},
+        "test": {name: {key: _mean_std([m[key] for m in rows]) for key in rows[0]}
+                 for name, rows in test.items()},
+        "paired_f1_vs_uniform": {name: _mean_std([a["f1"] - b["f1"] for a, b in
+                                                  zip(test[name], test["uniform"])])
+                                 for name in test},
+        "test_runs": test,
+    }
+
+
+def markdown(section: dict) -> str:
+    """The section's table: mean ± std over its test streams."""
+    lines = ["| weighting | Adam lr (val) | EM | F1 | F1 other entity | entity-specific F1 | "
+             "answer NLL | forgetting | F1 − uniform (paired) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in (NO_ADAPTATION, *METHODS):
+        r = section["test"][name]
+        cells = [f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in COLUMNS]
+        d = section["paired_f1_vs_uniform"][name]
+        cells.append(f"{d['mean']:+.4f} ± {d['std']:.4f}")
+        if name == NO_ADAPTATION:
+            label, lr = "none (base model, no streaming)", "–"
+        else:
+            label, lr = name, section["sweep"][name]["best_lr"]
+            lr = (f"{lr:g}" if isinstance(lr, (int, float))
+                  else "/".join(f"{x:g}" for x in lr))
+        lines.append(f"| {label} | {lr} | " + " | ".join(cells) + " |")
+    before = section["test"]["uniform"]["answer_nll_before"]
     lines.append("")
-    lines.append(f"Answer NLL before streaming: {before['mean']:.3f} ± {before['std']:.3f}.")
+    lines.append(f"{len(section['questions_per_stream'])} test streams of "
+                 f"{section['docs_per_test_stream']} documents "
+                 f"({sum(section['questions_per_stream'])} questions in all); answer NLL "
+                 f"before streaming {before['mean']:.3f} ± {before['std']:.3f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -222,12 +294,16 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="meta-training seeds of CaMeLS")
     p.add_argument("--meta-steps", type=int, default=300)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
     p.add_argument("--val-docs", type=int, default=300,
                    help="documents per validation stream (as long as the test streams)")
-    p.add_argument("--val-streams", type=int, default=1)
+    p.add_argument("--val-streams", type=int, default=2)
     p.add_argument("--test-docs", type=int, default=300)
-    p.add_argument("--test-streams", type=int, default=3)
+    p.add_argument("--test-streams", type=int, default=6)
+    p.add_argument("--short-docs", type=int, default=20,
+                   help="documents per stream of the short-stream comparison (0: skip it)")
+    p.add_argument("--short-val-streams", type=int, default=4)
+    p.add_argument("--short-test-streams", type=int, default=12)
     p.add_argument("--tag", default="", help="prefix of the result file names")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -235,47 +311,29 @@ def main() -> None:
     t0 = time.perf_counter()
     exps = {s: meta_train(args.config, out, s, args.meta_steps) for s in args.seeds}
     fns = {s: weight_fns(e) for s, e in exps.items()}
-    first = args.seeds[0]
-    sweeps = {s: sweep(exps[s], {k: v for k, v in fns[s].items()
-                                 if k == "camels" or s == first}, args.lrs, args.val_docs,
-                       args.val_streams) for s in args.seeds}
-    lrs = {name: sweeps[first][name]["best_lr"] for name in METHODS if name != "camels"}
-    per_seed_camels_lr = {s: sweeps[s]["camels"]["best_lr"] for s in args.seeds}
-    test: dict[str, list[dict]] = {name: [] for name in (NO_ADAPTATION, *METHODS)}
-    for k in range(args.test_streams):
-        s = args.seeds[k % len(args.seeds)]
-        data = stream(exps[s], "test", args.test_docs, TEST_SEED + k)
-        none = score(exps[s], lambda enc: torch.zeros_like(uniform_weights(enc.doc_mask)),
-                     data, 1e-3)
-        test[NO_ADAPTATION].append(none)
-        print(f"test stream {k} none " + " ".join(f"{a}={b:.4f}" for a, b in none.items()),
-              flush=True)
-        for name in METHODS:
-            lr = per_seed_camels_lr[s] if name == "camels" else lrs[name]
-            m = score(exps[s], fns[s][name], data, lr)
-            test[name].append(m)
-            print(f"test stream {k} (camels seed {s}) {name:8s} lr={lr:g} "
-                  + " ".join(f"{a}={b:.4f}" for a, b in m.items()), flush=True)
     results = {
         "setup": {**vars(args), "methods": list(METHODS),
                   "test_entities": "test split (entity-disjoint from train/val)",
-                  "questions_per_stream": [len(stream(exps[args.seeds[0]], "test", args.test_docs,
-                                                      TEST_SEED + k)[0].golds)
-                                           for k in range(args.test_streams)]},
-        "sweep": {**{name: sweeps[first][name] for name in lrs},
-                  "camels": {"best_lr": [per_seed_camels_lr[s] for s in args.seeds],
-                             "grid": {str(s): sweeps[s]["camels"]["grid"] for s in args.seeds}}},
-        "test": {name: {key: _mean_std([m[key] for m in rows]) for key in rows[0]}
-                 for name, rows in test.items()},
-        "test_runs": test,
-        "camels_weights": {str(s): weight_summary(e) for s, e in exps.items()},
-        "seconds": round(time.perf_counter() - t0, 1),
+                  "adapt_params": list(exps[args.seeds[0]].camels.adapt_params or [])},
+        "long": compare(exps, fns, args.lrs, args.val_docs, args.val_streams, args.test_docs,
+                        args.test_streams, offset=0),
     }
+    if args.short_docs:
+        results["short"] = compare(exps, fns, args.lrs, args.short_docs,
+                                   args.short_val_streams, args.short_docs,
+                                   args.short_test_streams, offset=SHORT)
+    results["camels_weights"] = {str(s): weight_summary(e) for s, e in exps.items()}
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    text = "## Streams of hundreds of documents (the issue's setting)\n\n" + markdown(
+        results["long"])
+    if "short" in results:
+        text += (f"\n## Short streams ({args.short_docs} documents; a diagnostic)\n\n"
+                 + markdown(results["short"]))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{args.tag}results.json", json.dumps(results, indent=1))
-    atomic_write_text(out / f"{args.tag}results.md", markdown(results))
-    plot_weights(exps[first], out / "token_weights.png")
-    print(markdown(results))
+    atomic_write_text(out / f"{args.tag}results.md", text)
+    plot_weights(exps[args.seeds[0]], out / f"{args.tag}token_weights.png")
+    print(text)
     print(json.dumps(results["camels_weights"], indent=1))
 
 

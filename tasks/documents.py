@@ -62,6 +62,7 @@ __all__ = [
     "locality_corpus",
     "make_qa_tuning_set",
     "make_stream",
+    "other_entity_answers",
     "qa_tuning_examples",
     "span_token_masks",
     "vocabulary_texts",
@@ -536,6 +537,32 @@ def encode_documents(tokenizer: Tokenizer, documents: Sequence[Document], max_le
                             qa_answer_mask=qa_answer_mask,
                             qa_doc=torch.tensor([i for i, _ in pairs], dtype=torch.long),
                             prompts=prompts, golds=tuple(qa.answers for _, qa in pairs))
+
+
+def other_entity_answers(documents: Sequence[Document], seed: int = 0
+                         ) -> tuple[tuple[str, ...], ...]:
+    """For every question (in :func:`encode_documents` order), the answers of the same
+    question asked about another entity of ``documents`` whose answer differs: a chance
+    control. F1 against these measures what a model answers regardless of the entity
+    (the stream's common values); F1 against the true answers minus it is the recall
+    specific to the entity. A question with no such partner gets ``("",)`` (F1 0).
+    """
+    pairs = [(d, qa) for d in documents for qa in d.qa]
+
+    def template(d: Document, qa: QAPair) -> str:
+        return qa.question.replace(d.entity_id.split(":", 1)[-1], "{}")
+
+    by_template: dict[str, list[int]] = {}
+    for i, (d, qa) in enumerate(pairs):
+        by_template.setdefault(template(d, qa), []).append(i)
+    rng = random.Random(seed)
+    out = []
+    for d, qa in pairs:
+        partners = [j for j in by_template[template(d, qa)]
+                    if pairs[j][0].entity_id != d.entity_id
+                    and pairs[j][1].answers != qa.answers]
+        out.append(pairs[rng.choice(partners)][1].answers if partners else ("",))
+    return tuple(out)
 
 
 def locality_corpus(n_texts: int, seed: int = 0, sentences: tuple[int, int] = (3, 6)

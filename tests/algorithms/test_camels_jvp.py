@@ -102,3 +102,36 @@ def test_jvp_mode_refuses_what_it_cannot_do_exactly() -> None:
     batch[0], batch[1] = batch[0][:, None].expand(-1, 2, -1), batch[1][:, None].expand(-1, 2, -1)
     with pytest.raises(ValueError, match="one document per task"):
         CaMeLS(base, weighting, meta_gradient="jvp").meta_loss(*batch)
+
+
+def test_adapt_freezes_the_other_parameters_and_jvp_stays_exact() -> None:
+    """``adapt_params=["blocks."]``: θ₁ − θ₀ is 0 on embeddings/head, and the JVP meta-gradient
+    (α masked: ⟨α⊙∇f(θ₁), ∇ℓ_t(θ₀)⟩) still equals the second-order one."""
+    base, weighting, batch = _lm(0), _weighting(), _batch()
+    exact = CaMeLS(base, weighting, inner_lr=0.7, estimator=Unrolled(), adapt_params=["blocks."])
+    cheap = CaMeLS(base, weighting, inner_lr=0.7, meta_gradient="jvp", adapt_params=["blocks."])
+    all_params = CaMeLS(base, weighting, inner_lr=0.7, estimator=Unrolled())
+    _, ga = _grads(exact, batch)
+    _, gb = _grads(cheap, batch)
+    _, g_all = _grads(all_params, batch)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-9, atol=1e-12, msg=k)
+    assert any(float((ga[k] - g_all[k]).abs().max()) > 1e-6 for k in ga)
+    theta0 = exact.base_parameters()
+    theta1 = exact.adapt(batch[0], batch[1])
+    for k in theta0:
+        moved = float((theta1[k] - theta0[k]).abs().max())
+        assert (moved > 0) == k.startswith("blocks."), k
+
+
+def test_adapted_lr_masks_by_prefix_and_refuses_unknown_prefixes() -> None:
+    from metaopt.algorithms.camels import adapted_lr
+
+    names = ["tok.weight", "blocks.0.fc1.weight", "head.weight"]
+    assert adapted_lr(names, 0.1, None) == 0.1
+    assert adapted_lr(names, 0.1, []) == 0.1
+    assert adapted_lr(names, 0.1, ["blocks."]) == {"tok.weight": 0.0,
+                                                   "blocks.0.fc1.weight": 0.1,
+                                                   "head.weight": 0.0}
+    with pytest.raises(ValueError, match="adapt: prefix 'layers.'"):
+        adapted_lr(names, 0.1, ["layers."])

@@ -23,6 +23,7 @@ SQuAD-style scoring of generated answers: :func:`squad_normalize`,
 from metaopt.algorithms.camels.metrics import exact_match, f1, squad_normalize
 from metaopt.algorithms.camels.objective import (
     CaMeLS,
+    adapted_lr,
     answer_nll,
     locality_kl,
     token_nll,
@@ -47,6 +48,7 @@ __all__ = [
     "SOFTPLUS_BETA",
     "CaMeLS",
     "TokenWeighting",
+    "adapted_lr",
     "answer_nll",
     "backbone_hidden_states",
     "exact_match",

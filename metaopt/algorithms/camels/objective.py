@@ -37,6 +37,8 @@ vector-Jacobian product of dF/dw with the weighting model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -49,7 +51,8 @@ from metaopt.bilevel.unrolled import Unrolled
 from metaopt.optim import sgd
 from metaopt.params import Params, functional_call
 
-__all__ = ["CaMeLS", "answer_nll", "locality_kl", "token_nll", "weighted_lm_loss"]
+__all__ = ["CaMeLS", "adapted_lr", "answer_nll", "locality_kl", "token_nll",
+           "weighted_lm_loss"]
 
 #: How :class:`CaMeLS` computes dF/dφ.
 META_GRADIENTS = ("estimator", "jvp")
@@ -92,6 +95,22 @@ def locality_kl(base_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
     return _masked_mean(kl, mask)
 
 
+def adapted_lr(names: Sequence[str], lr: float, adapt: Sequence[str] | None
+               ) -> float | dict[str, float]:
+    """The learning rate of each parameter when only some are adapted.
+
+    ``adapt``: name prefixes of the parameters that are updated (None or empty: all,
+    and ``lr`` itself is returned); every other parameter gets learning rate 0 (frozen).
+    A prefix that names no parameter is refused.
+    """
+    if not adapt:
+        return lr
+    for prefix in adapt:
+        if not any(n.startswith(prefix) for n in names):
+            raise ValueError(f"adapt: prefix {prefix!r} names no parameter")
+    return {n: (lr if any(n.startswith(p) for p in adapt) else 0.0) for n in names}
+
+
 def _check_dims(name: str, t: Tensor, dims: int) -> None:
     if not isinstance(t, Tensor) or t.dim() != dims:
         raise ValueError(f"{name} must be a tensor with {dims} dims, got "
@@ -117,6 +136,9 @@ class CaMeLS:
         meta_gradient: ``"estimator"`` (through ``estimator``) or ``"jvp"`` (the exact
             one-step meta-gradient from one Jacobian-vector product, see the module
             docstring; one document per task, ``inner_steps=1``).
+        adapt_params: name prefixes of the base parameters the inner step updates (e.g.
+            ``["blocks."]``: the transformer blocks, embeddings and head frozen); None:
+            all of them (:func:`adapted_lr`).
 
     ``meta_loss(doc_ids, doc_mask, qa_ids, answer_mask, loc_ids, loc_mask)`` takes a
     meta-batch of N tasks: ``doc_* (N, T)`` (one document each) or ``(N, D, T)`` (D
@@ -129,7 +151,8 @@ class CaMeLS:
     def __init__(self, base_model: nn.Module, weighting: nn.Module, *, inner_lr: float = 5e-4,
                  inner_steps: int = 1, c_kl: float = 0.1,
                  estimator: TaskEstimator | None = None,
-                 meta_gradient: str = "estimator") -> None:
+                 meta_gradient: str = "estimator",
+                 adapt_params: Sequence[str] | None = None) -> None:
         if meta_gradient not in META_GRADIENTS:
             raise ValueError(f"meta_gradient must be one of {META_GRADIENTS}, got "
                              f"{meta_gradient!r}")
@@ -153,6 +176,9 @@ class CaMeLS:
         self.inner_steps = inner_steps
         self.c_kl = float(c_kl)
         self.estimator = estimator
+        self.adapt_params = tuple(adapt_params) if adapt_params else None
+        self._lr = adapted_lr([n for n, _ in base_model.named_parameters()], self.inner_lr,
+                              self.adapt_params)
         self._batcher = TaskBatcher("loop")
         self.last_result: TaskBatchResult | None = None
 
@@ -205,7 +231,7 @@ class CaMeLS:
             return qa + c_kl * locality_kl(base_loc, logits(theta, loc_ids, loc_mask),
                                            loc_mask)
 
-        return BilevelProblem(inner_loss, outer_loss, sgd(self.inner_lr),
+        return BilevelProblem(inner_loss, outer_loss, sgd(self._lr),
                               per_doc * doc_ids.shape[0], inner_batches=document,
                               name="CaMeLS")
 
@@ -233,10 +259,13 @@ class CaMeLS:
                       ((k, v.detach().clone()) for k, v in theta0.items())}
             inner = weighted_lm_loss(self.logits(leaves, ids, mask), ids, w.detach(), mask)
             g = torch.autograd.grad(inner, list(leaves.values()))
-            theta1 = {k: (v - self.inner_lr * gk).detach().requires_grad_()
-                      for (k, v), gk in zip(theta0.items(), g)}
+            lr = self._lr
+            theta1 = {k: (v - (lr[k] if isinstance(lr, dict) else lr) * gk).detach()
+                      .requires_grad_() for (k, v), gk in zip(theta0.items(), g)}
             outer = problem.outer_loss(theta1, {k: v.detach() for k, v in phi.items()})
             direction = dict(zip(theta1, torch.autograd.grad(outer, list(theta1.values()))))
+            if isinstance(lr, dict):  # frozen parameters do not move: no direction there
+                direction = {k: d if lr[k] else torch.zeros_like(d) for k, d in direction.items()}
 
         def per_token(theta: Params) -> Tensor:
             return token_nll(self.logits(theta, ids, mask), ids)
@@ -292,6 +321,6 @@ class CaMeLS:
             return weighted_lm_loss(logits(th, doc_ids, doc_mask), doc_ids, w, doc_mask)
 
         with torch.no_grad():
-            trace = unroll(loss, sgd(self.inner_lr), dict(theta), self.inner_steps,
+            trace = unroll(loss, sgd(self._lr), dict(theta), self.inner_steps,
                            stop_gradient=True)
         return {k: v.detach() for k, v in trace.theta.items()}

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from metaopt.algorithms.camels.metrics import exact_match, f1
-from metaopt.algorithms.camels.objective import weighted_lm_loss
+from metaopt.algorithms.camels.objective import adapted_lr, weighted_lm_loss
 from metaopt.algorithms.camels.online import (
     LogitsFn,
     greedy_answer,
@@ -98,16 +98,19 @@ def locality_nll(logits_fn: LogitsFn, theta: Params, loc_ids: Tensor, loc_mask: 
 def run_online(logits_fn: LogitsFn, theta0: Params, doc_ids: Tensor, doc_mask: Tensor,
                weights: Tensor, qa: QASet, loc_ids: Tensor, loc_mask: Tensor,
                decode: Callable[[list[int]], str], *, lr: float, eos_id: int | None,
-               max_new_tokens: int = 8) -> OnlineResult:
+               max_new_tokens: int = 8, adapt: Sequence[str] | None = None) -> OnlineResult:
     """Stream the documents from θ₀ with Adam(lr), one step each, and score the result.
 
-    ``logits_fn(theta, input_ids, attention_mask) -> logits`` (``CaMeLS.logits``).
+    ``logits_fn(theta, input_ids, attention_mask) -> logits`` (``CaMeLS.logits``);
+    ``adapt``: name prefixes of the parameters Adam updates, the others frozen
+    (:func:`~metaopt.algorithms.camels.objective.adapted_lr`; None: all).
     """
     if not bool(torch.isfinite(weights).all()):
         raise ValueError("weights holds NaN or inf")
     before = float(stream_answer_nll(logits_fn, theta0, qa.qa_ids, qa.answer_mask))
     loc_before = locality_nll(logits_fn, theta0, loc_ids, loc_mask)
-    theta = stream_adapt(logits_fn, theta0, doc_ids, doc_mask, weights, adam(lr))
+    theta = stream_adapt(logits_fn, theta0, doc_ids, doc_mask, weights,
+                         adam(adapted_lr(list(theta0), lr, adapt)))
     em, f, answers = score_answers(logits_fn, theta, qa, decode, max_new_tokens=max_new_tokens,
                                    eos_id=eos_id)
     nll = float(stream_answer_nll(logits_fn, theta, qa.qa_ids, qa.answer_mask))

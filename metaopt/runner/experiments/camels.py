@@ -10,6 +10,8 @@ order through :class:`~metaopt.bilevel.Unrolled`, or — ``meta_gradient: jvp`` 
 exact one-step gradient from one Jacobian-vector product; documents through the shared
 :class:`~metaopt.bilevel.task_batch.TaskBatcher`). The weighting model's parameters φ
 take an Adam step (``outer_lr``, gradient-norm clipping at ``max_grad_norm``).
+``adapt_params`` (name prefixes, e.g. ``["blocks."]``; empty: all) limits which base-model
+parameters the inner step — and the evaluation's online Adam — update.
 
 Evaluation is online adaptation (:func:`~metaopt.algorithms.camels.online_eval.
 run_online`): ``eval_streams`` validation streams of ``eval_docs`` documents about
@@ -27,6 +29,7 @@ the base model's weights when ``weighting.init`` is ``"base"`` (sizes must then 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ import torch
 from torch import Tensor
 
 from metaopt.algorithms.camels import CaMeLS, TokenWeighting
+from metaopt.algorithms.camels.metrics import f1
 from metaopt.algorithms.camels.online_eval import QASet, run_online
 from metaopt.models import TinyLM, TinyLMConfig
 from metaopt.optim import adam, apply_updates
@@ -80,6 +84,7 @@ class CamelsConfig(ExperimentConfig):
     inner_steps: int = 1
     c_kl: float = 0.1
     meta_gradient: str = "estimator"
+    adapt_params: list[str] = field(default_factory=list)
     outer_lr: float = 1e-3
     max_grad_norm: float = 1.0
     meta_batch: int = 4
@@ -110,6 +115,10 @@ class CamelsConfig(ExperimentConfig):
                              f"{self.meta_gradient!r}")
         if self.meta_gradient == "jvp" and self.inner_steps != 1:
             raise ValueError("meta_gradient 'jvp' needs inner_steps: 1")
+        if not (isinstance(self.adapt_params, list)
+                and all(isinstance(a, str) and a for a in self.adapt_params)):
+            raise ValueError(f"adapt_params must be a list of parameter-name prefixes, got "
+                             f"{self.adapt_params!r}")
         init = self.weighting.get("init", "base")
         if init not in ("base", "random"):
             raise ValueError(f"weighting.init must be 'base' or 'random', got {init!r}")
@@ -158,15 +167,30 @@ def encode_stream_batch(enc: EncodedDocuments, docs: list[int], questions: list[
 
 def online_metrics(camels: CaMeLS, tokenizer: Tokenizer, enc: EncodedDocuments, weights: Tensor,
                    loc_ids: Tensor, loc_mask: Tensor, *, lr: float,
-                   max_new_tokens: int = 8) -> dict[str, float]:
-    """EM / F1 / answer NLL / forgetting after streaming ``enc``'s documents with ``weights``."""
+                   max_new_tokens: int = 8,
+                   control_golds: Sequence[Sequence[str]] | None = None) -> dict[str, float]:
+    """EM / F1 / answer NLL / forgetting after streaming ``enc``'s documents with ``weights``
+    (Adam updates the parameters ``camels.adapt_params`` names, as CaMeLS's inner step does).
+
+    ``control_golds`` (one answer list per question, e.g.
+    :func:`tasks.documents.other_entity_answers`): also ``f1_other_entity``, the F1 of the
+    same answers against them.
+    """
     qa = QASet(prompts=enc.prompts, golds=enc.golds, qa_ids=enc.qa_ids,
                answer_mask=enc.qa_answer_mask)
     r = run_online(camels.logits, camels.base_parameters(), enc.doc_ids, enc.doc_mask,
                    weights, qa, loc_ids, loc_mask, tokenizer.decode, lr=lr,
-                   eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens)
-    return {"exact_match": r.exact_match, "f1": r.f1, "answer_nll": r.answer_nll,
-            "answer_nll_before": r.answer_nll_before, "forgetting": r.forgetting}
+                   eos_id=tokenizer.eos_id, max_new_tokens=max_new_tokens,
+                   adapt=camels.adapt_params)
+    out = {"exact_match": r.exact_match, "f1": r.f1, "answer_nll": r.answer_nll,
+           "answer_nll_before": r.answer_nll_before, "forgetting": r.forgetting}
+    if control_golds is not None:
+        if len(control_golds) != len(r.answers):
+            raise ValueError(f"control_golds has {len(control_golds)} entries for "
+                             f"{len(r.answers)} questions")
+        out["f1_other_entity"] = sum(f1(a, g) for a, g in zip(r.answers, control_golds)
+                                     ) / len(r.answers)
+    return out
 
 
 @register_experiment("camels", config=CamelsConfig)
@@ -191,7 +215,7 @@ class CamelsExperiment(Experiment):
                                                                          dtype=dtype)
         self.camels = CaMeLS(self.base, self.weighting, inner_lr=config.inner_lr,
                              inner_steps=config.inner_steps, c_kl=config.c_kl,
-                             meta_gradient=config.meta_gradient)
+                             meta_gradient=config.meta_gradient, adapt_params=config.adapt_params)
         self.phi = {k: v.detach().clone() for k, v in self.weighting.named_parameters()}
         self.outer_state = adam(config.outer_lr).init(self.phi)
         self.generator = torch.Generator().manual_seed(seed)
