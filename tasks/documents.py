@@ -46,7 +46,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from metaopt.text import QA_ANSWER, QA_QUESTION, Tokenizer, batch_encode_qa, qa_prompt_ids
+from metaopt.text import QA_ANSWER, QA_QUESTION, TokenEncoder, batch_encode_qa, qa_prompt_ids
 
 __all__ = [
     "NAME_SYLLABLES",
@@ -473,7 +473,7 @@ def qa_tuning_examples(n_examples: int, seed: int = 0) -> list[str]:
     return out[:n_examples]
 
 
-def span_token_masks(tokenizer: Tokenizer, documents: Sequence[Document], max_len: int,
+def span_token_masks(tokenizer: TokenEncoder, documents: Sequence[Document], max_len: int,
                      spans: str = "salient", pad: bool = True, add_bos: bool = False,
                      add_eos: bool = False) -> Tensor:
     """``BoolTensor [B, T]``: tokens of each document's text overlapping its ``salient`` or
@@ -512,7 +512,7 @@ class EncodedDocuments:
     golds: tuple[tuple[str, ...], ...]
 
 
-def encode_documents(tokenizer: Tokenizer, documents: Sequence[Document], max_len: int,
+def encode_documents(tokenizer: TokenEncoder, documents: Sequence[Document], max_len: int,
                      qa_max_len: int = 40) -> EncodedDocuments:
     """Token tensors of ``documents`` and of their questions (closed book, no context).
 
