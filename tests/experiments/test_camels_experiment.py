@@ -106,3 +106,28 @@ def test_shipped_config_parses_and_bad_settings_name_the_field():
         cfg_for({**TINY, "inner_lr": -1.0})
     with pytest.raises(Exception, match="weighting.init"):
         cfg_for({**TINY, "weighting": {"init": "pretrained"}})
+
+
+def test_stream_batch_trims_questions_by_their_answers_whatever_the_pad_id():
+    """QA rows are cut one past their last answer token: the same batch when the padding
+    id is 0 (the project's tokenizer) or any other id (Hugging Face tokenizers)."""
+    from dataclasses import replace
+
+    from metaopt.runner.experiments.camels import encode_stream_batch
+    from tasks.documents import NAME_SYLLABLES, encode_documents, make_stream, vocabulary_texts
+
+    tok = Tokenizer.build(vocabulary_texts(), extra_pieces=NAME_SYLLABLES)
+    enc = encode_documents(tok, make_stream("train", 4, seed=0), 160)
+    loc_ids, loc_mask = tok.batch_encode(["one text", "another one"], 16, pad=False,
+                                         add_bos=True, add_eos=True)
+    questions = [torch.nonzero(enc.qa_doc == d).flatten()[:2].tolist() for d in range(3)]
+    args = ([0, 1, 2], questions, loc_ids, loc_mask, [[0], [1], [0]])
+    ref = encode_stream_batch(enc, *args)
+    real = (enc.qa_ids != tok.pad_id)
+    repadded = replace(enc, qa_ids=torch.where(real, enc.qa_ids, torch.full_like(enc.qa_ids, 7)))
+    out = encode_stream_batch(repadded, *args)
+    rows = enc.qa_ids[torch.tensor(questions)]
+    width = int((rows != tok.pad_id).sum(-1).max())      # the longest chosen row
+    assert ref[2].shape[-1] == out[2].shape[-1] == width
+    assert torch.equal(out[3], ref[3])
+    assert torch.equal(torch.where(out[2] == 7, 0, out[2]), ref[2])

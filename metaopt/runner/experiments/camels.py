@@ -159,7 +159,11 @@ def encode_stream_batch(enc: EncodedDocuments, docs: list[int], questions: list[
     doc_ids, doc_mask = _trim(enc.doc_ids[docs], enc.doc_mask[docs], mask=enc.doc_mask[docs])
     q = torch.tensor(questions, dtype=torch.long)
     qa_ids, answer_mask = enc.qa_ids[q], enc.qa_answer_mask[q]
-    qa_ids, answer_mask = _trim(qa_ids, answer_mask, mask=(qa_ids != 0).long())
+    # every QA row ends with its answer tokens (" answer <eos>"): the row's length is one
+    # past its last answer token, whatever the tokenizer's pad id
+    last = answer_mask.long() * torch.arange(1, answer_mask.shape[-1] + 1)
+    width = int(last.amax())
+    qa_ids, answer_mask = qa_ids[..., :width], answer_mask[..., :width]
     rows = torch.tensor(loc_rows, dtype=torch.long)
     lids, lmask = _trim(loc_ids[rows], loc_mask[rows], mask=loc_mask[rows])
     return doc_ids, doc_mask, qa_ids, answer_mask, lids, lmask
