@@ -35,6 +35,7 @@ kernels when a ``backend`` is given) and may override ``_update_`` (the in-place
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -91,7 +92,7 @@ class LearnedOptimizer(nn.Module):
         kernels — same math, tested equal. ``nonfinite``: ``"raise"`` or ``"skip"``.
         """
         kern = select_backend(backend)
-        checked = self._guard(grads, state, params, loss, nonfinite)
+        checked = self._guard(grads, state, params, loss, nonfinite, kern)
         if checked is None:
             return dict(params), state
         active, loss_t = checked
@@ -117,7 +118,7 @@ class LearnedOptimizer(nn.Module):
         math and same guards as :meth:`update`. ``workspace`` is a dict the caller owns
         for prepared backend calls (kernel plans); it must come with the same ``state``.
         """
-        checked = self._guard(grads, state, params, loss, nonfinite)
+        checked = self._guard(grads, state, params, loss, nonfinite, backend)
         if checked is None:
             return state
         active, loss_t = checked
@@ -182,12 +183,16 @@ class LearnedOptimizer(nn.Module):
         return new_state
 
     def _guard(self, grads: Params, state: LOptState, params: Params,
-               loss: Tensor | float | None, nonfinite: str
+               loss: Tensor | float | None, nonfinite: str,
+               backend: LoptCpuKernels | None = None
                ) -> tuple[list[str], Tensor | None] | None:
         """Check a step's inputs before anything is written.
 
         Returns the names of the tensors to step (non-empty ones) and the loss as a 0-d
         float32 tensor, or ``None`` when the step is to be skipped (``nonfinite="skip"``).
+        With the fused ``backend`` and contiguous float32 CPU gradients, their finiteness
+        is checked in one C pass (:meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.
+        first_nonfinite`, the same answer as the per-tensor sums otherwise used).
         """
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
@@ -207,14 +212,22 @@ class LearnedOptimizer(nn.Module):
                 raise ValueError(f"learned optimizer '{self.architecture}': the loss must be "
                                  f"a scalar, got a tensor of shape {tuple(loss_t.shape)} "
                                  "(reduce it, e.g. loss.mean())")
-            loss_t = loss_t.reshape(()).to(torch.float32)
+            if loss_t.dim() or loss_t.dtype is not torch.float32:
+                loss_t = loss_t.reshape(()).to(torch.float32)
         step = _as_int(state.get("iteration", 0))
         active = [k for k, p in params.items() if p.numel() > 0]
-        checks = [grads[k].detach().sum() for k in active]
-        if loss_t is not None:
-            checks.append(loss_t.detach())
-        if checks and not bool(torch.isfinite(torch.stack(
-                [c.to(device=device, dtype=torch.float32) for c in checks])).all()):
+        active_grads = [grads[k].detach() for k in active]
+        if backend is not None and all(g.dtype is torch.float32 and g.is_cpu
+                                       and g.is_contiguous() for g in active_grads):
+            finite = (backend.first_nonfinite(active_grads) < 0
+                      and (loss_t is None or math.isfinite(float(loss_t))))
+        else:
+            checks = [g.sum() for g in active_grads]
+            if loss_t is not None:
+                checks.append(loss_t.detach())
+            finite = not checks or bool(torch.isfinite(torch.stack(
+                [c.to(device=device, dtype=torch.float32) for c in checks])).all())
+        if not finite:
             bad = self._first_nonfinite(grads, active, loss_t)
             if bad is not None:
                 msg = (f"learned optimizer '{self.architecture}': {bad} at step {step}; "

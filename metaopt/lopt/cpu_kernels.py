@@ -47,11 +47,11 @@ from torch import Tensor
 from metaopt.errors import MetaoptError
 from metaopt.fileio import atomic_write_bytes, atomic_write_text, sha256_hex
 
-__all__ = ["BACKENDS", "KernelBuildError", "KernelCacheError", "LoptCpuKernels", "MLPSlots",
-           "SmallFCPlan", "SmallFCRows", "VeLOPlanBatch", "VeLOTensorPlan",
-           "kernels", "kernels_available", "load_kernels", "select_backend"]
+__all__ = ["BACKENDS", "GATE_PANEL", "KernelBuildError", "KernelCacheError", "LoptCpuKernels",
+           "MLPSlots", "SmallFCPlan", "SmallFCRows", "VeLOPlanBatch", "VeLOTensorPlan",
+           "gate_panels", "kernels", "kernels_available", "load_kernels", "select_backend"]
 
-_ABI_VERSION = 10
+_ABI_VERSION = 11
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
 _MODES = {"small_fc": 0, "velo": 1, "small_fc_diag": 2, "velo_diag": 3}
 #: Names accepted by :func:`select_backend`.
@@ -270,6 +270,21 @@ def select_backend(backend: str | LoptCpuKernels | None, *,
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+#: Columns per panel of the LSTM weights of ``lopt_velo_gates`` (``GATE_PANEL`` in C).
+GATE_PANEL = 32
+
+
+def gate_panels(w: Tensor) -> Tensor:
+    """A (depth, cols) weight matrix (``x @ w`` layout) as the contiguous float32
+    (cols / GATE_PANEL, depth, GATE_PANEL) panels :meth:`LoptCpuKernels.velo_gates` streams
+    (panel ``q`` holds columns ``q·GATE_PANEL …``, row by row)."""
+    depth, cols = w.shape
+    if cols % GATE_PANEL:
+        raise ValueError(f"gate panels need a multiple of {GATE_PANEL} columns, got {cols}")
+    return (w.detach().to(torch.float32).reshape(depth, cols // GATE_PANEL, GATE_PANEL)
+            .permute(1, 0, 2).contiguous())
+
+
 def _f32(name: str, t: Tensor, numel: int | None = None) -> int:
     """The address of a contiguous float32 CPU tensor (of ``numel`` elements), or an error
     naming the argument."""
@@ -436,6 +451,14 @@ class LoptCpuKernels:
         lib.lopt_small_fc_slots.restype = i32
         lib.lopt_small_fc_rows.argtypes = [i64, vp, i64, *([vp] * 13), f32, i32]
         lib.lopt_small_fc_rows.restype = i32
+        lib.lopt_first_nonfinite.argtypes = [i64, vp, vp]
+        lib.lopt_first_nonfinite.restype = i64
+        lib.lopt_gate_panel.restype = i32
+        lib.lopt_velo_gates.argtypes = [i64, i64, i64, i64, *([vp] * 10), i32]
+        lib.lopt_velo_gates.restype = None
+        if int(lib.lopt_gate_panel()) != GATE_PANEL:
+            raise KernelBuildError("kernel library's LSTM weight panels are "
+                                   f"{int(lib.lopt_gate_panel())} columns wide, not {GATE_PANEL}")
         if int(lib.lopt_small_fc_slots()) != _SR_SLOTS:
             raise KernelBuildError("kernel library's small_fc table layout differs from "
                                    f"{_SR_SLOTS} columns")
@@ -725,6 +748,53 @@ class LoptCpuKernels:
             _f64("stats", stats, n * n_stats), _f64("counts", counts, n),
             _f32("rank", rank, n * 5), _f32("rnn_in", rnn_in), _f32("msq", msq))
         return new_means, new_min, rnn_in, msq
+
+    def first_nonfinite(self, tensors: Sequence[Tensor]) -> int:
+        """The index of the first of ``tensors`` (contiguous float32 CPU) holding a NaN or
+        an infinity, or -1 when all are finite — one pass over memory, one C call
+        (``lopt_first_nonfinite``); the same answer as ``torch.isfinite(t).all()`` per
+        tensor."""
+        n = len(tensors)
+        ptrs = (ctypes.c_int64 * max(n, 1))(*(_f32(f"tensors[{j}]", t)
+                                              for j, t in enumerate(tensors)))
+        counts = (ctypes.c_int64 * max(n, 1))(*(t.numel() for t in tensors))
+        return int(self._lib.lopt_first_nonfinite(n, ptrs, counts))
+
+    def velo_gates(self, x: Tensor, hidden: Tensor, pool_w: Tensor, pool_b: Tensor,
+                   fold: Tensor, bias: Tensor, w_hidden: Tensor, w_pooled: Tensor) -> Tensor:
+        """The gate pre-activations (rows, 4 hid) of VeLO's per-tensor LSTM on the shell's
+        weight snapshot (``lopt_velo_gates``): ``bias + x @ fold + pooled @ W_p + hidden @
+        W_h`` with ``pooled = max_rows relu(pool_b + x @ pool_w)``, from ``x`` (rows,
+        n_in), ``hidden`` (rows, hid), ``pool_w`` (n_in, n_pool), ``pool_b`` (n_pool,),
+        ``fold`` (n_in, 4 hid), ``bias`` (4 hid,) and ``W_h``, ``W_p`` as
+        :func:`gate_panels` of their (hid, 4 hid) and (n_pool, 4 hid) matrices. Each
+        weight matrix is read once. Equal to :meth:`VeLO.rnn`'s torch products on the same
+        snapshot up to float32 rounding (another summation order); the same for every
+        thread count."""
+        if x.dim() != 2 or hidden.dim() != 2 or x.shape[0] != hidden.shape[0]:
+            raise ValueError(f"kernel arguments 'x' (rows, n_in) and 'hidden' (rows, hid) do "
+                             f"not fit: {tuple(x.shape)} and {tuple(hidden.shape)}")
+        (rows, n_in), hid = x.shape, hidden.shape[1]
+        n_pool, cols = pool_b.shape[0], 4 * hid
+        if cols % GATE_PANEL or n_pool > cols:
+            raise ValueError(f"kernel argument 'hidden': 4 x {hid} gate columns must be a "
+                             f"multiple of {GATE_PANEL} and at least the {n_pool} pooled units")
+        given = {"pool_w": pool_w, "pool_b": pool_b, "fold": fold, "bias": bias,
+                 "w_hidden": w_hidden, "w_pooled": w_pooled}
+        expected = {"pool_w": (n_in, n_pool), "pool_b": (n_pool,), "fold": (n_in, cols),
+                    "bias": (cols,), "w_hidden": (cols // GATE_PANEL, hid, GATE_PANEL),
+                    "w_pooled": (cols // GATE_PANEL, n_pool, GATE_PANEL)}
+        for name, t in given.items():
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"kernel argument '{name}' must have shape {expected[name]}, "
+                                 f"got {tuple(t.shape)}")
+        pooled = torch.empty(n_pool, dtype=torch.float32)
+        gates = torch.empty(rows, cols, dtype=torch.float32)
+        self._lib.lopt_velo_gates(
+            rows, n_in, n_pool, hid, _f32("x", x), _f32("hidden", hidden),
+            *(_f32(name, t) for name, t in given.items()), _f32("pooled", pooled),
+            _f32("gates", gates), self._threads())
+        return gates
 
     def __reduce__(self) -> tuple:
         """Pickled (e.g. with a deep-copied optimizer) as "load the kernels again"."""

@@ -75,20 +75,23 @@ def _split(tree: Any, names: set[str], path: tuple[str, ...] = ()
            ) -> tuple[Any, dict[str, dict[str, Any]]]:
     """Separate per-tensor dicts (keyed exactly by ``names``) from the global tree."""
     per_tensor: dict[str, dict[str, Any]] = {}
-    if isinstance(tree, Mapping):
-        if tree and set(tree) == names:
-            key = "/".join(path)
-            for name, value in tree.items():
-                per_tensor.setdefault(name, {})[key] = value
-            return PER_TENSOR, per_tensor
-        out = {}
-        for k, v in tree.items():
-            sub, found = _split(v, names, (*path, str(k)))
-            out[k] = sub
-            for name, entries in found.items():
-                per_tensor.setdefault(name, {}).update(entries)
-        return out, per_tensor
-    return tree, per_tensor
+    return _split_into(tree, names, path, per_tensor), per_tensor
+
+
+def _split_into(tree: Any, names: set[str], path: tuple[str, ...],
+                per_tensor: dict[str, dict[str, Any]]) -> Any:
+    """:func:`_split`'s walk, writing the per-tensor entries into ``per_tensor``."""
+    if not isinstance(tree, Mapping):
+        return tree
+    if tree and len(tree) == len(names) and tree.keys() == names:
+        key = "/".join(path)
+        for name, value in tree.items():
+            entries = per_tensor.get(name)
+            if entries is None:
+                entries = per_tensor[name] = {}
+            entries[key] = value
+        return PER_TENSOR
+    return {k: _split_into(v, names, (*path, str(k)), per_tensor) for k, v in tree.items()}
 
 
 def _merge(tree: Any, per_tensor: Mapping[str, Mapping[str, Any]],

@@ -83,6 +83,8 @@ _ROW_CHANNELS = list(range(_GROUP_START[9], _GROUP_START[9] + 3)) + list(
     range(_GROUP_START[11], _GROUP_START[11] + 3))
 _COL_CHANNELS = list(range(_GROUP_START[10], _GROUP_START[10] + 3)) + list(
     range(_GROUP_START[12], _GROUP_START[12] + 3))
+_FULL_CHANNELS_T, _ROW_CHANNELS_T, _COL_CHANNELS_T = (
+    tuple(_FULL_CHANNELS), tuple(_ROW_CHANNELS), tuple(_COL_CHANNELS))
 _N_RNN_IN = 30
 _FRACTION_TIMESCALES = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0, 1.1)
 _N_LOSS_DECAYS = 10
@@ -141,7 +143,7 @@ def _rank_features_cached(ranks: tuple[int, ...], device: torch.device) -> Tenso
 
 def _rank_features(shapes: Sequence[Sequence[int]], device: torch.device) -> Tensor:
     """VeLO's one-hot rank feature (rank capped at 5) of each tensor, (n, 5)."""
-    ranks = tuple(min(_tensor_rank(shape), 5) for shape in shapes)
+    ranks = tuple(min(_tensor_info(tuple(shape)).rank, 5) for shape in shapes)
     return _rank_features_cached(ranks, torch.device(device))
 
 
@@ -499,6 +501,9 @@ class VeLO(LearnedOptimizer):
                                      + self.lstm.bias_ih.detach()
                                      + self.lstm.bias_hh.detach())[order]
             if velo_kernels.gather_supported(self):
+                # the LSTM weights as the kernels' column panels (rnn(..., kern))
+                meta["gates_h_panels"] = cpu_kernels.gate_panels(meta["gates_h"])
+                meta["gates_pool_panels"] = cpu_kernels.gate_panels(meta["gates_pool"].T)
                 first, second, _, _ = self._kernel_gather()
                 flat = meta["flat_mlps"]
                 ext = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], dim=1)
@@ -508,20 +513,29 @@ class VeLO(LearnedOptimizer):
         return meta
 
     def rnn(self, x: Tensor, hidden: Tensor, cell: Tensor,
-            meta: Mapping[str, Tensor] | None = None
+            meta: Mapping[str, Tensor] | None = None,
+            kern: cpu_kernels.LoptCpuKernels | None = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per-tensor network: ``(controls, lr_mult, next_hidden, next_cell)``.
 
         With ``meta`` (:meth:`derived_meta_parameters`, the shell's snapshot) the
         network runs on those tensors, with ``mix_in`` folded into the LSTM:
         ``W_ih (A x + b + pooled) + b_ih + b_hh = (W_ih A) x + W_ih pooled + (W_ih b +
-        b_ih + b_hh)``. Without it, on the module's parameters (differentiable)."""
+        b_ih + b_hh)``; with ``kern`` as well, the pooling and the gate products run as one
+        :meth:`~metaopt.lopt.cpu_kernels.LoptCpuKernels.velo_gates` call on the snapshot's
+        weight panels (equal up to float32 rounding). Without ``meta``, on the module's
+        parameters (differentiable)."""
         if meta is not None and self.mix_layers:
             hid = hidden.shape[1]
-            pooled = torch.relu(torch.addmm(meta["pool_b"], x, meta["pool_w"])).amax(dim=0)
-            gates = torch.addmm(torch.addmv(meta["lstm_bias"], meta["gates_pool"], pooled), x,
-                                meta["lstm_fold"])
-            gates = torch.addmm(gates, hidden, meta["gates_h"])
+            if kern is not None and "gates_h_panels" in meta:
+                gates = kern.velo_gates(x, hidden, meta["pool_w"], meta["pool_b"],
+                                        meta["lstm_fold"], meta["lstm_bias"],
+                                        meta["gates_h_panels"], meta["gates_pool_panels"])
+            else:
+                pooled = torch.relu(torch.addmm(meta["pool_b"], x, meta["pool_w"])).amax(dim=0)
+                gates = torch.addmm(torch.addmv(meta["lstm_bias"], meta["gates_pool"], pooled),
+                                    x, meta["lstm_fold"])
+                gates = torch.addmm(gates, hidden, meta["gates_h"])
             ifo = torch.sigmoid(gates[:, :3 * hid])
             c = torch.addcmul(ifo[:, hid:2 * hid] * cell, ifo[:, :hid],
                               torch.tanh(gates[:, 3 * hid:]))
@@ -552,8 +566,8 @@ class VeLO(LearnedOptimizer):
         """:func:`~metaopt.lopt.velo_kernels.kernel_mlp_gather` for this VeLO's sizes."""
         return velo_kernels.kernel_mlp_gather(
             _N_FF_IN, self.ff_hidden_size, self.ff_weights[-1].shape[-1],
-            len(self.initial_momentum_decays), tuple(_FULL_CHANNELS), tuple(_ROW_CHANNELS),
-            tuple(_COL_CHANNELS))
+            len(self.initial_momentum_decays), _FULL_CHANNELS_T, _ROW_CHANNELS_T,
+            _COL_CHANNELS_T)
 
     def _mixed_mlps(self, controls: Tensor, mixed: Tensor | None = None
                     ) -> list[list[Tensor]]:
@@ -642,7 +656,7 @@ class VeLO(LearnedOptimizer):
         if planned:
             batch = velo_kernels.batch_for(
                 kern, workspace, tuple(plan for _, _, plan in planned),
-                tuple(j for j, _, _ in planned), tuple(self._kernel_gather()[2:]))
+                tuple(j for j, _, _ in planned), self._kernel_gather()[2:])
             batch.pass1([grads[key] for _, key, _ in planned], mom_d, rms_float, fac_d)
         grads = {k: g if k in kernel else torch.clamp(g.to(torch.float32), -1000.0, 1000.0)
                  for k, g in grads.items()}
@@ -670,7 +684,7 @@ class VeLO(LearnedOptimizer):
                                  {k: pre["moments"] for k, pre in kernel.items()})
         h_prev = torch.stack([state["lstm_hidden"][k] for k in keys])
         c_prev = torch.stack([state["lstm_cell"][k] for k in keys])
-        controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev, meta)
+        controls, lr_mult, h, c = self.rnn(x, h_prev, c_prev, meta, kern)
         internals = {"lstm_input": x, "controls": controls, "lr_mult": lr_mult,
                      "loss_features": loss_features, "next_lstm_hidden": h,
                      "next_lstm_cell": c}

@@ -44,7 +44,7 @@ enum { MODE_SMALL_FC = 0, MODE_VELO = 1, MODE_SMALL_FC_DIAG = 2, MODE_VELO_DIAG 
 #define N_CH(mode) ((mode) == MODE_SMALL_FC ? NCH_SMALL_FC : (mode) == MODE_VELO ? NCH_VELO \
                     : (mode) == MODE_SMALL_FC_DIAG ? NCH_SMALL_FC_DIAG : NCH_VELO_DIAG)
 
-int lopt_abi_version(void) { return 10; }
+int lopt_abi_version(void) { return 11; }
 int lopt_decays(void) { return K; }
 int lopt_hidden(void) { return H; }
 int lopt_n_channels(int mode) { return N_CH(mode); }
@@ -635,6 +635,100 @@ void lopt_velo_scalars(int64_t n, int it, int num_steps, int buf_it, float loss,
             const float dm = mean_rms - mean_m[q] * nm;
             row[24 + q] = clip_log_abs(var_m[q] * nm2);
             row[24 + K + q] = clip_log_abs(var_r * nm2 + dm * dm);
+        }
+    }
+}
+
+/* The index of the first of `count` float32 arrays (addresses `ptrs`, lengths `counts`)
+ * holding a NaN or an infinity, or -1 when all are finite: the step guard's check of the
+ * gradients in one pass over memory, before anything is written. (x - x is 0 for finite
+ * x and NaN otherwise; summing those stays vectorised without -ffast-math.) */
+int64_t lopt_first_nonfinite(int64_t count, const int64_t *ptrs, const int64_t *counts) {
+    for (int64_t j = 0; j < count; j++) {
+        const float *x = (const float *)(uintptr_t)ptrs[j];
+        const int64_t n = counts[j];
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < n; i++) acc += x[i] - x[i];
+        if (acc != 0.0f || acc != acc) return j;
+    }
+    return -1;
+}
+
+/* The gate pre-activations of VeLO's per-tensor LSTM (the shell's snapshot of the weights,
+ * mix_in folded in; metaopt/lopt/velo.py::VeLO.rnn), for `rows` tensors:
+ *   pooled  = max over rows of relu(pool_b + x @ pool_w)                 (n_pool,)
+ *   gates   = bias + x @ fold + pooled @ W_p + h @ W_h                   (rows, 4 hid)
+ * (the cell's sigmoids and tanhs stay with torch's vectorised ones). x is (rows, n_in);
+ * pool_w (n_in, n_pool), n_pool <= 4 hid;
+ * fold (n_in, 4 hid); W_p (n_pool, 4 hid) and W_h (hid, 4 hid) stored in panels of
+ * GATE_PANEL columns, w[k][n] at (n / GATE_PANEL) * depth * GATE_PANEL + k * GATE_PANEL +
+ * n % GATE_PANEL (metaopt/lopt/cpu_kernels.py::gate_panels), so a panel streams
+ * contiguously and stays in cache while every block of GATE_ROWS rows reads it. At VeLO's
+ * sizes (a few tensors, two 512 x 2048 matrices) the step is bound by reading those 8 MB;
+ * a general GEMM packs them first and reads them twice. Every output is one thread's sum
+ * in a fixed order: results do not depend on nthreads. `pooled` (n_pool) is the caller's
+ * scratch; `gates` (rows, 4 hid) the output. */
+#define GATE_PANEL 32
+#define GATE_ROWS 8
+
+int lopt_gate_panel(void) { return GATE_PANEL; }
+
+void lopt_velo_gates(int64_t rows, int64_t n_in, int64_t n_pool, int64_t hid, const float *x,
+                     const float *h, const float *pool_w, const float *pool_b,
+                     const float *fold, const float *bias, const float *wh, const float *wp,
+                     float *pooled, float *gates, int nthreads) {
+    const int64_t cols = 4 * hid, panels = cols / GATE_PANEL;
+    for (int64_t j = 0; j < n_pool; j++) pooled[j] = 0.0f;  /* relu: the max is >= 0 */
+    for (int64_t m = 0; m < rows; m++) {
+        float *v = gates;  /* (n_pool <= 4 hid) scratch before the gates are written */
+        for (int64_t j = 0; j < n_pool; j++) v[j] = pool_b[j];
+        for (int64_t k = 0; k < n_in; k++) {
+            const float xk = x[m * n_in + k];
+            const float *w = pool_w + k * n_pool;
+#pragma omp simd
+            for (int64_t j = 0; j < n_pool; j++) v[j] += xk * w[j];
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < n_pool; j++) pooled[j] = v[j] > pooled[j] ? v[j] : pooled[j];
+    }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t q = 0; q < panels; q++) {
+        const int64_t n0 = q * GATE_PANEL;
+        const float *ph = wh + q * hid * GATE_PANEL, *pp = wp + q * n_pool * GATE_PANEL;
+        float shared[GATE_PANEL];
+        for (int j = 0; j < GATE_PANEL; j++) shared[j] = bias[n0 + j];
+        for (int64_t k = 0; k < n_pool; k++) {
+            const float pk = pooled[k];
+            const float *w = pp + k * GATE_PANEL;
+#pragma omp simd
+            for (int j = 0; j < GATE_PANEL; j++) shared[j] += pk * w[j];
+        }
+        for (int64_t m0 = 0; m0 < rows; m0 += GATE_ROWS) {
+            const int64_t mr = rows - m0 < GATE_ROWS ? rows - m0 : GATE_ROWS;
+            const float *hb = h + m0 * hid;
+            float acc[GATE_ROWS][GATE_PANEL];
+            for (int m = 0; m < GATE_ROWS; m++)
+                for (int j = 0; j < GATE_PANEL; j++) acc[m][j] = 0.0f;
+            for (int64_t k = 0; k < hid; k++) {
+                const float *w = ph + k * GATE_PANEL;
+                for (int m = 0; m < GATE_ROWS; m++) {
+                    const float hm = m < mr ? hb[m * hid + k] : 0.0f;
+#pragma omp simd
+                    for (int j = 0; j < GATE_PANEL; j++) acc[m][j] += hm * w[j];
+                }
+            }
+            for (int64_t m = 0; m < mr; m++) {
+                const float *xm = x + (m0 + m) * n_in;
+                float *out = gates + (m0 + m) * cols + n0;
+                for (int j = 0; j < GATE_PANEL; j++) out[j] = shared[j] + acc[m][j];
+                for (int64_t k = 0; k < n_in; k++) {
+                    const float xk = xm[k];
+                    const float *f = fold + k * cols + n0;
+#pragma omp simd
+                    for (int j = 0; j < GATE_PANEL; j++) out[j] += xk * f[j];
+                }
+            }
         }
     }
 }
