@@ -95,3 +95,16 @@ def test_hf_base_settings_are_checked(hf_dir, tmp_path):
         build(hf_base=str(tmp_path))
     with pytest.raises(ValueError, match="apply only with hf_base"):
         build(hf_base=None, hf_pad_id=0)
+
+
+def test_smollm2_config_parses():
+    """configs/camels_smollm2.yaml is a valid camels config (not built: that loads SmolLM2)."""
+    from pathlib import Path
+
+    from metaopt.runner.config import load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parents[2] / "configs" / "camels_smollm2.yaml",
+                          ["settings.hf_cache=/tmp/x"])
+    s = cfg.settings
+    assert (s.hf_base, s.hf_cache, s.weighting["init"], s.base_checkpoint) == (
+        "smollm2", "/tmp/x", "random", None)
