@@ -12,10 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metaopt.runner.checkpoint import read_checkpoint
 from metaopt.runner.config import parse_run_config
-from metaopt.runner.loop import build_experiment, train
-from metaopt.runner.rundir import create_run_dir
+from metaopt.runner.loop import build_experiment
+from tests.experiments.resume_check import assert_resumed_run_matches
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -69,16 +68,7 @@ def test_hf_base_meta_step_evaluation_and_exact_resume(hf_dir, tmp_path):
     ev = exp.evaluate("val")
     assert 0.0 <= ev["f1"] <= 1.0 and ev["answer_nll"] > 0
     # the runner's loop, straight and resumed from the step-1 checkpoint
-    straight = create_run_dir(tmp_path / "a", cfg, ["pytest"])
-    result = train(cfg, straight, progress=False)
-    other = create_run_dir(tmp_path / "b", cfg, ["pytest"])
-    train(cfg, other, progress=False)
-    again = train(cfg, other, resume=other / "checkpoints" / "step_00000001", progress=False)
-    assert again.eval_metrics == result.eval_metrics
-    a = read_checkpoint(straight / "checkpoints" / "step_00000002").state["experiment"]
-    b = read_checkpoint(other / "checkpoints" / "step_00000002").state["experiment"]
-    for k in a["phi"]:
-        assert torch.equal(a["phi"][k], b["phi"][k]), k
+    assert_resumed_run_matches(cfg, tmp_path)
 
 
 def test_hf_base_settings_are_checked(hf_dir, tmp_path):
