@@ -12,6 +12,13 @@ meta-parameters) takes an AdamW step with linear warm-up and gradient-norm clipp
 (the μLO recipe: PES, truncation 50, σ = 0.01, 8 tasks, horizons log-uniform in
 [100, 1000], AdamW 3e-3).
 
+``task:`` may also be a list of task sections: a **mixture** of tasks. Each entry gets
+its own system of ``num_tasks`` rows (rows of one system share the model's shapes, so
+tasks of different shapes cannot share one) and its own estimator, seeded apart; the
+meta-gradient of an outer step is the mean of the entries' estimates, as
+learned_optimization averages the estimates of its task families. A mixture runs in
+this process (no ``executor:``, ``max_staleness: 0``).
+
 Evaluation runs the current learned optimizer for ``eval_steps`` steps on the tasks of
 a held-out suite (:func:`tasks.lopt_tasks.heldout_suite`, seeds never used in
 training) and reports the mean final training loss and test metric.
@@ -40,7 +47,7 @@ from metaopt.algorithms.lopt_training import (
     meta_parameters,
 )
 from metaopt.bilevel import ES, PES, LogUniformLength, TruncatedBPTT
-from metaopt.bilevel.truncation import TruncatedState
+from metaopt.bilevel.truncation import TruncatedState, mix_seed
 from metaopt.distributed.executor import LocalExecutor
 from metaopt.distributed.pes_pool import PESPool, pending_from_state_dict, pending_state_dict
 from metaopt.errors import ConfigError
@@ -68,7 +75,8 @@ class LoptMetaTrainConfig(ExperimentConfig):
 
     optimizer: str = "mulo_small_fc"
     optimizer_options: dict[str, Any] = field(default_factory=dict)
-    task: dict[str, Any] = field(default_factory=lambda: {
+    #: one task section, or a list of them (a mixture; see the module docstring)
+    task: dict[str, Any] | list[dict[str, Any]] = field(default_factory=lambda: {
         "kind": "mlp", "param": "mup", "width": 128, "depth": 2, "activation": "relu",
         "dataset": "digits", "batch_size": 128})
     estimator: str = "pes"
@@ -101,9 +109,16 @@ class LoptMetaTrainConfig(ExperimentConfig):
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got "
                              f"'{self.estimator}'")
-        if self.task.get("kind") not in TASK_KINDS:
-            raise ValueError(f"task.kind must be one of {TASK_KINDS}, got "
-                             f"{self.task.get('kind')!r}")
+        for i, spec in enumerate(self.task_specs):
+            where = "task" if isinstance(self.task, dict) else f"task[{i}]"
+            if spec.get("kind") not in TASK_KINDS:
+                raise ValueError(f"{where}.kind must be one of {TASK_KINDS}, got "
+                                 f"{spec.get('kind')!r}")
+        if not self.task_specs:
+            raise ValueError("task: the mixture list is empty")
+        if self.is_mixture and self.max_staleness > 0:
+            raise ValueError("max_staleness > 0 needs a single task, not a mixture "
+                             f"of {len(self.task_specs)}")
         for name in ("num_tasks", "truncation", "horizon_low", "eval_steps", "eval_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -116,6 +131,15 @@ class LoptMetaTrainConfig(ExperimentConfig):
         if self.max_staleness > 0 and self.estimator != "pes":
             raise ValueError(f"max_staleness > 0 needs estimator 'pes' (the particle "
                              f"pool), got '{self.estimator}'")
+
+    @property
+    def task_specs(self) -> list[dict[str, Any]]:
+        """The task sections: one, or the mixture's entries."""
+        return [self.task] if isinstance(self.task, dict) else list(self.task)
+
+    @property
+    def is_mixture(self) -> bool:
+        return not isinstance(self.task, dict)
 
 
 def build_task(spec: dict[str, Any], seed: int) -> Any:
@@ -178,32 +202,59 @@ class LoptMetaTrain(Experiment):
         self.device, self.seed = device, seed
         torch.manual_seed(seed)  # the optimizer's meta-parameter initialisation
         self.lopt = ARCHITECTURES[config.optimizer](**config.optimizer_options)
-        self.task = build_task(config.task, seed)
-        self.system = LearnedOptimizerSystem(self.lopt, self.task,
-                                             num_steps=config.horizon_high,
-                                             max_loss=config.max_loss,
-                                             backend=config.backend)
-        common = {"num_tasks": config.num_tasks, "truncation": config.truncation,
-                  "seed": seed}
-        if config.estimator == "pes":
-            self.estimator = PES(sigma=config.sigma, schedule=LogUniformLength(
-                config.horizon_low, config.horizon_high), **common)
-        elif config.estimator == "es":
-            self.estimator = ES(sigma=config.sigma, schedule=LogUniformLength(
-                config.horizon_low, config.horizon_high), **common)
-        else:
-            self.estimator = TruncatedBPTT(schedule=LogUniformLength(
-                config.horizon_low, config.horizon_high), **common)
+        self.tasks = [build_task(spec, seed) for spec in config.task_specs]
+        self.systems = [LearnedOptimizerSystem(self.lopt, task, num_steps=config.horizon_high,
+                                               max_loss=config.max_loss,
+                                               backend=config.backend)
+                        for task in self.tasks]
+        # entry i's estimator is seeded apart from the others (entry 0: the run seed)
+        self.estimators = [self._make_estimator(mix_seed(seed, 7919 * i) if i else seed)
+                           for i in range(len(self.tasks))]
         self.phi = meta_parameters(self.lopt)
         self.outer_state = adamw(config.outer_lr).init(self.phi)
-        self.est_state: TruncatedState = self.estimator.start(self.system, self.phi, None)
+        self.est_states: list[TruncatedState] = [
+            est.start(system, self.phi, None)
+            for est, system in zip(self.estimators, self.systems)]
         self._eval_tasks: dict[str, list[Any]] = {}
         self.pool: PESPool | None = None
         if config.max_staleness > 0:  # the stale schedule, in this process
             self._start_pool(LocalExecutor(1), [])
 
+    def _make_estimator(self, seed: int) -> PES | ES | TruncatedBPTT:
+        cfg = self.config
+        common = {"num_tasks": cfg.num_tasks, "truncation": cfg.truncation, "seed": seed,
+                  "schedule": LogUniformLength(cfg.horizon_low, cfg.horizon_high)}
+        if cfg.estimator == "tbptt":
+            return TruncatedBPTT(**common)
+        return ESTIMATORS[cfg.estimator](sigma=cfg.sigma, **common)
+
+    # the single-task attributes the distributed pool and the tests address
+    @property
+    def task(self) -> Any:
+        return self.tasks[0]
+
+    @property
+    def system(self) -> LearnedOptimizerSystem:
+        return self.systems[0]
+
+    @property
+    def estimator(self) -> PES | ES | TruncatedBPTT:
+        return self.estimators[0]
+
+    @property
+    def est_state(self) -> TruncatedState:
+        return self.est_states[0]
+
+    @est_state.setter
+    def est_state(self, value: TruncatedState) -> None:
+        self.est_states[0] = value
+
     @classmethod
     def check_executor(cls, config: LoptMetaTrainConfig, executor: Any) -> None:
+        if config.is_mixture:
+            raise ConfigError(f"experiment 'lopt_metatrain': a task mixture "
+                              f"({len(config.task_specs)} entries) runs in one process; "
+                              f"remove executor: or use a single task")
         if config.estimator != "pes":
             raise ConfigError(f"experiment 'lopt_metatrain' distributes PES only "
                               f"(settings.estimator: '{config.estimator}')")
@@ -226,24 +277,36 @@ class LoptMetaTrain(Experiment):
     # ------------------------------------------------------------------ the contract
     def meta_step(self, step: int) -> Metrics:
         cfg = self.config
-        hg = self.pool.step(self.phi) if self.pool is not None else \
-            self.estimator(self.system, self.phi, None, self.est_state)
-        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in hg.grad.values())))
+        if self.pool is not None:
+            hgs = [self.pool.step(self.phi)]
+        else:
+            hgs = [est(system, self.phi, None, state) for est, system, state
+                   in zip(self.estimators, self.systems, self.est_states)]
+        n = len(hgs)
+        mean_grad = hgs[0].grad if n == 1 else {
+            k: sum(hg.grad[k] for hg in hgs) / n for k in hgs[0].grad}
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in mean_grad.values())))
         if not math.isfinite(norm):
             raise FloatingPointError(f"lopt_metatrain: non-finite meta-gradient at outer "
                                      f"step {step}")
         scale = min(1.0, cfg.max_grad_norm / (norm + 1e-12))
-        grad = {k: g * scale for k, g in hg.grad.items()}
+        grad = {k: g * scale for k, g in mean_grad.items()}
         lr = cfg.outer_lr * min(1.0, step / max(1, cfg.warmup_steps))
         updates, self.outer_state = adamw(lr).update(grad, self.outer_state, self.phi)
         self.phi = {k: v.detach() for k, v in apply_updates(self.phi, updates).items()}
-        self.est_state = hg.state
+        if self.pool is None:
+            self.est_states = [hg.state for hg in hgs]
         inner_steps = 2 * cfg.num_tasks * cfg.truncation if cfg.estimator != "tbptt" \
             else cfg.num_tasks * cfg.truncation
-        return {"loss": float(hg.outer_loss), "grad_norm": norm,
-                "resets": hg.diagnostics.get("resets", 0),
-                "nonfinite_resets": hg.diagnostics.get("nonfinite_resets", 0),
-                "inner_steps": inner_steps}
+        out: Metrics = {"loss": sum(float(hg.outer_loss) for hg in hgs) / n,
+                        "grad_norm": norm,
+                        "resets": sum(hg.diagnostics.get("resets", 0) for hg in hgs),
+                        "nonfinite_resets": sum(hg.diagnostics.get("nonfinite_resets", 0)
+                                                for hg in hgs),
+                        "inner_steps": inner_steps * n}
+        if n > 1:  # each entry's meta-loss: which task the optimizer is worst on
+            out.update({f"loss_{i}": float(hg.outer_loss) for i, hg in enumerate(hgs)})
+        return out
 
     def evaluate(self, split: str) -> Metrics:
         if split not in self.splits:
@@ -261,8 +324,11 @@ class LoptMetaTrain(Experiment):
     def state_dict(self) -> StateDict:
         if self.pool is not None:
             self.est_state = self.pool.checkpoint_state()
-        out = {"phi": dict(self.phi), "outer_opt": self.outer_state,
-               "estimator": self.est_state.state_dict()}
+        out = {"phi": dict(self.phi), "outer_opt": self.outer_state}
+        if self.config.is_mixture:
+            out["estimators"] = {str(i): s.state_dict() for i, s in enumerate(self.est_states)}
+        else:
+            out["estimator"] = self.est_state.state_dict()
         if self.config.max_staleness > 0:
             out["pending"] = pending_state_dict(self.pool.pending(), self.config.max_staleness,
                                                 self.config.num_tasks)
@@ -271,8 +337,10 @@ class LoptMetaTrain(Experiment):
     def load_state_dict(self, state: StateDict) -> None:
         self.phi = {k: v.clone() for k, v in state["phi"].items()}
         self.outer_state = tree_map_nested(Tensor.clone, state["outer_opt"])
-        self.est_state = TruncatedState.from_state_dict(
-            tree_map_nested(Tensor.clone, state["estimator"]))
+        parts = [state["estimator"]] if not self.config.is_mixture else [
+            state["estimators"][str(i)] for i in range(len(self.tasks))]
+        self.est_states = [TruncatedState.from_state_dict(tree_map_nested(Tensor.clone, p))
+                           for p in parts]
         if self.pool is not None:
             pending = pending_from_state_dict(state["pending"]) if "pending" in state else []
             self._start_pool(self.pool.executor, pending)
