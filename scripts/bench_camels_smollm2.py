@@ -7,6 +7,11 @@ Modes (each in its own process, so peak memory is its own):
                 two gradients and one forward-mode pass, no graph through the inner step)
   checkpointed  the same with the base model's decoder layers recomputed in backward
                 (weights passed explicitly to torch.utils.checkpoint)
+  second_order_grouped, jvp_grouped
+                the batch as ONE task whose inner step is on all its documents
+                (CaMeLS(docs_per_step=batch)): the meta-step whose inner step is the
+                plain step above, on the same 4×128 tokens; its questions and
+                locality texts are those of all the documents
 
 Time: median wall seconds over ``--repeats`` steps after one warm-up step. Memory: the
 process's peak resident set (ru_maxrss) minus its resident set after loading the models.
@@ -28,7 +33,7 @@ import time
 
 import torch
 
-MODES = ("plain", "second_order", "jvp", "checkpointed")
+MODES = ("plain", "second_order", "jvp", "checkpointed", "second_order_grouped", "jvp_grouped")
 
 
 def _rss_mib() -> float:
@@ -55,8 +60,13 @@ def run_mode(mode: str, batch: int, seq: int, repeats: int, cache_dir: str) -> d
     answer = torch.zeros_like(qa)
     answer[..., -6:] = 1
     loc = torch.randint(0, vocab, (batch, 1, 64), generator=g)
+    grouped = mode.endswith("_grouped")
     camels = CaMeLS(base, weighting, inner_lr=5e-4, c_kl=0.1,
-                    meta_gradient="jvp" if mode == "jvp" else "estimator")
+                    docs_per_step=batch if grouped else 1,
+                    meta_gradient="jvp" if mode.startswith("jvp") else "estimator")
+    tasks = (doc, doc_mask, qa, answer, loc, torch.ones_like(loc))
+    if grouped:  # one task: (1, B, T) documents, all B·Q questions, all B locality rows
+        tasks = (doc[None], doc_mask[None], *(t.reshape(1, -1, t.shape[-1]) for t in tasks[2:]))
     params = [p for p in base.parameters()]
     rss0 = _rss_mib()
 
@@ -69,7 +79,7 @@ def run_mode(mode: str, batch: int, seq: int, repeats: int, cache_dir: str) -> d
                     p.sub_(5e-4 * gr)
         else:
             weighting.zero_grad(set_to_none=True)
-            camels.meta_loss(doc, doc_mask, qa, answer, loc, torch.ones_like(loc)).backward()
+            camels.meta_loss(*tasks).backward()
 
     step()
     times = []
@@ -89,6 +99,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cache-dir", required=True, help="float32 safetensors copy of SmolLM2")
     ap.add_argument("--mode", choices=(*MODES, "all"), default="all")
+    ap.add_argument("--json", default=None, help="write the rows (and settings) here")
     args = ap.parse_args()
     if args.mode != "all":
         print(json.dumps(run_mode(args.mode, args.batch, args.seq, args.repeats,
@@ -103,10 +114,18 @@ def main() -> None:
     plain = rows[0]
     print(f"SmolLM2-135M, batch {args.batch}x{args.seq}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'mode':14s} {'s/step':>8s} {'x plain':>8s} {'peak MiB':>9s} {'x plain':>8s}")
+    print(f"{'mode':22s} {'s/step':>8s} {'x plain':>8s} {'peak MiB':>9s} {'x plain':>8s}")
     for r in rows:
-        print(f"{r['mode']:14s} {r['seconds']:8.2f} {r['seconds'] / plain['seconds']:8.2f} "
+        print(f"{r['mode']:22s} {r['seconds']:8.2f} {r['seconds'] / plain['seconds']:8.2f} "
               f"{r['peak_extra_mib']:9.0f} {r['peak_extra_mib'] / plain['peak_extra_mib']:8.2f}")
+    if args.json:
+        for r in rows:
+            r["time_vs_plain"] = r["seconds"] / plain["seconds"]
+            r["memory_vs_plain"] = r["peak_extra_mib"] / plain["peak_extra_mib"]
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"batch": args.batch, "seq": args.seq, "repeats": args.repeats,
+                       "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

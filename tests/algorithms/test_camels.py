@@ -163,6 +163,44 @@ def test_documents_in_sequence() -> None:
                                                       rel=1e-6, abs=1e-10)
 
 
+def test_documents_per_step_is_one_minibatch_step() -> None:
+    """docs_per_step=D: the task's D documents in ONE step on their token-mean weighted
+    loss — F equals the outer loss after :meth:`CaMeLS.adapt` on the (D, T) batch (the
+    online runner's step), the problem has one inner step, and the meta-gradient
+    matches central finite differences; a group size that does not divide D is refused."""
+    camels = _camels(lr=0.5, docs_per_step=2)
+    first, second = _batch(), _batch(seed=1)
+    docs = [torch.stack([first[0], second[0]], 1), torch.stack([first[1], second[1]], 1),
+            *first[2:]]
+    problem = camels.problem(*[t[0] for t in docs])
+    assert problem.inner_steps == 1
+    theta1 = camels.adapt(docs[0][0], docs[1][0])
+    with torch.no_grad():
+        expected = problem.outer_loss(theta1, camels.outer_parameters())
+        assert camels.meta_loss(*[t[:1] for t in docs]).item() == pytest.approx(
+            expected.item(), rel=1e-12)
+    grads = _grads(camels, docs)
+    torch.manual_seed(5)
+    v = {k: torch.randn_like(g) for k, g in grads.items()}
+    params = dict(camels.weighting.named_parameters())
+    eps, values = 1e-5, []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            for k, p in params.items():
+                p.add_(sign * eps * v[k])
+            values.append(camels.meta_loss(*docs).item())
+            for k, p in params.items():
+                p.sub_(sign * eps * v[k])
+    assert abs(tree_dot(grads, v).item()) > 1e-6
+    assert tree_dot(grads, v).item() == pytest.approx((values[0] - values[1]) / (2 * eps),
+                                                      rel=1e-6, abs=1e-10)
+    three = [torch.stack([first[0]] * 3, 1), torch.stack([first[1]] * 3, 1), *first[2:]]
+    with pytest.raises(ValueError, match="docs_per_step=2 does not divide"):
+        camels.meta_loss(*three)
+    with pytest.raises(ValueError, match="docs_per_step"):
+        _camels(docs_per_step=0)
+
+
 class _FreeWeights(nn.Module):
     """A 'weighting model' whose weights are its parameter: w = p · m."""
 

@@ -100,7 +100,7 @@ def test_jvp_mode_refuses_what_it_cannot_do_exactly() -> None:
         CaMeLS(base, weighting, meta_gradient="fast")
     batch = _batch()
     batch[0], batch[1] = batch[0][:, None].expand(-1, 2, -1), batch[1][:, None].expand(-1, 2, -1)
-    with pytest.raises(ValueError, match="one document per task"):
+    with pytest.raises(ValueError, match="docs_per_step=1 document"):
         CaMeLS(base, weighting, meta_gradient="jvp").meta_loss(*batch)
 
 
@@ -135,3 +135,19 @@ def test_adapted_lr_masks_by_prefix_and_refuses_unknown_prefixes() -> None:
                                                    "head.weight": 0.0}
     with pytest.raises(ValueError, match="adapt: prefix 'layers.'"):
         adapted_lr(names, 0.1, ["layers."])
+
+
+def test_jvp_on_a_group_of_documents_equals_the_second_order_one() -> None:
+    """docs_per_step=D: one SGD step on D documents together; the JVP formula holds
+    with n the token count of the whole group."""
+    base, weighting, batch = _lm(0), _weighting(), _batch()
+    one_task = [batch[0][None], batch[1][None], batch[2].reshape(1, -1, 6),
+                batch[3].reshape(1, -1, 6), batch[4].reshape(1, -1, 5),
+                batch[5].reshape(1, -1, 5)]
+    exact = CaMeLS(base, weighting, inner_lr=0.7, docs_per_step=3, estimator=Unrolled())
+    cheap = CaMeLS(base, weighting, inner_lr=0.7, docs_per_step=3, meta_gradient="jvp")
+    loss_a, ga = _grads(exact, one_task)
+    loss_b, gb = _grads(cheap, one_task)
+    assert loss_b == pytest.approx(loss_a, rel=1e-12)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-9, atol=1e-12, msg=k)

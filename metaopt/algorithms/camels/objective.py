@@ -24,7 +24,8 @@ the inner gradient, so the stop-gradient of :class:`~metaopt.bilevel.FirstOrder`
 leaves a meta-gradient of exactly zero. :class:`CaMeLS` refuses it.
 
 ``meta_gradient="jvp"`` — the same exact meta-gradient at first-order cost, for one SGD
-step on one document. With θ₁ = θ₀ − α ∇g(θ₀) and n = Σ_t m_t,
+step on one document (or one group of ``docs_per_step`` documents). With
+θ₁ = θ₀ − α ∇g(θ₀) and n = Σ_t m_t,
 
     dF/dw_t = ⟨∇f(θ₁), dθ₁/dw_t⟩ = −(α/n) · m_t · ⟨∇f(θ₁), ∇ℓ_t(θ₀)⟩,
 
@@ -129,7 +130,12 @@ class CaMeLS:
             ``.logits``). Its parameters are θ₀ and are never changed here.
         weighting: the :class:`TokenWeighting` model; its parameters are φ.
         inner_lr: the inner SGD learning rate.
-        inner_steps: inner steps K on each document.
+        inner_steps: inner steps K on each document (each group of ``docs_per_step``).
+        docs_per_step: documents in one inner step. A task's D documents are adapted on
+            in D / docs_per_step groups, K steps each, every step on the token-mean
+            weighted loss of its group — a mini-batch step like :meth:`adapt`'s.
+            1 (default): one document at a time; D: one step on all of them, the
+            meta-step whose inner step is a plain fine-tuning step on the same batch.
         c_kl: weight of the locality KL term.
         estimator: :class:`~metaopt.bilevel.Unrolled` (default) or any task estimator
             except first-order ones (see the module docstring).
@@ -149,7 +155,7 @@ class CaMeLS:
     """
 
     def __init__(self, base_model: nn.Module, weighting: nn.Module, *, inner_lr: float = 5e-4,
-                 inner_steps: int = 1, c_kl: float = 0.1,
+                 inner_steps: int = 1, docs_per_step: int = 1, c_kl: float = 0.1,
                  estimator: TaskEstimator | None = None,
                  meta_gradient: str = "estimator",
                  adapt_params: Sequence[str] | None = None) -> None:
@@ -168,12 +174,15 @@ class CaMeLS:
             raise ValueError(f"inner_lr must be a number > 0, got {inner_lr!r}")
         if not isinstance(inner_steps, int) or inner_steps < 1:
             raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
+        if not isinstance(docs_per_step, int) or docs_per_step < 1:
+            raise ValueError(f"docs_per_step must be an int >= 1, got {docs_per_step!r}")
         if not (isinstance(c_kl, (int, float)) and c_kl >= 0):
             raise ValueError(f"c_kl must be a number >= 0, got {c_kl!r}")
         self.base_model = base_model
         self.weighting = weighting
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
+        self.docs_per_step = docs_per_step
         self.c_kl = float(c_kl)
         self.estimator = estimator
         self.adapt_params = tuple(adapt_params) if adapt_params else None
@@ -206,18 +215,23 @@ class CaMeLS:
         """One task's bilevel problem (tensors without the meta-batch axis).
 
         ``doc_ids, doc_mask``: ``(T,)`` — one document — or ``(D, T)`` — D documents
-        adapted on in sequence, ``inner_steps`` steps each (step k uses document
-        ``k // inner_steps``); the questions then cover all D documents.
+        adapted on in sequence, in groups of ``docs_per_step``, ``inner_steps`` steps
+        each (step k uses group ``k // inner_steps``); the questions then cover all D
+        documents.
         """
         if doc_ids.dim() == 1:
             doc_ids, doc_mask = doc_ids[None], doc_mask[None]
-        per_doc = self.inner_steps
+        per_doc, group = self.inner_steps, self.docs_per_step
+        if doc_ids.shape[0] % group:
+            raise ValueError(f"docs_per_step={group} does not divide the task's "
+                             f"{doc_ids.shape[0]} documents (doc_ids {tuple(doc_ids.shape)})")
         logits, weights, c_kl = self.logits, self.weights, self.c_kl
         with torch.no_grad():
             base_loc = logits(self.base_parameters(), loc_ids, loc_mask)
 
         def inner_loss(theta: Params, phi: Params, doc: int) -> Tensor:
-            ids, mask = doc_ids[doc:doc + 1], doc_mask[doc:doc + 1]
+            ids, mask = doc_ids[doc * group:(doc + 1) * group], doc_mask[doc * group:
+                                                                       (doc + 1) * group]
             return weighted_lm_loss(logits(theta, ids, mask), ids, weights(phi, ids, mask),
                                     mask)
 
@@ -232,7 +246,7 @@ class CaMeLS:
                                            loc_mask)
 
         return BilevelProblem(inner_loss, outer_loss, sgd(self._lr),
-                              per_doc * doc_ids.shape[0], inner_batches=document,
+                              per_doc * (doc_ids.shape[0] // group), inner_batches=document,
                               name="CaMeLS")
 
     def task_loss(self, phi: Params, doc_ids: Tensor, doc_mask: Tensor, qa_ids: Tensor,
@@ -248,10 +262,12 @@ class CaMeLS:
     def _jvp_task_loss(self, problem: BilevelProblem, phi: Params, doc_ids: Tensor,
                        doc_mask: Tensor) -> Tensor:
         """F(θ₁) with dF/dφ = (dF/dw)ᵀ ∂w/∂φ, dF/dw from one JVP (module docstring)."""
-        if doc_ids.dim() == 2 and doc_ids.shape[0] != 1:
-            raise ValueError(f"meta_gradient='jvp' adapts on one document per task, got "
-                             f"doc_ids of shape {tuple(doc_ids.shape)}")
-        ids, mask = doc_ids.reshape(1, -1), doc_mask.reshape(1, -1)
+        ids = doc_ids.reshape(-1, doc_ids.shape[-1])
+        mask = doc_mask.reshape(ids.shape)
+        if ids.shape[0] != self.docs_per_step:
+            raise ValueError(f"meta_gradient='jvp' is one inner step: a task holds "
+                             f"docs_per_step={self.docs_per_step} document(s), got doc_ids of "
+                             f"shape {tuple(doc_ids.shape)}")
         theta0 = self.base_parameters()
         w = self.weights(phi, ids, mask)
         with torch.enable_grad():

@@ -93,6 +93,9 @@ class CamelsConfig(ExperimentConfig):
         "init": "base"})
     inner_lr: float = 0.3
     inner_steps: int = 1
+    #: documents in one inner step (CaMeLS docs_per_step): the meta-batch is split into
+    #: meta_batch / docs_per_step tasks, each one mini-batch step on its documents
+    docs_per_step: int = 1
     c_kl: float = 0.1
     meta_gradient: str = "estimator"
     adapt_params: list[str] = field(default_factory=list)
@@ -114,8 +117,8 @@ class CamelsConfig(ExperimentConfig):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if not (isinstance(self.c_kl, (int, float)) and self.c_kl >= 0):
             raise ValueError(f"c_kl must be a number >= 0, got {self.c_kl!r}")
-        for name in ("inner_steps", "meta_batch", "locality", "train_docs", "eval_docs",
-                     "eval_streams", "eval_max_new_tokens"):
+        for name in ("inner_steps", "docs_per_step", "meta_batch", "locality", "train_docs",
+                     "eval_docs", "eval_streams", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.questions <= 3:
@@ -126,6 +129,9 @@ class CamelsConfig(ExperimentConfig):
                              f"{self.meta_gradient!r}")
         if self.meta_gradient == "jvp" and self.inner_steps != 1:
             raise ValueError("meta_gradient 'jvp' needs inner_steps: 1")
+        if self.meta_batch % self.docs_per_step:
+            raise ValueError(f"docs_per_step ({self.docs_per_step}) must divide meta_batch "
+                             f"({self.meta_batch})")
         if not (isinstance(self.adapt_params, list)
                 and all(isinstance(a, str) and a for a in self.adapt_params)):
             raise ValueError(f"adapt_params must be a list of parameter-name prefixes, got "
@@ -226,6 +232,17 @@ def encode_stream_batch(enc: EncodedDocuments, docs: list[int], questions: list[
     return doc_ids, doc_mask, qa_ids, answer_mask, lids, lmask
 
 
+def _group_documents(batch: tuple[Tensor, ...], group: int) -> tuple[Tensor, ...]:
+    """The meta-batch of one-document tasks as tasks of ``group`` documents each (their
+    questions and locality rows concatenated), for ``CaMeLS(docs_per_step=group)``."""
+    if group == 1:
+        return batch
+    doc_ids, doc_mask, *rest = batch
+    n = doc_ids.shape[0] // group
+    return (doc_ids.reshape(n, group, -1), doc_mask.reshape(n, group, -1),
+            *(t.reshape(n, group * t.shape[1], t.shape[2]) for t in rest))
+
+
 def online_metrics(camels: CaMeLS, tokenizer: TokenEncoder, enc: EncodedDocuments, weights: Tensor,
                    loc_ids: Tensor, loc_mask: Tensor, *, lr: float,
                    max_new_tokens: int = 8,
@@ -279,7 +296,8 @@ class CamelsExperiment(Experiment):
                                          self.tokenizer.vocab_size).to(device=device,
                                                                        dtype=dtype)
         self.camels = CaMeLS(self.base, self.weighting, inner_lr=config.inner_lr,
-                             inner_steps=config.inner_steps, c_kl=config.c_kl,
+                             inner_steps=config.inner_steps,
+                             docs_per_step=config.docs_per_step, c_kl=config.c_kl,
                              meta_gradient=config.meta_gradient, adapt_params=config.adapt_params)
         self.phi = {k: v.detach().clone() for k, v in self.weighting.named_parameters()}
         self.outer_state = adam(config.outer_lr).init(self.phi)
@@ -308,7 +326,7 @@ class CamelsExperiment(Experiment):
         batch = encode_stream_batch(self.pool, docs, questions, self.loc_ids, self.loc_mask,
                                     loc_rows)
         self._load_phi()
-        loss = self.camels.meta_loss(*batch)
+        loss = self.camels.meta_loss(*_group_documents(batch, cfg.docs_per_step))
         params = self.camels.outer_parameters()
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
         loss = float(loss.detach())
