@@ -107,29 +107,29 @@ def _grads(camels: CaMeLS, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: p.grad.clone() for k, p in camels.weighting.named_parameters()}
 
 
-def test_meta_gradient_matches_central_finite_differences() -> None:
+def _assert_matches_central_differences(camels: CaMeLS, batch: list[torch.Tensor],
+                                        grads: dict[str, torch.Tensor]) -> None:
     """⟨dF/dφ, v⟩ = (F(φ+εv) − F(φ−εv)) / 2ε + O(ε²) in float64, v random over all of φ."""
-    camels = _camels()
-    batch = _batch()
-    grads = _grads(camels, batch)
     torch.manual_seed(5)
     v = {k: torch.randn_like(g) for k, g in grads.items()}
     params = dict(camels.weighting.named_parameters())
-    eps = 1e-5
-
-    def F_at(sign: float) -> float:
-        with torch.no_grad():
+    eps, values = 1e-5, []
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
             for k, p in params.items():
                 p.add_(sign * eps * v[k])
-            value = camels.meta_loss(*batch).item()
+            values.append(camels.meta_loss(*batch).item())
             for k, p in params.items():
                 p.sub_(sign * eps * v[k])
-        return value
-
-    fd = (F_at(1.0) - F_at(-1.0)) / (2 * eps)
     analytic = tree_dot(grads, v).item()
     assert abs(analytic) > 1e-6
-    assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-10)
+    assert analytic == pytest.approx((values[0] - values[1]) / (2 * eps), rel=1e-6, abs=1e-10)
+
+
+def test_meta_gradient_matches_central_finite_differences() -> None:
+    camels = _camels()
+    batch = _batch()
+    _assert_matches_central_differences(camels, batch, _grads(camels, batch))
 
 
 def test_documents_in_sequence() -> None:
@@ -148,19 +148,7 @@ def test_documents_in_sequence() -> None:
     assert problem.inner_steps == 2 and [problem.inner_batch(k) for k in (0, 1)] == [0, 1]
     grads = _grads(camels, docs)
     assert any((grads[k] - one[k]).abs().max() > 1e-6 for k in one)
-    torch.manual_seed(5)
-    v = {k: torch.randn_like(g) for k, g in grads.items()}
-    params = dict(camels.weighting.named_parameters())
-    eps, values = 1e-5, []
-    with torch.no_grad():
-        for sign in (1.0, -1.0):
-            for k, p in params.items():
-                p.add_(sign * eps * v[k])
-            values.append(camels.meta_loss(*docs).item())
-            for k, p in params.items():
-                p.sub_(sign * eps * v[k])
-    assert tree_dot(grads, v).item() == pytest.approx((values[0] - values[1]) / (2 * eps),
-                                                      rel=1e-6, abs=1e-10)
+    _assert_matches_central_differences(camels, docs, grads)
 
 
 def test_documents_per_step_is_one_minibatch_step() -> None:
@@ -179,21 +167,7 @@ def test_documents_per_step_is_one_minibatch_step() -> None:
         expected = problem.outer_loss(theta1, camels.outer_parameters())
         assert camels.meta_loss(*[t[:1] for t in docs]).item() == pytest.approx(
             expected.item(), rel=1e-12)
-    grads = _grads(camels, docs)
-    torch.manual_seed(5)
-    v = {k: torch.randn_like(g) for k, g in grads.items()}
-    params = dict(camels.weighting.named_parameters())
-    eps, values = 1e-5, []
-    with torch.no_grad():
-        for sign in (1.0, -1.0):
-            for k, p in params.items():
-                p.add_(sign * eps * v[k])
-            values.append(camels.meta_loss(*docs).item())
-            for k, p in params.items():
-                p.sub_(sign * eps * v[k])
-    assert abs(tree_dot(grads, v).item()) > 1e-6
-    assert tree_dot(grads, v).item() == pytest.approx((values[0] - values[1]) / (2 * eps),
-                                                      rel=1e-6, abs=1e-10)
+    _assert_matches_central_differences(camels, docs, _grads(camels, docs))
     three = [torch.stack([first[0]] * 3, 1), torch.stack([first[1]] * 3, 1), *first[2:]]
     with pytest.raises(ValueError, match="docs_per_step=2 does not divide"):
         camels.meta_loss(*three)

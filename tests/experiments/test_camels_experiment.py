@@ -13,11 +13,11 @@ import torch
 from metaopt.errors import CheckpointError
 from metaopt.models import TinyLM, TinyLMConfig
 from metaopt.runner.base_lm import load_base_lm, save_base_lm
-from metaopt.runner.checkpoint import read_checkpoint, write_checkpoint
+from metaopt.runner.checkpoint import write_checkpoint
 from metaopt.runner.config import load_run_config, parse_run_config, to_dict
-from metaopt.runner.loop import build_experiment, checkpoint_state, load_into, train
-from metaopt.runner.rundir import create_run_dir
+from metaopt.runner.loop import build_experiment, checkpoint_state, load_into
 from metaopt.text import Tokenizer
+from tests.experiments.resume_check import assert_resumed_run_matches
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"base_checkpoint": None, "base_model": {"d_model": 16, "n_layers": 1, "n_heads": 2},
@@ -88,18 +88,8 @@ def test_runner_train_resumed_from_a_middle_checkpoint_ends_where_a_straight_run
         tmp_path):
     cfg = parse_run_config({"experiment": "camels", "seed": 2, "steps": 3,
                             "checkpoint_every": 1, "eval_every": 3, "settings": TINY})
-    straight = create_run_dir(tmp_path / "a", cfg, ["pytest"])
-    result = train(cfg, straight, progress=False)
+    result = assert_resumed_run_matches(cfg, tmp_path)
     assert result.status == "finished" and result.step == 3 and "f1" in result.eval_metrics
-    # run B: resume from its step-1 checkpoint (as after a kill) and finish
-    other = create_run_dir(tmp_path / "b", cfg, ["pytest"])
-    train(cfg, other, progress=False)
-    again = train(cfg, other, resume=other / "checkpoints" / "step_00000001", progress=False)
-    assert again.eval_metrics == result.eval_metrics
-    a = read_checkpoint(straight / "checkpoints" / "step_00000003").state["experiment"]
-    b = read_checkpoint(other / "checkpoints" / "step_00000003").state["experiment"]
-    for k in a["phi"]:
-        assert torch.equal(a["phi"][k], b["phi"][k]), k
 
 
 def test_base_model_files_round_trip_and_are_verified(tmp_path):
