@@ -229,9 +229,9 @@ class CaMeLS:
         with torch.no_grad():
             base_loc = logits(self.base_parameters(), loc_ids, loc_mask)
 
-        def inner_loss(theta: Params, phi: Params, doc: int) -> Tensor:
-            ids, mask = doc_ids[doc * group:(doc + 1) * group], doc_mask[doc * group:
-                                                                       (doc + 1) * group]
+        def inner_loss(theta: Params, phi: Params, index: int) -> Tensor:
+            lo, hi = index * group, (index + 1) * group  # the index-th group of documents
+            ids, mask = doc_ids[lo:hi], doc_mask[lo:hi]
             return weighted_lm_loss(logits(theta, ids, mask), ids, weights(phi, ids, mask),
                                     mask)
 
