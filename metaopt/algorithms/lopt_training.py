@@ -42,7 +42,13 @@ from metaopt.lopt.mulo import MuSmallFC, MuVeLO
 from metaopt.params import Params
 from metaopt.tree import tree_leaves, tree_rebuild
 
-__all__ = ["LearnedOptimizerSystem", "init_kwargs", "meta_parameters"]
+__all__ = ["LOG_LOSS_FLOOR", "META_LOSSES", "LearnedOptimizerSystem", "init_kwargs",
+           "meta_parameters"]
+
+#: The per-step meta-objective terms :class:`LearnedOptimizerSystem` offers.
+META_LOSSES = ("loss", "log")
+#: Losses below this count as this under ``meta_loss="log"`` (log of a zero loss).
+LOG_LOSS_FLOOR = 1e-8
 
 
 def init_kwargs(lopt: LearnedOptimizer, task: Any) -> dict[str, Any]:
@@ -71,6 +77,10 @@ class LearnedOptimizerSystem:
         batched: vmap over rows (default) or loop over them.
         backend: the optimizer step's backend, ``"reference"`` (default) or
             ``"cpu_kernels"`` (see the module docstring; ``batched`` rows only).
+        meta_loss: each step's meta-objective term: ``"loss"`` (the training loss,
+            default) or ``"log"`` (its logarithm, floored at :data:`LOG_LOSS_FLOOR`,
+            after ``max_loss``): every factor of loss reduction counts the same, so
+            tasks whose loss ends near zero are not drowned by high-loss ones.
     """
 
     lopt: LearnedOptimizer
@@ -79,8 +89,11 @@ class LearnedOptimizerSystem:
     max_loss: float | None = None
     batched: bool = True
     backend: str = "reference"
+    meta_loss: str = "loss"
 
     def __post_init__(self) -> None:
+        if self.meta_loss not in META_LOSSES:
+            raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
         self._template: Any = None
         self._kern = select_backend(self.backend)
 
@@ -145,6 +158,8 @@ class LearnedOptimizerSystem:
     def _clip(self, state: Any, loss: Tensor) -> tuple[Any, Tensor]:
         if self.max_loss is not None:
             loss = loss.clamp(max=self.max_loss)
+        if self.meta_loss == "log":
+            loss = loss.clamp_min(LOG_LOSS_FLOOR).log()
         return state, loss
 
     def _row_grads(self, theta: Params, batch: tuple) -> tuple[Params, Tensor]:

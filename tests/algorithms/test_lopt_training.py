@@ -183,3 +183,31 @@ def test_row_gradients_of_the_summed_losses_equal_per_row_gradients():
     for k in ref_g:
         torch.testing.assert_close(grads[k], ref_g[k], rtol=1e-6, atol=1e-7)
         assert not grads[k].requires_grad
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu_kernels"])
+def test_log_meta_loss_is_the_log_of_each_step_loss_and_leaves_the_inner_run_alone(backend):
+    """meta_loss="log": every step's term is log(min(loss, max_loss)) floored at 1e-8;
+    the inner trajectory (what the optimizer sees) is unchanged."""
+    from metaopt.algorithms.lopt_training import LOG_LOSS_FLOOR
+
+    lopt, task = SmallFCLOpt(), teacher_task(batch_size=16)
+    phi = {k: v.expand(2, *v.shape).clone() for k, v in meta_parameters(lopt).items()}
+    seeds, steps = torch.tensor([3, 4]), torch.tensor([0, 0])
+    out = {}
+    for kind in ("loss", "log"):
+        system = LearnedOptimizerSystem(lopt, task, num_steps=20, max_loss=2.0,
+                                        backend=backend, meta_loss=kind)
+        state = system.init(phi, seeds)
+        terms = []
+        for k in range(3):
+            state, term = system.step(phi, state, seeds, steps + k)
+            terms.append(term)
+        out[kind] = (state, torch.stack(terms))
+    raw, logged = out["loss"][1], out["log"][1]
+    assert bool((raw <= 2.0).all())
+    torch.testing.assert_close(logged, raw.clamp_min(LOG_LOSS_FLOOR).log(), rtol=0, atol=0)
+    for a, b in zip(tree_leaves(out["loss"][0])[1], tree_leaves(out["log"][0])[1]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="meta_loss"):
+        LearnedOptimizerSystem(lopt, task, num_steps=20, meta_loss="sqrt")

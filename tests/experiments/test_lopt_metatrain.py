@@ -70,6 +70,8 @@ def test_bad_settings_name_the_field():
         cfg_for({**TINY, "optimizer": "nope"})
     with pytest.raises(Exception, match="task.kind"):
         cfg_for({**TINY, "task": {"kind": "resnet"}})
+    with pytest.raises(Exception, match="meta_loss"):
+        cfg_for({**TINY, "meta_loss": "sqrt"})
 
 
 MIXTURE = [TINY["task"], {**TINY["task"], "dataset": "mnist1d", "depth": 2,

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from metaopt.algorithms.lopt_training import (
+    META_LOSSES,
     LearnedOptimizerSystem,
     init_kwargs,
     meta_parameters,
@@ -86,6 +87,8 @@ class LoptMetaTrainConfig(ExperimentConfig):
     horizon_low: int = 100
     horizon_high: int = 1000
     max_loss: float | None = 10.0
+    #: each inner step's meta-objective term: "loss" or "log" (LearnedOptimizerSystem)
+    meta_loss: str = "loss"
     outer_lr: float = 3e-3
     warmup_steps: int = 100
     max_grad_norm: float = 3.0
@@ -103,6 +106,8 @@ class LoptMetaTrainConfig(ExperimentConfig):
         if self.optimizer not in ARCHITECTURES:
             raise ValueError(f"optimizer: unknown learned optimizer '{self.optimizer}' "
                              f"(known: {sorted(ARCHITECTURES)})")
+        if self.meta_loss not in META_LOSSES:
+            raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
         if self.backend not in ("reference", "cpu_kernels"):
             raise ValueError(f"backend must be 'reference' or 'cpu_kernels', got "
                              f"{self.backend!r}")
@@ -205,7 +210,8 @@ class LoptMetaTrain(Experiment):
         self.tasks = [build_task(spec, seed) for spec in config.task_specs]
         self.systems = [LearnedOptimizerSystem(self.lopt, task, num_steps=config.horizon_high,
                                                max_loss=config.max_loss,
-                                               backend=config.backend)
+                                               backend=config.backend,
+                                               meta_loss=config.meta_loss)
                         for task in self.tasks]
         # entry i's estimator is seeded apart from the others (entry 0: the run seed)
         self.estimators = [self._make_estimator(mix_seed(seed, 7919 * i) if i else seed)
