@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from metaopt.fileio import atomic_write_text
+
 MODES = ("plain", "second_order", "jvp", "checkpointed", "second_order_grouped", "jvp_grouped")
 
 
@@ -43,7 +45,7 @@ def _rss_mib() -> float:
 
 
 def run_mode(mode: str, batch: int, seq: int, repeats: int, cache_dir: str) -> dict:
-    from metaopt.algorithms.camels import CaMeLS, TokenWeighting
+    from metaopt.algorithms.camels import CaMeLS, TokenWeighting, group_documents
     from metaopt.algorithms.camels.hf import load_smollm2
     from metaopt.algorithms.camels.objective import weighted_lm_loss
     from metaopt.models import TinyLM, TinyLMConfig
@@ -64,9 +66,9 @@ def run_mode(mode: str, batch: int, seq: int, repeats: int, cache_dir: str) -> d
     camels = CaMeLS(base, weighting, inner_lr=5e-4, c_kl=0.1,
                     docs_per_step=batch if grouped else 1,
                     meta_gradient="jvp" if mode.startswith("jvp") else "estimator")
-    tasks = (doc, doc_mask, qa, answer, loc, torch.ones_like(loc))
-    if grouped:  # one task: (1, B, T) documents, all B·Q questions, all B locality rows
-        tasks = (doc[None], doc_mask[None], *(t.reshape(1, -1, t.shape[-1]) for t in tasks[2:]))
+    # grouped: one task, (1, B, T) documents, all B·Q questions, all B locality rows
+    tasks = group_documents((doc, doc_mask, qa, answer, loc, torch.ones_like(loc)),
+                            batch if grouped else 1)
     params = [p for p in base.parameters()]
     rss0 = _rss_mib()
 
@@ -122,10 +124,10 @@ def main() -> None:
         for r in rows:
             r["time_vs_plain"] = r["seconds"] / plain["seconds"]
             r["memory_vs_plain"] = r["peak_extra_mib"] / plain["peak_extra_mib"]
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"batch": args.batch, "seq": args.seq, "repeats": args.repeats,
-                       "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "rows": rows}, f, indent=1)
+        atomic_write_text(args.json, json.dumps(
+            {"batch": args.batch, "seq": args.seq, "repeats": args.repeats,
+             "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows},
+            indent=1) + "\n")
 
 
 if __name__ == "__main__":

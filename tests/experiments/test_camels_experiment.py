@@ -49,7 +49,7 @@ def test_docs_per_step_makes_the_meta_batch_one_minibatch_step():
     """docs_per_step = meta_batch: one task whose inner step is on all the documents;
     its meta-loss is the CaMeLS meta-loss of that grouped batch, and a group size that
     does not divide the meta-batch is refused naming the field."""
-    from metaopt.runner.experiments.camels import _group_documents
+    from metaopt.algorithms.camels import group_documents
 
     grouped = build_experiment(cfg_for({**TINY, "docs_per_step": 2}))
     assert grouped.camels.docs_per_step == 2
@@ -57,7 +57,7 @@ def test_docs_per_step_makes_the_meta_batch_one_minibatch_step():
     assert m["grad_norm"] > 0 and m["loss"] > 0
     batch = tuple(torch.randint(0, 5, shape) for shape in
                   ((4, 7), (4, 7), (4, 3, 6), (4, 3, 6), (4, 2, 5), (4, 2, 5)))
-    out = _group_documents(batch, 2)
+    out = group_documents(batch, 2)
     assert [tuple(t.shape) for t in out] == [(2, 2, 7), (2, 2, 7), (2, 6, 6), (2, 6, 6),
                                              (2, 4, 5), (2, 4, 5)]
     assert torch.equal(out[2][1, 3:], batch[2][3]) and torch.equal(out[0][1, 0], batch[0][2])

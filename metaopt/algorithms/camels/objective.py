@@ -52,8 +52,8 @@ from metaopt.bilevel.unrolled import Unrolled
 from metaopt.optim import sgd
 from metaopt.params import Params, functional_call
 
-__all__ = ["CaMeLS", "adapted_lr", "answer_nll", "locality_kl", "token_nll",
-           "weighted_lm_loss"]
+__all__ = ["CaMeLS", "adapted_lr", "answer_nll", "group_documents", "locality_kl",
+           "token_nll", "weighted_lm_loss"]
 
 #: How :class:`CaMeLS` computes dF/dφ.
 META_GRADIENTS = ("estimator", "jvp")
@@ -94,6 +94,20 @@ def locality_kl(base_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
     log_base = F.log_softmax(base_logits, -1)
     kl = (log_base.exp() * (log_base - F.log_softmax(logits, -1))).sum(-1)
     return _masked_mean(kl, mask)
+
+
+def group_documents(batch: Sequence[Tensor], group: int) -> tuple[Tensor, ...]:
+    """``meta_loss`` arguments of N one-document tasks as N / ``group`` tasks of ``group``
+    documents each (their questions and locality rows concatenated), for
+    ``CaMeLS(docs_per_step=group)``: ``doc_* (N, T) → (N/G, G, T)``, the others
+    ``(N, Q, Tq) → (N/G, G·Q, Tq)``."""
+    batch = tuple(batch)
+    if group == 1:
+        return batch
+    doc_ids, doc_mask, *rest = batch
+    n = doc_ids.shape[0] // group
+    return (doc_ids.reshape(n, group, -1), doc_mask.reshape(n, group, -1),
+            *(t.reshape(n, group * t.shape[1], t.shape[2]) for t in rest))
 
 
 def adapted_lr(names: Sequence[str], lr: float, adapt: Sequence[str] | None

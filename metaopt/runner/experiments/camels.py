@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.algorithms.camels import CaMeLS, TokenWeighting
+from metaopt.algorithms.camels import CaMeLS, TokenWeighting, group_documents
 from metaopt.algorithms.camels.metrics import f1
 from metaopt.algorithms.camels.online_eval import QASet, run_online
 from metaopt.models import TinyLM, TinyLMConfig
@@ -232,17 +232,6 @@ def encode_stream_batch(enc: EncodedDocuments, docs: list[int], questions: list[
     return doc_ids, doc_mask, qa_ids, answer_mask, lids, lmask
 
 
-def _group_documents(batch: tuple[Tensor, ...], group: int) -> tuple[Tensor, ...]:
-    """The meta-batch of one-document tasks as tasks of ``group`` documents each (their
-    questions and locality rows concatenated), for ``CaMeLS(docs_per_step=group)``."""
-    if group == 1:
-        return batch
-    doc_ids, doc_mask, *rest = batch
-    n = doc_ids.shape[0] // group
-    return (doc_ids.reshape(n, group, -1), doc_mask.reshape(n, group, -1),
-            *(t.reshape(n, group * t.shape[1], t.shape[2]) for t in rest))
-
-
 def online_metrics(camels: CaMeLS, tokenizer: TokenEncoder, enc: EncodedDocuments, weights: Tensor,
                    loc_ids: Tensor, loc_mask: Tensor, *, lr: float,
                    max_new_tokens: int = 8,
@@ -326,7 +315,7 @@ class CamelsExperiment(Experiment):
         batch = encode_stream_batch(self.pool, docs, questions, self.loc_ids, self.loc_mask,
                                     loc_rows)
         self._load_phi()
-        loss = self.camels.meta_loss(*_group_documents(batch, cfg.docs_per_step))
+        loss = self.camels.meta_loss(*group_documents(batch, cfg.docs_per_step))
         params = self.camels.outer_parameters()
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
         loss = float(loss.detach())

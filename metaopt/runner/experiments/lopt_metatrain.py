@@ -289,8 +289,7 @@ class LoptMetaTrain(Experiment):
             hgs = [est(system, self.phi, None, state) for est, system, state
                    in zip(self.estimators, self.systems, self.est_states)]
         n = len(hgs)
-        mean_grad = hgs[0].grad if n == 1 else {
-            k: sum(hg.grad[k] for hg in hgs) / n for k in hgs[0].grad}
+        mean_grad = {k: sum(hg.grad[k] for hg in hgs) / n for k in hgs[0].grad}
         norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in mean_grad.values())))
         if not math.isfinite(norm):
             raise FloatingPointError(f"lopt_metatrain: non-finite meta-gradient at outer "
