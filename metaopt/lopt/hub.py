@@ -161,6 +161,10 @@ SHIPPED: dict[str, str] = {
                           "(configs/lopt_mulo.yaml); see its metadata for the run",
     "sp-small-fc-w128": "small_fc_lopt meta-trained by PES on SP MLPs of width 128, μLO's "
                         "standard twin (configs/lopt_sp.yaml)",
+    "mulo-small-fc-w128-meanloss": "the mean-training-loss stage of mulo-small-fc-w128 "
+                                   "(configs/lopt_mulo.yaml, 3500 outer steps)",
+    "sp-small-fc-w128-meanloss": "the mean-training-loss stage of sp-small-fc-w128 "
+                                 "(configs/lopt_sp.yaml, 3500 outer steps)",
 }
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 

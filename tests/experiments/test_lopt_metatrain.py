@@ -58,7 +58,7 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", ["lopt_mulo.yaml", "lopt_sp.yaml"])
+@pytest.mark.parametrize("name", ["lopt_mulo.yaml", "lopt_sp.yaml", "lopt_mulo_logloss.yaml"])
 def test_shipped_configs_parse(name):
     cfg = load_run_config(ROOT / "configs" / name)
     assert cfg.experiment == "lopt_metatrain"
@@ -115,3 +115,30 @@ def test_a_mixture_refuses_what_it_cannot_do():
         cfg_for({**TINY, "task": []})
     with pytest.raises(Exception, match="single task"):
         cfg_for({**TINY, "task": MIXTURE, "max_staleness": 1})
+
+
+def test_init_from_starts_at_a_trained_optimizers_meta_parameters(tmp_path):
+    """settings.init_from: φ starts at the saved optimizer's meta-parameters (not the
+    seeded initialisation) and meta-training moves on from there; a different
+    architecture or constructor config is refused, naming the field."""
+    from metaopt.lopt import ARCHITECTURES, save_checkpoint
+
+    torch.manual_seed(77)
+    trained = ARCHITECTURES["mulo_small_fc"]()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_checkpoint(trained, tmp_path / "start")
+    exp = build_experiment(cfg_for({**TINY, "init_from": str(tmp_path / "start")}))
+    fresh = build_experiment(cfg_for(TINY))
+    saved = dict(trained.named_parameters())
+    assert all(torch.equal(exp.phi[k], saved[k].detach()) for k in exp.phi)
+    assert any(not torch.equal(exp.phi[k], fresh.phi[k]) for k in exp.phi)
+    exp.meta_step(1)
+    assert any(not torch.equal(exp.phi[k], saved[k].detach()) for k in exp.phi)
+    with pytest.raises(Exception, match="init_from"):
+        build_experiment(cfg_for({**TINY, "init_from": str(tmp_path / "start"),
+                                  "optimizer_options": {"step_mult": 0.002}}))
+    with pytest.raises(Exception, match="init_from"):
+        build_experiment(cfg_for({**TINY, "init_from": str(tmp_path / "start"),
+                                  "optimizer": "small_fc_lopt"}))

@@ -76,6 +76,11 @@ class LoptMetaTrainConfig(ExperimentConfig):
 
     optimizer: str = "mulo_small_fc"
     optimizer_options: dict[str, Any] = field(default_factory=dict)
+    #: start φ from a trained optimizer (a registered name such as
+    #: ``mulo-small-fc-w128`` or a native checkpoint directory) instead of the seeded
+    #: initialisation: fine-tuning, e.g. under another ``meta_loss``. Its architecture
+    #: and constructor config must equal ``optimizer`` / ``optimizer_options``.
+    init_from: str | None = None
     #: one task section, or a list of them (a mixture; see the module docstring)
     task: dict[str, Any] | list[dict[str, Any]] = field(default_factory=lambda: {
         "kind": "mlp", "param": "mup", "width": 128, "depth": 2, "activation": "relu",
@@ -207,6 +212,8 @@ class LoptMetaTrain(Experiment):
         self.device, self.seed = device, seed
         torch.manual_seed(seed)  # the optimizer's meta-parameter initialisation
         self.lopt = ARCHITECTURES[config.optimizer](**config.optimizer_options)
+        if config.init_from is not None:
+            self._load_initial_meta_parameters(config.init_from)
         self.tasks = [build_task(spec, seed) for spec in config.task_specs]
         self.systems = [LearnedOptimizerSystem(self.lopt, task, num_steps=config.horizon_high,
                                                max_loss=config.max_loss,
@@ -225,6 +232,17 @@ class LoptMetaTrain(Experiment):
         self.pool: PESPool | None = None
         if config.max_staleness > 0:  # the stale schedule, in this process
             self._start_pool(LocalExecutor(1), [])
+
+    def _load_initial_meta_parameters(self, source: str) -> None:
+        from metaopt.lopt import load_checkpoint
+
+        start = load_checkpoint(source)
+        if start.architecture != self.config.optimizer or start.config() != self.lopt.config():
+            raise ConfigError(
+                f"settings.init_from: '{source}' is a {start.architecture} with config "
+                f"{start.config()}, but optimizer/optimizer_options build a "
+                f"{self.config.optimizer} with config {self.lopt.config()}")
+        self.lopt.load_state_dict(start.state_dict(), strict=True)
 
     def _make_estimator(self, seed: int) -> PES | ES | TruncatedBPTT:
         cfg = self.config
