@@ -58,7 +58,8 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", ["lopt_mulo.yaml", "lopt_sp.yaml", "lopt_mulo_logloss.yaml"])
+@pytest.mark.parametrize("name", ["lopt_mulo.yaml", "lopt_sp.yaml", "lopt_mulo_logloss.yaml",
+                                  "lopt_sp_logloss.yaml"])
 def test_shipped_configs_parse(name):
     cfg = load_run_config(ROOT / "configs" / name)
     assert cfg.experiment == "lopt_metatrain"
