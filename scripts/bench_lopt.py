@@ -14,6 +14,10 @@ every optimizer sees the same batches):
 * each optimizer under test: a ``torch.optim`` factory, a learned optimizer (object,
   registered/published name via :func:`metaopt.lopt.hub.pretrained`, or a checkpoint path).
   μLO architectures (``mulo_*``) get the task's ``mup_scales``.
+* with ``--tune-lopt-lr`` (``tune_lopt_lr=True``), each learned optimizer also gets a row
+  ``NAME@tuned``: its step multiplier (the shell's ``lr``, 1.0 = as meta-trained) tuned
+  per task on :data:`LOPT_LR_GRID` by the same rule as AdamW's learning rate — the
+  comparison with tuned AdamW at an equal per-task tuning budget in kind.
 
 Reported per task and optimizer: ``final_loss`` (mean training loss of the last 10 % of
 steps), ``mean_loss`` (over all steps), ``test_metric`` (the task's metric — accuracy —
@@ -45,6 +49,9 @@ __all__ = ["LR_GRID", "evaluate", "plot_curves", "run_optimizer", "smoothed", "s
 #: AdamW learning-rate grid: 14 points log-spaced over [1e-5, 1].
 LR_GRID = tuple(float(v) for v in np.logspace(-5, 0, 14))
 
+#: Step-multiplier grid of a tuned learned optimizer: 2^(k/2), k = -7..2 (0.088 … 2.0).
+LOPT_LR_GRID = tuple(2.0 ** (k / 2) for k in range(-7, 3))
+
 OptSpec = Callable[[list[torch.Tensor]], torch.optim.Optimizer] | LearnedOptimizer | str
 
 
@@ -67,9 +74,11 @@ def _resolve(spec: OptSpec) -> OptSpec:
     return spec
 
 
-def run_optimizer(task: LoptTask, spec: OptSpec, steps: int, seed: int) -> dict[str, Any]:
+def run_optimizer(task: LoptTask, spec: OptSpec, steps: int, seed: int, *,
+                  lopt_lr: float = 1.0) -> dict[str, Any]:
     """Train ``task`` for ``steps`` with ``spec``; per-step training losses and the final
-    test metric. A non-finite loss stops the run (``diverged: true``; later losses inf)."""
+    test metric. A non-finite loss stops the run (``diverged: true``; later losses inf).
+    ``lopt_lr``: a learned optimizer's step multiplier (the shell's ``lr``)."""
     opt_spec = _resolve(spec)
     gen = torch.Generator().manual_seed(seed)
     init = task.init_params(gen)
@@ -79,7 +88,7 @@ def run_optimizer(task: LoptTask, spec: OptSpec, steps: int, seed: int) -> dict[
         kw = {}
         if opt_spec.architecture.startswith("mulo_") and task.mup_scales is not None:
             kw["mup_scales"] = [task.mup_scales[k] for k in names]
-        opt = opt_spec.optimizer(tensors, steps, **kw)
+        opt = opt_spec.optimizer(tensors, steps, lr=lopt_lr, **kw)
     else:
         opt = opt_spec(tensors)
     data_gen = torch.Generator().manual_seed(seed + 7919)
@@ -147,7 +156,8 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate(optimizers: Mapping[str, OptSpec], tasks: Sequence[LoptTask], *, steps: int,
-             seeds: Sequence[int] = (0, 1, 2), lr_grid: Sequence[float] = LR_GRID
+             seeds: Sequence[int] = (0, 1, 2), lr_grid: Sequence[float] = LR_GRID,
+             tune_lopt_lr: bool = False, lopt_lr_grid: Sequence[float] = LOPT_LR_GRID
              ) -> dict[str, Any]:
     """Run the protocol (module docstring) and return a JSON-able result dict."""
     out: dict[str, Any] = {"steps": steps, "seeds": list(seeds), "lr_grid": list(lr_grid),
@@ -163,6 +173,14 @@ def evaluate(optimizers: Mapping[str, OptSpec], tasks: Sequence[LoptTask], *, st
                                            for s in seeds])}
         for name, spec in optimizers.items():
             rows[name] = _summary([run_optimizer(task, spec, steps, s) for s in seeds])
+            resolved = _resolve(spec)
+            if tune_lopt_lr and isinstance(resolved, LearnedOptimizer):
+                by_lr = {lr: _summary([run_optimizer(task, resolved, steps, s, lopt_lr=lr)
+                                       for s in seeds]) for lr in lopt_lr_grid}
+                best = min(by_lr, key=lambda lr: by_lr[lr]["final_loss"])
+                rows[f"{name}@tuned"] = {**by_lr[best], "lr": best,
+                                         "grid_final_loss": {str(k): v["final_loss"]
+                                                             for k, v in by_lr.items()}}
         for row in rows.values():
             sp = speedup(tuned["curve"], row["final_loss"], steps)
             row["speedup"], row["reached"] = sp, sp is not None
@@ -206,17 +224,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/bench_lopt")
+    ap.add_argument("--tune-lopt-lr", action="store_true",
+                    help="also tune each learned optimizer's step multiplier per task")
     args = ap.parse_args(argv)
     tasks = heldout_suite(args.suite, widths=args.widths)
-    results = evaluate({o: o for o in args.opt}, tasks, steps=args.steps, seeds=args.seeds)
+    results = evaluate({o: o for o in args.opt}, tasks, steps=args.steps, seeds=args.seeds,
+                       tune_lopt_lr=args.tune_lopt_lr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     plot_curves(results, out)
     for name, entry in results["tasks"].items():
         for opt, row in entry["optimizers"].items():
+            lr = f" lr {row['lr']:.3g}" if "lr" in row else ""
             print(f"{name:<44} {opt:<16} final {row['final_loss']:.4f} "
-                  f"test {row['test_metric']:.3f} speedup {row['speedup']}")
+                  f"test {row['test_metric']:.3f} speedup {row['speedup']}{lr}")
     return 0
 
 

@@ -80,3 +80,18 @@ def test_mulo_gets_task_mup_scales(bench):
     task = mlp_task("mup", 256, 2, "relu", "digits")
     run = bench.run_optimizer(task, MuSmallFC(), 3, seed=0)
     assert not run["diverged"] and all(math.isfinite(v) for v in run["losses"])
+
+
+def test_tuned_learned_optimizer_row(bench):
+    """--tune-lopt-lr: NAME@tuned is the best of the step-multiplier grid; its lr 1.0 entry
+    is the untuned row (same batches), and another multiplier gives another run."""
+    task = mlp_task("mup", 16, 1, "relu", "digits")
+    res = bench.evaluate({"small_fc": SmallFCLOpt()}, [task], steps=12, seeds=(0, 1),
+                         lr_grid=(1e-2,), tune_lopt_lr=True, lopt_lr_grid=(0.5, 1.0, 2.0))
+    rows = res["tasks"][task.name]["optimizers"]
+    tuned, grid = rows["small_fc@tuned"], rows["small_fc@tuned"]["grid_final_loss"]
+    assert set(grid) == {"0.5", "1.0", "2.0"}
+    assert tuned["final_loss"] == min(grid.values()) == grid[str(tuned["lr"])]
+    assert grid["1.0"] == rows["small_fc"]["final_loss"]
+    assert len(set(grid.values())) == 3
+    assert bench.LOPT_LR_GRID[7] == 1.0 and len(bench.LOPT_LR_GRID) == 10
