@@ -332,6 +332,11 @@ class LoptMetaTrain(Experiment):
         return out
 
     def evaluate(self, split: str) -> Metrics:
+        return self.evaluate_optimizer(self.trained_optimizer(), split)
+
+    def evaluate_optimizer(self, lopt: LearnedOptimizer, split: str) -> Metrics:
+        """:meth:`evaluate` of any learned optimizer (e.g. a step-rescaled copy of the
+        trained one) on this run's evaluation tasks."""
         if split not in self.splits:
             raise ValueError(f"lopt_metatrain has splits {self.splits}, not '{split}'")
         from tasks.lopt_tasks import heldout_suite
@@ -341,8 +346,7 @@ class LoptMetaTrain(Experiment):
             start = 0 if split == "val" else self.config.eval_tasks
             chosen = suite[start:start + self.config.eval_tasks] or suite[:self.config.eval_tasks]
             self._eval_tasks[split] = chosen
-        return evaluate_lopt(self.trained_optimizer(), self._eval_tasks[split],
-                             self.config.eval_steps)
+        return evaluate_lopt(lopt, self._eval_tasks[split], self.config.eval_steps)
 
     def state_dict(self) -> StateDict:
         if self.pool is not None:

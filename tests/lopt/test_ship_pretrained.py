@@ -1,0 +1,67 @@
+"""scripts/ship_pretrained.py: a run directory → a native checkpoint with provenance,
+optionally with its step scale calibrated on the run's training tasks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaopt.lopt import load_checkpoint
+from metaopt.runner.config import parse_run_config
+from metaopt.runner.loop import train
+from metaopt.runner.rundir import create_run_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+TASK = {"kind": "mlp", "param": "mup", "width": 16, "depth": 1, "dataset": "digits",
+        "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def ship():
+    spec = importlib.util.spec_from_file_location("ship_pretrained",
+                                                  ROOT / "scripts" / "ship_pretrained.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    cfg = parse_run_config({
+        "experiment": "lopt_metatrain", "seed": 2, "steps": 2, "checkpoint_every": 1,
+        "eval_every": 2,
+        "settings": {"task": TASK, "num_tasks": 2, "truncation": 3, "horizon_low": 4,
+                     "horizon_high": 6, "meta_loss": "log", "eval_steps": 4,
+                     "eval_tasks": 1, "eval_widths": [16]}})
+    run = create_run_dir(tmp_path_factory.mktemp("run") / "r", cfg, ["pytest"])
+    train(cfg, run, progress=False)
+    return run
+
+
+def test_ships_a_chosen_step_with_provenance(ship, run_dir, tmp_path):
+    ship.main([str(run_dir), "plain", "--out", str(tmp_path), "--step", "1"])
+    meta = json.loads((tmp_path / "plain" / "lopt.json").read_text())["metadata"]
+    assert meta["outer_steps"] == 1 and meta["config"]["settings"]["meta_loss"] == "log"
+    assert "step_scale_calibration" not in meta
+    with pytest.raises(SystemExit, match="step 7"):
+        ship.main([str(run_dir), "x", "--out", str(tmp_path), "--step", "7"])
+
+
+def test_calibrated_step_is_folded_into_step_mult(ship, run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ship, "STEP_GRID", (0.5, 1.0, 40.0))
+    ship.main([str(run_dir), "plain", "--out", str(tmp_path)])
+    ship.main([str(run_dir), "cal", "--out", str(tmp_path), "--calibrate-step"])
+    plain, cal = load_checkpoint(tmp_path / "plain"), load_checkpoint(tmp_path / "cal")
+    meta = json.loads((tmp_path / "cal" / "lopt.json").read_text())["metadata"]
+    info = meta["step_scale_calibration"]
+    objective = {float(k): v for k, v in info["objective"].items()}
+    assert set(objective) == {0.5, 1.0, 40.0} and info["meta_loss"] == "log"
+    assert info["scale"] == min(objective, key=objective.get)
+    assert cal.config()["step_mult"] == pytest.approx(plain.config()["step_mult"]
+                                                      * info["scale"])
+    for (k, a), (_, b) in zip(plain.state_dict().items(), cal.state_dict().items()):
+        assert torch.equal(a, b), k
