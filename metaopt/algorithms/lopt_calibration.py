@@ -2,26 +2,30 @@
 
 PES moves all of φ through noisy loss differences. One direction in φ is the overall
 size of the learned step, and the estimates point along it only weakly. A small_fc
-optimizer fine-tuned on the log-loss objective still did better on held-out tasks at
-0.5–0.7× its step. This module searches that one scalar directly, on the same
-meta-objective.
+optimizer fine-tuned on the log-loss objective still did better at 0.5–0.7× its step.
+This module searches that one scalar directly.
 
-:func:`step_scale_objective` is the meta-objective the truncated estimators optimise,
-evaluated without perturbations: each task's rows run one episode of
-``schedule.high`` steps through :class:`LearnedOptimizerSystem` (the meta-training
-system, so its ``meta_loss`` and ``max_loss`` apply). The optimizer gets the same
-horizon argument as in meta-training, and row batches depend only on (row seed, step),
-so an episode of length h is exactly the first h steps of this one. Step t then enters
-the objective with weight P(h > t) under the schedule. That is the share of truncated
-meta-training's steps that sit at position t: t < low always counts, and after that
-log(high / t) / log(high / low) for the log-uniform schedule. The value is the weighted
-mean of the per-step terms, averaged over rows and then over the tasks (a mixture's
-meta-gradient is the mean of its entries').
+:func:`step_scale_objective` runs ``lopt`` unperturbed through the meta-training system,
+:class:`LearnedOptimizerSystem`, so its ``meta_loss`` and ``max_loss`` apply. Each
+task's rows run one episode of ``len(weights)`` steps. Row batches depend only on (row
+seed, step), so a shorter episode is exactly a prefix of this one. The value is the
+weighted mean of the per-step terms, averaged over rows and then over the tasks (a
+mixture's meta-gradient is the mean of its entries'). Two weightings:
 
-:func:`calibrate_step_scale` evaluates it on a grid of step multipliers (the rows
-follow the same seeds at every scale) and keeps the best. :func:`rescale_step` folds
-the chosen scale into the architecture's ``step_mult``. A tensor's step is linear in
-``step_mult``, so the result equals the torch.optim shell at ``lr = scale``.
+* :func:`schedule_step_weights` — the meta-objective the truncated estimators optimise.
+  Step t counts with P(h > t) under the episode-length schedule, which is the share of
+  truncated meta-training's steps that sit at position t: every t < low, then
+  log(high / t) / log(high / low) for the log-uniform schedule.
+* :func:`final_window_weights` — the mean term over the last 10 % of an H-step run: with
+  ``meta_loss="log"``, the log of the final training loss that ``scripts/bench_lopt.py``
+  reports. Averaged over tasks, that is the log of the geometric mean of the final losses,
+  so it ranks optimizers the way per-task loss ratios do.
+
+:func:`calibrate_step_scale` evaluates the objective on a grid of step multipliers (the
+rows follow the same seeds at every scale) and keeps the best. :func:`rescale_step`
+folds the chosen scale into the architecture's ``step_mult``. For small_fc, μLO and
+VeLO a tensor's step is linear in ``step_mult``, so the result equals the torch.optim
+shell at ``lr = scale``.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from metaopt.algorithms.lopt_training import LearnedOptimizerSystem, meta_parame
 from metaopt.bilevel.truncation import LogUniformLength, mix_seed
 from metaopt.lopt import ARCHITECTURES, LearnedOptimizer
 
-__all__ = ["StepScaleCalibration", "calibrate_step_scale", "rescale_step",
-           "schedule_step_weights", "step_scale_objective"]
+__all__ = ["StepScaleCalibration", "calibrate_step_scale", "final_window_weights",
+           "rescale_step", "schedule_step_weights", "step_scale_objective"]
 
 
 def schedule_step_weights(schedule: LogUniformLength) -> Tensor:
@@ -50,6 +54,15 @@ def schedule_step_weights(schedule: LogUniformLength) -> Tensor:
         return torch.ones_like(t)
     tail = torch.log(hi / t.clamp_min(lo)) / math.log(hi / lo)
     return torch.where(t < lo, torch.ones_like(t), tail)
+
+
+def final_window_weights(horizon: int, fraction: float = 0.1) -> Tensor:
+    """Weight 1 on the last ``fraction`` of ``horizon`` steps (at least one), else 0."""
+    if horizon < 1 or not 0 < fraction <= 1:
+        raise ValueError(f"need horizon >= 1 and 0 < fraction <= 1, got {horizon}, {fraction}")
+    w = torch.zeros(int(horizon), dtype=torch.float64)
+    w[int(horizon) - max(1, int(horizon * fraction)):] = 1.0
+    return w
 
 
 def rescale_step(lopt: LearnedOptimizer, scale: float) -> LearnedOptimizer:
@@ -68,29 +81,35 @@ def rescale_step(lopt: LearnedOptimizer, scale: float) -> LearnedOptimizer:
 
 
 @torch.no_grad()
-def step_scale_objective(lopt: LearnedOptimizer, tasks: Sequence[Any], *,
-                         schedule: LogUniformLength, rows: int = 4, seed: int = 0,
+def step_scale_objective(lopt: LearnedOptimizer, tasks: Sequence[Any], *, weights: Tensor,
+                         num_steps: int | None = None, rows: int = 4, seed: int = 0,
                          meta_loss: str = "log", max_loss: float | None = 10.0,
                          backend: str = "reference") -> dict[str, Any]:
-    """The meta-objective of ``lopt`` (unperturbed) on ``tasks`` (module docstring).
+    """The weighted mean per-step term of ``lopt`` (unperturbed) on ``tasks``.
 
+    ``weights``: one per step of the episode (:func:`schedule_step_weights`,
+    :func:`final_window_weights`); ``num_steps``: the horizon ``lopt.init`` is told
+    (default ``len(weights)``; meta-training tells it the schedule's longest episode).
     Returns ``{"objective": float, "per_task": [float, ...]}``. Row r of task i is
     seeded ``mix_seed(seed, i, r)``, so two optimizers meet the same task instances.
     """
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
-    weights = schedule_step_weights(schedule)
+    if weights.dim() != 1 or len(weights) == 0 or not bool((weights >= 0).all()) \
+            or not float(weights.sum()) > 0:
+        raise ValueError("weights must be a non-empty 1-D tensor, >= 0, not all zero")
+    steps = len(weights)
     phi = meta_parameters(lopt)
     per_task = []
     for i, task in enumerate(tasks):
-        system = LearnedOptimizerSystem(lopt, task, num_steps=schedule.high,
+        system = LearnedOptimizerSystem(lopt, task, num_steps=num_steps or steps,
                                         max_loss=max_loss, backend=backend,
                                         meta_loss=meta_loss)
         seeds = torch.tensor([mix_seed(seed, i, r) for r in range(rows)], dtype=torch.long)
         phi_rows = {k: v.expand(rows, *v.shape).clone() for k, v in phi.items()}
         state = system.init(phi_rows, seeds)
         total = 0.0
-        for t in range(int(schedule.high)):
+        for t in range(steps):
             state, term = system.step(phi_rows, state, seeds,
                                       torch.full((rows,), t, dtype=torch.long))
             if not bool(torch.isfinite(term).all()):

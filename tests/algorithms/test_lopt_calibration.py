@@ -11,6 +11,7 @@ import torch
 
 from metaopt.algorithms.lopt_calibration import (
     calibrate_step_scale,
+    final_window_weights,
     rescale_step,
     schedule_step_weights,
     step_scale_objective,
@@ -70,17 +71,16 @@ def test_rescaled_step_equals_the_shell_lr(cls):
         rescale_step(lopt, -1.0)
 
 
-def _direct_objective(lopt, tasks, sched, rows, seed, max_loss):
+def _direct_objective(lopt, tasks, w, num_steps, rows, seed, max_loss):
     """The same objective from the pure per-row update, one row at a time."""
-    w = schedule_step_weights(sched)
     per_task = []
     for i, task in enumerate(tasks):
         acc = 0.0
         for r in range(rows):
             s = mix_seed(seed, i, r)
             theta = task.init_params(torch.Generator().manual_seed(s))
-            state = lopt.init(theta, sched.high, **init_kwargs(lopt, task))
-            for t in range(sched.high):
+            state = lopt.init(theta, num_steps, **init_kwargs(lopt, task))
+            for t in range(len(w)):
                 batch = task.sample_batch(torch.Generator().manual_seed(mix_seed(s, 5, t)),
                                           "train")
                 th = {k: v.detach().requires_grad_() for k, v in theta.items()}
@@ -96,15 +96,22 @@ def test_objective_matches_a_direct_loop_and_the_grid_keeps_the_best():
     lopt = _perturbed(MuSmallFC(), seed=3)
     tasks = [mlp_task("mup", 16, 1, "relu", "digits", seed=1),
              mlp_task("mup", 16, 1, "gelu", "mnist1d", seed=2)]
-    sched = LogUniformLength(3, 8)
-    out = step_scale_objective(lopt, tasks, schedule=sched, rows=2, seed=5, max_loss=10.0)
-    ref = _direct_objective(lopt, tasks, sched, 2, 5, 10.0)
+    w = schedule_step_weights(LogUniformLength(3, 8))
+    out = step_scale_objective(lopt, tasks, weights=w, rows=2, seed=5, max_loss=10.0)
+    ref = _direct_objective(lopt, tasks, w, 8, 2, 5, 10.0)
     assert out["per_task"] == pytest.approx(ref, rel=1e-5)
     assert out["objective"] == pytest.approx(sum(ref) / 2, rel=1e-5)
-    cal = calibrate_step_scale(lopt, tasks, [0.5, 1.0, 30.0], schedule=sched, rows=2, seed=5)
+    final = final_window_weights(20)
+    assert final.tolist() == [0.0] * 18 + [1.0] * 2
+    out20 = step_scale_objective(lopt, tasks[:1], weights=final, num_steps=50, rows=2, seed=5)
+    assert out20["per_task"] == pytest.approx(
+        _direct_objective(lopt, tasks[:1], final, 50, 2, 5, 10.0), rel=1e-5)
+    with pytest.raises(ValueError, match="weights"):
+        step_scale_objective(lopt, tasks, weights=torch.zeros(4))
+    cal = calibrate_step_scale(lopt, tasks, [0.5, 1.0, 30.0], weights=w, rows=2, seed=5)
     assert cal.objective[1.0] == pytest.approx(out["objective"], rel=1e-6)
     assert cal.scale == min(cal.objective, key=cal.objective.get)
     assert len(set(cal.objective.values())) == 3
     assert set(cal.as_dict()["objective"]) == {"0.5", "1.0", "30.0"}
     with pytest.raises(ValueError, match="empty"):
-        calibrate_step_scale(lopt, tasks, [], schedule=sched)
+        calibrate_step_scale(lopt, tasks, [], weights=w)
