@@ -92,6 +92,23 @@ def _direct_objective(lopt, tasks, w, num_steps, rows, seed, max_loss):
     return per_task
 
 
+def _direct_mean_loss(lopt, task, w, num_steps, rows, seed):
+    """The weighted mean raw training loss over rows (task index 0), by the pure update."""
+    acc = 0.0
+    for r in range(rows):
+        s = mix_seed(seed, 0, r)
+        theta = task.init_params(torch.Generator().manual_seed(s))
+        state = lopt.init(theta, num_steps, **init_kwargs(lopt, task))
+        for t in range(len(w)):
+            batch = task.sample_batch(torch.Generator().manual_seed(mix_seed(s, 5, t)), "train")
+            th = {k: v.detach().requires_grad_() for k, v in theta.items()}
+            loss = task.loss(th, batch)
+            g = dict(zip(th, torch.autograd.grad(loss, list(th.values()))))
+            theta, state = lopt.update(g, state, theta, loss=loss.detach())
+            acc += float(w[t]) * min(float(loss.detach()), 10.0) / rows
+    return acc / float(w.sum())
+
+
 def test_objective_matches_a_direct_loop_and_the_grid_keeps_the_best():
     lopt = _perturbed(MuSmallFC(), seed=3)
     tasks = [mlp_task("mup", 16, 1, "relu", "digits", seed=1),
@@ -106,6 +123,10 @@ def test_objective_matches_a_direct_loop_and_the_grid_keeps_the_best():
     out20 = step_scale_objective(lopt, tasks[:1], weights=final, num_steps=50, rows=2, seed=5)
     assert out20["per_task"] == pytest.approx(
         _direct_objective(lopt, tasks[:1], final, 50, 2, 5, 10.0), rel=1e-5)
+    raw = step_scale_objective(lopt, tasks[:1], weights=final, num_steps=50, rows=2, seed=5,
+                               meta_loss="loss", per_task_log=True)
+    assert raw["per_task"] == pytest.approx(
+        [math.log(_direct_mean_loss(lopt, tasks[0], final, 50, 2, 5))], rel=1e-5)
     with pytest.raises(ValueError, match="weights"):
         step_scale_objective(lopt, tasks, weights=torch.zeros(4))
     cal = calibrate_step_scale(lopt, tasks, [0.5, 1.0, 30.0], weights=w, rows=2, seed=5)
