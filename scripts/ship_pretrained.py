@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--select-step", action="store_true",
                     help="with --calibrate-step: ship the checkpoint whose calibrated "
                          "objective is lowest")
-    args = ap.parse_args(argv)
+    raw_args = list(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_args(raw_args)
     if args.select_step and (args.calibrate_step is None or args.step is not None):
         raise SystemExit("--select-step needs --calibrate-step and no --step")
     run = Path(args.run_dir)
@@ -135,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
                 "command": " ".join(env.get("command", [])), "config": to_dict(cfg),
                 "seed": cfg.seed, "commit": env.get("git", {}).get("commit"),
                 "outer_steps": step, "heldout_eval": evaluation,
-                "torch": env.get("torch"), **extra}
+                "torch": env.get("torch"),
+                "ship_command": " ".join(["python scripts/ship_pretrained.py", *raw_args]),
+                **extra}
     path = save_checkpoint(lopt, Path(args.out) / args.name, metadata=metadata)
     print(f"wrote {path} (outer step {step}; held-out {evaluation})")
 
