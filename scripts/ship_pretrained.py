@@ -43,7 +43,7 @@ from metaopt.runner.checkpoint import latest_checkpoint
 from metaopt.runner.config import to_dict
 from metaopt.runner.experiments.lopt_metatrain import build_task
 from metaopt.runner.loop import build_experiment, load_into
-from metaopt.runner.rundir import load_run_dir_config
+from metaopt.runner.rundir import git_info, load_run_dir_config
 
 #: Step multipliers tried by ``--calibrate-step``: 2^(k/4), k = -6 … 1 (0.35 … 1.19).
 STEP_GRID = tuple(2.0 ** (k / 4) for k in range(-6, 2))
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                 "outer_steps": step, "heldout_eval": evaluation,
                 "torch": env.get("torch"),
                 "ship_command": " ".join(["python scripts/ship_pretrained.py", *raw_args]),
+                "ship_git": git_info(Path(__file__).resolve().parent),
                 **extra}
     path = save_checkpoint(lopt, Path(args.out) / args.name, metadata=metadata)
     print(f"wrote {path} (outer step {step}; held-out {evaluation})")

@@ -216,7 +216,7 @@ def environment_info(device: str, argv: Sequence[str]) -> dict[str, Any]:
         "device": device,
         "device_name": _device_name(device),
         "torch_threads": torch.get_num_threads(),
-        "git": _git_info(Path(metaopt.__file__).resolve().parent),
+        "git": git_info(Path(metaopt.__file__).resolve().parent),
     }
     return info
 
@@ -227,7 +227,8 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_info(where: Path) -> dict[str, Any]:
+def git_info(where: Path) -> dict[str, Any]:
+    """The commit checked out at ``where`` and whether tracked files differ from it."""
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True,

@@ -48,6 +48,7 @@ def test_ships_a_chosen_step_with_provenance(ship, run_dir, tmp_path):
     assert meta["outer_steps"] == 1 and meta["config"]["settings"]["meta_loss"] == "log"
     assert "step_scale_calibration" not in meta
     assert meta["ship_command"].endswith(f"plain --out {tmp_path} --step 1")
+    assert "commit" in meta["ship_git"]
     with pytest.raises(SystemExit, match="step 7"):
         ship.main([str(run_dir), "x", "--out", str(tmp_path), "--step", "7"])
 
