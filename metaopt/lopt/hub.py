@@ -157,10 +157,13 @@ def pretrained(name: str, *, cache_dir: str | os.PathLike | None = None,
 #: checkpoints under ``metaopt/lopt/pretrained/<name>``; provenance — command, config,
 #: seed, commit — in each one's metadata; written by ``scripts/ship_pretrained.py``).
 SHIPPED: dict[str, str] = {
-    "mulo-small-fc-w128": "μLO (mulo_small_fc) meta-trained by PES on μP MLPs of width 128 "
-                          "(configs/lopt_mulo.yaml); see its metadata for the run",
+    "mulo-small-fc-w128": "μLO (mulo_small_fc) meta-trained by PES on μP MLPs of width 128: "
+                          "configs/lopt_mulo.yaml, then the log-loss fine-tune "
+                          "configs/lopt_mulo_logloss.yaml, checkpoint and step scale chosen "
+                          "on training tasks; see its metadata",
     "sp-small-fc-w128": "small_fc_lopt meta-trained by PES on SP MLPs of width 128, μLO's "
-                        "standard twin (configs/lopt_sp.yaml)",
+                        "standard twin (configs/lopt_sp.yaml, then "
+                        "configs/lopt_sp_logloss.yaml, as μLO)",
     "mulo-small-fc-w128-meanloss": "the mean-training-loss stage of mulo-small-fc-w128 "
                                    "(configs/lopt_mulo.yaml, 3500 outer steps)",
     "sp-small-fc-w128-meanloss": "the mean-training-loss stage of sp-small-fc-w128 "
