@@ -20,8 +20,9 @@ every optimizer sees the same batches):
   comparison with tuned AdamW at an equal per-task tuning budget in kind.
 
 Reported per task and optimizer: ``final_loss`` (mean training loss of the last 10 % of
-steps), ``mean_loss`` (over all steps), ``test_metric`` (the task's metric — accuracy —
-on 4 test batches at the end) and ``speedup`` = (steps tuned AdamW needs until its
+steps), ``final_median_loss`` (its median there: loss spikes move the mean, not this),
+``mean_loss`` (over all steps), ``test_metric`` (the task's metric — accuracy — on 4
+test batches at the end) and ``speedup`` = (steps tuned AdamW needs until its
 training-loss curve, smoothed the same way, first reaches the optimizer's final loss) /
 (steps run); ``None`` with ``reached: false`` when tuned AdamW never reaches it (the
 speed-up is then above 1). JSON (``results.json``) and a loss-curve plot per task.
@@ -149,7 +150,10 @@ def speedup(reference_losses: Sequence[float], target: float, steps: int) -> flo
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     finals = [final_loss(r["losses"]) for r in runs]
     curve = np.mean([r["losses"] for r in runs], 0)
+    medians = [float(np.median(np.asarray(r["losses"])[-max(1, len(r["losses"]) // 10):]))
+               for r in runs]
     return {"final_loss": float(np.mean(finals)), "final_loss_per_seed": finals,
+            "final_median_loss": float(np.mean(medians)),
             "mean_loss": float(np.mean([np.mean(r["losses"]) for r in runs])),
             "test_metric": float(np.mean([r["test_metric"] for r in runs])),
             "diverged": sum(r["diverged"] for r in runs), "curve": curve.tolist()}

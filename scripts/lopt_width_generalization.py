@@ -48,10 +48,12 @@ def main() -> None:
                     for s in args.seeds]
             losses = [r["final_loss"] for r in runs]
             mean = sum(losses) / len(losses)
+            median = sum(r["final_median_loss"] for r in runs) / len(runs)
             rows.append({"optimizer": label, "width": width, "final_loss": mean,
+                         "final_median_loss": median,
                          "diverged": sum(not math.isfinite(v) for v in losses),
                          "test_metric": sum(r["test_metric"] for r in runs) / len(runs)})
-            print(f"{label:<8} width {width:>5}  final loss {mean:.4f}  "
+            print(f"{label:<8} width {width:>5}  final loss {mean:.4f}  median {median:.2e}  "
                   f"test metric {rows[-1]['test_metric']:.3f}  diverged "
                   f"{rows[-1]['diverged']}/{len(losses)}", flush=True)
     if args.json:

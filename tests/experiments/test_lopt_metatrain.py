@@ -34,7 +34,8 @@ def test_steps_change_the_meta_parameters_and_evaluate(estimator):
     assert m["grad_norm"] > 0 and torch.isfinite(torch.tensor(m["loss"]))
     assert any(not torch.equal(before[k], exp.phi[k]) for k in before)
     ev = exp.evaluate("val")
-    assert set(ev) == {"final_loss", "test_metric"} and ev["final_loss"] > 0
+    assert set(ev) == {"final_loss", "final_median_loss", "test_metric"}
+    assert ev["final_loss"] > 0 and ev["final_median_loss"] > 0
 
 
 def test_interrupt_and_resume_is_bit_identical(tmp_path):

@@ -37,6 +37,10 @@ def test_speedup_counts_reference_steps(bench):
     assert bench.speedup(ref, 4.0, 10) == pytest.approx(0.7)
     assert bench.speedup(ref, 0.0, 10) is None
     assert bench.final_loss([1.0] * 18 + [3.0, 5.0]) == pytest.approx(4.0)  # last 10 %
+    runs = [{"losses": [1.0] * 27 + [2.0, 2.0, 50.0], "test_metric": 0.5, "diverged": False}]
+    summary = bench._summary(runs)  # a spike moves the mean of the last 10 %, not the median
+    assert summary["final_median_loss"] == pytest.approx(2.0)
+    assert summary["final_loss"] == pytest.approx(18.0)
 
 
 def test_same_batches_for_every_optimizer(bench):

@@ -172,11 +172,14 @@ def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: in
                   backend: str = "reference") -> dict[str, float]:
     """Train each task ``steps`` steps with ``lopt``; mean final loss and test metric.
 
-    A run that turns non-finite counts as loss ``inf`` (and metric 0). ``backend``: the
-    optimizer step's (``select_backend``; the kernels equal the reference to rounding).
+    ``final_loss`` is each task's mean training loss over the last 10 % of steps,
+    ``final_median_loss`` its median there (a few loss spikes move the mean, not the
+    median), both averaged over the tasks. A run that turns non-finite counts as loss
+    ``inf`` (and metric 0). ``backend``: the optimizer step's (``select_backend``; the
+    kernels equal the reference to rounding).
     """
     kern = select_backend(backend)
-    finals, metrics = [], []
+    finals, medians, metrics = [], [], []
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         theta = task.init_params(gen)
@@ -195,11 +198,14 @@ def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: in
             if k >= steps - max(1, steps // 10):
                 tail.append(float(loss))
         finals.append(sum(tail) / len(tail))
+        medians.append(float(torch.tensor(tail, dtype=torch.float64).median()))
         if task.metric is not None and math.isfinite(finals[-1]):
             metrics.append(float(task.metric(theta, task.sample_batch(gen, "test"))))
         else:
             metrics.append(0.0)
-    return {"final_loss": sum(finals) / len(finals), "test_metric": sum(metrics) / len(metrics)}
+    return {"final_loss": sum(finals) / len(finals),
+            "final_median_loss": sum(medians) / len(medians),
+            "test_metric": sum(metrics) / len(metrics)}
 
 
 @register_experiment("lopt_metatrain", config=LoptMetaTrainConfig)
