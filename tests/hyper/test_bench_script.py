@@ -1,20 +1,14 @@
 """The benchmark script's table and target checks (the runs themselves are slow)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.script_module import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_hypercleaning",
-                                                  ROOT / "scripts" / "bench_hypercleaning.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_hypercleaning")
 
 
 def _rec(name, acc, seed=0):

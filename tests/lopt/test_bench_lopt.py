@@ -1,25 +1,19 @@
 """The learned-optimizer evaluation harness on a tiny suite."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from metaopt.lopt import SmallFCLOpt
 from tasks.lopt_tasks import logreg_task, mlp_task
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.script_module import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lopt", ROOT / "scripts" / "bench_lopt.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_lopt")
 
 
 def test_lr_grid_is_14_log_spaced(bench):

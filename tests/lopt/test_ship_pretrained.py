@@ -3,9 +3,7 @@ optionally with its step scale calibrated on the run's training tasks."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,19 +12,15 @@ from metaopt.lopt import load_checkpoint
 from metaopt.runner.config import parse_run_config
 from metaopt.runner.loop import train
 from metaopt.runner.rundir import create_run_dir
+from tests.script_module import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 TASK = {"kind": "mlp", "param": "mup", "width": 16, "depth": 1, "dataset": "digits",
         "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
 def ship():
-    spec = importlib.util.spec_from_file_location("ship_pretrained",
-                                                  ROOT / "scripts" / "ship_pretrained.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("ship_pretrained")
 
 
 @pytest.fixture(scope="module")
