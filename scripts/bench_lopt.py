@@ -177,8 +177,8 @@ def evaluate(optimizers: Mapping[str, OptSpec], tasks: Sequence[LoptTask], *, st
                                            for s in seeds])}
         for name, spec in optimizers.items():
             rows[name] = _summary([run_optimizer(task, spec, steps, s) for s in seeds])
-            resolved = _resolve(spec)
-            if tune_lopt_lr and isinstance(resolved, LearnedOptimizer):
+            resolved = _resolve(spec) if tune_lopt_lr else None
+            if isinstance(resolved, LearnedOptimizer):
                 by_lr = {lr: _summary([run_optimizer(task, resolved, steps, s, lopt_lr=lr)
                                        for s in seeds]) for lr in lopt_lr_grid}
                 best = min(by_lr, key=lambda lr: by_lr[lr]["final_loss"])

@@ -1,7 +1,7 @@
 """Package a meta-trained learned optimizer from a run directory, with its provenance.
 
     python scripts/ship_pretrained.py RUN_DIR NAME [--out metaopt/lopt/pretrained]
-        [--step N] [--calibrate-step]
+        [--step N] [--calibrate-step meta|final [--horizon H] [--select-step]]
 
 Reads the run's config and latest checkpoint (``--step N``: the step-N one) of a
 ``metaopt train`` run directory (e.g. ``out/lopt_mulo``), rebuilds the ``lopt_metatrain``
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     env = json.loads((run / "env.json").read_text(encoding="utf-8"))
     if args.select_step:
         candidates = sorted((run / "checkpoints").glob("step_*"))
+        if not candidates:
+            raise SystemExit(f"{run}: no checkpoint under {run / 'checkpoints'}")
     else:
         candidates = [_checkpoint(run, args.step)]
     extra: dict[str, Any] = {}
