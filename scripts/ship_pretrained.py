@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> None:
         results = {}
         for ckpt in candidates:
             at = load_into(exp, cfg, ckpt).step
-            results[at] = (exp.trained_optimizer(),
-                           calibrate_step_scale(exp.trained_optimizer(), tasks, STEP_GRID, **kw))
-            cal = results[at][1]
+            trained = exp.trained_optimizer()
+            cal = calibrate_step_scale(trained, tasks, STEP_GRID, **kw)
+            results[at] = (trained, cal)
             print(f"step {at}: scale {cal.scale:.3g}: " + ", ".join(
                 f"{k:.3g} → {v:.4f}" for k, v in cal.objective.items()))
         step = min(results, key=lambda k: results[k][1].objective[results[k][1].scale])
