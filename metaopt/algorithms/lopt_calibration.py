@@ -108,14 +108,13 @@ def step_scale_objective(lopt: LearnedOptimizer, tasks: Sequence[Any], *, weight
             or not float(weights.sum()) > 0:
         raise ValueError("weights must be a non-empty 1-D tensor, >= 0, not all zero")
     steps = len(weights)
-    phi = meta_parameters(lopt)
+    phi_rows = {k: v.expand(rows, *v.shape).clone() for k, v in meta_parameters(lopt).items()}
     per_task = []
     for i, task in enumerate(tasks):
         system = LearnedOptimizerSystem(lopt, task, num_steps=num_steps or steps,
                                         max_loss=max_loss, backend=backend,
                                         meta_loss=meta_loss)
         seeds = torch.tensor([mix_seed(seed, i, r) for r in range(rows)], dtype=torch.long)
-        phi_rows = {k: v.expand(rows, *v.shape).clone() for k, v in phi.items()}
         state = system.init(phi_rows, seeds)
         total = 0.0
         for t in range(steps):
