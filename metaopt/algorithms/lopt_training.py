@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metaopt.bilevel.truncation import mix_seed
+from metaopt.bilevel.truncation import LOG_LOSS_FLOOR, mix_seed
 from metaopt.lopt.base import LearnedOptimizer
 from metaopt.lopt.cpu_kernels import select_backend
 from metaopt.lopt.mulo import MuSmallFC, MuVeLO
@@ -47,8 +47,6 @@ __all__ = ["LOG_LOSS_FLOOR", "META_LOSSES", "LearnedOptimizerSystem", "init_kwar
 
 #: The per-step meta-objective terms :class:`LearnedOptimizerSystem` offers.
 META_LOSSES = ("loss", "log")
-#: Losses below this count as this under ``meta_loss="log"`` (log of a zero loss).
-LOG_LOSS_FLOOR = 1e-8
 
 
 def init_kwargs(lopt: LearnedOptimizer, task: Any) -> dict[str, Any]:

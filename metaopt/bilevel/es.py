@@ -73,7 +73,7 @@ class ES(TruncatedEstimator):
         with torch.no_grad():
             unroll, record = advance(system, antithetic_rows(phi, perts), unroll, length,
                                      self.episode_schedule)
-        before, after = per_task_sums(record, 2, length)
+        before, after = per_task_sums(record, 2, length, self.segment_objective)
         total = before + after
         delta = total[0] - total[1]
         grad = {k: (delta.reshape(-1, *([1] * (v.dim() - 1))) * v).mean(0)

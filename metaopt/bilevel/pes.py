@@ -87,13 +87,14 @@ def particle_perturbations(phi: Mapping[str, Tensor], seed: int, sigma: float,
 
 def advance_particles(system: InnerSystem, phi: Mapping[str, Tensor], unroll: UnrollState,
                       seed: int, sigma: float, length: int, schedule: TruncationSchedule,
-                      *, num_tasks: int | None = None, tasks: slice = slice(None)
-                      ) -> tuple[UnrollState, PESLossDiffs]:
+                      *, num_tasks: int | None = None, tasks: slice = slice(None),
+                      segment_objective: str = "mean") -> tuple[UnrollState, PESLossDiffs]:
     """Run one truncation of the ``±ε`` particles of every task in ``unroll``.
 
     ``unroll`` holds slots ``tasks`` of ``num_tasks`` (default: all of them); ``seed``
     regenerates their perturbations, so the result needs only φ and the seed and any
-    process holding ``unroll`` can compute it.
+    process holding ``unroll`` can compute it. ``segment_objective``: see
+    :func:`~metaopt.bilevel.truncation.per_task_sums`.
     """
     if unroll.copies != 2:
         raise ValueError(f"PES particles need 2 copies per task, the state has "
@@ -106,7 +107,7 @@ def advance_particles(system: InnerSystem, phi: Mapping[str, Tensor], unroll: Un
     with torch.no_grad():
         unroll, record = advance(system, antithetic_rows(phi, perts), unroll, length,
                                  schedule)
-    before, after = per_task_sums(record, 2, length)
+    before, after = per_task_sums(record, 2, length, segment_objective)
     diffs = PESLossDiffs(before=before[0] - before[1], after=after[0] - after[1],
                          reset=record.reset, mean_loss=(before + after).mean(0),
                          diagnostics=dict(record.diagnostics))
@@ -168,7 +169,8 @@ class PES(TruncatedEstimator):
         st = self.start(system, phi, state)
         seed = self.perturbation_seed(st)
         unroll, diffs = advance_particles(system, phi, st.unroll, seed, self.sigma,
-                                          self.truncation, self.episode_schedule)
+                                          self.truncation, self.episode_schedule,
+                                          segment_objective=self.segment_objective)
         return self.finish(phi, st, unroll, seed, diffs)
 
     def finish(self, phi: Mapping[str, Tensor], st: TruncatedState, unroll: UnrollState,

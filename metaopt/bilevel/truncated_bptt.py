@@ -1,11 +1,12 @@
 """Truncated backpropagation through time over carried unroll states.
 
 Each call advances every task by ``truncation`` steps from where the last call left
-it and differentiates the mean step loss of those steps with respect to φ through
-them only; the state crossing into the next call is detached (the truncation). With a
-truncation that covers the whole episode it is exactly full backpropagation
-(:class:`~metaopt.bilevel.Unrolled`); shorter truncations are biased toward greedy
-behaviour (the short-horizon bias, Wu et al. 2018) — the reason for PES.
+it and differentiates the mean step loss of those steps (or another
+``segment_objective``) with respect to φ through them only; the state crossing into
+the next call is detached (the truncation). With a truncation that covers the whole
+episode it is exactly full backpropagation (:class:`~metaopt.bilevel.Unrolled`);
+shorter truncations are biased toward greedy behaviour (the short-horizon bias, Wu et
+al. 2018) — the reason for PES.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from metaopt.bilevel.truncation import (
     TruncatedState,
     advance,
     detach_state,
+    per_task_sums,
     rows_of,
 )
 
@@ -59,7 +61,8 @@ class TruncatedBPTT(TruncatedEstimator):
             unroll, record = advance(system, rows, st.unroll, self.truncation,
                                      self.episode_schedule)
             keep.copy_(record.nonfinite == 0)
-            objective = record.losses.sum() / (self.truncation * T)
+            before, after = per_task_sums(record, 1, self.truncation, self.segment_objective)
+            objective = (before + after).sum() / T
             grad = collect_grad(objective, phi_l)
         new_state = TruncatedState(unroll=detach_state(unroll), calls=st.calls + 1)
         return Hypergradient(grad=grad, theta={}, outer_loss=objective.detach(),

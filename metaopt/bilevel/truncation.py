@@ -40,6 +40,8 @@ from metaopt.params import Params
 from metaopt.tree import tree_leaves, tree_rebuild
 
 __all__ = [
+    "LOG_LOSS_FLOOR",
+    "SEGMENT_OBJECTIVES",
     "BilevelSystem",
     "ConstantLength",
     "InnerSystem",
@@ -62,6 +64,11 @@ __all__ = [
 ]
 
 State = Any
+
+#: How a truncation's per-step losses become its objective (see :func:`per_task_sums`).
+SEGMENT_OBJECTIVES = ("mean", "log_mean")
+#: Segment mean losses below this count as this under ``"log_mean"`` (log of zero).
+LOG_LOSS_FLOOR = 1e-8
 
 
 def mix_seed(*parts: int) -> int:
@@ -462,6 +469,9 @@ class TruncatedEstimator:
         schedule: episode lengths of new tasks (default: one truncation per episode).
         seed: seed of tasks, horizons, offsets and perturbations.
         stagger: start tasks at random offsets into their first episode.
+        segment_objective: how each truncation's step losses become its objective:
+            ``"mean"`` (the mean step loss, default) or ``"log_mean"`` (the log of the
+            mean loss of each episode's steps in it; see :func:`per_task_sums`).
 
     Called as every estimator is, ``est(problem, phi, theta0, state)``: ``problem`` is
     an :class:`InnerSystem`, or a :class:`~metaopt.bilevel.BilevelProblem` (then run
@@ -475,10 +485,14 @@ class TruncatedEstimator:
     schedule: TruncationSchedule | None = None
     seed: int = 0
     stagger: bool = True
+    segment_objective: str = "mean"
 
     copies: int = field(default=1, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.segment_objective not in SEGMENT_OBJECTIVES:
+            raise ValueError(f"segment_objective must be one of {SEGMENT_OBJECTIVES}, got "
+                             f"{self.segment_objective!r}")
         if int(self.num_tasks) < 1:
             raise ValueError(f"num_tasks must be >= 1, got {self.num_tasks}")
         if int(self.truncation) < 1:
@@ -524,12 +538,39 @@ def antithetic_rows(phi: Mapping[str, Tensor], perts: Params) -> Params:
             for k, v in phi.items()}
 
 
-def per_task_sums(record: TruncationRecord, copies: int, length: int
-                  ) -> tuple[Tensor, Tensor]:
-    """Each row's loss summed over the truncation, split into the part before the
-    task's last reset and after it: ``(before [C, T], after [C, T])``, divided by
-    ``length`` (so the truncation's objective is the mean loss per step)."""
+def per_task_sums(record: TruncationRecord, copies: int, length: int,
+                  objective: str = "mean") -> tuple[Tensor, Tensor]:
+    """Each row's truncation objective, split into the part before the task's first
+    reset in the truncation and the part after it: ``(before [C, T], after [C, T])``.
+
+    A *segment* is the steps of one side of that split (one episode's steps in the
+    truncation). ``objective``:
+
+    * ``"mean"``: a segment's step losses summed and divided by ``length`` (the two
+      parts add up to the truncation's mean loss per step);
+    * ``"log_mean"``: ``(n / length) · log(mean loss of the segment's n steps)``
+      (floored at :data:`LOG_LOSS_FLOOR`; 0 for an empty segment). Unlike the mean of
+      per-step logs it counts a rare loss spike as the mean of a training run's last
+      steps does: one step at 10⁻² among steps at 10⁻⁵ moves the log of their mean by
+      far more than its share of the mean of logs. Still a sum over segments of
+      functions of the trajectory, so ES/PES stay unbiased for it.
+
+    Non-finite steps arrive zeroed in every copy (see :func:`advance`) and count as
+    zero loss in both.
+    """
+    if objective not in SEGMENT_OBJECTIVES:
+        raise ValueError(f"objective must be one of {SEGMENT_OBJECTIVES}, got {objective!r}")
     L, rows = record.losses.shape
     losses = record.losses.reshape(L, copies, rows // copies)
     after = record.after_reset.unsqueeze(1).to(losses.dtype)
-    return ((losses * (1 - after)).sum(0) / length, (losses * after).sum(0) / length)
+    parts = []
+    for mask in (1 - after, after):
+        total = (losses * mask).sum(0)
+        if objective == "mean":
+            parts.append(total / length)
+            continue
+        n = mask.sum(0)
+        mean = total / n.clamp_min(1)
+        logged = mean.clamp_min(LOG_LOSS_FLOOR).log() * (n / length)
+        parts.append(torch.where(n > 0, logged, torch.zeros((), dtype=losses.dtype)))
+    return parts[0], parts[1]

@@ -90,6 +90,7 @@ class _Shard:
     sigma: float
     length: int
     schedule: TruncationSchedule
+    segment_objective: str = "mean"
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def _advance(store: dict, step: _Step) -> PESLossDiffs:
     sh: _Shard = store["pes"]
     sh.unroll, diffs = advance_particles(sh.system, step.phi, sh.unroll, step.seed, sh.sigma,
                                          sh.length, sh.schedule, num_tasks=sh.num_tasks,
-                                         tasks=sh.tasks)
+                                         tasks=sh.tasks,
+                                         segment_objective=sh.segment_objective)
     store["next"] += 1
     return diffs
 
@@ -195,7 +197,8 @@ class PESPool:
     def _shard(self, i: int) -> _Shard:
         est = self.estimator
         return _Shard(self.system, self._snapshots[i], self._snapshot_at, self.slices[i],
-                      est.num_tasks, est.sigma, est.truncation, est.episode_schedule)
+                      est.num_tasks, est.sigma, est.truncation, est.episode_schedule,
+                      est.segment_objective)
 
     def _recover(self, i: int, upto: int) -> list[tuple[StatefulFn, Any]]:
         """The calls that rebuild worker ``i`` up to truncation ``upto`` (excluded)."""

@@ -23,7 +23,9 @@ from metaopt.bilevel.truncation import (
     ConstantLength,
     LogUniformLength,
     TruncatedState,
+    TruncationRecord,
     UnrollState,
+    per_task_sums,
 )
 from metaopt.optim import sgd
 
@@ -72,6 +74,67 @@ def test_pes_accumulator_resets_inside_a_truncation():
                                               schedule=ConstantLength(H), stagger=False,
                                               seed=100 + r), 7, 16)
     assert abs(mean - exact) < 4 * se, (mean, exact, se)
+
+
+def log_mean_objective(theta: torch.Tensor, steps: int, truncation: int) -> torch.Tensor:
+    """Σ over truncations of log(mean step loss): the ``"log_mean"`` objective of one
+    episode of ``steps`` steps cut into truncations of ``truncation`` (which divides it)."""
+    state = {"s": torch.ones(1, SYSTEM.n, dtype=SYSTEM.dtype)}
+    losses = []
+    for _ in range(steps):
+        state, loss = SYSTEM.step({"theta": theta.reshape(1, 1)}, state, None, None)
+        losses.append(loss.sum())
+    return sum(torch.stack(losses[i:i + truncation]).mean().log()
+               for i in range(0, steps, truncation))
+
+
+def test_log_mean_segments_by_hand():
+    # 4 steps (rows of ``losses``) of 2 tasks x 2 copies (columns, copy-major); task 1
+    # resets before step 2, task 0 never does.
+    losses = torch.tensor([[1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 5.0, 4.0],
+                           [1.0, 0.0, 1.0, 0.0], [3.0, 4.0, 1.0, 8.0]], dtype=torch.float64)
+    after = torch.tensor([[False, False], [False, False], [False, True], [False, True]])
+    record = TruncationRecord(losses=losses, after_reset=after, reset=after[-1],
+                              nonfinite=torch.zeros(2, dtype=torch.long))
+    before, post = per_task_sums(record, 2, 4, "log_mean")
+    ln = math.log
+    torch.testing.assert_close(before, torch.tensor(
+        [[ln(2.0), 2 / 4 * ln(2.0)], [ln(2.5), 2 / 4 * ln(4.0)]], dtype=torch.float64))
+    torch.testing.assert_close(post, torch.tensor(
+        [[0.0, 2 / 4 * ln(2.0)], [0.0, 2 / 4 * ln(4.0)]], dtype=torch.float64))
+    # a segment whose losses are all zero is floored, not -inf
+    zero = TruncationRecord(losses=torch.zeros(2, 2, dtype=torch.float64),
+                            after_reset=torch.zeros(2, 1, dtype=torch.bool),
+                            reset=torch.zeros(1, dtype=torch.bool),
+                            nonfinite=torch.zeros(1, dtype=torch.long))
+    b0, _ = per_task_sums(zero, 2, 2, "log_mean")
+    assert torch.isfinite(b0).all() and float(b0.max()) < -18
+    mean_b, mean_a = per_task_sums(record, 2, 4)  # the default: plain sums / length
+    torch.testing.assert_close(mean_b + mean_a, losses.reshape(4, 2, 2).sum(0) / 4)
+
+
+def test_truncated_bptt_log_mean_equals_autograd_of_the_objective():
+    H = 12
+    th = THETA.clone().requires_grad_()
+    ref = torch.autograd.grad(log_mean_objective(th, H, H), th)[0]
+    hg = TruncatedBPTT(num_tasks=1, truncation=H, schedule=ConstantLength(H),
+                       stagger=False, segment_objective="log_mean")(SYSTEM, {"theta": THETA})
+    torch.testing.assert_close(hg.grad["theta"], ref, rtol=1e-10, atol=1e-12)
+    th = THETA.clone().requires_grad_()
+    torch.testing.assert_close(hg.outer_loss, log_mean_objective(th, H, H).detach())
+
+
+def test_pes_is_unbiased_for_the_log_mean_objective():
+    # not quadratic in θ: smoothing adds O(σ²) bias, far below the tolerance at σ = 0.01
+    H, K = 20, 2
+    th = THETA.clone().requires_grad_()
+    exact = float(torch.autograd.grad(log_mean_objective(th, H, K), th)[0])
+    mean, se = summed_estimates(lambda r: PES(num_tasks=500, truncation=K, sigma=0.01,
+                                              schedule=ConstantLength(H), stagger=False,
+                                              seed=r, segment_objective="log_mean"),
+                                H // K, 16)
+    assert abs(mean - exact) < 4 * se, (mean, exact, se)
+    assert se < 0.1 * abs(exact)
 
 
 def test_full_episode_es_matches_exact_gradient_in_expectation():
@@ -182,3 +245,5 @@ def test_bad_settings_name_the_field():
         TruncatedBPTT(truncation=0)
     with pytest.raises(ValueError, match="ConstantLength"):
         ES(full_episode=True, schedule=LogUniformLength(2, 5))
+    with pytest.raises(ValueError, match="segment_objective"):
+        PES(segment_objective="median")

@@ -44,9 +44,11 @@ def test_sharded_maml_equals_whole_batch_in_float64():
         torch.testing.assert_close(got.grads[k], ref[k], rtol=1e-13, atol=1e-15)
 
 
-def test_pes_pool_equals_pes_and_checkpoints_the_slots():
+@pytest.mark.parametrize("segment_objective", ["mean", "log_mean"])
+def test_pes_pool_equals_pes_and_checkpoints_the_slots(segment_objective):
     system = InfluenceBalancing()
-    est = PES(num_tasks=6, truncation=4, sigma=0.1, schedule=ConstantLength(7), seed=1)
+    est = PES(num_tasks=6, truncation=4, sigma=0.1, schedule=ConstantLength(7), seed=1,
+              segment_objective=segment_objective)
     phi = {"theta": torch.tensor([0.5], dtype=torch.float64)}
     state, ref = None, []
     for _ in range(3):

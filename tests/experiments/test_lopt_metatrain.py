@@ -3,6 +3,7 @@ bit-exactly through the runner's checkpoint files, and its configs parse."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["lopt_mulo.yaml", "lopt_sp.yaml", "lopt_mulo_logloss.yaml",
-                                  "lopt_sp_logloss.yaml"])
+                                  "lopt_sp_logloss.yaml", "lopt_mulo_logmean.yaml"])
 def test_shipped_configs_parse(name):
     cfg = load_run_config(ROOT / "configs" / name)
     assert cfg.experiment == "lopt_metatrain"
@@ -74,6 +75,21 @@ def test_bad_settings_name_the_field():
         cfg_for({**TINY, "task": {"kind": "resnet"}})
     with pytest.raises(Exception, match="meta_loss"):
         cfg_for({**TINY, "meta_loss": "sqrt"})
+    with pytest.raises(Exception, match="segment_objective"):
+        cfg_for({**TINY, "segment_objective": "median"})
+    with pytest.raises(Exception, match="segment_objective 'log_mean'.*meta_loss"):
+        cfg_for({**TINY, "segment_objective": "log_mean", "meta_loss": "log"})
+
+
+def test_segment_objective_reaches_every_estimator():
+    settings = {**TINY, "task": [TINY["task"], TINY["task"]]}
+    plain = build_experiment(cfg_for(settings)).meta_step(1)["loss"]
+    exp = build_experiment(cfg_for({**settings, "segment_objective": "log_mean"}))
+    assert [e.segment_objective for e in exp.estimators] == ["log_mean", "log_mean"]
+    logged = exp.meta_step(1)["loss"]
+    # the same particles' losses: the mean of segment log-means is below the log of the
+    # mean loss (Jensen), and close to it
+    assert math.log(plain) - 0.5 < logged < math.log(plain), (logged, plain)
 
 
 MIXTURE = [TINY["task"], {**TINY["task"], "dataset": "mnist1d", "depth": 2,

@@ -48,7 +48,7 @@ from metaopt.algorithms.lopt_training import (
     meta_parameters,
 )
 from metaopt.bilevel import ES, PES, LogUniformLength, TruncatedBPTT
-from metaopt.bilevel.truncation import TruncatedState, mix_seed
+from metaopt.bilevel.truncation import SEGMENT_OBJECTIVES, TruncatedState, mix_seed
 from metaopt.distributed.executor import LocalExecutor
 from metaopt.distributed.pes_pool import PESPool, pending_from_state_dict, pending_state_dict
 from metaopt.errors import ConfigError
@@ -94,6 +94,10 @@ class LoptMetaTrainConfig(ExperimentConfig):
     max_loss: float | None = 10.0
     #: each inner step's meta-objective term: "loss" or "log" (LearnedOptimizerSystem)
     meta_loss: str = "loss"
+    #: how a truncation's step terms become its objective: "mean" or "log_mean" (the
+    #: log of each episode segment's mean loss; needs meta_loss "loss"; see
+    #: metaopt.bilevel.truncation.per_task_sums)
+    segment_objective: str = "mean"
     outer_lr: float = 3e-3
     warmup_steps: int = 100
     max_grad_norm: float = 3.0
@@ -113,6 +117,12 @@ class LoptMetaTrainConfig(ExperimentConfig):
                              f"(known: {sorted(ARCHITECTURES)})")
         if self.meta_loss not in META_LOSSES:
             raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
+        if self.segment_objective not in SEGMENT_OBJECTIVES:
+            raise ValueError(f"segment_objective must be one of {SEGMENT_OBJECTIVES}, got "
+                             f"{self.segment_objective!r}")
+        if self.segment_objective == "log_mean" and self.meta_loss != "loss":
+            raise ValueError(f"segment_objective 'log_mean' takes the log itself: it needs "
+                             f"meta_loss 'loss', got {self.meta_loss!r}")
         if self.backend not in ("reference", "cpu_kernels"):
             raise ValueError(f"backend must be 'reference' or 'cpu_kernels', got "
                              f"{self.backend!r}")
@@ -253,7 +263,8 @@ class LoptMetaTrain(Experiment):
     def _make_estimator(self, seed: int) -> PES | ES | TruncatedBPTT:
         cfg = self.config
         common = {"num_tasks": cfg.num_tasks, "truncation": cfg.truncation, "seed": seed,
-                  "schedule": LogUniformLength(cfg.horizon_low, cfg.horizon_high)}
+                  "schedule": LogUniformLength(cfg.horizon_low, cfg.horizon_high),
+                  "segment_objective": cfg.segment_objective}
         if cfg.estimator == "tbptt":
             return TruncatedBPTT(**common)
         return ESTIMATORS[cfg.estimator](sigma=cfg.sigma, **common)
