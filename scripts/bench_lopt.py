@@ -25,7 +25,11 @@ steps), ``final_median_loss`` (its median there: loss spikes move the mean, not 
 test batches at the end) and ``speedup`` = (steps tuned AdamW needs until its
 training-loss curve, smoothed the same way, first reaches the optimizer's final loss) /
 (steps run); ``None`` with ``reached: false`` when tuned AdamW never reaches it (the
-speed-up is then above 1). JSON (``results.json``) and a loss-curve plot per task.
+speed-up is then above 1); ``ratio_to_tuned`` = final_loss / tuned AdamW's. Per
+optimizer, ``worst_ratio_to_tuned`` is the largest ratio over the suite and the task it
+is on: the number that decides "within 1.5× of tuned AdamW on every task" (on a
+validation suite, ``mlp_mup_val``, it chooses between candidates without touching the
+test suite). JSON (``results.json``) and a loss-curve plot per task.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from metaopt.fileio import atomic_write_text
 from metaopt.lopt.base import LearnedOptimizer
 from tasks.lopt_tasks import LoptTask, heldout_suite
 
-__all__ = ["LR_GRID", "evaluate", "plot_curves", "run_optimizer", "smoothed", "speedup"]
+__all__ = ["LR_GRID", "evaluate", "plot_curves", "run_optimizer", "smoothed", "speedup",
+           "worst_ratios"]
 
 #: AdamW learning-rate grid: 14 points log-spaced over [1e-5, 1].
 LR_GRID = tuple(float(v) for v in np.logspace(-5, 0, 14))
@@ -188,11 +193,29 @@ def evaluate(optimizers: Mapping[str, OptSpec], tasks: Sequence[LoptTask], *, st
         for row in rows.values():
             sp = speedup(tuned["curve"], row["final_loss"], steps)
             row["speedup"], row["reached"] = sp, sp is not None
+            row["ratio_to_tuned"] = _ratio(row["final_loss"], tuned["final_loss"])
         out["tasks"][task.name] = {"config": dict(task.config),
                                    "grid_final_loss": {str(k): v["final_loss"]
                                                        for k, v in grid.items()},
                                    "optimizers": rows}
+    out["worst_ratio_to_tuned"] = worst_ratios(out)
     return out
+
+
+def _ratio(value: float, reference: float) -> float:
+    if reference > 0:
+        return value / reference
+    return 1.0 if value == reference else math.inf
+
+
+def worst_ratios(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per optimizer: its largest ``ratio_to_tuned`` over the suite's tasks and the task."""
+    worst: dict[str, dict[str, Any]] = {}
+    for task_name, entry in results["tasks"].items():
+        for opt, row in entry["optimizers"].items():
+            if opt not in worst or row["ratio_to_tuned"] > worst[opt]["ratio"]:
+                worst[opt] = {"ratio": row["ratio_to_tuned"], "task": task_name}
+    return worst
 
 
 def plot_curves(results: Mapping[str, Any], folder: str | Path) -> list[Path]:
@@ -243,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr = f" lr {row['lr']:.3g}" if "lr" in row else ""
             print(f"{name:<44} {opt:<16} final {row['final_loss']:.4f} "
                   f"test {row['test_metric']:.3f} speedup {row['speedup']}{lr}")
+    for opt, w in results["worst_ratio_to_tuned"].items():
+        print(f"worst final / tuned AdamW  {opt:<16} {w['ratio']:.2f}x on {w['task']}")
     return 0
 
 

@@ -33,6 +33,9 @@ fixes its train/test example split and a label permutation. Families draw seeds 
 ``[0, HELDOUT_SEED_BASE)``; held-out suites (:func:`heldout_suite`) use seeds
 ``>= HELDOUT_SEED_BASE``, and :func:`task_sampler` refuses any task whose seed is in the
 held-out range — so no held-out task (name or seed) can appear in meta-training.
+Validation suites (``*_val``) are the same task kinds at other seeds of that range: they
+choose between meta-trained optimizers (runs, checkpoints) without looking at the test
+suites (``*_heldout``), and they never appear in meta-training either.
 """
 
 from __future__ import annotations
@@ -593,8 +596,12 @@ _MLP_HELDOUT = (  # (depth, activation, dataset)
     (2, "relu", "digits"), (2, "gelu", "mnist"), (3, "relu", "mnist1d"), (2, "silu", "glyphs"))
 
 
-def _mlp_suite(param: str, widths: Sequence[int]) -> list[LoptTask]:
-    return [mlp_task(param, w, d, a, ds, HELDOUT_SEED_BASE + i)
+#: Seed offset (from :data:`HELDOUT_SEED_BASE`) of the validation suites' tasks.
+VAL_SEED_OFFSET = 200
+
+
+def _mlp_suite(param: str, widths: Sequence[int], offset: int = 0) -> list[LoptTask]:
+    return [mlp_task(param, w, d, a, ds, HELDOUT_SEED_BASE + offset + i)
             for w in widths for i, (d, a, ds) in enumerate(_MLP_HELDOUT)]
 
 
@@ -613,6 +620,8 @@ HELDOUT_SUITES: dict[str, tuple[Callable[[Sequence[int]], list[LoptTask]], tuple
     "mlp_mup_heldout": (lambda ws: _mlp_suite("mup", ws), (128,)),
     "mlp_sp_heldout": (lambda ws: _mlp_suite("sp", ws), (128,)),
     "mixed_heldout": (_mixed_suite, (128,)),
+    "mlp_mup_val": (lambda ws: _mlp_suite("mup", ws, VAL_SEED_OFFSET), (128,)),
+    "mlp_sp_val": (lambda ws: _mlp_suite("sp", ws, VAL_SEED_OFFSET), (128,)),
     "teacher": (lambda ws: [teacher_task()], ()),
 }
 

@@ -66,6 +66,12 @@ def test_evaluate_tiny_suite_json_and_plots(bench, tmp_path):
         for row in rows.values():
             assert len(row["curve"]) == 12 and 0.0 <= row["test_metric"] <= 1.0
         assert name in {t.name for t in tasks}
+        for row in rows.values():
+            assert row["ratio_to_tuned"] == pytest.approx(row["final_loss"] / tuned["final_loss"])
+    for opt, worst in res["worst_ratio_to_tuned"].items():
+        ratios = {n: e["optimizers"][opt]["ratio_to_tuned"] for n, e in res["tasks"].items()}
+        assert worst == {"ratio": max(ratios.values()), "task": max(ratios, key=ratios.get)}
+    assert res["worst_ratio_to_tuned"]["adamw_tuned"]["ratio"] == 1.0
     json.dumps(res)
     paths = bench.plot_curves(res, tmp_path)
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)

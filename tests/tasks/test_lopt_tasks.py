@@ -101,6 +101,15 @@ def test_heldout_suites_disjoint_from_training():
         assert t.config["seed"] < HELDOUT_SEED_BASE
 
 
+def test_validation_suites_are_the_test_kinds_at_other_seeds():
+    for param in ("mup", "sp"):
+        val, test = heldout_suite(f"mlp_{param}_val"), heldout_suite(f"mlp_{param}_heldout")
+        assert all(is_heldout(t) for t in val)
+        assert {t.name for t in val}.isdisjoint({t.name for t in test})
+        strip = [{k: v for k, v in t.config.items() if k != "seed"} for t in val]
+        assert strip == [{k: v for k, v in t.config.items() if k != "seed"} for t in test]
+
+
 def test_sampler_refuses_heldout_family():
     class Leaky:
         name = "leaky"
