@@ -157,15 +157,21 @@ def pretrained(name: str, *, cache_dir: str | os.PathLike | None = None,
 #: checkpoints under ``metaopt/lopt/pretrained/<name>``; provenance — command, config,
 #: seed, commit — in each one's metadata; written by ``scripts/ship_pretrained.py``).
 SHIPPED: dict[str, str] = {
-    "mulo-small-fc-w128": "μLO (mulo_small_fc) meta-trained by PES on μP MLPs of width 128: "
-                          "configs/lopt_mulo.yaml, then the log-loss fine-tune "
-                          "configs/lopt_mulo_logloss.yaml, checkpoint and step scale chosen "
-                          "on training tasks; see its metadata",
+    "mulo-small-fc-w128": "μLO (mulo_small_fc) meta-trained by PES on μP MLPs of width 128 in "
+                          "four stages: configs/lopt_mulo.yaml, lopt_mulo_logloss.yaml, "
+                          "lopt_mulo_logmean.yaml, lopt_mulo_glyphs.yaml; checkpoints and "
+                          "step scales chosen on training tasks, the release on the "
+                          "validation suite mlp_mup_val; see its metadata",
     "sp-small-fc-w128": "small_fc_lopt meta-trained by PES on SP MLPs of width 128, μLO's "
                         "standard twin (configs/lopt_sp.yaml, then "
-                        "configs/lopt_sp_logloss.yaml, as μLO)",
-    "mulo-small-fc-w128-meanloss": "the mean-training-loss stage of mulo-small-fc-w128 "
+                        "configs/lopt_sp_logloss.yaml)",
+    "mulo-small-fc-w128-meanloss": "stage 1 of mulo-small-fc-w128, mean training loss "
                                    "(configs/lopt_mulo.yaml, 3500 outer steps)",
+    "mulo-small-fc-w128-logloss": "stage 2 of mulo-small-fc-w128, per-step log loss "
+                                  "(configs/lopt_mulo_logloss.yaml; shipped as "
+                                  "mulo-small-fc-w128 until 2026-12-07)",
+    "mulo-small-fc-w128-logmean": "stage 3 of mulo-small-fc-w128, log of each truncation "
+                                  "segment's mean loss (configs/lopt_mulo_logmean.yaml)",
     "sp-small-fc-w128-meanloss": "the mean-training-loss stage of sp-small-fc-w128 "
                                  "(configs/lopt_sp.yaml, 3500 outer steps)",
 }

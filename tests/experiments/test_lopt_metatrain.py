@@ -61,11 +61,24 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["lopt_mulo.yaml", "lopt_sp.yaml", "lopt_mulo_logloss.yaml",
-                                  "lopt_sp_logloss.yaml", "lopt_mulo_logmean.yaml"])
+                                  "lopt_sp_logloss.yaml", "lopt_mulo_logmean.yaml",
+                                  "lopt_mulo_glyphs.yaml"])
 def test_shipped_configs_parse(name):
     cfg = load_run_config(ROOT / "configs" / name)
     assert cfg.experiment == "lopt_metatrain"
     assert cfg.settings.estimator == "pes" and cfg.settings.truncation == 50
+
+
+@pytest.mark.parametrize("name", ["lopt_mulo_logloss.yaml", "lopt_mulo_logmean.yaml",
+                                  "lopt_mulo_glyphs.yaml"])
+def test_fine_tune_configs_start_from_their_shipped_stage(name):
+    from metaopt.lopt import load_checkpoint
+
+    cfg = load_run_config(ROOT / "configs" / name)
+    exp = build_experiment(cfg)  # refused if the release's architecture/config differ
+    start = load_checkpoint(cfg.settings.init_from)
+    for k, v in start.state_dict().items():
+        assert torch.equal(exp.phi[k], v), k
 
 
 def test_bad_settings_name_the_field():
