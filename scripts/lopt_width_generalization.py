@@ -9,8 +9,11 @@
 at each width; its standard-parametrisation twin (``configs/lopt_sp.yaml``) trains the SP
 MLPs of ``mlp_sp_heldout``. Each cell is the mean over seeds of the mean final training
 loss (last 10 % of steps) over the first ``--tasks`` tasks of the suite; a run that turns
-non-finite counts as ``inf`` (diverged). μLO's claim: its loss stays finite and falls as
-width grows; the SP twin degrades or diverges.
+non-finite counts as ``inf`` (diverged). Each row also holds ``per_task``: the same
+numbers for every task alone (its dataset, mean over seeds), since a task whose loss is
+already near zero at width 128 cannot show a fall with width; the plot has one panel per
+task. μLO's claim: its loss stays finite and falls as width grows; the SP twin degrades
+or diverges.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import math
 
 from metaopt.lopt import load_checkpoint
-from metaopt.runner.experiments.lopt_metatrain import evaluate_lopt
+from metaopt.runner.experiments.lopt_metatrain import evaluate_lopt_per_task
 from tasks.lopt_tasks import heldout_suite
 
 
@@ -44,18 +47,29 @@ def main() -> None:
         lopt = load_checkpoint(name)
         for width in args.widths:
             tasks = heldout_suite(suite, widths=[width])[:args.tasks]
-            runs = [evaluate_lopt(lopt, tasks, args.steps, seed=s, backend=args.backend)
-                    for s in args.seeds]
-            losses = [r["final_loss"] for r in runs]
-            mean = sum(losses) / len(losses)
-            median = sum(r["final_median_loss"] for r in runs) / len(runs)
-            rows.append({"optimizer": label, "width": width, "final_loss": mean,
-                         "final_median_loss": median,
-                         "diverged": sum(not math.isfinite(v) for v in losses),
-                         "test_metric": sum(r["test_metric"] for r in runs) / len(runs)})
-            print(f"{label:<8} width {width:>5}  final loss {mean:.4f}  median {median:.2e}  "
-                  f"test metric {rows[-1]['test_metric']:.3f}  diverged "
-                  f"{rows[-1]['diverged']}/{len(losses)}", flush=True)
+            runs = [evaluate_lopt_per_task(lopt, tasks, args.steps, seed=s,
+                                           backend=args.backend) for s in args.seeds]
+            per_task = []
+            for i, task in enumerate(tasks):
+                losses = [run[i]["final_loss"] for run in runs]
+                per_task.append({
+                    "task": task.name, "dataset": task.config["dataset"],
+                    "final_loss": sum(losses) / len(losses),
+                    "final_median_loss": sum(r[i]["final_median_loss"] for r in runs) / len(runs),
+                    "diverged": sum(not math.isfinite(v) for v in losses),
+                    "test_metric": sum(r[i]["test_metric"] for r in runs) / len(runs)})
+            rows.append({"optimizer": label, "width": width,
+                         **{key: sum(t[key] for t in per_task) / len(per_task)
+                            for key in ("final_loss", "final_median_loss", "diverged",
+                                        "test_metric")},
+                         "per_task": per_task})
+            rows[-1]["diverged"] = sum(t["diverged"] for t in per_task)
+            print(f"{label:<8} width {width:>5}  final loss {rows[-1]['final_loss']:.4f}  "
+                  f"median {rows[-1]['final_median_loss']:.2e}  test metric "
+                  f"{rows[-1]['test_metric']:.3f}  diverged {rows[-1]['diverged']}/"
+                  f"{len(tasks) * len(runs)}  per task "
+                  + " ".join(f"{t['dataset']} {t['final_loss']:.4f}" for t in per_task),
+                  flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"steps": args.steps, "seeds": args.seeds, "rows": rows}, f, indent=1)
@@ -65,14 +79,24 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for label in ("μLO", "SP twin"):
-            pts = [(r["width"], r["final_loss"]) for r in rows if r["optimizer"] == label]
-            ax.plot([p[0] for p in pts], [min(p[1], 10.0) for p in pts], "o-", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("width")
-        ax.set_ylabel(f"final training loss after {args.steps} steps")
-        ax.legend()
+        panels = [("mean of tasks", None)] + [
+            (t["dataset"], i) for i, t in enumerate(rows[0]["per_task"])] \
+            if len(rows[0]["per_task"]) > 1 else [("mean of tasks", None)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4),
+                                 squeeze=False)
+        for ax, (title, i) in zip(axes[0], panels):
+            for label in ("μLO", "SP twin"):
+                pts = [(r["width"], r["final_loss"] if i is None
+                        else r["per_task"][i]["final_loss"])
+                       for r in rows if r["optimizer"] == label]
+                ax.plot([p[0] for p in pts], [min(p[1], 10.0) for p in pts], "o-",
+                        label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(title)
+            ax.set_xlabel("width")
+        axes[0][0].set_ylabel(f"final training loss after {args.steps} steps")
+        axes[0][0].legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
 

@@ -172,6 +172,8 @@ SHIPPED: dict[str, str] = {
                                   "mulo-small-fc-w128 until 2026-12-07)",
     "mulo-small-fc-w128-logmean": "stage 3 of mulo-small-fc-w128, log of each truncation "
                                   "segment's mean loss (configs/lopt_mulo_logmean.yaml)",
+    "mulo-small-fc-w128-glyphs": "stage 4 of mulo-small-fc-w128, log-mean objective with "
+                                 "glyph tasks weighted ×3 (configs/lopt_mulo_glyphs.yaml)",
     "sp-small-fc-w128-meanloss": "the mean-training-loss stage of sp-small-fc-w128 "
                                  "(configs/lopt_sp.yaml, 3500 outer steps)",
 }

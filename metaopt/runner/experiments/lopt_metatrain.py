@@ -64,7 +64,7 @@ from metaopt.runner.experiment import (
 )
 from metaopt.tree import tree_map_nested
 
-__all__ = ["LoptMetaTrain", "LoptMetaTrainConfig", "evaluate_lopt"]
+__all__ = ["LoptMetaTrain", "LoptMetaTrainConfig", "evaluate_lopt", "evaluate_lopt_per_task"]
 
 ESTIMATORS = {"pes": PES, "es": ES, "tbptt": TruncatedBPTT}
 TASK_KINDS = ("mlp", "teacher", "conv", "transformer", "logreg")
@@ -178,18 +178,19 @@ def build_task(spec: dict[str, Any], seed: int) -> Any:
 
 
 @torch.no_grad()
-def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: int = 0,
-                  backend: str = "reference") -> dict[str, float]:
-    """Train each task ``steps`` steps with ``lopt``; mean final loss and test metric.
+def evaluate_lopt_per_task(lopt: LearnedOptimizer, tasks: list[Any], steps: int,
+                           seed: int = 0, backend: str = "reference") -> list[dict[str, float]]:
+    """Train each task ``steps`` steps with ``lopt``; per task its final loss and metric.
 
-    ``final_loss`` is each task's mean training loss over the last 10 % of steps,
-    ``final_median_loss`` its median there (a few loss spikes move the mean, not the
-    median), both averaged over the tasks. A run that turns non-finite counts as loss
-    ``inf`` (and metric 0). ``backend``: the optimizer step's (``select_backend``; the
-    kernels equal the reference to rounding).
+    Task ``i`` draws its initialisation and batches from a generator seeded
+    ``seed * 1000 + i``. ``final_loss`` is the task's mean training loss over the last
+    10 % of steps, ``final_median_loss`` its median there (a few loss spikes move the
+    mean, not the median). A run that turns non-finite counts as loss ``inf`` (and metric
+    0). ``backend``: the optimizer step's (``select_backend``; the kernels equal the
+    reference to rounding).
     """
     kern = select_backend(backend)
-    finals, medians, metrics = [], [], []
+    out = []
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         theta = task.init_params(gen)
@@ -207,15 +208,22 @@ def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: in
             theta, state = lopt.update(grads, state, theta, loss=loss.detach(), backend=kern)
             if k >= steps - max(1, steps // 10):
                 tail.append(float(loss))
-        finals.append(sum(tail) / len(tail))
-        medians.append(float(torch.tensor(tail, dtype=torch.float64).median()))
-        if task.metric is not None and math.isfinite(finals[-1]):
-            metrics.append(float(task.metric(theta, task.sample_batch(gen, "test"))))
-        else:
-            metrics.append(0.0)
-    return {"final_loss": sum(finals) / len(finals),
-            "final_median_loss": sum(medians) / len(medians),
-            "test_metric": sum(metrics) / len(metrics)}
+        final = sum(tail) / len(tail)
+        metric = (float(task.metric(theta, task.sample_batch(gen, "test")))
+                  if task.metric is not None and math.isfinite(final) else 0.0)
+        out.append({"final_loss": final,
+                    "final_median_loss": float(torch.tensor(tail, dtype=torch.float64).median()),
+                    "test_metric": metric})
+    return out
+
+
+def evaluate_lopt(lopt: LearnedOptimizer, tasks: list[Any], steps: int, seed: int = 0,
+                  backend: str = "reference") -> dict[str, float]:
+    """:func:`evaluate_lopt_per_task` averaged over the tasks: mean final loss, mean
+    final median loss and mean test metric."""
+    runs = evaluate_lopt_per_task(lopt, tasks, steps, seed=seed, backend=backend)
+    return {key: sum(r[key] for r in runs) / len(runs)
+            for key in ("final_loss", "final_median_loss", "test_metric")}
 
 
 @register_experiment("lopt_metatrain", config=LoptMetaTrainConfig)
