@@ -158,10 +158,11 @@ def pretrained(name: str, *, cache_dir: str | os.PathLike | None = None,
 #: seed, commit — in each one's metadata; written by ``scripts/ship_pretrained.py``).
 SHIPPED: dict[str, str] = {
     "mulo-small-fc-w128": "μLO (mulo_small_fc) meta-trained by PES on μP MLPs of width 128 in "
-                          "four stages: configs/lopt_mulo.yaml, lopt_mulo_logloss.yaml, "
-                          "lopt_mulo_logmean.yaml, lopt_mulo_glyphs.yaml; checkpoints and "
-                          "step scales chosen on training tasks, the release on the "
-                          "validation suite mlp_mup_val; see its metadata",
+                          "five stages: configs/lopt_mulo.yaml, lopt_mulo_logloss.yaml, "
+                          "lopt_mulo_logmean.yaml, lopt_mulo_glyphs.yaml, "
+                          "lopt_mulo_glyphs_continued.yaml; checkpoints and step scales "
+                          "chosen on training tasks, the release on the validation suite "
+                          "mlp_mup_val; see its metadata",
     "sp-small-fc-w128": "small_fc_lopt meta-trained by PES on SP MLPs of width 128, μLO's "
                         "standard twin (configs/lopt_sp.yaml, then "
                         "configs/lopt_sp_logloss.yaml)",
@@ -173,7 +174,8 @@ SHIPPED: dict[str, str] = {
     "mulo-small-fc-w128-logmean": "stage 3 of mulo-small-fc-w128, log of each truncation "
                                   "segment's mean loss (configs/lopt_mulo_logmean.yaml)",
     "mulo-small-fc-w128-glyphs": "stage 4 of mulo-small-fc-w128, log-mean objective with "
-                                 "glyph tasks weighted ×3 (configs/lopt_mulo_glyphs.yaml)",
+                                 "glyph tasks weighted ×3 (configs/lopt_mulo_glyphs.yaml; "
+                                 "shipped as mulo-small-fc-w128 on 2026-12-07)",
     "sp-small-fc-w128-meanloss": "the mean-training-loss stage of sp-small-fc-w128 "
                                  "(configs/lopt_sp.yaml, 3500 outer steps)",
 }
