@@ -118,6 +118,20 @@ def test_shipped_config_parses_and_bad_settings_name_the_field():
         cfg_for({**TINY, "weighting": {"init": "pretrained"}})
 
 
+@pytest.mark.parametrize("name,d_model,layers", [("camels.yaml", 64, 2),
+                                                  ("camels_d128.yaml", 128, 4)])
+def test_shipped_configs_start_the_weighting_at_their_committed_base_model(name, d_model,
+                                                                          layers):
+    cfg = load_run_config(ROOT / "configs" / name)
+    exp = build_experiment(cfg)  # verifies the base model's checksums and tokenizer
+    assert exp.base.config.d_model == d_model and exp.base.config.n_layers == layers
+    base = dict(exp.base.named_parameters())
+    backbone = {k.removeprefix("backbone."): v for k, v in exp.phi.items()
+                if k.startswith("backbone.")}
+    assert backbone.keys() == base.keys()
+    assert all(torch.equal(v, base[k]) for k, v in backbone.items())
+
+
 def test_stream_batch_trims_questions_by_their_answers_whatever_the_pad_id():
     """QA rows are cut one past their last answer token: the same batch when the padding
     id is 0 (the project's tokenizer) or any other id (Hugging Face tokenizers)."""
