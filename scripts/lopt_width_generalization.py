@@ -60,10 +60,9 @@ def main() -> None:
                     "test_metric": sum(r[i]["test_metric"] for r in runs) / len(runs)})
             rows.append({"optimizer": label, "width": width,
                          **{key: sum(t[key] for t in per_task) / len(per_task)
-                            for key in ("final_loss", "final_median_loss", "diverged",
-                                        "test_metric")},
+                            for key in ("final_loss", "final_median_loss", "test_metric")},
+                         "diverged": sum(t["diverged"] for t in per_task),
                          "per_task": per_task})
-            rows[-1]["diverged"] = sum(t["diverged"] for t in per_task)
             print(f"{label:<8} width {width:>5}  final loss {rows[-1]['final_loss']:.4f}  "
                   f"median {rows[-1]['final_median_loss']:.2e}  test metric "
                   f"{rows[-1]['test_metric']:.3f}  diverged {rows[-1]['diverged']}/"
