@@ -21,10 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from statistics import fmean
 
 from metaopt.lopt import load_checkpoint
 from metaopt.runner.experiments.lopt_metatrain import evaluate_lopt_per_task
 from tasks.lopt_tasks import heldout_suite
+
+METRICS = ("final_loss", "final_median_loss", "test_metric")
 
 
 def main() -> None:
@@ -49,18 +52,13 @@ def main() -> None:
             tasks = heldout_suite(suite, widths=[width])[:args.tasks]
             runs = [evaluate_lopt_per_task(lopt, tasks, args.steps, seed=s,
                                            backend=args.backend) for s in args.seeds]
-            per_task = []
-            for i, task in enumerate(tasks):
-                losses = [run[i]["final_loss"] for run in runs]
-                per_task.append({
-                    "task": task.name, "dataset": task.config["dataset"],
-                    "final_loss": sum(losses) / len(losses),
-                    "final_median_loss": sum(r[i]["final_median_loss"] for r in runs) / len(runs),
-                    "diverged": sum(not math.isfinite(v) for v in losses),
-                    "test_metric": sum(r[i]["test_metric"] for r in runs) / len(runs)})
+            per_task = [{"task": task.name, "dataset": task.config["dataset"],
+                         **{key: fmean(run[i][key] for run in runs) for key in METRICS},
+                         "diverged": sum(not math.isfinite(run[i]["final_loss"])
+                                         for run in runs)}
+                        for i, task in enumerate(tasks)]
             rows.append({"optimizer": label, "width": width,
-                         **{key: sum(t[key] for t in per_task) / len(per_task)
-                            for key in ("final_loss", "final_median_loss", "test_metric")},
+                         **{key: fmean(t[key] for t in per_task) for key in METRICS},
                          "diverged": sum(t["diverged"] for t in per_task),
                          "per_task": per_task})
             print(f"{label:<8} width {width:>5}  final loss {rows[-1]['final_loss']:.4f}  "
@@ -78,9 +76,9 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        panels = [("mean of tasks", None)] + [
-            (t["dataset"], i) for i, t in enumerate(rows[0]["per_task"])] \
-            if len(rows[0]["per_task"]) > 1 else [("mean of tasks", None)]
+        first = rows[0]["per_task"]
+        panels = [("mean of tasks", None)] + (
+            [(t["dataset"], i) for i, t in enumerate(first)] if len(first) > 1 else [])
         fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4),
                                  squeeze=False)
         for ax, (title, i) in zip(axes[0], panels):
