@@ -65,6 +65,38 @@ def test_docs_per_step_makes_the_meta_batch_one_minibatch_step():
         cfg_for({**TINY, "docs_per_step": 3})
 
 
+def test_docs_per_task_adapts_on_the_documents_in_sequence():
+    """docs_per_task = 2 (docs_per_step 1): one task whose inner loop takes one step per
+    document in turn and whose questions cover both documents; its meta-loss is the
+    CaMeLS meta-loss of that task, which is not the one-minibatch-step meta-loss of the
+    same documents. Sizes that do not fit, and the one-step JVP, are refused by name."""
+    from metaopt.algorithms.camels import CaMeLS
+
+    seen = []
+    seq = build_experiment(cfg_for({**TINY, "docs_per_task": 2}))
+    assert seq.config.task_docs == 2 and seq.camels.docs_per_step == 1
+    record = seq.camels.meta_loss
+
+    def recording(*args):  # a test spy: keeps the arguments, computes the real loss
+        seen.append([a.clone() for a in args])
+        return record(*args)
+
+    seq.camels.meta_loss = recording
+    loss = seq.meta_step(1)["loss"]
+    args = seen[0]
+    assert [tuple(a.shape[:2]) for a in args[:2]] == [(1, 2), (1, 2)]
+    assert args[2].shape[:2] == (1, 2 * 3)  # both documents' 3 questions
+    assert seq.camels.problem(*(a[0] for a in args)).inner_steps == 2
+    sequential = float(record(*args))
+    assert loss == pytest.approx(sequential, rel=1e-6)
+    minibatch = CaMeLS(seq.base, seq.weighting, inner_lr=TINY["inner_lr"], docs_per_step=2)
+    assert float(minibatch.meta_loss(*args)) != pytest.approx(sequential, rel=1e-4)
+    for bad in ({"docs_per_task": 3}, {"docs_per_step": 2, "docs_per_task": 1},
+                {"docs_per_task": 2, "meta_gradient": "jvp"}):
+        with pytest.raises(Exception, match="docs_per_task"):
+            cfg_for({**TINY, **bad})
+
+
 @pytest.mark.parametrize("meta_gradient", ["estimator", "jvp"])
 def test_interrupt_and_resume_is_bit_identical(tmp_path, meta_gradient):
     cfg = cfg_for({**TINY, "meta_gradient": meta_gradient})

@@ -99,7 +99,9 @@ def locality_kl(base_logits: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
 def group_documents(batch: Sequence[Tensor], group: int) -> tuple[Tensor, ...]:
     """``meta_loss`` arguments of N one-document tasks as N / ``group`` tasks of ``group``
     documents each (their questions and locality rows concatenated), for
-    ``CaMeLS(docs_per_step=group)``: ``doc_* (N, T) → (N/G, G, T)``, the others
+    ``CaMeLS(docs_per_step=group)`` (one step on the G documents) or, with
+    ``docs_per_step`` dividing G, G / docs_per_step steps on them in sequence:
+    ``doc_* (N, T) → (N/G, G, T)``, the others
     ``(N, Q, Tq) → (N/G, G·Q, Tq)``."""
     batch = tuple(batch)
     if group == 1:

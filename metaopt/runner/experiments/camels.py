@@ -96,6 +96,12 @@ class CamelsConfig(ExperimentConfig):
     #: documents in one inner step (CaMeLS docs_per_step): the meta-batch is split into
     #: meta_batch / docs_per_step tasks, each one mini-batch step on its documents
     docs_per_step: int = 1
+    #: documents one meta-training task adapts on in sequence (a multiple of
+    #: docs_per_step; None: docs_per_step): the inner loop takes docs_per_task /
+    #: docs_per_step steps, and the outer loss asks the questions of all of them after
+    #: the last step, so the weights are meta-trained for retention across documents
+    #: as in an online stream, not for one document alone
+    docs_per_task: int | None = None
     c_kl: float = 0.1
     meta_gradient: str = "estimator"
     adapt_params: list[str] = field(default_factory=list)
@@ -109,6 +115,11 @@ class CamelsConfig(ExperimentConfig):
     eval_streams: int = 1
     eval_lr: float = 1e-3
     eval_max_new_tokens: int = 8
+
+    @property
+    def task_docs(self) -> int:
+        """Documents per meta-training task: ``docs_per_task``, else ``docs_per_step``."""
+        return self.docs_per_step if self.docs_per_task is None else self.docs_per_task
 
     def __post_init__(self) -> None:
         for name in ("inner_lr", "outer_lr", "max_grad_norm", "eval_lr"):
@@ -132,6 +143,17 @@ class CamelsConfig(ExperimentConfig):
         if self.meta_batch % self.docs_per_step:
             raise ValueError(f"docs_per_step ({self.docs_per_step}) must divide meta_batch "
                              f"({self.meta_batch})")
+        if self.docs_per_task is not None:
+            if not (isinstance(self.docs_per_task, int) and self.docs_per_task >= 1
+                    and self.docs_per_task % self.docs_per_step == 0):
+                raise ValueError(f"docs_per_task must be a multiple of docs_per_step "
+                                 f"({self.docs_per_step}), got {self.docs_per_task!r}")
+            if self.meta_batch % self.docs_per_task:
+                raise ValueError(f"docs_per_task ({self.docs_per_task}) must divide "
+                                 f"meta_batch ({self.meta_batch})")
+            if self.meta_gradient == "jvp" and self.docs_per_task != self.docs_per_step:
+                raise ValueError("meta_gradient 'jvp' needs one inner step per task: "
+                                 "docs_per_task equal to docs_per_step")
         if not (isinstance(self.adapt_params, list)
                 and all(isinstance(a, str) and a for a in self.adapt_params)):
             raise ValueError(f"adapt_params must be a list of parameter-name prefixes, got "
@@ -315,7 +337,7 @@ class CamelsExperiment(Experiment):
         batch = encode_stream_batch(self.pool, docs, questions, self.loc_ids, self.loc_mask,
                                     loc_rows)
         self._load_phi()
-        loss = self.camels.meta_loss(*group_documents(batch, cfg.docs_per_step))
+        loss = self.camels.meta_loss(*group_documents(batch, cfg.task_docs))
         params = self.camels.outer_parameters()
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
         loss = float(loss.detach())
