@@ -151,7 +151,8 @@ def test_shipped_config_parses_and_bad_settings_name_the_field():
 
 
 @pytest.mark.parametrize("name,d_model,layers", [("camels.yaml", 64, 2),
-                                                  ("camels_d128.yaml", 128, 4)])
+                                                  ("camels_d128.yaml", 128, 4),
+                                                  ("camels_seq4.yaml", 64, 2)])
 def test_shipped_configs_start_the_weighting_at_their_committed_base_model(name, d_model,
                                                                           layers):
     cfg = load_run_config(ROOT / "configs" / name)
