@@ -35,6 +35,7 @@ the queued truncations' loss differences), so resume is exact either way.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,9 +178,15 @@ def build_task(spec: dict[str, Any], seed: int) -> Any:
     return builder(**spec)
 
 
+def _final_window(losses: list[float], k: int) -> list[float]:
+    """The losses of the last 10 % (at least one) of the first ``k`` steps."""
+    return losses[k - max(1, k // 10):k]
+
+
 @torch.no_grad()
 def evaluate_lopt_per_task(lopt: LearnedOptimizer, tasks: list[Any], steps: int,
-                           seed: int = 0, backend: str = "reference") -> list[dict[str, float]]:
+                           seed: int = 0, backend: str = "reference",
+                           report_at: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Train each task ``steps`` steps with ``lopt``; per task its final loss and metric.
 
     Task ``i`` draws its initialisation and batches from a generator seeded
@@ -188,32 +195,46 @@ def evaluate_lopt_per_task(lopt: LearnedOptimizer, tasks: list[Any], steps: int,
     mean, not the median). A run that turns non-finite counts as loss ``inf`` (and metric
     0). ``backend``: the optimizer step's (``select_backend``; the kernels equal the
     reference to rounding).
+
+    ``report_at``: step counts ``k <= steps`` at which to also report the final loss a
+    ``k``-step run would have (the mean over the last 10 % of its first ``k`` steps; the
+    run with fewer steps is a prefix of this one), as ``final_loss_at: {k: loss}`` —
+    a horizon-stability curve from one run; ``inf`` once the run has turned non-finite.
     """
+    report_at = sorted({int(k) for k in report_at})
+    if report_at and not 1 <= report_at[0] <= report_at[-1] <= steps:
+        raise ValueError(f"report_at must lie in [1, steps={steps}], got {report_at}")
     kern = select_backend(backend)
     out = []
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         theta = task.init_params(gen)
         state = lopt.init(theta, steps, **init_kwargs(lopt, task))
-        tail: list[float] = []
-        for k in range(steps):
+        losses: list[float] = []
+        for _ in range(steps):
             with torch.enable_grad():
                 th = {n: v.detach().requires_grad_() for n, v in theta.items()}
                 loss = task.loss(th, task.sample_batch(gen, "train"))
                 grads = dict(zip(th, torch.autograd.grad(loss, list(th.values()))))
             if not bool(torch.isfinite(loss)) or not all(
                     bool(torch.isfinite(g).all()) for g in grads.values()):
-                tail = [math.inf]
                 break
             theta, state = lopt.update(grads, state, theta, loss=loss.detach(), backend=kern)
-            if k >= steps - max(1, steps // 10):
-                tail.append(float(loss))
+            losses.append(float(loss))
+        finished = len(losses) == steps
+        tail = _final_window(losses, steps) if finished else [math.inf]
         final = sum(tail) / len(tail)
         metric = (float(task.metric(theta, task.sample_batch(gen, "test")))
                   if task.metric is not None and math.isfinite(final) else 0.0)
-        out.append({"final_loss": final,
-                    "final_median_loss": float(torch.tensor(tail, dtype=torch.float64).median()),
-                    "test_metric": metric})
+        row: dict[str, Any] = {
+            "final_loss": final,
+            "final_median_loss": float(torch.tensor(tail, dtype=torch.float64).median()),
+            "test_metric": metric}
+        if report_at:
+            row["final_loss_at"] = {
+                k: (sum(w) / len(w) if k <= len(losses) else math.inf)
+                for k in report_at for w in [_final_window(losses, k)]}
+        out.append(row)
     return out
 
 
