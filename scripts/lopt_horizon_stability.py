@@ -2,7 +2,7 @@
 
     python scripts/lopt_horizon_stability.py [--opt NAME_OR_PATH ...] [--suite mlp_mup_val]
         [--width 128] [--tasks N] [--steps 5000] [--horizon 1000] [--seeds 0 1 2]
-        [--report-every 100] [--backend auto] [--json PATH] [--plot PATH]
+        [--report-every 100] [--step-scale S] [--backend auto] [--json PATH] [--plot PATH]
 
 Each optimizer trains every task of ``--suite`` (at ``--width``) for ``--steps`` steps per
 seed; from that one run :func:`evaluate_lopt_per_task` reports, every ``--report-every``
@@ -13,6 +13,9 @@ running longer must not make training worse. The script prints, per optimizer an
 both losses and their ratio, writes them with the whole curves to ``--json``, and plots
 the curves (one panel per task, log scale) to ``--plot``. Exit status 0 whatever the
 verdict; ``stable`` is in the JSON per task and per optimizer (all tasks stable).
+``--step-scale S`` runs every optimizer with its steps ``S`` times as large
+(:func:`~metaopt.algorithms.lopt_calibration.rescale_step`; rows named ``NAME×S``): does
+a smaller step remove a late rise or only delay it?
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import math
 from statistics import fmean
 
+from metaopt.algorithms.lopt_calibration import rescale_step
 from metaopt.fileio import atomic_write_text
 from metaopt.lopt import load_checkpoint
 from metaopt.runner.experiments.lopt_metatrain import evaluate_lopt_per_task
@@ -30,9 +34,11 @@ from tasks.lopt_tasks import heldout_suite
 
 def horizon_rows(name: str, suite: str, width: int, n_tasks: int | None, steps: int,
                  horizon: int, seeds: list[int], report_every: int,
-                 backend: str) -> dict:
+                 backend: str, step_scale: float = 1.0) -> dict:
     """One optimizer's curves and verdicts on the suite's tasks (seed means)."""
     lopt = load_checkpoint(name)
+    if step_scale != 1.0:
+        lopt, name = rescale_step(lopt, step_scale), f"{name}×{step_scale:g}"
     tasks = heldout_suite(suite, widths=[width])[:n_tasks]
     marks = sorted({*range(report_every, steps + 1, report_every), horizon, steps})
     runs = [evaluate_lopt_per_task(lopt, tasks, steps, seed=s, backend=backend,
@@ -90,6 +96,7 @@ def main() -> None:
                     help="the meta-training horizon the long run is compared with")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--report-every", type=int, default=100)
+    ap.add_argument("--step-scale", type=float, default=1.0)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--json")
     ap.add_argument("--plot")
@@ -97,7 +104,7 @@ def main() -> None:
     if not 1 <= args.horizon <= args.steps:
         ap.error(f"--horizon must lie in [1, --steps={args.steps}], got {args.horizon}")
     rows = [horizon_rows(name, args.suite, args.width, args.tasks, args.steps, args.horizon,
-                         args.seeds, args.report_every, args.backend)
+                         args.seeds, args.report_every, args.backend, args.step_scale)
             for name in (args.opt or ["mulo-small-fc-w128"])]
     for row in rows:
         for t in row["tasks"]:
@@ -109,7 +116,8 @@ def main() -> None:
     if args.json:
         atomic_write_text(args.json, json.dumps(
             {"suite": args.suite, "width": args.width, "steps": args.steps,
-             "horizon": args.horizon, "seeds": args.seeds, "rows": rows}, indent=1))
+             "horizon": args.horizon, "seeds": args.seeds, "step_scale": args.step_scale,
+             "rows": rows}, indent=1))
     if args.plot:
         plot(rows, args.steps, args.horizon, args.plot)
 

@@ -58,6 +58,17 @@ def test_script_reports_ratios_verdicts_curves_and_a_plot(tmp_path, monkeypatch)
         assert t["stable"] == (t["diverged"] == 0 and t["ratio"] <= 1.0)
     assert row["stable"] == all(t["stable"] for t in row["tasks"])
     assert png.stat().st_size > 10_000
+    small = ["lopt_horizon_stability.py", "--opt", "mulo-small-fc-w128", "--suite",
+             "mlp_mup_heldout", "--width", "32", "--tasks", "1", "--steps", "4", "--horizon",
+             "2", "--report-every", "2", "--seeds", "0", "--json", str(out)]
+    curves = {}
+    for extra in ([], ["--step-scale", "0.5"]):
+        monkeypatch.setattr(sys, "argv", small + extra)
+        script.main()
+        data = json.loads(out.read_text())
+        curves[data["step_scale"]] = data["rows"][0]
+    assert curves[0.5]["optimizer"] == "mulo-small-fc-w128×0.5"
+    assert curves[0.5]["tasks"][0]["curve"]["4"] != curves[1.0]["tasks"][0]["curve"]["4"]
     monkeypatch.setattr(sys, "argv", ["lopt_horizon_stability.py", "--steps", "10",
                                       "--horizon", "20"])
     with pytest.raises(SystemExit):
