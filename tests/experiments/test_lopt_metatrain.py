@@ -63,7 +63,7 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
 @pytest.mark.parametrize("name", ["lopt_mulo.yaml", "lopt_sp.yaml", "lopt_mulo_logloss.yaml",
                                   "lopt_sp_logloss.yaml", "lopt_mulo_logmean.yaml",
                                   "lopt_mulo_glyphs.yaml", "lopt_mulo_glyphs_continued.yaml",
-                                  "lopt_mulo_long_horizon.yaml"])
+                                  "lopt_mulo_long_horizon.yaml", "lopt_mulo_from_sp.yaml"])
 def test_shipped_configs_parse(name):
     cfg = load_run_config(ROOT / "configs" / name)
     assert cfg.experiment == "lopt_metatrain"
@@ -72,7 +72,7 @@ def test_shipped_configs_parse(name):
 
 @pytest.mark.parametrize("name", ["lopt_mulo_logloss.yaml", "lopt_mulo_logmean.yaml",
                                   "lopt_mulo_glyphs.yaml", "lopt_mulo_glyphs_continued.yaml",
-                                  "lopt_mulo_long_horizon.yaml"])
+                                  "lopt_mulo_long_horizon.yaml", "lopt_mulo_from_sp.yaml"])
 def test_fine_tune_configs_start_from_their_shipped_stage(name):
     from metaopt.lopt import load_checkpoint
 
@@ -175,3 +175,22 @@ def test_init_from_starts_at_a_trained_optimizers_meta_parameters(tmp_path):
     with pytest.raises(Exception, match="init_from"):
         build_experiment(cfg_for({**TINY, "init_from": str(tmp_path / "start"),
                                   "optimizer": "small_fc_lopt"}))
+
+
+def test_init_from_takes_a_small_fc_release_as_a_mulo_start(tmp_path):
+    """μLO's small_fc has small_fc_lopt's meta-parameters (only the per-tensor μP step
+    scale differs): a small_fc_lopt checkpoint (the SP twin's kind) starts a mulo_small_fc
+    run at the same φ; the other way round stays refused (test above)."""
+    from metaopt.lopt import ARCHITECTURES, save_checkpoint
+
+    torch.manual_seed(5)
+    sp = ARCHITECTURES["small_fc_lopt"]()
+    with torch.no_grad():
+        for p in sp.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_checkpoint(sp, tmp_path / "sp")
+    exp = build_experiment(cfg_for({**TINY, "init_from": str(tmp_path / "sp")}))
+    assert exp.config.optimizer == "mulo_small_fc"
+    saved = dict(sp.named_parameters())
+    assert exp.phi.keys() == saved.keys()
+    assert all(torch.equal(exp.phi[k], saved[k].detach()) for k in exp.phi)

@@ -71,6 +71,13 @@ ESTIMATORS = {"pes": PES, "es": ES, "tbptt": TruncatedBPTT}
 TASK_KINDS = ("mlp", "teacher", "conv", "transformer", "logreg")
 
 
+#: Other architectures whose releases ``init_from`` accepts per optimizer: μLO's small_fc
+#: (``mulo_small_fc``) has exactly small_fc_lopt's meta-parameters and only multiplies
+#: each tensor's step by its μP scale, so a small_fc_lopt release (e.g. the SP twin) is
+#: a μLO starting point with the same φ.
+INIT_FROM_ALSO: dict[str, tuple[str, ...]] = {"mulo_small_fc": ("small_fc_lopt",)}
+
+
 @dataclass
 class LoptMetaTrainConfig(ExperimentConfig):
     """Settings of :class:`LoptMetaTrain`."""
@@ -80,7 +87,8 @@ class LoptMetaTrainConfig(ExperimentConfig):
     #: start φ from a trained optimizer (a registered name such as
     #: ``mulo-small-fc-w128`` or a native checkpoint directory) instead of the seeded
     #: initialisation: fine-tuning, e.g. under another ``meta_loss``. Its architecture
-    #: and constructor config must equal ``optimizer`` / ``optimizer_options``.
+    #: and constructor config must equal ``optimizer`` / ``optimizer_options``
+    #: (architectures with the same meta-parameters also qualify: INIT_FROM_ALSO).
     init_from: str | None = None
     #: one task section, or a list of them (a mixture; see the module docstring)
     task: dict[str, Any] | list[dict[str, Any]] = field(default_factory=lambda: {
@@ -282,7 +290,8 @@ class LoptMetaTrain(Experiment):
         from metaopt.lopt import load_checkpoint
 
         start = load_checkpoint(source)
-        if start.architecture != self.config.optimizer or start.config() != self.lopt.config():
+        accepted = (self.config.optimizer, *INIT_FROM_ALSO.get(self.config.optimizer, ()))
+        if start.architecture not in accepted or start.config() != self.lopt.config():
             raise ConfigError(
                 f"settings.init_from: '{source}' is a {start.architecture} with config "
                 f"{start.config()}, but optimizer/optimizer_options build a "
