@@ -63,7 +63,8 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path):
 @pytest.mark.parametrize("name", ["lopt_mulo.yaml", "lopt_sp.yaml", "lopt_mulo_logloss.yaml",
                                   "lopt_sp_logloss.yaml", "lopt_mulo_logmean.yaml",
                                   "lopt_mulo_glyphs.yaml", "lopt_mulo_glyphs_continued.yaml",
-                                  "lopt_mulo_long_horizon.yaml", "lopt_mulo_from_sp.yaml"])
+                                  "lopt_mulo_long_horizon.yaml", "lopt_mulo_from_sp.yaml",
+                                  "lopt_mulo_from_sp_late.yaml"])
 def test_shipped_configs_parse(name):
     cfg = load_run_config(ROOT / "configs" / name)
     assert cfg.experiment == "lopt_metatrain"
@@ -72,7 +73,8 @@ def test_shipped_configs_parse(name):
 
 @pytest.mark.parametrize("name", ["lopt_mulo_logloss.yaml", "lopt_mulo_logmean.yaml",
                                   "lopt_mulo_glyphs.yaml", "lopt_mulo_glyphs_continued.yaml",
-                                  "lopt_mulo_long_horizon.yaml", "lopt_mulo_from_sp.yaml"])
+                                  "lopt_mulo_long_horizon.yaml", "lopt_mulo_from_sp.yaml",
+                                  "lopt_mulo_from_sp_late.yaml"])
 def test_fine_tune_configs_start_from_their_shipped_stage(name):
     from metaopt.lopt import load_checkpoint
 
