@@ -152,18 +152,24 @@ def test_a_mixture_refuses_what_it_cannot_do():
         cfg_for({**TINY, "task": MIXTURE, "max_staleness": 1})
 
 
+def _saved_perturbed(architecture: str, seed: int, path):
+    """A learned optimizer of ``architecture`` with seeded noise on its φ, saved at ``path``."""
+    from metaopt.lopt import ARCHITECTURES, save_checkpoint
+
+    torch.manual_seed(seed)
+    lopt = ARCHITECTURES[architecture]()
+    with torch.no_grad():
+        for p in lopt.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_checkpoint(lopt, path)
+    return lopt
+
+
 def test_init_from_starts_at_a_trained_optimizers_meta_parameters(tmp_path):
     """settings.init_from: φ starts at the saved optimizer's meta-parameters (not the
     seeded initialisation) and meta-training moves on from there; a different
     architecture or constructor config is refused, naming the field."""
-    from metaopt.lopt import ARCHITECTURES, save_checkpoint
-
-    torch.manual_seed(77)
-    trained = ARCHITECTURES["mulo_small_fc"]()
-    with torch.no_grad():
-        for p in trained.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    save_checkpoint(trained, tmp_path / "start")
+    trained = _saved_perturbed("mulo_small_fc", 77, tmp_path / "start")
     exp = build_experiment(cfg_for({**TINY, "init_from": str(tmp_path / "start")}))
     fresh = build_experiment(cfg_for(TINY))
     saved = dict(trained.named_parameters())
@@ -183,14 +189,7 @@ def test_init_from_takes_a_small_fc_release_as_a_mulo_start(tmp_path):
     """μLO's small_fc has small_fc_lopt's meta-parameters (only the per-tensor μP step
     scale differs): a small_fc_lopt checkpoint (the SP twin's kind) starts a mulo_small_fc
     run at the same φ; the other way round stays refused (test above)."""
-    from metaopt.lopt import ARCHITECTURES, save_checkpoint
-
-    torch.manual_seed(5)
-    sp = ARCHITECTURES["small_fc_lopt"]()
-    with torch.no_grad():
-        for p in sp.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    save_checkpoint(sp, tmp_path / "sp")
+    sp = _saved_perturbed("small_fc_lopt", 5, tmp_path / "sp")
     exp = build_experiment(cfg_for({**TINY, "init_from": str(tmp_path / "sp")}))
     assert exp.config.optimizer == "mulo_small_fc"
     saved = dict(sp.named_parameters())
