@@ -191,6 +191,12 @@ def _final_window(losses: list[float], k: int) -> list[float]:
     return losses[k - max(1, k // 10):k]
 
 
+def _window_mean(losses: list[float], k: int) -> float:
+    """Mean of :func:`_final_window` (summed in step order: the value a k-step run reports)."""
+    window = _final_window(losses, k)
+    return sum(window) / len(window)
+
+
 @torch.no_grad()
 def evaluate_lopt_per_task(lopt: LearnedOptimizer, tasks: list[Any], steps: int,
                            seed: int = 0, backend: str = "reference",
@@ -239,9 +245,8 @@ def evaluate_lopt_per_task(lopt: LearnedOptimizer, tasks: list[Any], steps: int,
             "final_median_loss": float(torch.tensor(tail, dtype=torch.float64).median()),
             "test_metric": metric}
         if report_at:
-            row["final_loss_at"] = {
-                k: (sum(w) / len(w) if k <= len(losses) else math.inf)
-                for k in report_at for w in [_final_window(losses, k)]}
+            row["final_loss_at"] = {k: _window_mean(losses, k) if k <= len(losses) else math.inf
+                                    for k in report_at}
         out.append(row)
     return out
 
