@@ -49,7 +49,7 @@ def paired(runs: dict[str, list[dict]], method: str, baseline: str,
     sd = stdev(diffs) if len(diffs) > 1 else 0.0
     se = sd / math.sqrt(len(diffs))
     return {"streams": len(diffs), "mean": mean, "std": sd, "stderr": se,
-            "t": mean / se if se > 0 else math.inf * (1 if mean > 0 else -1 if mean else 0),
+            "t": mean / se if se > 0 else (math.copysign(math.inf, mean) if mean else 0.0),
             "wins": wins, "ties": len(diffs) - wins - losses, "losses": losses,
             "sign_test_p": sign_test_p(wins, losses), "diffs": diffs}
 

@@ -40,17 +40,19 @@ def make_stepper(spec: str, task, theta: Params, steps: int) -> Stepper:
     """``(grads, params, loss) -> new params`` for a learned optimizer or ``adamw:LR``."""
     if spec.startswith("adamw:"):
         opt = adamw(float(spec.split(":", 1)[1]))
-        state = [opt.init(theta)]
+        state = opt.init(theta)
 
         def step(grads: Params, params: Params, loss: torch.Tensor) -> Params:
-            updates, state[0] = opt.update(grads, state[0], params)
+            nonlocal state
+            updates, state = opt.update(grads, state, params)
             return apply_updates(params, updates)
         return step
     lopt = load_checkpoint(spec)
-    lstate = [lopt.init(theta, steps, **init_kwargs(lopt, task))]
+    lstate = lopt.init(theta, steps, **init_kwargs(lopt, task))
 
     def lstep(grads: Params, params: Params, loss: torch.Tensor) -> Params:
-        new, lstate[0] = lopt.update(grads, lstate[0], params, loss=loss)
+        nonlocal lstate
+        new, lstate = lopt.update(grads, lstate, params, loss=loss)
         return new
     return lstep
 
